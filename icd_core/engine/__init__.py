@@ -1,0 +1,1 @@
+"""Training engine: the trainer loop, checkpoints, LR schedules and the callback interface."""

@@ -1,0 +1,384 @@
+"""The job spec: one pydantic model shared by the CLI, the API and the workers.
+
+It is the public contract. Extend it; never rename a field without a migration path.
+Defaults are the paper's (ICD, NeurIPS 2021) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+DETECTORS = ("retinanet", "fcos", "faster_rcnn")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large")
+METHODS = ("none", "fitnet", "fgfi", "defeat", "fgd", "icd")
+LEVEL_NAMES = ("p2", "p3", "p4", "p5", "p6", "p7")
+DEFAULT_LEVELS = {
+    "retinanet": ["p3", "p4", "p5", "p6", "p7"],
+    "fcos": ["p3", "p4", "p5", "p6", "p7"],
+    "faster_rcnn": ["p2", "p3", "p4", "p5", "p6"],
+}
+# COCO "1x" = 90k iterations at batch 16; steps at 2/3 and 8/9 of training (ICD_SPEC §7).
+PRESET_ITERS_AT_16 = {"1x": 90_000, "3x": 270_000}
+
+
+class StrictModel(BaseModel):
+    """Rejects unknown keys so a typo is a 422 naming the field, not a silently ignored option."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class CocoSource(StrictModel):
+    format: Literal["coco"] = "coco"
+    images: str = Field(description="Folder holding the images named in the annotation file.")
+    annotations: str = Field(description="COCO-format instances JSON.")
+
+
+class ShapesSource(StrictModel):
+    format: Literal["shapes"] = "shapes"
+    num_images: int = Field(512, ge=1, le=1_000_000)
+    image_size: int = Field(256, ge=32, le=4096)
+    seed: int = 0
+    num_classes: int = Field(6, ge=1, le=12)
+    min_object: int = Field(8, ge=2, description="Smallest object side in pixels.")
+    max_object: int = Field(96, ge=4, description="Largest object side in pixels.")
+    max_objects: int = Field(8, ge=1, le=100, description="Objects per image drawn from 0..max_objects.")
+
+
+DataSource = Annotated[CocoSource | ShapesSource, Field(discriminator="format")]
+
+
+class DataSpec(StrictModel):
+    train: DataSource
+    val: DataSource
+    # An int, or a list of short sides to pick from per batch (multi-scale training).
+    min_size: int | list[int] = 320
+    max_size: int = 512
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability in training.")
+    workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes.")
+
+    @field_validator("min_size")
+    @classmethod
+    def _positive_sizes(cls, v: int | list[int]) -> int | list[int]:
+        sizes = v if isinstance(v, list) else [v]
+        if not sizes or any(s < 32 for s in sizes):
+            raise ValueError("min_size must be >= 32 (an int or a non-empty list of ints)")
+        return v
+
+    @property
+    def train_sizes(self) -> tuple[int, ...]:
+        return tuple(self.min_size) if isinstance(self.min_size, list) else (self.min_size,)
+
+    @property
+    def test_size(self) -> int:
+        return max(self.train_sizes)
+
+
+class ModelSpec(StrictModel):
+    detector: Literal["retinanet", "fcos", "faster_rcnn"] = "retinanet"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large"] = (
+        "resnet50"
+    )
+    pretrained_backbone: bool = Field(
+        False, description="ImageNet trunk weights; available offline for mobilenet_v2 only."
+    )
+    norm: Literal["auto", "frozen_bn", "bn", "gn"] = Field(
+        "auto", description="auto: frozen_bn for a pretrained trunk, bn when trained from random init."
+    )
+    fpn_channels: int = Field(256, ge=8, le=1024)
+    levels: list[str] | None = Field(None, description="FPN levels, e.g. [p3, p4, p5]; null: the detector's default.")
+    anchor_sizes: list[float] | None = Field(
+        None, description="Base anchor (or FCOS virtual box) size per level in px; null: torchvision defaults."
+    )
+    head_convs: int = Field(4, ge=1, le=8, description="Conv layers in each RetinaNet/FCOS head branch.")
+    fg_iou_thresh: float = Field(0.5, gt=0.0, le=1.0, description="RetinaNet: anchor IoU to count as foreground.")
+    bg_iou_thresh: float = Field(0.4, ge=0.0, le=1.0, description="RetinaNet: anchor IoU below which it is background.")
+    trainable_layers: int = Field(3, ge=0, le=5, description="Trunk stages trained when pretrained.")
+    checkpoint: str | None = Field(None, description="A path, or job:<id> for another job's final checkpoint.")
+
+    @field_validator("levels")
+    @classmethod
+    def _known_levels(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        bad = [lv for lv in v if lv not in LEVEL_NAMES]
+        if bad:
+            raise ValueError(f"unknown level(s) {bad}; choose from {list(LEVEL_NAMES)}")
+        idx = [LEVEL_NAMES.index(lv) for lv in v]
+        if idx != list(range(idx[0], idx[0] + len(idx))):
+            raise ValueError("levels must be consecutive and increasing, e.g. [p3, p4, p5]")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.pretrained_backbone and self.backbone != "mobilenet_v2":
+            raise ValueError(
+                f"pretrained_backbone: no offline ImageNet weights for {self.backbone}; "
+                "only mobilenet_v2 has them (set pretrained_backbone: false or backbone: mobilenet_v2)"
+            )
+        if self.norm == "frozen_bn" and not self.pretrained_backbone:
+            raise ValueError(
+                "norm: frozen_bn with a randomly initialized trunk normalizes nothing; use bn or gn (or auto)"
+            )
+        if self.bg_iou_thresh > self.fg_iou_thresh:
+            raise ValueError("bg_iou_thresh must not exceed fg_iou_thresh")
+        lv = self.resolved_levels
+        if self.detector == "faster_rcnn" and lv[0] != "p2":
+            raise ValueError("levels: faster_rcnn starts at p2")
+        if self.detector != "faster_rcnn" and lv[0] not in ("p3",):
+            raise ValueError(f"levels: {self.detector} starts at p3")
+        if self.anchor_sizes is not None and len(self.anchor_sizes) != len(lv):
+            raise ValueError(f"anchor_sizes: need one size per level ({len(lv)} levels: {lv})")
+        if self.fpn_channels % 8:
+            raise ValueError("fpn_channels must be a multiple of 8 (ICD uses 8 heads)")
+        return self
+
+    @property
+    def resolved_levels(self) -> list[str]:
+        return list(self.levels or DEFAULT_LEVELS[self.detector])
+
+    @property
+    def resolved_norm(self) -> str:
+        if self.norm != "auto":
+            return self.norm
+        return "frozen_bn" if self.pretrained_backbone else "bn"
+
+
+class ICDOptions(StrictModel):
+    heads: int = Field(8, ge=1, le=64)
+    layers: int = Field(1, ge=1, le=6)
+    neg_per_pos: float = Field(5.0, ge=0.0, le=50.0, description="rho: fake queries per real one.")
+    max_queries: int | None = Field(None, ge=1, le=2000, description="null: 300 (100 for faster_rcnn).")
+    jitter: float = Field(0.3, ge=0.0, lt=1.0)
+    bypass_iters: int = Field(1000, ge=0, description="Student features detached for this many steps.")
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    lr: float = Field(1.0e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(1.0e-4, ge=0.0, le=1.0)
+    grad_clip: float = Field(0.01, gt=0.0, description="Global grad-norm clip of the ICD modules.")
+    query_chunk: int = Field(64, ge=1, le=4096, description="Queries per attention chunk (memory bound).")
+
+
+class DistillSpec(StrictModel):
+    method: Literal["none", "fitnet", "fgfi", "defeat", "fgd", "icd"] = "icd"
+    weight: float | None = Field(None, ge=0.0, description="null: the method's paper default.")
+    inherit: bool = True
+    icd: ICDOptions = Field(default_factory=ICDOptions)
+    # Baseline overrides (null: paper default). Kept flat and explicit on purpose.
+    options: dict[str, float] = Field(default_factory=dict, description="Method-specific numeric overrides.")
+
+
+class ScheduleSpec(StrictModel):
+    iterations: int | Literal["1x", "3x"] = 2000
+    batch_size: int = Field(4, ge=1, le=1024)
+    lr: float | None = Field(None, gt=0.0, description="null: 0.01 (0.02 faster_rcnn) scaled by batch/16.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1.0e-4, ge=0.0)
+    warmup_iters: int | None = Field(None, ge=0, description="null: 1000 (scaled like the schedule).")
+    warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
+    steps: list[int] | None = Field(None, description="LR drop steps; null: 2/3 and 8/9 of training.")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    grad_clip: float | None = Field(
+        None, gt=0.0, description="Clip student grads by value (1.0 in the paper's distill runs)."
+    )
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    eval_every: int = Field(500, ge=0, description="0: only at the end.")
+    checkpoint_every: int = Field(500, ge=0, description="0: only at the end.")
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_in_range(self) -> ScheduleSpec:
+        if self.steps is not None and isinstance(self.iterations, int):
+            if sorted(self.steps) != self.steps or any(s <= 0 or s > self.iterations for s in self.steps):
+                raise ValueError(f"steps must be increasing and within 1..{self.iterations}")
+        return self
+
+    def total_iterations(self) -> int:
+        if isinstance(self.iterations, int):
+            return self.iterations
+        return max(1, round(PRESET_ITERS_AT_16[self.iterations] * 16 / self.batch_size))
+
+    def resolved_lr(self, detector: str) -> float:
+        if self.lr is not None:
+            return self.lr
+        base = 0.02 if detector == "faster_rcnn" else 0.01
+        return base * self.batch_size / 16
+
+    def resolved_warmup(self) -> int:
+        if self.warmup_iters is not None:
+            return self.warmup_iters
+        return min(1000, max(0, self.total_iterations() // 10)) if isinstance(self.iterations, int) else 1000
+
+    def resolved_steps(self) -> list[int]:
+        if self.steps is not None:
+            return list(self.steps)
+        n = self.total_iterations()
+        return [math.floor(n * 2 / 3), math.floor(n * 8 / 9)]
+
+
+class _JobBase(StrictModel):
+    name: str = Field("job", max_length=200)
+    seed: int = 0
+    data: DataSpec
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    device: Literal["auto", "cpu", "cuda"] | str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or v.startswith("cuda:"):
+            return v
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+
+class TrainSpec(_JobBase):
+    """Train one detector (a teacher, or a student baseline without distillation)."""
+
+    kind: Literal["train"] = "train"
+    model: ModelSpec
+
+
+class EvaluateSpec(_JobBase):
+    """COCO-evaluate a checkpoint on data.val."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    model: ModelSpec
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self) -> EvaluateSpec:
+        if not self.model.checkpoint:
+            raise ValueError("model.checkpoint: an evaluate job needs a checkpoint (a path or job:<id>)")
+        return self
+
+
+class DistillJobSpec(_JobBase):
+    """Train a student with a frozen teacher and a distillation method."""
+
+    kind: Literal["distill"] = "distill"
+    teacher: ModelSpec
+    student: ModelSpec
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> DistillJobSpec:
+        if not self.teacher.checkpoint:
+            raise ValueError("teacher.checkpoint: a distill job needs a trained teacher (a path or job:<id>)")
+        if self.distill.method != "none":
+            if self.teacher.detector != self.student.detector:
+                raise ValueError(
+                    f"student.detector: feature distillation needs the same detector family as the teacher "
+                    f"({self.teacher.detector})"
+                )
+            if self.teacher.resolved_levels != self.student.resolved_levels:
+                raise ValueError("student.levels: teacher and student must use the same FPN levels")
+            if self.distill.method == "icd" and self.teacher.fpn_channels % self.distill.icd.heads:
+                raise ValueError("distill.icd.heads must divide teacher.fpn_channels")
+        if self.distill.inherit:
+            problems = inherit_incompatibility(self.teacher, self.student)
+            if problems:
+                raise ValueError(f"distill.inherit: teacher and student necks/heads differ ({problems}); "
+                                 "set inherit: false or match them")
+        return self
+
+
+class StudySpec(_JobBase):
+    """Teacher check, then one child distill job per (method, seed), then a leaderboard."""
+
+    kind: Literal["study"] = "study"
+    teacher: ModelSpec
+    student: ModelSpec
+    methods: list[Literal["none", "fitnet", "fgfi", "defeat", "fgd", "icd"]] = Field(
+        default_factory=lambda: list(METHODS)
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    distill: DistillSpec = Field(default_factory=DistillSpec, description="Shared options (inherit, icd, ...).")
+    teacher_min_ap: float = Field(1.0, ge=0.0, le=100.0, description="Refuse a teacher below this AP.")
+    teacher_schedule: ScheduleSpec | None = Field(None, description="Train the teacher first if it has no checkpoint.")
+
+    @model_validator(mode="after")
+    def _check(self) -> StudySpec:
+        if not self.methods:
+            raise ValueError("methods: give at least one")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one")
+        if not self.teacher.checkpoint and self.teacher_schedule is None:
+            raise ValueError("teacher: give teacher.checkpoint or a teacher_schedule to train it")
+        return self
+
+
+JobSpec = Annotated[
+    TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec, Field(discriminator="kind")
+]
+
+
+_SPEC_ADAPTER: TypeAdapter[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec] = TypeAdapter(JobSpec)
+
+
+def inherit_incompatibility(teacher: ModelSpec, student: ModelSpec) -> str:
+    """Why the teacher's FPN and head cannot be copied into the student ('' when they can)."""
+    diffs = []
+    for field in ("detector", "fpn_channels", "head_convs"):
+        if getattr(teacher, field) != getattr(student, field):
+            diffs.append(f"{field}: {getattr(teacher, field)} vs {getattr(student, field)}")
+    if teacher.resolved_levels != student.resolved_levels:
+        diffs.append("levels differ")
+    if (teacher.anchor_sizes or None) != (student.anchor_sizes or None):
+        diffs.append("anchor_sizes differ")
+    return "; ".join(diffs)
+
+
+def parse_spec(data: dict[str, Any]) -> TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec:
+    """Validate a plain dict (from YAML, JSON or an HTTP body) into the matching spec class."""
+    return _SPEC_ADAPTER.validate_python(data)
+
+
+def load_spec(path: str | Path) -> TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec:
+    """Read a YAML or JSON spec file."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a spec must be a mapping")
+    return parse_spec(data)
+
+
+def iter_checkpoint_refs(spec: BaseModel) -> list[tuple[str, str]]:
+    """(field path, value) of every checkpoint the spec names, for path checks and job:<id> links."""
+    out = []
+    for field in ("model", "teacher", "student"):
+        m = getattr(spec, field, None)
+        if isinstance(m, ModelSpec) and m.checkpoint:
+            out.append((f"{field}.checkpoint", m.checkpoint))
+    return out
+
+
+def iter_data_paths(spec: BaseModel) -> list[tuple[str, str]]:
+    """(field path, path) of every file or folder the spec reads, for submit-time checks."""
+    out = []
+    data = getattr(spec, "data", None)
+    for split in ("train", "val"):
+        src = getattr(data, split, None)
+        if isinstance(src, CocoSource):
+            out.append((f"data.{split}.images", src.images))
+            out.append((f"data.{split}.annotations", src.annotations))
+    return out
+
+
+def check_paths(spec: BaseModel) -> list[tuple[str, str]]:
+    """Return (field, reason) for every unreadable data path or checkpoint path (job:<id> skipped)."""
+    errors = []
+    for field, p in iter_data_paths(spec):
+        path = Path(p)
+        if field.endswith("images") and not path.is_dir():
+            errors.append((field, f"not a readable folder: {p}"))
+        elif field.endswith("annotations") and not path.is_file():
+            errors.append((field, f"not a readable file: {p}"))
+    for field, ref in iter_checkpoint_refs(spec):
+        if not ref.startswith("job:") and not Path(ref).is_file():
+            errors.append((field, f"checkpoint not found: {ref}"))
+        if ref.startswith("job:") and not ref[4:].isdigit():
+            errors.append((field, f"job reference must be job:<integer id>, got {ref}"))
+    return errors
