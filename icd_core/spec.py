@@ -136,6 +136,8 @@ class ModelSpec(StrictModel):
             raise ValueError(f"anchor_sizes: need one size per level ({len(lv)} levels: {lv})")
         if self.fpn_channels % 8:
             raise ValueError("fpn_channels must be a multiple of 8 (ICD uses 8 heads)")
+        if self.detector == "fcos" and self.fpn_channels % 32:
+            raise ValueError("fpn_channels: fcos heads use GroupNorm(32), so use a multiple of 32")
         return self
 
     @property
@@ -298,6 +300,12 @@ class StudySpec(_JobBase):
     distill: DistillSpec = Field(default_factory=DistillSpec, description="Shared options (inherit, icd, ...).")
     teacher_min_ap: float = Field(1.0, ge=0.0, le=100.0, description="Refuse a teacher below this AP.")
     teacher_schedule: ScheduleSpec | None = Field(None, description="Train the teacher first if it has no checkpoint.")
+    require_teacher_better: bool = Field(
+        True, description="Stop the study when the teacher's AP is not above the first `none` student's."
+    )
+    scale_iterations: bool = Field(
+        True, description="Scale the paper's 1x iteration counts (warm-up, ICD bypass) to this schedule's length."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StudySpec:
