@@ -1,0 +1,1 @@
+"""HTTP API (FastAPI): routers, schemas, auth, offline docs and the dashboard page."""

@@ -1,0 +1,106 @@
+"""The FastAPI application: `create_app(settings)`; `uvicorn api.main:app` builds it from ICD_* env.
+
+Startup stays fast: no torch, no Celery worker code; the broker client is created on first submit.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from api.docs import install_offline_docs
+from api.routers import artifacts, jobs, system
+from store.artifacts import ArtifactStore
+from store.db import ensure_migrated, make_engine, session_factory, upgrade_database
+from store.models import JOB_KINDS
+from store.settings import Settings, get_settings
+
+_FIELD_IN_MSG = re.compile(r"^(?:Value error, )?([a-z_][\w.]*): ")
+
+
+def _dotted_field(err: dict[str, Any]) -> str:
+    """The spec field an error is about, e.g. 'teacher.checkpoint', without the 'body' prefix or the
+    union's tag. Model-level validators name their field at the start of the message instead."""
+    loc = [str(x) for x in err.get("loc", ())]
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    if loc and loc[0] in JOB_KINDS:  # discriminated-union tag, not a field
+        loc = loc[1:]
+    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        return "kind"
+    field = ".".join(loc)
+    m = _FIELD_IN_MSG.match(str(err.get("msg", "")))
+    if m:
+        named = m.group(1)
+        return named if not field or named.startswith(field) else f"{field}.{named}"
+    return field
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 listing each problem with `field` (dotted path) and `msg` (the reason)."""
+    detail = []
+    for err in exc.errors():
+        entry = {k: v for k, v in err.items() if k in ("loc", "msg", "type")}
+        entry["field"] = _dotted_field(err)
+        detail.append(entry)
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app for `settings`; refuses a database that is not at the code's schema revision.
+
+    With settings.auto_migrate (the embedded `icd serve`) it migrates the database itself instead.
+    """
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    if settings.auto_migrate:
+        upgrade_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        ensure_migrated(engine)
+    except Exception:
+        engine.dispose()
+        raise
+
+    app = FastAPI(
+        title="ICD distillation service",
+        version=_version(),
+        description=(
+            "Submit detector training and distillation jobs, watch their progress, read metrics and COCO mAP, "
+            "download checkpoints. Dashboard at [/ui](/ui)."
+        ),
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = session_factory(engine)
+    app.state.artifacts = ArtifactStore(settings.artifact_root or settings.home / "artifacts")
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.include_router(jobs.router)
+    app.include_router(artifacts.router)
+    app.include_router(system.router)
+    install_offline_docs(app)
+    return app
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("icd-service")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+    """`api.main:app` is built on first access, from the environment (keeps `import api.main` cheap)."""
+    if name == "app":
+        built = create_app()
+        globals()["app"] = built
+        return built
+    raise AttributeError(name)

@@ -1,0 +1,1 @@
+"""API routers: jobs, artifacts (checkpoints, logs) and system (workers, health, version, UI)."""

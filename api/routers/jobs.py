@@ -1,0 +1,248 @@
+"""Jobs: submit, list, inspect, cancel, retry, delete, and read their metrics and evaluations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response, status
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from api.deps import get_app_settings, get_artifacts, get_session, require_token
+from api.docs import SUBMIT_EXAMPLES
+from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut
+from icd_core.spec import JobSpec, check_paths, iter_checkpoint_refs, parse_spec
+from store import jobs as q
+from store.artifacts import ArtifactStore
+from store.dispatch import BrokerUnavailable, enqueue, queue_for
+from store.models import Job
+from store.results import final_checkpoint_path, get_metrics, list_evaluations
+from store.settings import Settings
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
+_STATE: dict[int | str, dict[str, Any]] = {409: {"model": ErrorOut, "description": "Not allowed in the job's status"}}
+
+
+def field_error(field: str, reason: str) -> dict[str, Any]:
+    """One 422 entry, shaped like FastAPI's own validation errors plus a dotted `field`."""
+    return {"loc": ["body", *field.split(".")], "field": field, "msg": reason, "type": "value_error"}
+
+
+def job_or_404(s: Session, job_id: int) -> Job:
+    job = q.get_job(s, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+    return job
+
+
+def _resolve_paths(spec: Any, settings: Settings) -> Any:
+    """Relative data and checkpoint paths → absolute, looked up in settings.data_roots.
+
+    The stored spec carries the absolute paths, so workers do not depend on their working directory.
+    """
+    d = spec.model_dump(mode="json")
+    for split in ("train", "val"):
+        src = d.get("data", {}).get(split) or {}
+        if src.get("format") == "coco":
+            for key in ("images", "annotations"):
+                src[key] = settings.resolve_data_path(src[key])
+    for field in ("model", "teacher", "student"):
+        m = d.get(field)
+        if isinstance(m, dict) and m.get("checkpoint") and not str(m["checkpoint"]).startswith("job:"):
+            m["checkpoint"] = settings.resolve_data_path(m["checkpoint"])
+    return parse_spec(d)
+
+
+def _check_job_refs(s: Session, spec: Any, settings: Settings, errors: list[dict[str, Any]]) -> list[int]:
+    """Validate `checkpoint: job:<id>` references; return the ids still running (to wait for)."""
+    waits: list[int] = []
+    for field, ref in iter_checkpoint_refs(spec):
+        if not ref.startswith("job:") or not ref[4:].isdigit():
+            continue
+        dep_id = int(ref[4:])
+        dep = q.get_job(s, dep_id)
+        if dep is None:
+            errors.append(field_error(field, f"job {dep_id} does not exist"))
+        elif dep.kind not in ("train", "distill"):
+            errors.append(field_error(field, f"job {dep_id} is a {dep.kind} job and produces no checkpoint"))
+        elif dep.status in ("failed", "canceled"):
+            errors.append(
+                field_error(field, f"job {dep_id} is {dep.status}; retry it (POST /jobs/{dep_id}/retry) first")
+            )
+        elif dep.status == "succeeded":
+            path = final_checkpoint_path(s, settings.artifact_root or "", dep_id)
+            if path is None or not Path(path).is_file():
+                errors.append(field_error(field, f"job {dep_id} succeeded but has no final checkpoint file"))
+        elif dep_id not in waits:
+            waits.append(dep_id)
+    return waits
+
+
+def _dispatch(s: Session, settings: Settings, job: Job) -> None:
+    """Publish a queued job. If the broker is down the job is marked failed (retry it later) → 503."""
+    try:
+        enqueue(job.id, job.queue, settings.broker_url)
+    except BrokerUnavailable as exc:
+        msg = f"{exc}; the job was not queued: retry it (POST /jobs/{job.id}/retry) when the broker is back"
+        q.fail_job(s, job.id, msg)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail=msg, headers={"Location": f"/jobs/{job.id}"}
+        ) from exc
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobDetail,
+    dependencies=[Depends(require_token)],
+    responses={
+        422: {"description": "Invalid spec: each entry names the field and the reason"},
+        503: {"model": ErrorOut, "description": "Broker unreachable: the job was recorded as failed; retry it later"},
+    },
+)
+def submit_job(
+    response: Response,
+    spec: Annotated[JobSpec, Body(openapi_examples=SUBMIT_EXAMPLES)],
+    s: Session = Depends(get_session),
+    settings: Settings = Depends(get_app_settings),
+) -> JobDetail:
+    """Submit a job spec. It is queued at once, or waits while a `checkpoint: job:<id>` job still runs.
+
+    Unreadable dataset or checkpoint paths are rejected here (422 naming the field).
+    """
+    spec = _resolve_paths(spec, settings)
+    errors = [field_error(f, r) for f, r in check_paths(spec)]
+    waits = _check_job_refs(s, spec, settings, errors)
+    if errors:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
+    job = q.create_job(
+        s,
+        spec.model_dump(mode="json"),
+        kind=spec.kind,
+        name=spec.name,
+        queue=queue_for(spec),
+        depends_on=waits,
+        status="waiting" if waits else "queued",
+    )
+    response.headers["Location"] = f"/jobs/{job.id}"
+    if waits:
+        released = q.settle_waiting(s, job.id)  # a dependency may have finished meanwhile
+        if released is not None:
+            _dispatch(s, settings, released)
+    else:
+        _dispatch(s, settings, job)
+    return JobDetail.model_validate(job_or_404(s, job.id))
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    s: Session = Depends(get_session),
+    status_: Annotated[
+        str | None, Query(alias="status", description="One status or several, comma-separated: queued,running")
+    ] = None,
+    kind: Annotated[str | None, Query(description="train | distill | evaluate | study")] = None,
+    name: str | None = None,
+    parent_id: int | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobList:
+    """Jobs newest first, filtered, one page at a time; `total` counts all matches."""
+    statuses = [x for x in (status_ or "").split(",") if x] or None
+    try:
+        items = q.list_jobs(s, statuses, kind, name, parent_id, limit=limit, offset=offset)
+        total = q.count_jobs(s, statuses, kind, name, parent_id)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+    return JobList(items=[JobOut.model_validate(j) for j in items], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobDetail, responses=_ERRORS)
+def get_job(job_id: int, s: Session = Depends(get_session)) -> JobDetail:
+    """Spec, status, attempt, progress, ETA, timestamps, worker, error and final metrics."""
+    return JobDetail.model_validate(job_or_404(s, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel", response_model=JobDetail, dependencies=[Depends(require_token)], responses=_ERRORS | _STATE
+)
+def cancel_job(job_id: int, s: Session = Depends(get_session)) -> JobDetail:
+    """Queued or waiting jobs are canceled at once; a running one stops at its next step."""
+    job_or_404(s, job_id)
+    try:
+        job = q.request_cancel(s, job_id)
+    except q.JobStateError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
+    if job.status == "canceled":
+        q.release_dependents(s, job_id)  # jobs waiting for it fail with a message saying so
+    return JobDetail.model_validate(job_or_404(s, job_id))
+
+
+@router.post(
+    "/{job_id}/retry",
+    response_model=JobDetail,
+    dependencies=[Depends(require_token)],
+    responses=_ERRORS | _STATE | {503: {"model": ErrorOut, "description": "Broker unreachable"}},
+)
+def retry_job(
+    job_id: int, s: Session = Depends(get_session), settings: Settings = Depends(get_app_settings)
+) -> JobDetail:
+    """Requeue a failed or canceled job; it resumes from its last checkpoint."""
+    job_or_404(s, job_id)
+    try:
+        job = q.retry_job(s, job_id)
+    except q.JobStateError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
+    if job.status == "waiting":
+        released = q.settle_waiting(s, job_id)
+        if released is not None:
+            _dispatch(s, settings, released)
+    else:
+        _dispatch(s, settings, job)
+    return JobDetail.model_validate(job_or_404(s, job_id))
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Depends(require_token)],
+    responses=_ERRORS | _STATE,
+)
+def delete_job(
+    job_id: int, s: Session = Depends(get_session), artifacts: ArtifactStore = Depends(get_artifacts)
+) -> Response:
+    """Delete a finished job, its results and its artifact folder (study children included)."""
+    job_or_404(s, job_id)
+    children = [c.id for c in q.list_jobs(s, parent_id=job_id, limit=100_000)]
+    try:
+        q.delete_job(s, job_id)
+    except q.JobStateError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
+    for jid in (job_id, *children):
+        artifacts.delete_job(jid)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsOut, responses=_ERRORS)
+def job_metrics(
+    job_id: int,
+    s: Session = Depends(get_session),
+    names: Annotated[str | None, Query(description="Comma-separated series names; all when omitted")] = None,
+    since_step: Annotated[int | None, Query(description="Only steps after this one (incremental polling)")] = None,
+    max_points: Annotated[int | None, Query(ge=2, le=100_000, description="Downsample each series")] = None,
+) -> MetricsOut | JSONResponse:
+    """Training scalars by series name."""
+    job_or_404(s, job_id)
+    wanted = [n for n in (names or "").split(",") if n] or None
+    series = get_metrics(s, job_id, wanted, since_step, max_points)
+    last = max((pts[-1][0] for pts in series.values() if pts), default=None)
+    return MetricsOut(job_id=job_id, series=series, last_step=last)
+
+
+@router.get("/{job_id}/evaluations", response_model=list[EvaluationOut], responses=_ERRORS)
+def job_evaluations(job_id: int, s: Session = Depends(get_session)) -> list[EvaluationOut]:
+    """Every COCO evaluation: AP, AP50, AP75, APs/m/l (percent) and per-class AP."""
+    job_or_404(s, job_id)
+    return [EvaluationOut.model_validate(e) for e in list_evaluations(s, job_id)]

@@ -1,0 +1,127 @@
+"""Response bodies of the API (the request body of POST /jobs is icd_core.spec.JobSpec itself)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class AttemptOut(_Out):
+    number: int
+    worker: str | None
+    status: str
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class JobOut(_Out):
+    """A job as listed: status, progress and outcome, without its spec."""
+
+    id: int
+    name: str
+    kind: str
+    status: str = Field(description="waiting | queued | running | succeeded | failed | canceled")
+    queue: str
+    attempt: int = Field(description="Runs started so far (0 before the first).")
+    parent_id: int | None
+    depends_on: list[int] = Field(description="Jobs whose final checkpoints this one waits for (checkpoint: job:<id>).")
+    progress_step: int
+    progress_total: int | None
+    percent: float | None
+    eta_s: float | None = Field(description="Estimated seconds to the end of training.")
+    sec_per_step: float | None
+    peak_memory_mb: float | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    worker: str | None
+    error: str | None
+    cancel_requested: bool
+    final_metrics: dict[str, Any] | None
+
+
+class JobDetail(JobOut):
+    """One job with its spec and its attempts."""
+
+    spec: dict[str, Any]
+    attempts: list[AttemptOut]
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class MetricsOut(BaseModel):
+    job_id: int
+    series: dict[str, list[tuple[int, float]]] = Field(description="name -> [[step, value], ...], steps ascending.")
+    last_step: int | None = Field(description="Largest step returned; pass it as since_step to poll for more.")
+
+
+class EvaluationOut(_Out):
+    step: int
+    attempt: int
+    ap: float | None
+    ap50: float | None
+    ap75: float | None
+    aps: float | None
+    apm: float | None
+    apl: float | None
+    per_class: dict[str, Any]
+    created_at: datetime
+
+
+class CheckpointOut(_Out):
+    name: str
+    step: int
+    attempt: int
+    size_bytes: int
+    sha256: str
+    final: bool
+    created_at: datetime
+    url: str = ""
+
+
+class WorkerOut(_Out):
+    name: str
+    hostname: str
+    device: str
+    queues: str
+    pid: int | None
+    started_at: datetime
+    last_heartbeat: datetime
+    current_job_id: int | None
+
+
+class CheckResult(BaseModel):
+    ok: bool
+    detail: str
+
+
+class HealthOut(BaseModel):
+    status: str = Field(description="ok when database and broker are reachable and a worker is alive, else degraded.")
+    database: CheckResult
+    broker: CheckResult
+    workers: CheckResult
+
+
+class VersionOut(BaseModel):
+    version: str
+    git_commit: str | None
+    python: str
+    torch: str | None
+    database_revision: str | None
+
+
+class ErrorOut(BaseModel):
+    detail: Any

@@ -1,0 +1,1 @@
+"""Alembic revisions (a package only so setuptools ships them)."""

@@ -1,0 +1,53 @@
+"""The artifact folder: one run folder per job (checkpoints, the job log, reports).
+
+The database stores paths relative to the root, so the folder can be moved or mounted elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+
+class ArtifactStore:
+    """Paths under one root: root/jobs/<id>/ (checkpoints/ and job.log inside)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def job_dir(self, job_id: int) -> Path:
+        """The job's run folder (the trainer's output_dir); created on first use."""
+        d = self.root / "jobs" / str(int(job_id))
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def log_path(self, job_id: int) -> Path:
+        return self.root / "jobs" / str(int(job_id)) / "job.log"
+
+    def checkpoint_dir(self, job_id: int) -> Path:
+        return self.root / "jobs" / str(int(job_id)) / "checkpoints"
+
+    def relative(self, path: str | Path) -> str:
+        """Path as stored in the database (POSIX, relative to the root)."""
+        return Path(path).expanduser().resolve().relative_to(self.root).as_posix()
+
+    def absolute(self, rel: str | Path) -> Path:
+        """Resolve a stored path; refuses anything that escapes the root (a tampered row, '..')."""
+        p = (self.root / rel).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise ValueError(f"artifact path escapes the artifact root: {rel}")
+        return p
+
+    def delete_job(self, job_id: int) -> None:
+        """Remove the job's run folder (no error if it never existed)."""
+        shutil.rmtree(self.root / "jobs" / str(int(job_id)), ignore_errors=True)
+
+    @staticmethod
+    def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+        """Hex sha256 of a file, read in 1 MiB chunks."""
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        return h.hexdigest()

@@ -1,0 +1,89 @@
+"""Send a job to the broker by task name, without importing worker/ (the API stays light).
+
+Queues: "cuda" for specs that ask for a GPU, "cpu" for CPU-only, "any" for device: auto.
+GPU workers consume "cuda,any" and CPU workers "cpu,any".
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+TASK_NAME = "icd.run_job"
+
+
+class BrokerUnavailable(RuntimeError):
+    """The message could not be published (broker down or unreachable)."""
+
+
+def queue_for(spec: Any) -> str:
+    """The queue a spec (model or dict) runs on, from its `device`."""
+    device = spec.get("device", "auto") if isinstance(spec, dict) else getattr(spec, "device", "auto")
+    device = str(device or "auto")
+    if device.startswith("cuda"):
+        return "cuda"
+    if device == "cpu":
+        return "cpu"
+    return "any"
+
+
+@lru_cache(maxsize=8)
+def _client(broker_url: str) -> Any:
+    """One Celery client per broker URL, reused so a POST does not reconnect from scratch."""
+    import celery
+
+    app = celery.Celery("icd-client", broker=broker_url)
+    app.conf.broker_connection_timeout = 2.0
+    app.conf.broker_connection_retry_on_startup = False
+    # Fail fast (about 1 s) instead of Celery's default retry loop when the broker is down.
+    app.conf.task_publish_retry_policy = {
+        "max_retries": 2,
+        "interval_start": 0,
+        "interval_step": 0.3,
+        "interval_max": 0.5,
+    }
+    if broker_url.startswith("redis"):
+        app.conf.broker_transport_options = {"socket_connect_timeout": 2, "socket_timeout": 5}
+    return app
+
+
+def enqueue(job_id: int, queue: str, broker_url: str) -> str:
+    """Publish icd.run_job(job_id) on `queue`; returns the Celery task id. Raises BrokerUnavailable."""
+    try:
+        result = _client(broker_url).send_task(TASK_NAME, args=[int(job_id)], queue=queue)
+    except Exception as exc:  # kombu/redis raise many types; the caller only needs "not sent"
+        raise BrokerUnavailable(f"broker unreachable ({_safe(broker_url)}): {exc}") from exc
+    return str(result.id)
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return make_url(url.replace("sqla+", "", 1)).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def check_broker(broker_url: str, timeout_s: float = 2.0) -> tuple[bool, str]:
+    """(ok, detail) for /health: connect once to a server broker; for the embedded SQLite broker,
+    check that its file (or folder) is writable."""
+    if broker_url.startswith("sqla+sqlite"):
+        db = broker_url.split("sqlite:///", 1)[-1]
+        if not db or db == ":memory:":
+            return True, "embedded sqlite broker (in memory)"
+        path = os.path.abspath(db)
+        target = path if os.path.exists(path) else os.path.dirname(path) or "."
+        if os.path.exists(target) and os.access(target, os.W_OK):
+            return True, f"embedded sqlite broker at {path}"
+        return False, f"embedded broker file not writable: {path}"
+    from kombu import Connection
+
+    try:
+        with Connection(broker_url, connect_timeout=timeout_s) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout_s)
+        return True, f"connected to {_safe(broker_url)}"
+    except Exception as exc:
+        return False, f"cannot connect to {_safe(broker_url)}: {exc}"

@@ -1,0 +1,150 @@
+"""What a run produces: metric series, COCO evaluations and checkpoints.
+
+Writes are upserts keyed by (job, name, step) / (job, step) / (job, name): a run resumed from a
+checkpoint rewrites the same keys and the database converges to one value per key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from store.models import Checkpoint, Evaluation, Metric, utcnow
+
+EVAL_FIELDS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
+
+
+def dialect_insert(s: Session, table: Any) -> Any:
+    """The dialect's INSERT (both support ON CONFLICT ... DO UPDATE)."""
+    name = s.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"upserts are implemented for sqlite and postgresql, not {name}")
+
+
+def add_metrics(s: Session, job_id: int, attempt: int, rows: Sequence[tuple[str, int, float]]) -> None:
+    """Upsert a batch of (name, step, value) scalars in one statement and one commit."""
+    if not rows:
+        return
+    ins = dialect_insert(s, Metric)
+    stmt = ins.on_conflict_do_update(
+        index_elements=[Metric.job_id, Metric.name, Metric.step],
+        set_={"value": ins.excluded.value, "attempt": ins.excluded.attempt},
+    )
+    params = [
+        {"job_id": job_id, "name": n, "step": int(st), "attempt": attempt, "value": float(v)} for n, st, v in rows
+    ]
+    s.execute(stmt, params)
+    s.commit()
+
+
+def get_metrics(
+    s: Session,
+    job_id: int,
+    names: Sequence[str] | None = None,
+    since_step: int | None = None,
+    max_points: int | None = None,
+) -> dict[str, list[tuple[int, float]]]:
+    """Series by name, steps ascending; only steps > since_step (incremental polling).
+
+    With max_points the database downsamples each series: every k-th point plus the last, with
+    k = ceil(n / max_points), so a long run's curve arrives in one small response.
+    """
+    conds: list[Any] = [Metric.job_id == job_id]
+    if names:
+        conds.append(Metric.name.in_(list(names)))
+    if since_step is not None:
+        conds.append(Metric.step > since_step)
+    if max_points:
+        rn = func.row_number().over(partition_by=Metric.name, order_by=Metric.step).label("rn")
+        n = func.count().over(partition_by=Metric.name).label("n")
+        sub = select(Metric.name, Metric.step, Metric.value, rn, n).where(*conds).subquery()
+        k = (sub.c.n + (max_points - 1)) // max_points
+        q = (
+            select(sub.c.name, sub.c.step, sub.c.value)
+            .where(or_((sub.c.rn - 1) % k == 0, sub.c.rn == sub.c.n))
+            .order_by(sub.c.name, sub.c.step)
+        )
+    else:
+        q = select(Metric.name, Metric.step, Metric.value).where(*conds).order_by(Metric.name, Metric.step)
+    out: dict[str, list[tuple[int, float]]] = {}
+    for name, step, value in s.execute(q):
+        out.setdefault(name, []).append((step, value))
+    return out
+
+
+def add_evaluation(
+    s: Session, job_id: int, attempt: int, step: int, metrics: dict[str, float], per_class: dict[str, float]
+) -> None:
+    """Upsert one COCO evaluation; metric keys are matched case-insensitively (AP, AP50, ..., APl)."""
+    lower = {k.lower(): v for k, v in metrics.items()}
+    values: dict[str, Any] = {f: (float(lower[f]) if lower.get(f) is not None else None) for f in EVAL_FIELDS}
+    values.update(job_id=job_id, attempt=attempt, step=step, per_class=dict(per_class or {}), created_at=utcnow())
+    ins = dialect_insert(s, Evaluation).values(**values)
+    update_cols = {k: v for k, v in values.items() if k not in ("job_id", "step")}
+    s.execute(ins.on_conflict_do_update(index_elements=[Evaluation.job_id, Evaluation.step], set_=update_cols))
+    s.commit()
+
+
+def list_evaluations(s: Session, job_id: int) -> list[Evaluation]:
+    """Every evaluation of a job, by step."""
+    return list(s.scalars(select(Evaluation).where(Evaluation.job_id == job_id).order_by(Evaluation.step)))
+
+
+def add_checkpoint(
+    s: Session,
+    job_id: int,
+    attempt: int,
+    step: int,
+    name: str,
+    path: str | Path,
+    size_bytes: int,
+    sha256: str,
+    final: bool,
+) -> None:
+    """Upsert a checkpoint record (path relative to the artifact root)."""
+    values: dict[str, Any] = dict(
+        job_id=job_id,
+        attempt=attempt,
+        step=step,
+        name=name,
+        path=str(path),
+        size_bytes=int(size_bytes),
+        sha256=sha256,
+        final=bool(final),
+        created_at=utcnow(),
+    )
+    ins = dialect_insert(s, Checkpoint).values(**values)
+    update_cols = {k: v for k, v in values.items() if k not in ("job_id", "name")}
+    s.execute(ins.on_conflict_do_update(index_elements=[Checkpoint.job_id, Checkpoint.name], set_=update_cols))
+    s.commit()
+
+
+def list_checkpoints(s: Session, job_id: int) -> list[Checkpoint]:
+    """A job's checkpoints, by step."""
+    return list(
+        s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step, Checkpoint.name))
+    )
+
+
+def get_checkpoint(s: Session, job_id: int, name: str) -> Checkpoint | None:
+    return s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == name)).first()
+
+
+def final_checkpoint_path(s: Session, artifact_root: str | Path, job_id: int) -> Path | None:
+    """Absolute path of the job's final checkpoint (what `checkpoint: job:<id>` resolves to)."""
+    ck = s.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job_id, Checkpoint.final.is_(True))
+        .order_by(Checkpoint.step.desc())
+    ).first()
+    if ck is None:
+        return None
+    return Path(artifact_root) / ck.path

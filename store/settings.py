@@ -1,0 +1,79 @@
+"""Service settings from `ICD_*` environment variables, with an embedded default for each.
+
+With no configuration everything lives under one folder (`ICD_HOME`, default `./.icd`): a SQLite
+database, a SQLite-backed broker (Kombu's SQLAlchemy transport) and the artifact folder.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """One object for every knob of the API, the store and the workers."""
+
+    model_config = SettingsConfigDict(env_prefix="ICD_", extra="ignore")
+
+    home: Path = Path(".icd")
+    database_url: str = ""
+    broker_url: str = ""
+    artifact_root: Path | None = None
+    cache_dir: Path | None = None
+    # Colon-separated in the environment; relative dataset paths in specs are resolved against these.
+    data_roots: Annotated[list[Path], NoDecode] = []
+    api_token: str | None = None
+    worker_heartbeat_s: float = 10.0
+    # The embedded `icd serve` migrates its own database; a production API refuses an old schema.
+    auto_migrate: bool = False
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p for p in v.split(":") if p]
+        return v
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        # Absolute paths so the sqlite URLs and artifact paths do not depend on a later chdir.
+        self.home = self.home.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'icd.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
+        self.artifact_root = (self.artifact_root or self.home / "artifacts").expanduser().resolve()
+        self.cache_dir = (self.cache_dir or self.home / "cache").expanduser().resolve()
+        return self
+
+    @property
+    def api_token_required(self) -> bool:
+        return bool(self.api_token)
+
+    def ensure_dirs(self) -> None:
+        """Create the local folders the embedded mode writes to."""
+        for d in (self.home, self.artifact_root, self.cache_dir):
+            assert d is not None
+            d.mkdir(parents=True, exist_ok=True)
+
+    def resolve_data_path(self, p: str) -> str:
+        """An absolute path for a spec path: relative ones are looked up in data_roots (first hit wins)."""
+        path = Path(p).expanduser()
+        if path.is_absolute():
+            return str(path)
+        roots = self.data_roots or [Path.cwd()]
+        for root in roots:
+            cand = (Path(root) / path).resolve()
+            if cand.exists():
+                return str(cand)
+        return str((Path(roots[0]) / path).resolve())
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings (tests build their own `Settings(...)` instead of using this)."""
+    return Settings()
