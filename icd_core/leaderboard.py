@@ -1,0 +1,241 @@
+"""The study leaderboard: per-method mean ± std over seeds, gains and costs against `none`, the teacher's row.
+
+Inputs are plain dicts so the same code serves the CLI (results read from each child's summary.json)
+and the service (rows read from the database). One child result looks like
+
+    {"method": "icd", "seed": 0,
+     "metrics": {"AP": 12.3, "AP50": ..., "AP75": ..., "APs": ..., "APm": ..., "APl": ...},
+     "sec_per_step": 0.91, "peak_memory_mb": 812.0}
+
+(`sec_per_step` and `peak_memory_mb` may also sit inside `metrics`; `metrics: None` marks a child that
+failed or was canceled: it is counted, not averaged). The teacher row is `{"metrics": {...}}` plus
+optional `name`/`checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+BASELINE = "none"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n-1 in the denominator; 0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _cost(row: Mapping[str, Any], key: str) -> float | None:
+    """A cost figure from the row itself or from its metrics dict; None when unknown."""
+    value = row.get(key)
+    if value is None and isinstance(row.get("metrics"), Mapping):
+        value = row["metrics"].get(key)
+    return None if value is None else float(value)
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def build_leaderboard(
+    results: Sequence[Mapping[str, Any]],
+    teacher: Mapping[str, Any] | None = None,
+    name: str = "study",
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Aggregate child results into the report dict (JSON-ready); methods sorted by mean AP, best first.
+
+    notes: caveats printed under the markdown table (e.g. how memory was measured).
+    """
+    by_method: dict[str, list[Mapping[str, Any]]] = {}
+    for row in results:
+        by_method.setdefault(str(row["method"]), []).append(row)
+
+    methods = []
+    for method, rows in by_method.items():
+        done = [r for r in rows if isinstance(r.get("metrics"), Mapping) and "AP" in r["metrics"]]
+        entry: dict[str, Any] = {
+            "method": method,
+            "n": len(done),
+            "failed": len(rows) - len(done),
+            "seeds": sorted(int(r["seed"]) for r in done),
+        }
+        for metric in AP_METRICS:
+            mean, std = mean_std([float(r["metrics"].get(metric, 0.0)) for r in done])
+            entry[metric] = {"mean": mean, "std": std}
+        entry["sec_per_step"] = _mean_or_none([_cost(r, "sec_per_step") for r in done])
+        entry["peak_memory_mb"] = _mean_or_none([_cost(r, "peak_memory_mb") for r in done])
+        methods.append(entry)
+
+    base = next((m for m in methods if m["method"] == BASELINE and m["n"]), None)
+    for entry in methods:
+        _add_deltas(entry, base)
+
+    # Methods with no finished run sink to the bottom; ties keep the order of the input.
+    methods.sort(key=lambda m: -m["AP"]["mean"] if m["n"] else math.inf)
+    report: dict[str, Any] = {
+        "name": name,
+        "baseline": BASELINE if base else None,
+        "teacher": _teacher_row(teacher),
+        "methods": methods,
+        "runs": [_run_row(r) for r in results],
+        "notes": list(notes),
+    }
+    return _finite(report)
+
+
+def _add_deltas(entry: dict[str, Any], base: Mapping[str, Any] | None) -> None:
+    """Δ of every AP metric, and the extra step time and memory, against the `none` means."""
+    ok = base is not None and entry["n"] > 0
+    entry["delta"] = {m: (entry[m]["mean"] - base[m]["mean"]) if ok else None for m in AP_METRICS}
+    entry["delta_AP"] = entry["delta"]["AP"]
+    sps, base_sps = entry["sec_per_step"], base["sec_per_step"] if base else None
+    if ok and sps is not None and base_sps is not None:
+        entry["extra_sec_per_step"] = sps - base_sps
+        entry["extra_sec_per_step_pct"] = 100.0 * (sps - base_sps) / base_sps if base_sps > 0 else None
+    else:
+        entry["extra_sec_per_step"] = entry["extra_sec_per_step_pct"] = None
+    mem, base_mem = entry["peak_memory_mb"], base["peak_memory_mb"] if base else None
+    entry["extra_peak_memory_mb"] = mem - base_mem if ok and mem is not None and base_mem is not None else None
+
+
+def _teacher_row(teacher: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if teacher is None:
+        return None
+    metrics = teacher.get("metrics", teacher)
+    row = {m: float(metrics.get(m, 0.0)) for m in AP_METRICS}
+    for key in ("name", "checkpoint"):
+        if teacher.get(key) is not None:
+            row[key] = str(teacher[key])
+    return row
+
+
+def _run_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    metrics = row.get("metrics") if isinstance(row.get("metrics"), Mapping) else None
+    out: dict[str, Any] = {
+        "method": str(row["method"]),
+        "seed": int(row["seed"]),
+        "metrics": {m: float(metrics[m]) for m in AP_METRICS if m in metrics} if metrics else None,
+        "sec_per_step": _cost(row, "sec_per_step"),
+        "peak_memory_mb": _cost(row, "peak_memory_mb"),
+    }
+    for key in ("status", "job_id", "error"):
+        if row.get(key) is not None:
+            out[key] = row[key]
+    return out
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None so the report is strict JSON (and a JSON column accepts it)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _fmt(value: float | None, digits: int = 1, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _pm(stat: Mapping[str, float | None]) -> str:
+    if stat["mean"] is None:
+        return "–"
+    return f"{stat['mean']:.1f} ± {_fmt(stat['std'])}"
+
+
+def leaderboard_markdown(report: Mapping[str, Any]) -> str:
+    """A markdown table: the teacher first, then the methods by mean AP (mean ± sample std over seeds)."""
+    head = ["method", "seeds", *AP_METRICS, "Δ AP", "s/step", "Δ s/step", "peak MB", "Δ MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    teacher = report.get("teacher")
+    if teacher:
+        label = "teacher" + (f" ({teacher['name']})" if teacher.get("name") else "")
+        cells = [label, "–", *(_fmt(teacher[m]) for m in AP_METRICS), "–", "–", "–", "–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for m in report["methods"]:
+        pct = m.get("extra_sec_per_step_pct")
+        extra = _fmt(m.get("extra_sec_per_step"), 3, signed=True)
+        if pct is not None:
+            extra += f" ({pct:+.0f}%)"
+        n = f"{m['n']}" + (f" (+{m['failed']} failed)" if m.get("failed") else "")
+        cells = [m["method"], n, *(_pm(m[k]) for k in AP_METRICS), _fmt(m.get("delta_AP"), signed=True),
+                 _fmt(m.get("sec_per_step"), 3), extra, _fmt(m.get("peak_memory_mb"), 0),
+                 _fmt(m.get("extra_peak_memory_mb"), 0, signed=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("AP metrics: mean ± sample std over seeds; Δ and costs against the `none` mean.")
+    lines.extend(f"Note: {note}" for note in report.get("notes", []))
+    return "\n".join(lines) + "\n"
+
+
+def leaderboard_png(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Bar chart of mean AP per method with sample-std error bars; teacher solid line, `none` dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    methods = [m for m in report["methods"] if m["n"]]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(methods) + 2.0), 3.6), dpi=100)
+    try:
+        xs = list(range(len(methods)))
+        colors = ["#7f7f7f" if m["method"] == BASELINE else "#e4572e" if m["method"] == "icd" else "#4c78a8"
+                  for m in methods]
+        means, stds = [m["AP"]["mean"] for m in methods], [m["AP"]["std"] or 0.0 for m in methods]
+        bars = ax.bar(xs, means, yerr=stds, color=colors, capsize=4)
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in means], label_type="center", color="white", fontsize=8)
+        ax.set_xticks(xs, [m["method"] for m in methods])
+        teacher = report.get("teacher")
+        if teacher:
+            ax.axhline(teacher["AP"], color="black", linewidth=1.2, label=f"teacher {teacher['AP']:.1f}")
+        base = next((m for m in methods if m["method"] == BASELINE), None)
+        if base:
+            ax.axhline(base["AP"]["mean"], color="#7f7f7f", linestyle="--", linewidth=1.0,
+                       label=f"none {base['AP']['mean']:.1f}")
+        if teacher or base:
+            ax.legend(loc="best", fontsize=8)
+        ax.set_ylabel("COCO AP (%)")
+        ax.set_title(str(report.get("name", "study")), fontsize=10)
+        top = max([m + s for m, s in zip(means, stds)] + [teacher["AP"] if teacher else 0.0, 1.0])
+        ax.set_ylim(0, top * 1.25)
+        fig.tight_layout()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def write_report(
+    results: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    teacher: Mapping[str, Any] | None = None,
+    name: str = "study",
+    notes: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Write report.json, report.md and report.png into out_dir; returns their paths by kind."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = build_leaderboard(results, teacher, name=name, notes=notes)
+    paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["md"].write_text(f"# {name}\n\n" + leaderboard_markdown(report))
+    leaderboard_png(report, paths["png"])
+    return paths
