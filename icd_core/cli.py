@@ -1,0 +1,266 @@
+"""Command line for local runs: `icd train`, `icd eval`, `icd shapes make`.
+
+The service's console script mounts this group's commands; `python -m icd_core` runs it alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from .engine.callbacks import Callback, CheckpointInfo, EvalResult, TrainingDiverged, TrainingStopped
+from .spec import EvaluateSpec, StudySpec, load_spec, parse_spec
+
+METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def default_cache_dir() -> Path:
+    """ICD_CACHE_DIR, else $ICD_HOME/cache, else ./.icd/cache (the service's embedded default)."""
+    if os.environ.get("ICD_CACHE_DIR"):
+        return Path(os.environ["ICD_CACHE_DIR"])
+    return Path(os.environ.get("ICD_HOME", ".icd")) / "cache"
+
+
+class ProgressBar(Callback):
+    """tqdm bar over training steps (tqdm shows the ETA), with loss and lr; evaluations printed above it."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.stop_requested = False
+
+    def on_start(self, step: int, total_steps: int) -> None:
+        if total_steps > 0:
+            self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                             s_step=f"{metrics['sec_per_step']:.3f}", refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def on_evaluation(self, result: EvalResult) -> None:
+        text = "  ".join(f"{k} {result.metrics[k]:.2f}" for k in METRIC_ORDER if k in result.metrics)
+        tqdm.write(f"eval @ step {result.step}: {text}")
+
+    def on_checkpoint(self, info: CheckpointInfo) -> None:
+        tqdm.write(f"checkpoint {info.path} ({info.size_bytes / 2**20:.1f} MiB)")
+
+    def on_end(self, step: int, final_metrics: dict[str, float]) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
+
+
+def summary_table(metrics: dict[str, float], extra: dict[str, Any] | None = None) -> str:
+    """A plain two-column table: COCO metrics first, then the rest."""
+    rows = [(k, metrics[k]) for k in METRIC_ORDER if k in metrics]
+    rows += [(k, v) for k, v in metrics.items() if k not in METRIC_ORDER]
+    rows += list((extra or {}).items())
+    width = max((len(k) for k, _ in rows), default=6)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    for k, v in rows:
+        counted = k == "step" or k.startswith("inherit_")
+        shown = str(int(v)) if counted and isinstance(v, float) else f"{v:.4f}" if isinstance(v, float) else str(v)
+        lines.append(f"{k:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _load(path: Path) -> Any:
+    try:
+        return load_spec(path)
+    except FileNotFoundError as err:
+        raise click.ClickException(f"spec file not found: {path}") from err
+    except ValueError as err:  # pydantic's ValidationError is a ValueError: names the field
+        raise click.ClickException(f"{path}: invalid spec:\n{err}") from err
+
+
+def _run(spec: Any, output: Path, resume: bool, cache_dir: Path, bar: ProgressBar) -> Any:
+    """run_spec with user errors as one-line CLI errors and Ctrl-C as a cooperative, resumable stop."""
+    from .runner import run_spec  # heavy imports (torch) only when a command runs
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if bar.stop_requested:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        bar.stop_requested = True
+        tqdm.write("stopping after this step (Ctrl-C again to abort without a checkpoint)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        return run_spec(spec, output, callbacks=[bar], resume=resume, cache_dir=cache_dir)
+    except TrainingStopped as stop:
+        raise click.ClickException(f"{stop}; continue with: icd train <spec> --output {output} --resume") from stop
+    except TrainingDiverged as err:
+        raise click.ClickException(str(err)) from err
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        raise click.ClickException(str(err)) from err
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
+
+
+def _default_output(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _latest_run(name: str) -> Path | None:
+    runs = sorted(Path("runs").glob(f"{name}-*"), key=lambda p: p.stat().st_mtime) if Path("runs").is_dir() else []
+    return runs[-1] if runs else None
+
+
+@click.group(name="icd")
+def cli() -> None:
+    """Instance-conditional knowledge distillation for torchvision detectors (local runs)."""
+
+
+@cli.command("train")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Run folder (default: runs/<name>-<timestamp>).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the run folder.")
+@click.option("--device", default=None, help="Override the spec's device (auto, cpu, cuda, cuda:N).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Generated datasets and class priors (default: $ICD_CACHE_DIR or .icd/cache).")
+def train_cmd(spec_path: Path, output: Path | None, resume: bool, device: str | None, cache_dir: Path | None) -> None:
+    """Run a train or distill SPEC (YAML or JSON)."""
+    _setup_logging()
+    spec = _load(spec_path)
+    if isinstance(spec, (EvaluateSpec, StudySpec)):
+        raise click.ClickException(f"{spec_path}: icd train runs train or distill specs (this is kind "
+                                   f"{spec.kind}; use icd eval for evaluate specs)")
+    if device:
+        spec = parse_spec({**spec.model_dump(mode="json"), "device": device})
+    if output is None:
+        if resume:
+            output = _latest_run(spec.name)
+            if output is None:
+                raise click.ClickException(f"--resume: no runs/{spec.name}-* folder found; give --output DIR")
+        else:
+            output = _default_output(spec.name)
+    click.echo(f"run folder: {output}")
+    bar = ProgressBar()
+    result = _run(spec, output, resume, cache_dir or default_cache_dir(), bar)
+    extra: dict[str, Any] = {"checkpoint": str(result.final_checkpoint)}
+    if result.sec_per_step is not None:
+        extra["sec_per_step"] = round(result.sec_per_step, 4)
+    if result.peak_memory_mb is not None:
+        extra["peak_memory_mb"] = round(result.peak_memory_mb, 1)
+    click.echo(summary_table(result.final_metrics, extra))
+
+
+def _eval_spec_from_checkpoint(
+    checkpoint: Path, images: Path | None, annotations: Path | None, data_spec: Path | None, device: str,
+    batch_size: int,
+) -> EvaluateSpec:
+    """Build an evaluate spec for a checkpoint: data from the flags, another spec, or the checkpoint's own run."""
+    from .detectors import read_checkpoint
+
+    try:
+        saved = read_checkpoint(checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    run_spec_dict = saved.get("spec") or {}
+    if images or annotations:
+        if not (images and annotations):
+            raise click.ClickException("give both --data-val-images and --data-val-annotations")
+        val = {"format": "coco", "images": str(images), "annotations": str(annotations)}
+        data: dict[str, Any] = {"train": val, "val": val}
+    elif data_spec is not None:
+        data = dict(_load(data_spec).data.model_dump(mode="json"))
+    elif run_spec_dict.get("data"):
+        data = dict(run_spec_dict["data"])
+    else:
+        raise click.ClickException(f"{checkpoint} records no dataset; give --data-val-images and "
+                                   "--data-val-annotations, or --spec")
+    data["train"] = data["val"]  # an evaluate run reads only data.val
+    return parse_spec({
+        "kind": "evaluate",
+        "name": f"eval-{checkpoint.stem}",
+        "data": data,
+        "model": {**saved["model_spec"], "checkpoint": str(checkpoint)},
+        "schedule": {"batch_size": batch_size},
+        "device": device,
+    })
+
+
+@cli.command("eval")
+@click.argument("target", metavar="SPEC|CHECKPOINT", type=click.Path(path_type=Path))
+@click.option("--data-val-images", type=click.Path(path_type=Path), default=None, help="COCO images folder.")
+@click.option("--data-val-annotations", type=click.Path(path_type=Path), default=None, help="COCO instances JSON.")
+@click.option("--spec", "data_spec", type=click.Path(path_type=Path), default=None,
+              help="Take data.val (and sizes) from this spec.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Folder for summary.json (default: runs/<name>-<timestamp>).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
+def eval_cmd(
+    target: Path, data_val_images: Path | None, data_val_annotations: Path | None, data_spec: Path | None,
+    output: Path | None, device: str, batch_size: int, cache_dir: Path | None,
+) -> None:
+    """COCO-evaluate a CHECKPOINT (on the given data, or the data it was trained with) or an evaluate SPEC."""
+    _setup_logging()
+    if target.suffix in (".yaml", ".yml", ".json"):
+        spec = _load(target)
+        if not isinstance(spec, EvaluateSpec):
+            raise click.ClickException(f"{target} is a {spec.kind} spec; give an evaluate spec or a checkpoint")
+        if device != "auto":
+            spec = parse_spec({**spec.model_dump(mode="json"), "device": device})
+    else:
+        spec = _eval_spec_from_checkpoint(target, data_val_images, data_val_annotations, data_spec, device,
+                                          batch_size)
+    output = output or _default_output(spec.name)
+    result = _run(spec, output, False, cache_dir or default_cache_dir(), ProgressBar())
+    click.echo(summary_table(result.final_metrics))
+    if result.evaluation is not None and result.evaluation.per_class:
+        click.echo("\nper-class AP")
+        click.echo(summary_table(dict(result.evaluation.per_class)))
+
+
+@cli.group("shapes")
+def shapes_group() -> None:
+    """The synthetic shapes dataset."""
+
+
+@shapes_group.command("make")
+@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--num-images", default=512, show_default=True, type=int)
+@click.option("--image-size", default=256, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--num-classes", default=6, show_default=True, type=int)
+@click.option("--min-object", default=8, show_default=True, type=int)
+@click.option("--max-object", default=96, show_default=True, type=int)
+@click.option("--max-objects", default=8, show_default=True, type=int)
+def shapes_make(out_dir: Path, num_images: int, image_size: int, seed: int, num_classes: int, min_object: int,
+                max_object: int, max_objects: int) -> None:
+    """Generate a COCO-format shapes dataset into DIR (images/ + instances JSON)."""
+    from .data import make_shapes
+
+    try:
+        images, annotations = make_shapes(out_dir, num_images=num_images, image_size=image_size, seed=seed,
+                                          num_classes=num_classes, min_object=min_object, max_object=max_object,
+                                          max_objects=max_objects)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"images: {images}\nannotations: {annotations}")
+
+
+def main() -> None:
+    cli(prog_name="icd")

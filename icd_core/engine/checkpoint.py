@@ -1,0 +1,142 @@
+"""Checkpoint files: atomic writes, naming, retention, and the RNG state that makes resume exact.
+
+A checkpoint is one torch file holding plain containers and tensors only, so it loads with
+`torch.load(weights_only=True)` (a checkpoint from someone else's job cannot run code on load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .callbacks import CheckpointInfo
+
+FINAL_NAME = "final.pt"
+_PERIODIC = re.compile(r"^step_(\d+)\.pt$")
+
+
+def periodic_name(step: int) -> str:
+    return f"step_{step:07d}.pt"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python's random from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every global RNG a training step may draw from, as checkpoint-safe values."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:  # resumed on a machine with another GPU count: the current device's stream is what matters
+            torch.cuda.set_rng_state(cuda_states[0])
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to `<name>.tmp` in the same folder, fsync, then rename over `path` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe(path: Path, step: int, final: bool) -> CheckpointInfo:
+    path = Path(path)
+    return CheckpointInfo(name=path.name, path=path, step=step, size_bytes=path.stat().st_size,
+                          sha256=sha256_file(path), final=final)
+
+
+def periodic_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the periodic checkpoints in `folder`, oldest first."""
+    if not Path(folder).is_dir():
+        return []
+    found = []
+    for p in Path(folder).iterdir():
+        m = _PERIODIC.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """final.pt when the run finished, else the periodic checkpoint with the highest step."""
+    final = Path(folder) / FINAL_NAME
+    if final.is_file():
+        return final
+    found = periodic_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def prune_periodic(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` periodic checkpoints (final.pt is never touched)."""
+    found = periodic_checkpoints(folder)
+    for _, p in found[: max(0, len(found) - keep)]:
+        p.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `atomic_save`, with a message that names the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # re-raised with the file name
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not an icd checkpoint (expected a dict)")
+    return obj

@@ -1,0 +1,256 @@
+"""Run one job spec end to end: resolve data and checkpoints, build models, train or evaluate, summarize.
+
+This is the single entry point the CLI and the service's worker share. Problems a user can fix
+(missing files, a teacher with another class count, a `job:<id>` reference outside the service)
+raise ValueError or FileNotFoundError with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import CocoDataset, build_dataset, compute_priors, make_train_loader
+from .detectors import Detector, build_detector, detector_meta, load_detector, load_weights, read_checkpoint
+from .distill import build_distiller
+from .distill.inherit import inherit_from_teacher
+from .engine import checkpoint as ckpt
+from .engine.callbacks import Callback, EvalResult
+from .engine.trainer import Trainer, peak_memory_mb, resolve_device
+from .evaluate import evaluate_model
+from .spec import DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
+
+log = logging.getLogger(__name__)
+
+AnySpec = TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec
+ResolveCheckpoint = Callable[[str], Path]
+DEFAULT_CACHE_DIR = Path(".icd") / "cache"
+# Architecture fields a distill spec's teacher must share with the teacher checkpoint it names.
+_TEACHER_FIELDS = ("detector", "backbone", "fpn_channels", "head_convs", "anchor_sizes")
+
+
+@dataclass
+class RunResult:
+    final_metrics: dict[str, float]
+    evaluation: EvalResult | None
+    final_checkpoint: Path | None
+    sec_per_step: float | None
+    peak_memory_mb: float | None
+
+
+def default_resolve_checkpoint(ref: str) -> Path:
+    """Outside the service a checkpoint reference is a file path."""
+    if ref.startswith("job:"):
+        raise ValueError(f"{ref}: job:<id> references need the service; give a file path")
+    return Path(ref)
+
+
+def run_spec(
+    spec: AnySpec,
+    output_dir: Path,
+    callbacks: Sequence[Callback] = (),
+    resume: bool = False,
+    resolve_checkpoint: ResolveCheckpoint | None = None,
+    cache_dir: Path | None = None,
+) -> RunResult:
+    """Run a train, distill or evaluate spec into `output_dir` (checkpoints/, summary.json)."""
+    output_dir = Path(output_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    resolve = resolve_checkpoint or default_resolve_checkpoint
+    if isinstance(spec, StudySpec):
+        raise NotImplementedError("study specs run through the service's study runner, not run_spec")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    if isinstance(spec, EvaluateSpec):
+        return _run_evaluate(spec, output_dir, callbacks, resolve, cache_dir)
+    return _run_training(spec, output_dir, callbacks, resume, resolve, cache_dir)
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+def _checkpoint_file(field: str, ref: str, resolve: ResolveCheckpoint) -> Path:
+    path = Path(resolve(ref))
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}: checkpoint not found: {path}")
+    return path
+
+
+def _open_datasets(spec: TrainSpec | DistillJobSpec, cache_dir: Path) -> tuple[CocoDataset, CocoDataset]:
+    train = build_dataset(spec.data.train, cache_dir, train=True, hflip=spec.data.hflip)
+    val = build_dataset(spec.data.val, cache_dir, train=False)
+    if train.num_classes == 0:
+        raise ValueError(f"data.train: {train.annotations_json} defines no categories")
+    if val.label_to_cat_id != train.label_to_cat_id:
+        raise ValueError("data.val: its categories differ from data.train's; evaluate on a split of the same dataset")
+    return train, val
+
+
+def _check_class_count(field: str, path: Path, ckpt_classes: int, dataset: CocoDataset, split: str) -> None:
+    if ckpt_classes != dataset.num_classes:
+        raise ValueError(f"{field}: {path} was trained on {ckpt_classes} classes but {split} has "
+                         f"{dataset.num_classes}; use a checkpoint trained on this dataset")
+
+
+def _check_teacher_spec(spec_teacher: ModelSpec, ckpt_spec: dict[str, Any], path: Path) -> None:
+    """The spec's teacher fields drive validation (levels, inherit); they must describe the checkpoint."""
+    saved = ModelSpec.model_validate({**ckpt_spec, "checkpoint": None})
+    diffs = [f"{f}: spec {getattr(spec_teacher, f)} vs checkpoint {getattr(saved, f)}" for f in _TEACHER_FIELDS
+             if getattr(spec_teacher, f) != getattr(saved, f)]
+    if spec_teacher.resolved_levels != saved.resolved_levels:
+        diffs.append(f"levels: spec {spec_teacher.resolved_levels} vs checkpoint {saved.resolved_levels}")
+    if diffs:
+        raise ValueError(f"teacher: does not describe teacher.checkpoint {path} ({'; '.join(diffs)}); "
+                         "make the teacher fields match the checkpoint")
+
+
+def _write_summary(output_dir: Path, spec: AnySpec, result: RunResult, extra: dict[str, Any]) -> None:
+    summary = {
+        "name": spec.name,
+        "kind": spec.kind,
+        "final_metrics": result.final_metrics,
+        "evaluation": asdict(result.evaluation) if result.evaluation is not None else None,
+        "final_checkpoint": str(result.final_checkpoint) if result.final_checkpoint else None,
+        "sec_per_step": result.sec_per_step,
+        "peak_memory_mb": result.peak_memory_mb,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+    tmp = output_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(output_dir / "summary.json")
+
+
+def _find_resume_point(output_dir: Path, resume: bool) -> Path | None:
+    latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
+    if resume:
+        if latest is None:
+            log.info("resume requested but %s has no checkpoint yet: starting from step 0", output_dir)
+        return latest
+    if latest is not None:
+        raise ValueError(f"{output_dir} already holds checkpoints ({latest.name}); resume it (--resume) "
+                         "or choose another output folder")
+    return None
+
+
+# --- train / distill ----------------------------------------------------------------------------------
+def build_trainer(
+    spec: TrainSpec | DistillJobSpec,
+    output_dir: Path,
+    callbacks: Sequence[Callback] = (),
+    resolve_checkpoint: ResolveCheckpoint | None = None,
+    cache_dir: Path | None = None,
+    load_initial_weights: bool = True,
+) -> tuple[Trainer, dict[str, Any]]:
+    """Seed, open the data, build student (+ teacher, inherit, distiller) and wrap them in a Trainer.
+
+    Returns the trainer and the run's extra summary entries (inherit report, teacher path, counts).
+    Exposed for tests and benchmarks that need the models; `run_spec` is the normal entry point.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    resolve = resolve_checkpoint or default_resolve_checkpoint
+    ckpt.seed_everything(spec.seed)
+    device = resolve_device(spec.device)
+    train_ds, val_ds = _open_datasets(spec, cache_dir)
+    num_classes = train_ds.num_classes
+    sizes, max_size = spec.data.train_sizes, spec.data.max_size
+    student_spec = spec.model if isinstance(spec, TrainSpec) else spec.student
+    student = build_detector(student_spec, num_classes, sizes, max_size)
+    extra: dict[str, Any] = {}
+
+    field = "model.checkpoint" if isinstance(spec, TrainSpec) else "student.checkpoint"
+    if student_spec.checkpoint and load_initial_weights:  # initial weights (fine-tuning)
+        path = _checkpoint_file(field, student_spec.checkpoint, resolve)
+        init = read_checkpoint(path)
+        _check_class_count(field, path, int(init["num_classes"]), train_ds, "data.train")
+        load_weights(student, init["model"], source=f"{field} {path}")
+
+    teacher = distiller = None
+    if isinstance(spec, DistillJobSpec):
+        teacher_path = _checkpoint_file("teacher.checkpoint", spec.teacher.checkpoint, resolve)
+        teacher, tckpt = load_detector(teacher_path, sizes, max_size)
+        _check_class_count("teacher.checkpoint", teacher_path, int(tckpt["num_classes"]), train_ds, "data.train")
+        _check_teacher_spec(spec.teacher, tckpt["model_spec"], teacher_path)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        if spec.distill.inherit:
+            report = inherit_from_teacher(teacher, student)
+            log.info("%s", report.summary())
+            extra["inherit_copied"] = float(len(report.copied))
+            extra["inherit_skipped"] = float(len(report.skipped))
+            extra["inherit"] = {"copied": report.copied, "skipped": [list(s) for s in report.skipped]}
+        priors = compute_priors(train_ds, cache_dir) if spec.distill.method == "icd" else None
+        distiller = build_distiller(spec.distill, teacher, student, spec.schedule.total_iterations(), priors)
+        extra["teacher_checkpoint"] = str(teacher_path)
+
+    bs, workers = spec.schedule.batch_size, spec.data.workers
+
+    def batches(start_step: int):
+        return iter(make_train_loader(train_ds, bs, workers, spec.seed, start_step=start_step))
+
+    def evaluator(det: Detector) -> EvalResult:
+        return evaluate_model(det, val_ds, batch_size=bs, device=device, workers=min(workers, 2))
+
+    trainer = Trainer(
+        student, spec.schedule, batches, output_dir, device,
+        teacher=teacher, distiller=distiller, evaluator=evaluator, callbacks=callbacks,
+        meta=detector_meta(student, train_ds.class_names, train_ds.label_to_cat_id),
+        spec=spec.model_dump(mode="json"),
+    )
+    return trainer, extra
+
+
+def _run_training(
+    spec: TrainSpec | DistillJobSpec,
+    output_dir: Path,
+    callbacks: Sequence[Callback],
+    resume: bool,
+    resolve: ResolveCheckpoint,
+    cache_dir: Path,
+) -> RunResult:
+    resume_from = _find_resume_point(output_dir, resume)
+    trainer, extra = build_trainer(spec, output_dir, callbacks, resolve, cache_dir,
+                                   load_initial_weights=resume_from is None)
+    out = trainer.train(resume_from=resume_from)
+    counts = {k: extra[k] for k in ("inherit_copied", "inherit_skipped") if k in extra}
+    result = RunResult({**out.final_metrics, **counts}, out.evaluation, out.final_checkpoint,
+                       out.sec_per_step, out.peak_memory_mb)
+    _write_summary(output_dir, spec, result, {"step": out.step, "device": str(trainer.device),
+                                              "amp": trainer.amp.name, **extra})
+    return result
+
+
+# --- evaluate -----------------------------------------------------------------------------------------
+def _run_evaluate(
+    spec: EvaluateSpec,
+    output_dir: Path,
+    callbacks: Sequence[Callback],
+    resolve: ResolveCheckpoint,
+    cache_dir: Path,
+) -> RunResult:
+    ckpt.seed_everything(spec.seed)
+    device = resolve_device(spec.device)
+    path = _checkpoint_file("model.checkpoint", spec.model.checkpoint, resolve)
+    val = build_dataset(spec.data.val, cache_dir, train=False)
+    detector, meta = load_detector(path, spec.data.test_size, spec.data.max_size)
+    _check_class_count("model.checkpoint", path, int(meta["num_classes"]), val, "data.val")
+    saved_cats = meta.get("label_to_cat_id")
+    if saved_cats is not None and list(saved_cats) != list(val.label_to_cat_id):
+        raise ValueError(f"data.val: its category ids differ from the ones {path} was trained with; "
+                         "evaluate on a split of the training dataset")
+    detector.to(device)
+    for cb in callbacks:
+        cb.on_start(0, 0)
+    evaluation = evaluate_model(detector, val, batch_size=spec.schedule.batch_size, device=device,
+                                workers=min(spec.data.workers, 2))
+    evaluation.step = int(meta.get("step", 0))
+    for cb in callbacks:
+        cb.on_evaluation(evaluation)
+    result = RunResult(dict(evaluation.metrics), evaluation, None, None, peak_memory_mb(device))
+    for cb in callbacks:
+        cb.on_end(evaluation.step, result.final_metrics)
+    _write_summary(output_dir, spec, result, {"checkpoint": str(path), "device": str(device)})
+    return result

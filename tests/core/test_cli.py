@@ -1,0 +1,100 @@
+"""The local CLI: `icd shapes make`, `icd train` (teacher, then an ICD student), `icd eval` of both."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from trainer_specs import TINY_MODEL, tiny_schedule
+
+from icd_core.cli import cli
+from icd_core.data.shapes import ANNOTATIONS, IMAGES
+
+SHAPES_ARGS = ["--num-images", "16", "--image-size", "64", "--min-object", "6", "--max-object", "32",
+               "--max-objects", "4"]
+
+
+def _invoke(args: list[str]) -> str:
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_module_entry_point_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "icd_core", "--help"], capture_output=True, text=True, check=True)
+    for command in ("train", "eval", "shapes"):
+        assert command in out.stdout
+
+
+def test_shapes_make_and_user_errors(tmp_path: Path) -> None:
+    out = _invoke(["shapes", "make", str(tmp_path / "s"), *SHAPES_ARGS, "--seed", "3"])
+    assert "instances" in out
+    coco = json.loads((tmp_path / "s" / ANNOTATIONS).read_text())
+    assert len(coco["images"]) == 16
+    bad = CliRunner().invoke(cli, ["shapes", "make", str(tmp_path / "t"), "--image-size", "64"])
+    assert bad.exit_code != 0 and "max_object" in bad.output
+    spec = tmp_path / "d.yaml"
+    spec.write_text(yaml.safe_dump({
+        "kind": "distill", "data": {"train": {"format": "shapes"}, "val": {"format": "shapes"}},
+        "teacher": {**TINY_MODEL, "checkpoint": "job:3"}, "student": TINY_MODEL, "device": "cpu",
+    }))
+    res = CliRunner().invoke(cli, ["train", str(spec), "--output", str(tmp_path / "run"),
+                                   "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code != 0 and "job:<id> references need the service" in res.output
+    res = CliRunner().invoke(cli, ["train", str(tmp_path / "missing.yaml")])
+    assert res.exit_code != 0 and "not found" in res.output
+
+
+@pytest.mark.slow
+def test_end_to_end_teacher_then_icd_student(tmp_path: Path) -> None:
+    train_dir, val_dir = tmp_path / "shapes-train", tmp_path / "shapes-val"
+    _invoke(["shapes", "make", str(train_dir), *SHAPES_ARGS, "--seed", "1"])
+    _invoke(["shapes", "make", str(val_dir), *SHAPES_ARGS, "--seed", "2"])
+
+    def coco(folder: Path) -> dict:
+        return {"format": "coco", "images": str(folder / IMAGES), "annotations": str(folder / ANNOTATIONS)}
+
+    data = {"train": coco(train_dir), "val": coco(val_dir), "min_size": 64, "max_size": 64, "workers": 0}
+    teacher_spec = tmp_path / "teacher.yaml"
+    teacher_spec.write_text(yaml.safe_dump({
+        "kind": "train", "name": "teacher", "data": data, "model": TINY_MODEL, "device": "cpu",
+        "schedule": tiny_schedule(4, eval_every=2, checkpoint_every=2),
+    }))
+    out = _invoke(["train", str(teacher_spec), "--output", str(tmp_path / "teacher")])
+    teacher_ckpt = tmp_path / "teacher" / "checkpoints" / "final.pt"
+    assert teacher_ckpt.is_file() and "AP50" in out and "checkpoint" in out
+
+    student_spec = tmp_path / "student.yaml"
+    student_spec.write_text(yaml.safe_dump({
+        "kind": "distill", "name": "student", "data": data, "device": "cpu",
+        "teacher": {**TINY_MODEL, "checkpoint": str(teacher_ckpt)}, "student": TINY_MODEL,
+        "distill": {"method": "icd", "icd": {"bypass_iters": 1}},
+        "schedule": tiny_schedule(3, grad_clip=1.0),
+    }))
+    out = _invoke(["train", str(student_spec), "--output", str(tmp_path / "student")])
+    student_ckpt = tmp_path / "student" / "checkpoints" / "final.pt"
+    assert student_ckpt.is_file() and "inherit_copied" in out
+    summary = json.loads((tmp_path / "student" / "summary.json").read_text())
+    assert summary["inherit"]["copied"] and summary["teacher_checkpoint"] == str(teacher_ckpt)
+
+    # resuming a finished run re-evaluates it and leaves final.pt in place
+    out = _invoke(["train", str(student_spec), "--output", str(tmp_path / "student"), "--resume"])
+    assert "AP" in out
+
+    out = _invoke(["eval", str(teacher_ckpt), "--data-val-images", data["val"]["images"],
+                   "--data-val-annotations", data["val"]["annotations"], "--output", str(tmp_path / "ev1")])
+    assert "AP75" in out and "per-class AP" in out
+    out = _invoke(["eval", str(student_ckpt), "--output", str(tmp_path / "ev2")])  # data from the run's spec
+    assert "AP75" in out
+    eval_spec = tmp_path / "eval.yaml"
+    eval_spec.write_text(yaml.safe_dump({
+        "kind": "evaluate", "data": data, "device": "cpu",
+        "model": {**TINY_MODEL, "checkpoint": str(student_ckpt)},
+    }))
+    out = _invoke(["eval", str(eval_spec), "--output", str(tmp_path / "ev3")])
+    assert json.loads((tmp_path / "ev3" / "summary.json").read_text())["final_metrics"].keys() >= {"AP", "AP50"}
