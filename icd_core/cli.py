@@ -262,5 +262,14 @@ def shapes_make(out_dir: Path, num_images: int, image_size: int, seed: int, num_
     click.echo(f"images: {images}\nannotations: {annotations}")
 
 
+def _register_study() -> None:
+    from .study import study_command
+
+    cli.add_command(study_command)
+
+
+_register_study()
+
+
 def main() -> None:
     cli(prog_name="icd")
