@@ -1,0 +1,302 @@
+"""End to end with real parts: a real `celery worker` process on the real Redis broker (and, in the
+second test, `icd serve` in embedded mode as a user starts it), the real API, real training.
+
+The jobs are tiny (64 px shapes images, 4 iterations of a 32-channel RetinaNet-R18) so the whole
+module runs in about a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+REDIS_DB = 7  # a database number the other tests leave alone; flushed at the start
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+MODEL = {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "levels": ["p3", "p4", "p5"],
+         "anchor_sizes": [16, 32, 64], "head_convs": 1}
+DATA = {
+    "train": {"format": "shapes", "num_images": 16, "image_size": 64, "seed": 1, "num_classes": 3,
+              "min_object": 8, "max_object": 32, "max_objects": 3},
+    "val": {"format": "shapes", "num_images": 8, "image_size": 64, "seed": 2, "num_classes": 3,
+            "min_object": 8, "max_object": 32, "max_objects": 3},
+    "min_size": 64, "max_size": 64, "workers": 0,
+}
+
+
+def train_spec(name: str = "teacher", iterations: int = 4, **schedule: Any) -> dict[str, Any]:
+    sched = {"iterations": iterations, "batch_size": 2, "lr": 0.01, "warmup_iters": 0,
+             "eval_every": 4, "checkpoint_every": 4, "log_every": 1, **schedule}
+    return {"kind": "train", "name": name, "device": "cpu", "data": DATA, "model": dict(MODEL), "schedule": sched}
+
+
+def distill_spec(teacher_ref: str) -> dict[str, Any]:
+    return {
+        "kind": "distill", "name": "student", "device": "cpu", "data": DATA,
+        "teacher": {**MODEL, "checkpoint": teacher_ref}, "student": dict(MODEL),
+        "distill": {"method": "icd", "icd": {"bypass_iters": 0, "heads": 8}},
+        "schedule": {"iterations": 4, "batch_size": 2, "lr": 0.01, "warmup_iters": 0,
+                     "eval_every": 4, "checkpoint_every": 4, "log_every": 1},
+    }
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_status(client: Any, job_id: int, statuses: set[str], timeout: float = 300) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        if job["status"] in ("failed", "canceled", "succeeded") and job["status"] not in statuses:
+            raise AssertionError(f"job {job_id} ended {job['status']}: {job.get('error')}")
+        return None
+
+    return wait_for(done, timeout, f"job {job_id} to reach {statuses}")
+
+
+def check_final_checkpoint(client: Any, job_id: int) -> None:
+    """The final checkpoint is listed, streams with Content-Length, and its bytes hash to the sha256
+    in the header and in the database."""
+    listed = client.get(f"/jobs/{job_id}/checkpoints").json()
+    final = [c for c in listed if c["final"]]
+    assert final, listed
+    ck = final[0]
+    r = client.get(f"/jobs/{job_id}/checkpoints/{ck['name']}")
+    assert r.status_code == 200
+    digest = hashlib.sha256(r.content).hexdigest()
+    assert digest == r.headers["x-checkpoint-sha256"] == ck["sha256"]
+    assert int(r.headers["content-length"]) == len(r.content) == ck["size_bytes"]
+
+
+def redis_url() -> str:
+    """The test Redis database, flushed; skip on a laptop without Redis, fail under CI=true."""
+    import redis
+
+    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).flushdb()
+    except redis.exceptions.ConnectionError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis unreachable at {url} ({exc}); CI=true: the end-to-end test must run")
+        pytest.skip(f"Redis unreachable at {url}: {exc}")
+    return url
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+def service_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ICD_")}
+    env.update(ICD_HOME=str(tmp / "home"), ICD_WORKER_HEARTBEAT_S="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+# --- a real Celery worker on Redis ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
+    """(TestClient on the API, worker log path) with a `celery -A worker.app worker` subprocess."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from store.settings import Settings
+
+    tmp = tmp_path_factory.mktemp("e2e_redis")
+    broker = redis_url()
+    env = service_env(tmp, ICD_DATABASE_URL=f"sqlite:///{tmp / 'icd.db'}", ICD_BROKER_URL=broker)
+    settings = Settings(home=tmp / "home", database_url=env["ICD_DATABASE_URL"], broker_url=broker,
+                        worker_heartbeat_s=1.0, auto_migrate=True)
+    app = create_app(settings)  # migrates the database before the worker starts
+    log_path = tmp / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo", "-Q", "cpu,any",
+             "-n", "e2e@localhost", "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        with TestClient(app) as client:
+            wait_for(lambda: client.get("/workers").json() or worker.poll() is not None, 120, "a live worker")
+            assert worker.poll() is None, log_path.read_text()[-3000:]
+            yield client, log_path
+    finally:
+        stop_process(worker)
+        app.state.engine.dispose()
+
+
+@pytest.mark.redis
+def test_train_then_distill_waiting_on_it(redis_stack: tuple[Any, Path]) -> None:
+    client, log_path = redis_stack
+    workers = client.get("/workers").json()
+    assert workers[0]["name"] == "e2e@localhost" and workers[0]["device"] == "cpu"
+
+    r = client.post("/jobs", json=train_spec())
+    assert r.status_code == 201, r.text
+    teacher = r.json()
+    assert r.headers["location"] == f"/jobs/{teacher['id']}"
+    r = client.post("/jobs", json=distill_spec(f"job:{teacher['id']}"))
+    assert r.status_code == 201, r.text
+    student = r.json()
+    assert student["status"] == "waiting"  # the teacher is still queued or running
+
+    try:
+        t = wait_status(client, teacher["id"], {"succeeded"})
+        s = wait_status(client, student["id"], {"succeeded"})
+    except AssertionError:
+        import redis
+
+        r7 = redis.Redis.from_url(f"redis://127.0.0.1:6379/{REDIS_DB}")
+        print({k: r7.type(k) for k in r7.keys()}, r7.llen("cpu"), r7.llen("any"), r7.hlen("unacked"))
+        print(client.get("/jobs").json())
+        print(log_path.read_text()[-5000:])
+        raise
+    for job in (t, s):
+        assert job["attempt"] == 1 and job["worker"] == "e2e@localhost"
+        assert job["progress_step"] == job["progress_total"] == 4
+        assert job["final_metrics"] and "AP" in {k.upper() for k in job["final_metrics"]}
+        metrics = client.get(f"/jobs/{job['id']}/metrics").json()
+        assert [st for st, _ in metrics["series"]["loss"]] == [1, 2, 3, 4]
+        evals = client.get(f"/jobs/{job['id']}/evaluations").json()
+        assert [e["step"] for e in evals] == [4] and evals[0]["ap"] is not None
+        check_final_checkpoint(client, job["id"])
+        log = client.get(f"/jobs/{job['id']}/logs").text
+        assert f"job {job['id']} (" in log and "succeeded" in log
+
+
+@pytest.mark.redis
+def test_cancel_a_running_job(redis_stack: tuple[Any, Path]) -> None:
+    client, _ = redis_stack
+    r = client.post("/jobs", json=train_spec("long", iterations=5000, eval_every=0, checkpoint_every=0))
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress_step"] > 0, 120, "training to start")
+    assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
+    job = wait_status(client, job_id, {"canceled"}, timeout=60)
+    assert job["progress_step"] < 5000
+    # The stop wrote a checkpoint, so a retry resumes instead of starting over.
+    assert [c for c in client.get(f"/jobs/{job_id}/checkpoints").json() if c["step"] > 0 and not c["final"]]
+    workers = client.get("/workers").json()
+    assert workers[0]["current_job_id"] is None
+
+
+@pytest.mark.redis
+def test_bad_checkpoint_path_is_rejected_at_submit(redis_stack: tuple[Any, Path]) -> None:
+    client, _ = redis_stack
+    spec = distill_spec("/nonexistent/teacher.pt")
+    r = client.post("/jobs", json=spec)
+    assert r.status_code == 422
+    assert any(d.get("field") == "teacher.checkpoint" for d in r.json()["detail"]), r.json()
+
+
+# --- `icd serve`, embedded mode, as a user starts it ----------------------------------------------
+
+
+def start_serve(home_dir: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """`icd serve --port PORT` with ICD_HOME under home_dir and nothing else configured."""
+    icd = [sys.executable, "-c", "from worker.cli import main; main()"]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([*icd, "serve", "--port", str(port), "--stop-grace", "30"], cwd=home_dir,
+                                env=service_env(home_dir), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_healthy(client: httpx.Client, serve: subprocess.Popen[bytes], log_path: Path) -> None:
+    def healthy() -> bool:
+        if serve.poll() is not None:
+            raise AssertionError(f"icd serve exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            return bool(client.get("/health").json()["workers"]["ok"])
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, 180, "icd serve to report a live worker", interval=0.5)
+
+
+def test_icd_serve_embedded(tmp_path: Path) -> None:
+    port, log_path = free_port(), tmp_path / "serve.log"
+    serve = start_serve(tmp_path, port, log_path)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            wait_healthy(client, serve, log_path)
+            r = client.post("/jobs", json=train_spec("embedded"))
+            assert r.status_code == 201, r.text
+            job = wait_status(client, r.json()["id"], {"succeeded"})
+            assert job["worker"].startswith("embedded@")
+            check_final_checkpoint(client, job["id"])
+            assert (tmp_path / "home" / "icd.db").is_file() and (tmp_path / "home" / "broker.db").is_file()
+    except AssertionError:
+        print(log_path.read_text()[-5000:])
+        raise
+    finally:
+        code = stop_process(serve, signal.SIGINT, timeout=90)
+    assert code == 0, log_path.read_text()[-3000:]
+
+
+def test_icd_serve_stop_requeues_the_running_job_and_the_next_start_resumes_it(tmp_path: Path) -> None:
+    """Ctrl-C while training: the job is checkpointed and queued again, and the next `icd serve`
+    resumes it from that checkpoint (a new attempt), instead of leaving it 'running' forever."""
+    port, log_path = free_port(), tmp_path / "serve.log"
+    spec = train_spec("long", iterations=5000, eval_every=0, checkpoint_every=0)
+    serve = start_serve(tmp_path, port, log_path)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            wait_healthy(client, serve, log_path)
+            job_id = client.post("/jobs", json=spec).json()["id"]
+            wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress_step"] > 0, 120, "training to start")
+        assert stop_process(serve, signal.SIGINT, timeout=90) == 0
+
+        serve = start_serve(tmp_path, port, log_path)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            wait_healthy(client, serve, log_path)
+            job = wait_for(lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] == "running"
+                           and j["attempt"] >= 2 and j, 120, "the job to run again")
+            first = job["attempts"][0]
+            assert first["status"] == "failed" and "re-queued to resume" in first["error"]
+            wait_for(lambda: "resumed from" in client.get(f"/jobs/{job_id}/logs").text, 120, "the resume in the log")
+            assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
+            wait_status(client, job_id, {"canceled"}, timeout=60)
+    except AssertionError:
+        print(log_path.read_text()[-5000:])
+        raise
+    finally:
+        code = stop_process(serve, signal.SIGINT, timeout=90)
+    assert code == 0, log_path.read_text()[-3000:]

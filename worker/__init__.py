@@ -1,0 +1,5 @@
+"""Celery workers: run one job per task with `icd_core` and report into the database.
+
+`worker.app` is the Celery app (`celery -A worker.app worker`), `worker.tasks` the task,
+`worker.reporter` the trainer callback that writes progress, and `worker.cli` the `icd` command.
+"""

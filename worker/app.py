@@ -1,0 +1,70 @@
+"""The Celery app (`celery -A worker.app worker`), configured from `store.settings`.
+
+The database, not Celery, holds job state: results are ignored, messages are acknowledged only
+after the task ends (a worker that dies leaves the message for another), and each worker takes
+one message at a time so a long training never holds a second job hostage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from store.settings import get_settings
+
+TASK_NAME = "icd.run_job"
+QUEUES = ("cuda", "cpu", "any")
+# Kombu's SQLAlchemy transport polls its table; its default of 1 s would add up to 1 s to every
+# dispatch on the embedded broker.
+SQLA_POLLING_INTERVAL_S = 0.1
+# Redis re-delivers unacknowledged messages after this long; trainings may run for days, and a
+# duplicate delivery is harmless anyway (claim_job lets only one worker run a job).
+REDIS_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+
+
+def broker_transport_options(broker_url: str) -> dict[str, Any]:
+    """Per-transport options. The SQLAlchemy transport hands its options to create_engine, so it
+    gets none (its polling interval is set on the transport class instead)."""
+    if broker_url.startswith("redis"):
+        return {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S, "socket_connect_timeout": 5}
+    return {}
+
+
+def _tune_sqla_transport() -> None:
+    """Poll the embedded SQLite broker every 0.1 s instead of every 1 s."""
+    from kombu.transport.sqlalchemy import Transport
+
+    Transport.polling_interval = SQLA_POLLING_INTERVAL_S
+
+
+def make_app() -> Celery:
+    settings = get_settings()
+    broker_url = settings.broker_url
+    if broker_url.startswith(("sqla+", "sqlalchemy+")):
+        _tune_sqla_transport()
+    embedded = broker_url.startswith(("sqla+", "sqlalchemy+"))
+    celery_app = Celery("icd", broker=broker_url, include=["worker.tasks"])
+    celery_app.conf.update(
+        broker_transport_options=broker_transport_options(broker_url),
+        broker_connection_retry_on_startup=True,
+        result_backend=None,
+        task_ignore_result=True,
+        task_default_queue="any",
+        task_routes={TASK_NAME: {"queue": "any"}},  # the API names the queue per job (store.dispatch.queue_for)
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_pool="solo",  # see worker.cli: DataLoader processes cannot start inside prefork children
+        worker_send_task_events=False,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_timeout=5,
+        # Remote control needs fanout exchanges, which the SQLAlchemy transport lacks.
+        worker_enable_remote_control=not embedded,
+    )
+    return celery_app
+
+
+app = make_app()

@@ -1,0 +1,280 @@
+"""`icd`: the console script. Core commands (train, eval, shapes) come from `icd_core.cli`;
+this module adds the service: `icd serve`, `icd worker`, `icd db upgrade|current`.
+
+Nothing here imports torch: the service commands start fast, and a parent process that forks or
+spawns GPU workers must never have initialised CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import click
+
+CORE_COMMANDS = ("train", "eval", "shapes")
+EMBEDDED_WORKER = "embedded@{host}"
+
+
+class IcdGroup(click.Group):
+    """A click group that also offers `icd_core.cli`'s commands, imported only when needed."""
+
+    _core: click.Group | None = None
+    _core_error: str | None = None
+
+    def _load_core(self) -> click.Group | None:
+        if self._core is None and self._core_error is None:
+            try:
+                from icd_core.cli import cli as core
+            except ImportError as exc:
+                self._core_error = f"{type(exc).__name__}: {exc}"
+            else:
+                self._core = core
+        return self._core
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = set(super().list_commands(ctx))
+        core = self._load_core()
+        names |= set(core.list_commands(ctx)) if core is not None else set(CORE_COMMANDS)
+        return sorted(names)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            return cmd
+        core = self._load_core()
+        if core is not None:
+            return core.get_command(ctx, cmd_name)
+        if cmd_name in CORE_COMMANDS:
+            error = self._core_error
+
+            @click.command(cmd_name, context_settings={"ignore_unknown_options": True})
+            @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+            def unavailable(args: tuple[str, ...]) -> None:
+                raise click.ClickException(f"`icd {cmd_name}` needs icd_core.cli, which cannot be imported ({error})")
+
+            unavailable.help = f"(unavailable: {error})"
+            return unavailable
+        return None
+
+
+@click.group(cls=IcdGroup)
+@click.version_option(package_name="icd-service", prog_name="icd")
+def main() -> None:
+    """ICD: distillation experiments for object detectors, on the command line or as a service."""
+
+
+def _settings() -> Any:
+    """Fresh settings from the current environment (after this command set its own defaults)."""
+    from store.settings import get_settings
+
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- icd serve ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--no-worker", is_flag=True, help="API only (production: workers run on GPU hosts via `icd worker`).")
+@click.option("--stop-grace", default=30.0, show_default=True, type=float,
+              help="Seconds the local worker gets to checkpoint its job on shutdown.")
+@click.option("--log-level", default="info", show_default=True)
+def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: str) -> None:
+    """Run the API; without --no-worker also one local worker (the zero-setup embedded mode:
+    SQLite database and SQLite broker under ICD_HOME, migrated automatically)."""
+    import uvicorn
+
+    from store.db import DatabaseNotMigrated
+
+    _setup_logging(log_level)
+    if not no_worker:
+        os.environ.setdefault("ICD_AUTO_MIGRATE", "1")
+    settings = _settings()
+    settings.ensure_dirs()
+    # The worker subprocess must see the same (absolute) locations as this process.
+    os.environ["ICD_HOME"] = str(settings.home)
+
+    from api.main import create_app
+
+    try:
+        app = create_app(settings)
+    except DatabaseNotMigrated as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    local = None
+    if not no_worker:
+        local = _start_local_worker(settings)
+    click.echo(f"ICD service on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
+    click.echo(f"database {_safe_url(settings.database_url)}, broker {_safe_url(settings.broker_url)}, "
+               f"artifacts {settings.artifact_root}")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+    finally:
+        if local is not None:
+            _stop_local_worker(local, settings, stop_grace)
+
+
+def _start_local_worker(settings: Any) -> Any:
+    from worker.supervisor import WorkerProcess, WorkerSpec, visible_gpu_count
+
+    # The only worker of an embedded service takes every queue: a job asking for a device this
+    # machine lacks fails with a clear message instead of waiting forever.
+    queues = "cuda,any,cpu" if visible_gpu_count() else "cpu,any,cuda"
+    proc = WorkerProcess(WorkerSpec(EMBEDDED_WORKER.format(host=socket.gethostname()), queues))
+    proc.start()
+    return proc
+
+
+def _stop_local_worker(proc: Any, settings: Any, grace_s: float) -> None:
+    """Warm stop (the job is checkpointed and re-queued); anything still 'running' is failed."""
+    click.echo("stopping the local worker ...")
+    proc.stop(grace_s)
+    from store.db import make_engine, session_factory
+    from store.jobs import fail_stale_running
+
+    engine = make_engine(settings.database_url)
+    try:
+        with session_factory(engine)() as s:
+            fail_stale_running(s, proc.spec.name)
+    finally:
+        engine.dispose()
+
+
+def _safe_url(url: str) -> str:
+    from store.dispatch import _safe
+
+    return _safe(url)
+
+
+# --- icd worker ---------------------------------------------------------------------------------
+
+
+@main.command("worker")
+@click.option("--gpus", default=None, help="GPU indices, e.g. 0,1: one worker process per GPU.")
+@click.option("--cpu", "cpu_only", is_flag=True, help="A CPU-only worker (GPUs hidden; queues cpu,any).")
+@click.option("--queues", "-Q", default=None,
+              help="Queues to consume (default: cuda,any on GPU workers, cpu,any on CPU workers).")
+@click.option("--name", default=None, help="Worker name prefix (default gpu<N>, cpu or worker); @host is added.")
+@click.option("--stop-grace", default=60.0, show_default=True, type=float,
+              help="Seconds a running job gets to checkpoint on shutdown before the worker is killed.")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker_cmd(gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, stop_grace: float,
+               loglevel: str) -> None:
+    """Start Celery workers against ICD_BROKER_URL / ICD_DATABASE_URL (add a GPU machine: run this
+    on it with the shared settings)."""
+    from worker.supervisor import WorkerProcess, wait_for_signal
+
+    _setup_logging(loglevel)
+    specs = plan_workers(gpus, cpu_only, queues, name, socket.gethostname(), loglevel)
+    settings = _settings()
+    click.echo(f"broker {_safe_url(settings.broker_url)}, database {_safe_url(settings.database_url)}")
+    procs = [WorkerProcess(spec) for spec in specs]
+    for p, spec in zip(procs, specs, strict=True):
+        click.echo(f"worker {spec.name}: queues {spec.queues}"
+                   + (f", CUDA_VISIBLE_DEVICES={spec.env['CUDA_VISIBLE_DEVICES']}"
+                      if "CUDA_VISIBLE_DEVICES" in spec.env else ""))
+        p.start()
+    wait_for_signal(procs, stop_grace)
+
+
+def plan_workers(
+    gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, host: str, loglevel: str = "INFO"
+) -> list[Any]:
+    """The worker processes `icd worker` starts (pure: tested without starting anything)."""
+    from worker.supervisor import WorkerSpec, visible_gpu_count
+
+    if gpus and cpu_only:
+        raise click.UsageError("--gpus and --cpu exclude each other")
+    if gpus:
+        ids = [g.strip() for g in gpus.split(",") if g.strip()]
+        if not ids or not all(g.isdigit() for g in ids):
+            raise click.BadParameter("give GPU indices like 0,1", param_hint="--gpus")
+        if len(set(ids)) != len(ids):
+            raise click.BadParameter("a GPU is listed twice", param_hint="--gpus")
+        prefix = name or "gpu"
+        return [
+            WorkerSpec(f"{prefix}{g}@{host}", queues or "cuda,any", {"CUDA_VISIBLE_DEVICES": g}, loglevel)
+            for g in ids
+        ]
+    if cpu_only:
+        return [WorkerSpec(f"{name or 'cpu'}@{host}", queues or "cpu,any", {"CUDA_VISIBLE_DEVICES": ""}, loglevel)]
+    default_queues = "cuda,any" if visible_gpu_count() else "cpu,any"
+    return [WorkerSpec(f"{name or 'worker'}@{host}", queues or default_queues, {}, loglevel)]
+
+
+@main.command("check-worker")
+@click.option("--host", "host", default=None, help="Hostname whose workers count (default: this machine).")
+@click.option("--name", default=None, help="One worker name, e.g. gpu0@host (default: any on the host).")
+def check_worker(host: str | None, name: str | None) -> None:
+    """Exit 0 when a worker on this host sent a heartbeat recently (a container healthcheck that
+    keeps working while the worker is busy training, unlike a broker ping)."""
+    from store.db import make_engine, session_factory
+    from store.workers import list_workers
+
+    settings = _settings()
+    host = host or socket.gethostname()
+    engine = make_engine(settings.database_url)
+    try:
+        with session_factory(engine)() as s:
+            alive = [w for w in list_workers(s, alive_within_s=3 * settings.worker_heartbeat_s)
+                     if (w.name == name if name else w.hostname == host)]
+    finally:
+        engine.dispose()
+    if not alive:
+        raise click.ClickException(f"no live worker {name or 'on ' + host}")
+    click.echo(", ".join(f"{w.name} ({w.device})" for w in alive))
+
+
+# --- icd db -------------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """The database schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Create or upgrade the schema of ICD_DATABASE_URL."""
+    from store.db import current_revision, make_engine, upgrade_database
+
+    settings = _settings()
+    if settings.database_url.startswith("sqlite"):
+        settings.ensure_dirs()
+    upgrade_database(settings.database_url, revision)
+    engine = make_engine(settings.database_url)
+    try:
+        click.echo(f"database {_safe_url(settings.database_url)} is at revision {current_revision(engine)}")
+    finally:
+        engine.dispose()
+
+
+@db.command("current")
+def db_current() -> None:
+    """Show the schema revision; exits 1 when the database needs `icd db upgrade`."""
+    from store.db import current_revision, head_revision, make_engine
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        have, need = current_revision(engine), head_revision()
+    finally:
+        engine.dispose()
+    click.echo(f"database {_safe_url(settings.database_url)}: revision {have or '<empty>'}, code needs {need}")
+    if have != need:
+        click.echo("run: icd db upgrade", err=True)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The worker's row in the `workers` table: who is alive, on what device, running which job.
+
+A daemon thread beats every `worker_heartbeat_s`; the reporter may beat in between so a busy
+worker never looks dead. CUDA is queried lazily, inside the process that trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from store.settings import get_settings
+from store.workers import heartbeat as write_heartbeat
+from worker.db import sessions
+
+log = logging.getLogger(__name__)
+
+
+def describe_device() -> str:
+    """'cpu' or e.g. 'cuda:0 NVIDIA H100 (CUDA_VISIBLE_DEVICES=1)'. Initialises CUDA: call it only
+    in the training process."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    idx = torch.cuda.current_device()
+    desc = f"cuda:{idx} {torch.cuda.get_device_name(idx)}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{desc} (CUDA_VISIBLE_DEVICES={visible})" if visible else desc
+
+
+class Heartbeat:
+    """Upserts this worker's row; `current_job_id` is set by the task while it runs."""
+
+    def __init__(self, name: str, queues: str, interval_s: float | None = None, device: str | None = None) -> None:
+        self.name = name
+        self.queues = queues
+        self.interval_s = float(interval_s or get_settings().worker_heartbeat_s)
+        self.hostname = socket.gethostname()
+        self.device = device
+        self.current_job_id: int | None = None
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        """Write the row now; a database hiccup is logged, never raised (the next beat retries)."""
+        with self._lock:
+            if self.device is None:
+                self.device = describe_device()
+            try:
+                with sessions()() as s:
+                    write_heartbeat(
+                        s, self.name, self.hostname, self.device, self.queues, os.getpid(), self.current_job_id
+                    )
+                self._last = time.monotonic()
+            except Exception as exc:
+                log.warning("heartbeat of %s failed: %s", self.name, exc)
+
+    def beat_if_due(self) -> None:
+        """Cheap when called often: writes only when half an interval has passed."""
+        if time.monotonic() - self._last >= self.interval_s / 2:
+            self.beat()
+
+    def set_job(self, job_id: int | None) -> None:
+        self.current_job_id = job_id
+        self.beat()
+
+    def start(self) -> None:
+        """Beat once now, then every interval on a daemon thread (idempotent)."""
+        if self._thread is not None:
+            return
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="icd-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()

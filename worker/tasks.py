@@ -1,0 +1,368 @@
+"""The one Celery task, `icd.run_job(job_id)`, and the worker process's start/stop hooks.
+
+The task claims the job in the database (a redelivered or canceled job claims nothing), runs the
+spec with `icd_core.runner.run_spec` into the job's run folder (resuming from its last checkpoint),
+and records the outcome. Whatever happens, the job never stays 'running': errors a user can fix
+become a failed job whose message says what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from celery import signals
+from celery.exceptions import Reject
+
+from store.artifacts import ArtifactStore
+from store.db import DatabaseNotMigrated, ensure_migrated
+from store.dispatch import enqueue
+from store.jobs import (
+    claim_job,
+    fail_job,
+    fail_stale_running,
+    final_checkpoint_path,
+    finish_job,
+    get_job,
+    mark_canceled,
+    release_dependents,
+    retry_job,
+    update_progress,
+)
+from store.settings import get_settings
+from worker.app import TASK_NAME, app
+from worker.db import dispose, sessions
+from worker.heartbeat import Heartbeat
+from worker.reporter import DbReporter
+
+log = logging.getLogger(__name__)
+
+# Process state, set by the signal handlers below.
+_worker_name: str | None = None
+_worker_queues: str = ""
+_heartbeat: Heartbeat | None = None
+# Set on a warm shutdown (SIGTERM/Ctrl-C): the running job stops at its next step, is checkpointed
+# and re-queued, so the next worker resumes it.
+shutdown_requested = threading.Event()
+
+
+class WorkerShutdown(Exception):
+    """The worker is stopping; the job was checkpointed and goes back to the queue."""
+
+
+def worker_name() -> str:
+    """This worker's name (its Celery hostname, e.g. gpu0@host)."""
+    return _worker_name or f"celery@{os.uname().nodename}"
+
+
+# --- worker lifecycle -----------------------------------------------------------------------------
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Before consuming: fail the jobs a previous process under this name left 'running'."""
+    global _worker_name, _worker_queues
+    _worker_name = getattr(sender, "hostname", None) or worker_name()
+    consume_from = getattr(getattr(sender, "app", app).amqp.queues, "consume_from", None) or {}
+    _worker_queues = ",".join(consume_from) or "any"
+    get_settings().ensure_dirs()
+    try:
+        factory = sessions()
+        try:
+            ensure_migrated(factory.kw["bind"])
+        except DatabaseNotMigrated as exc:
+            log.critical("%s", exc)
+            raise SystemExit(f"worker {_worker_name}: {exc}") from None
+        with factory() as s:
+            stale = fail_stale_running(s, _worker_name)
+        if stale:
+            log.warning("worker %s: failed jobs left running by its previous process: %s", _worker_name, stale)
+    finally:
+        dispose()  # no pooled connection may cross into a forked pool process
+
+
+@signals.worker_process_init.connect
+def _on_process_init(**_: Any) -> None:
+    """In the process that trains: import torch once (not per task) and start the heartbeat."""
+    global _heartbeat
+    import icd_core.runner  # noqa: F401  (imports torch: the first job starts without the delay)
+
+    _heartbeat = Heartbeat(worker_name(), _worker_queues)
+    _heartbeat.start()
+
+
+@signals.worker_shutting_down.connect
+def _on_shutting_down(how: str = "Warm", **_: Any) -> None:
+    shutdown_requested.set()
+
+
+@signals.worker_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
+
+
+# --- the task -------------------------------------------------------------------------------------
+
+
+@app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)
+def run_job(self: Any, job_id: int) -> str:
+    """Run job `job_id`; returns its final status (for logs only: the database holds the truth)."""
+    if shutdown_requested.is_set():
+        # A message taken while the worker stops: hand it back untouched for the next worker.
+        raise Reject("worker is shutting down", requeue=True) from None
+    return execute_job(int(job_id), self.request.hostname or worker_name())
+
+
+def execute_job(job_id: int, worker: str) -> str:
+    """Claim, run and settle one job. Separate from the Celery task so it can run in-process."""
+    factory = sessions()
+    with factory() as s:
+        job = claim_job(s, job_id, worker)
+        if job is None:
+            return _not_claimed(s, job_id, worker)
+        kind, spec_dict, attempt = job.kind, dict(job.spec), job.attempt  # loaded: usable after close
+
+    settings = get_settings()
+    artifacts = ArtifactStore(settings.artifact_root or settings.home / "artifacts")
+    job_dir = artifacts.job_dir(job_id)
+    if _heartbeat is not None:
+        _heartbeat.set_job(job_id)
+    status = "failed"
+    try:
+        with job_log(job_dir / "job.log"):
+            log.info("job %s (%s) attempt %s on %s", job_id, kind, attempt, worker)
+            status = _run_and_settle(job, spec_dict, attempt, job_dir, artifacts)
+            log.info("job %s %s", job_id, status)
+    finally:
+        _never_left_running(job_id, worker)
+        _release(job_id)
+        if _heartbeat is not None:
+            _heartbeat.set_job(None)
+    return status
+
+
+def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: Path,
+                    artifacts: ArtifactStore) -> str:
+    """Run the job and write its outcome; every exception becomes a status and a message."""
+    job_id = job.id
+    factory = sessions()
+    reporter = DbReporter(
+        factory, job_id, attempt, artifacts,
+        on_flush=_heartbeat.beat_if_due if _heartbeat is not None else None,
+        stop_event=shutdown_requested,
+    )
+    try:
+        try:
+            if job.kind == "study":
+                run_study_job(job)
+                return "succeeded"
+            result = _run_spec(spec_dict, job_dir, reporter)
+        finally:
+            reporter.close()  # stop its writer thread and write what it still buffers
+    except BaseException as exc:  # noqa: BLE001 - every failure must be recorded, then re-raised if fatal
+        status = _record_failure(job_id, exc, reporter)
+        if not isinstance(exc, Exception):
+            raise
+        return status
+    with factory() as s:
+        update_progress(
+            s, job_id, reporter.step or (reporter.total or 0), reporter.total, 0.0,
+            sec_per_step=result.sec_per_step, peak_memory_mb=result.peak_memory_mb,
+        )
+        if result.evaluation is not None:  # idempotent: the reporter usually recorded it already
+            from store.results import add_evaluation
+
+            ev = result.evaluation
+            add_evaluation(s, job_id, attempt, ev.step, ev.metrics, ev.per_class)
+        finish_job(s, job_id, _json_safe(result.final_metrics))
+    return "succeeded"
+
+
+def _run_spec(spec_dict: dict[str, Any], job_dir: Path, reporter: DbReporter) -> Any:
+    from icd_core.runner import run_spec
+    from icd_core.spec import parse_spec
+
+    settings = get_settings()
+    return run_spec(
+        parse_spec(spec_dict),
+        output_dir=job_dir,
+        callbacks=[reporter],
+        resume=True,
+        resolve_checkpoint=resolve_checkpoint,
+        cache_dir=settings.cache_dir,
+    )
+
+
+def run_study_job(job: Any) -> None:
+    """Hook for kind=study (a parent job that fans out distill children); `job` is the claimed Job row
+    (detached, attributes loaded). Must record its own outcome or raise like run_spec."""
+    raise NotImplementedError("study jobs arrive with issue 4")
+
+
+def resolve_checkpoint(ref: str) -> Path:
+    """`job:<id>` → that job's final checkpoint; a path → itself (relative: looked up in data_roots)."""
+    settings = get_settings()
+    if ref.startswith("job:"):
+        ref_id = int(ref[4:])
+        with sessions()() as s:
+            path = final_checkpoint_path(s, settings.artifact_root or settings.home / "artifacts", ref_id)
+            ref_job = get_job(s, ref_id)
+        if path is None:
+            state = ref_job.status if ref_job is not None else "deleted"
+            raise FileNotFoundError(
+                f"{ref}: job {ref_id} ({state}) has no final checkpoint; use a job that succeeded"
+            )
+        return path
+    return Path(settings.resolve_data_path(ref))
+
+
+# --- outcomes ---------------------------------------------------------------------------------------
+
+
+def failure_message(job_id: int, exc: BaseException, step: int | None = None) -> str:
+    """What the user reads in job.error: what to change, the exception type, never only a traceback."""
+    from icd_core.engine.callbacks import TrainingDiverged
+
+    name = type(exc).__name__
+    text = str(exc) or name
+    logs = f"see /jobs/{job_id}/logs"
+    if _is_oom(exc):
+        where = f" at batch {step}" if step else ""
+        return f"out of GPU memory{where}: lower schedule.batch_size or data.max_size ({name}: {text[:300]})"
+    if isinstance(exc, TrainingDiverged):
+        return f"{text} ({name})"
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        return f"{text} ({name}); fix the spec and resubmit, or fix the file and retry"
+    if isinstance(exc, RuntimeError):
+        return f"{name}: {text}; {logs}"
+    if isinstance(exc, NotImplementedError):
+        return f"{name}: {text}"
+    return f"{name}: {text}; {logs}"
+
+
+def _is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _record_failure(job_id: int, exc: BaseException, reporter: DbReporter) -> str:
+    """Translate an exception into canceled / re-queued / failed, with the traceback in the job log."""
+    from icd_core.engine.callbacks import TrainingStopped
+
+    with sessions()() as s:
+        if isinstance(exc, TrainingStopped) and shutdown_requested.is_set() and not reporter.cancel_requested:
+            # A worker shutdown, not the user: give the job back to the queue; it resumes from the
+            # checkpoint the trainer just wrote.
+            fail_job(s, job_id, f"worker {worker_name()} shut down at step {exc.step}; re-queued to resume")
+            job = retry_job(s, job_id)
+            log.warning("job %s: worker shutting down, checkpointed at step %s and re-queued", job_id, exc.step)
+            _send(job_id, job.queue)
+            return "queued"
+        if isinstance(exc, TrainingStopped):
+            mark_canceled(s, job_id)
+            log.info("job %s canceled at step %s", job_id, exc.step)
+            return "canceled"
+        log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(exc)))
+        fail_job(s, job_id, failure_message(job_id, exc, reporter.step + 1 if reporter.step else None))
+        return "failed"
+
+
+def _never_left_running(job_id: int, worker: str) -> None:
+    """Last line of defence: if recording the outcome itself failed, fail the job."""
+    try:
+        with sessions()() as s:
+            job = get_job(s, job_id)
+            if job is not None and job.status == "running" and job.worker == worker:
+                fail_job(s, job_id, f"the worker stopped before recording the result; see /jobs/{job_id}/logs; "
+                                    "retry to resume from the last checkpoint")
+    except Exception:
+        log.exception("job %s: could not record the final state", job_id)
+
+
+def _release(job_id: int) -> None:
+    """Queue the jobs that waited for this one (or fail them when it did not succeed)."""
+    try:
+        with sessions()() as s:
+            job = get_job(s, job_id)
+            if job is None or job.status in ("running", "queued"):
+                return
+            released = release_dependents(s, job_id)
+            log.info("job %s ended %s; released waiting jobs %s", job_id, job.status, [j.id for j in released])
+            for dep in released:
+                _send(dep.id, dep.queue)
+    except Exception:
+        log.exception("job %s: releasing dependent jobs failed", job_id)
+
+
+def _send(job_id: int, queue: str) -> None:
+    try:
+        enqueue(job_id, queue, get_settings().broker_url)
+        log.info("job %s sent to queue %s", job_id, queue)
+    except Exception as exc:
+        # The job stays 'queued' in the database; the message says how to get it going.
+        log.error("job %s is queued but could not be sent to the broker (%s); POST /jobs/%s/retry "
+                  "after cancel, or restart the API", job_id, exc, job_id)
+
+
+def _not_claimed(s: Any, job_id: int, worker: str) -> str:
+    """A message for a job this worker cannot claim. If the job is 'running' under this very worker
+    name, the process that ran it died (this worker runs one job at a time): fail it clearly."""
+    job = get_job(s, job_id)
+    if job is None:
+        return "missing"
+    if job.status == "running" and job.worker == worker:
+        fail_job(s, job_id, f"worker {worker} died while running this job (out of host memory?); "
+                            "retry to resume from the last checkpoint")
+        release_dependents(s, job_id)
+        return "failed"
+    return job.status
+
+
+@contextmanager
+def job_log(path: Path) -> Iterator[None]:
+    """Send this process's log records to the job's log file while the job runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    # Our own loggers speak at INFO (progress, resume points); other libraries stay at the root's level.
+    ours = [logging.getLogger(name) for name in ("icd_core", "worker")]
+    old_levels = [lg.level for lg in ours]
+    for lg in ours:
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        for lg, level in zip(ours, old_levels, strict=True):
+            lg.setLevel(level)
+        handler.close()
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Final metrics as plain JSON numbers (NaN/inf dropped: JSON has no spelling for them)."""
+    out: dict[str, Any] = {}
+    for k, v in (metrics or {}).items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if f == f and f not in (float("inf"), float("-inf")):
+            out[k] = f
+    return out
