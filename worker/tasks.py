@@ -201,9 +201,15 @@ def _run_spec(spec_dict: dict[str, Any], job_dir: Path, reporter: DbReporter) ->
 
 
 def run_study_job(job: Any) -> None:
-    """Hook for kind=study (a parent job that fans out distill children); `job` is the claimed Job row
-    (detached, attributes loaded). Must record its own outcome or raise like run_spec."""
-    raise NotImplementedError("study jobs arrive with issue 4")
+    """kind=study: create the children as ordinary queued jobs and park the study in 'waiting'.
+
+    The study is closed later by `worker.study.child_ended`, called as each child ends (see `_release`).
+    """
+    from worker.study import start_study
+
+    with sessions()() as s:
+        for child in start_study(s, job, resolve_checkpoint):
+            _send(child.id, child.queue)
 
 
 def resolve_checkpoint(ref: str) -> Path:
@@ -303,6 +309,10 @@ def _release(job_id: int) -> None:
             log.info("job %s ended %s; released waiting jobs %s", job_id, job.status, [j.id for j in released])
             for dep in released:
                 _send(dep.id, dep.queue)
+            if job.parent_id is not None:
+                from worker.study import child_ended
+
+                child_ended(s, job_id)
     except Exception:
         log.exception("job %s: releasing dependent jobs failed", job_id)
 

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 from api.deps import get_app_settings, get_artifacts, get_session, require_token
 from api.docs import SUBMIT_EXAMPLES
 from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut
-from icd_core.spec import JobSpec, check_paths, iter_checkpoint_refs, parse_spec
+from icd_core.spec import JobSpec, StudySpec, check_paths, iter_checkpoint_refs, parse_spec
+from icd_core.study import check_study
 from store import jobs as q
 from store.artifacts import ArtifactStore
 from store.dispatch import BrokerUnavailable, enqueue, queue_for
@@ -116,6 +117,11 @@ def submit_job(
     spec = _resolve_paths(spec, settings)
     errors = [field_error(f, r) for f, r in check_paths(spec)]
     waits = _check_job_refs(s, spec, settings, errors)
+    if isinstance(spec, StudySpec):
+        try:
+            check_study(spec)  # an incompatible teacher/student pair fails now, not after the teacher trains
+        except ValueError as exc:
+            errors.append(field_error("student", str(exc)))
     if errors:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
     job = q.create_job(
