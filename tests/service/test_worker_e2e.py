@@ -300,3 +300,56 @@ def test_icd_serve_stop_requeues_the_running_job_and_the_next_start_resumes_it(t
     finally:
         code = stop_process(serve, signal.SIGINT, timeout=90)
     assert code == 0, log_path.read_text()[-3000:]
+
+
+def study_spec() -> dict[str, Any]:
+    """A tiny study: the service trains the teacher as a child job, then runs none and icd children."""
+    sched = {"iterations": 4, "batch_size": 2, "lr": 0.01, "warmup_iters": 0,
+             "eval_every": 4, "checkpoint_every": 4, "log_every": 1}
+    return {
+        "kind": "study", "name": "tiny-study", "device": "cpu", "data": DATA,
+        "teacher": dict(MODEL), "student": dict(MODEL), "teacher_schedule": sched, "schedule": sched,
+        "methods": ["none", "icd"], "seeds": [0], "teacher_min_ap": 0.0, "require_teacher_better": False,
+        "distill": {"icd": {"bypass_iters": 0}},
+    }
+
+
+@pytest.mark.redis
+def test_study_fans_out_children_and_serves_a_leaderboard(redis_stack: tuple[Any, Path]) -> None:
+    import io
+
+    from PIL import Image
+
+    client, log_path = redis_stack
+    r = client.post("/jobs", json=study_spec())
+    assert r.status_code == 201, r.text
+    study = r.json()
+    try:
+        done = wait_status(client, study["id"], {"succeeded", "failed"}, timeout=600)
+    except AssertionError:
+        print(client.get("/jobs").json(), log_path.read_text()[-5000:])
+        raise
+    assert done["status"] == "succeeded", done["error"]
+    children = client.get("/jobs", params={"parent_id": study["id"]}).json()["items"]
+    assert sorted(c["kind"] for c in children) == ["distill", "distill", "train"]
+    assert all(c["status"] == "succeeded" for c in children)
+    assert done["progress_step"] == done["progress_total"] == 3
+
+    report = client.get(f"/jobs/{study['id']}/report").json()
+    assert {m["method"] for m in report["methods"]} == {"none", "icd"}
+    assert report["teacher"] is not None and "AP" in report["teacher"]
+    assert "| icd" in client.get(f"/jobs/{study['id']}/report.md").text
+    png = client.get(f"/jobs/{study['id']}/report.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size[0] > 0
+    assert set(done["final_metrics"]) == {"AP_none", "AP_icd"}
+
+
+@pytest.mark.redis
+def test_incompatible_study_is_rejected_at_submit(redis_stack: tuple[Any, Path]) -> None:
+    client, _ = redis_stack
+    spec = study_spec()
+    spec["student"] = {**MODEL, "fpn_channels": 64}  # inherit needs matching necks
+    r = client.post("/jobs", json=spec)
+    assert r.status_code == 422, r.text
+    assert "inherit" in r.text
