@@ -9,6 +9,7 @@ from fastapi import HTTPException, Request, status
 from sqlalchemy.orm import Session
 
 from store.artifacts import ArtifactStore
+from store.db import session_scope
 from store.settings import Settings
 
 
@@ -18,14 +19,8 @@ def get_app_settings(request: Request) -> Settings:
 
 def get_session(request: Request) -> Iterator[Session]:
     """One session per request, always closed (rolled back on error)."""
-    s: Session = request.app.state.sessions()
-    try:
+    with session_scope(request.app.state.sessions) as s:
         yield s
-    except BaseException:
-        s.rollback()
-        raise
-    finally:
-        s.close()
 
 
 def get_artifacts(request: Request) -> ArtifactStore:

@@ -27,7 +27,8 @@ class StandIn(nn.Module):
 
     def __init__(self, channels: int, detector: str = "retinanet", levels: list[str] | None = None) -> None:
         super().__init__()
-        self.spec = ModelSpec(detector=detector, backbone="resnet18", fpn_channels=channels, levels=levels or LEVELS)
+        # Distillers read the width from `.channels`; the spec only carries detector, levels and anchors.
+        self.spec = ModelSpec(detector=detector, backbone="resnet18", levels=levels or LEVELS)
         self.channels = channels
         self.level_names = self.spec.resolved_levels
         self.weight = nn.Parameter(torch.ones(1))

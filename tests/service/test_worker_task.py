@@ -100,7 +100,7 @@ def test_a_run_that_died_with_its_process_is_failed_on_redelivery(sessions: Any)
         assert dead is not None and "died while running" in dead.error and "retry" in dead.error
 
 
-def test_study_jobs_are_not_run_yet(sessions: Any) -> None:
+def test_a_broken_study_spec_fails_with_the_fields_named(sessions: Any) -> None:
     from worker.tasks import execute_job
 
     with sessions() as s:
@@ -108,7 +108,8 @@ def test_study_jobs_are_not_run_yet(sessions: Any) -> None:
     assert execute_job(job.id, "w@h") == "failed"
     with sessions() as s:
         failed = get_job(s, job.id)
-        assert failed is not None and "issue 4" in failed.error
+        assert failed is not None and failed.status == "failed"
+        assert "teacher" in failed.error and "fix the spec" in failed.error
 
 
 def test_failure_messages_say_what_to_change() -> None:
