@@ -406,8 +406,8 @@ def study_command(spec_path: str, output: str | None, cache_dir: str | None) -> 
     cache = Path(cache_dir or os.environ.get("ICD_CACHE_DIR") or Path(".icd") / "cache")
     try:
         report = run_study_local(spec, out, cache, callbacks_factory=lambda name: [_ProgressBar(name)])
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except (ValueError, FileNotFoundError, TrainingDiverged) as exc:
+        raise click.ClickException(f"{exc} (rerun the same command to resume)") from exc
     from .leaderboard import leaderboard_markdown
 
     click.echo(leaderboard_markdown(report))
@@ -430,5 +430,5 @@ __all__ = [
 ]
 
 
-if __name__ == "__main__":  # `python -m icd_core.study SPEC`, usable before `icd study` is registered
+if __name__ == "__main__":  # `python -m icd_core.study SPEC`
     study_command()
