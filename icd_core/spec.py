@@ -185,7 +185,7 @@ class ScheduleSpec(StrictModel):
     steps: list[int] | None = Field(None, description="LR drop steps; null: 2/3 and 8/9 of training.")
     gamma: float = Field(0.1, gt=0.0, le=1.0)
     grad_clip: float | None = Field(
-        None, gt=0.0, description="Clip student grads by value (1.0 in the paper's distill runs)."
+        None, gt=0.0, description="Clip student grads by value; null: 1.0 in distill jobs (the paper's), off otherwise."
     )
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     eval_every: int = Field(500, ge=0, description="0: only at the end.")
@@ -267,6 +267,8 @@ class DistillJobSpec(_JobBase):
 
     @model_validator(mode="after")
     def _check_pair(self) -> DistillJobSpec:
+        if self.schedule.grad_clip is None:  # the paper clips student gradients at 1.0 in distill runs (§7)
+            self.schedule = self.schedule.model_copy(update={"grad_clip": 1.0})
         if not self.teacher.checkpoint:
             raise ValueError("teacher.checkpoint: a distill job needs a trained teacher (a path or job:<id>)")
         if self.distill.method != "none":
