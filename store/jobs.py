@@ -341,3 +341,21 @@ def fail_stale_running(s: Session, worker_name: str) -> list[int]:
         fail_job(s, job_id, f"worker {worker_name} restarted while running; retry to resume from the last checkpoint")
         release_dependents(s, job_id)
     return ids
+
+
+def undelivered_queued(s: Session, queues: Sequence[str], older_than_s: float, limit: int = 10) -> list[Job]:
+    """Queued jobs on these queues untouched for `older_than_s`: their broker message was probably lost.
+
+    Marks them touched (updated_at) so that a sweep re-sends each at most once per period.
+    """
+    from datetime import timedelta
+
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    jobs = list(s.scalars(
+        select(Job).where(Job.status == "queued", Job.queue.in_(list(queues)), Job.updated_at < cutoff)
+        .order_by(Job.id).limit(limit)
+    ))
+    for job in jobs:
+        job.updated_at = utcnow()
+    s.commit()
+    return jobs

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     data_roots: Annotated[list[Path], NoDecode] = []
     api_token: str | None = None
     worker_heartbeat_s: float = 10.0
+    redeliver_after_s: float = 30.0  # an idle worker re-sends a job left 'queued' this long (lost message)
     # The embedded `icd serve` migrates its own database; a production API refuses an old schema.
     auto_migrate: bool = False
 

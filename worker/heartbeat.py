@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from store.settings import get_settings
 from store.workers import heartbeat as write_heartbeat
@@ -37,13 +38,16 @@ def describe_device() -> str:
 class Heartbeat:
     """Upserts this worker's row; `current_job_id` is set by the task while it runs."""
 
-    def __init__(self, name: str, queues: str, interval_s: float | None = None, device: str | None = None) -> None:
+    def __init__(self, name: str, queues: str, interval_s: float | None = None, device: str | None = None,
+                 on_beat: Callable[[], None] | None = None) -> None:
         self.name = name
         self.queues = queues
         self.interval_s = float(interval_s or get_settings().worker_heartbeat_s)
         self.hostname = socket.gethostname()
         self.device = device
         self.current_job_id: int | None = None
+        self.idle_since = time.monotonic()
+        self.on_beat = on_beat  # periodic upkeep on the heartbeat thread (e.g. re-sending lost messages)
         self._last = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -70,6 +74,8 @@ class Heartbeat:
 
     def set_job(self, job_id: int | None) -> None:
         self.current_job_id = job_id
+        if job_id is None:
+            self.idle_since = time.monotonic()
         self.beat()
 
     def start(self) -> None:
@@ -86,3 +92,8 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.beat()
+            if self.on_beat is not None:
+                try:
+                    self.on_beat()
+                except Exception as exc:
+                    log.warning("heartbeat upkeep of %s failed: %s", self.name, exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,6 @@ from celery.exceptions import Reject
 
 from store.artifacts import ArtifactStore
 from store.db import DatabaseNotMigrated, ensure_migrated
-from store.dispatch import enqueue
 from store.jobs import (
     claim_job,
     fail_job,
@@ -33,6 +33,7 @@ from store.jobs import (
     mark_canceled,
     release_dependents,
     retry_job,
+    undelivered_queued,
     update_progress,
 )
 from store.settings import get_settings
@@ -93,8 +94,28 @@ def _on_process_init(**_: Any) -> None:
     global _heartbeat
     import icd_core.runner  # noqa: F401  (imports torch: the first job starts without the delay)
 
-    _heartbeat = Heartbeat(worker_name(), _worker_queues)
+    _heartbeat = Heartbeat(worker_name(), _worker_queues, on_beat=_resend_undelivered)
     _heartbeat.start()
+
+
+def _resend_undelivered() -> None:
+    """Idle worker: re-send queued jobs of its queues that no worker claimed for a while.
+
+    The database is the source of truth; a message lost by the broker (seen once with the embedded
+    SQLite broker after a 'disk I/O error' reconnect) must not leave a job queued forever. A duplicate
+    message is harmless: `claim_job` lets exactly one delivery run the job.
+    """
+    if _heartbeat is None or _heartbeat.current_job_id is not None:
+        return
+    after_s = get_settings().redeliver_after_s
+    if time.monotonic() - _heartbeat.idle_since < after_s:  # a fresh message may still be on its way
+        return
+    queues = [q for q in _worker_queues.split(",") if q]
+    with sessions()() as s:
+        stale = undelivered_queued(s, queues, older_than_s=after_s)
+    for job in stale:
+        log.warning("job %s queued for over %.0f s with an idle worker: sending it again", job.id, after_s)
+        _send(job.id, job.queue)
 
 
 @signals.worker_shutting_down.connect
@@ -318,8 +339,9 @@ def _release(job_id: int) -> None:
 
 
 def _send(job_id: int, queue: str) -> None:
+    """Publish from the worker's own app (its producer pool), never a second client on the same broker."""
     try:
-        enqueue(job_id, queue, get_settings().broker_url)
+        app.send_task(TASK_NAME, args=[int(job_id)], queue=queue)
         log.info("job %s sent to queue %s", job_id, queue)
     except Exception as exc:
         # The job stays 'queued' in the database; the message says how to get it going.

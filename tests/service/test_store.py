@@ -204,3 +204,22 @@ def test_artifact_store_paths(tmp_path: Path) -> None:
         store.absolute("../outside")
     store.delete_job(3)
     assert not d.exists()
+
+
+def test_undelivered_queued_jobs_are_found_once_per_period(session: Session) -> None:
+    from datetime import timedelta
+
+    from store.jobs import undelivered_queued
+    from store.models import Job, utcnow
+
+    old, fresh, running = _job(session), _job(session), _job(session)
+    for job_id, age in ((old, 120), (running, 120)):
+        session.get(Job, job_id).updated_at = utcnow() - timedelta(seconds=age)
+    session.get(Job, running).status = "running"
+    session.commit()
+    assert [j.id for j in undelivered_queued(session, ["any", "cpu", "cuda"], older_than_s=60)] == [old]
+    assert undelivered_queued(session, ["any", "cpu", "cuda"], older_than_s=60) == []  # touched: not again
+    session.get(Job, fresh).updated_at = utcnow() - timedelta(seconds=120)
+    session.commit()
+    assert undelivered_queued(session, ["cuda"], older_than_s=60) == []  # other queues' workers resend it
+    assert [j.id for j in undelivered_queued(session, ["any"], older_than_s=60)] == [fresh]

@@ -143,7 +143,8 @@ def redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
 
     tmp = tmp_path_factory.mktemp("e2e_redis")
     broker = redis_url()
-    env = service_env(tmp, ICD_DATABASE_URL=f"sqlite:///{tmp / 'icd.db'}", ICD_BROKER_URL=broker)
+    env = service_env(tmp, ICD_DATABASE_URL=f"sqlite:///{tmp / 'icd.db'}", ICD_BROKER_URL=broker,
+                      ICD_REDELIVER_AFTER_S="3")
     settings = Settings(home=tmp / "home", database_url=env["ICD_DATABASE_URL"], broker_url=broker,
                         worker_heartbeat_s=1.0, auto_migrate=True)
     app = create_app(settings)  # migrates the database before the worker starts
@@ -353,3 +354,16 @@ def test_incompatible_study_is_rejected_at_submit(redis_stack: tuple[Any, Path])
     r = client.post("/jobs", json=spec)
     assert r.status_code == 422, r.text
     assert "inherit" in r.text
+
+
+@pytest.mark.redis
+def test_a_queued_job_whose_message_was_lost_still_runs(redis_stack: tuple[Any, Path]) -> None:
+    """The database is the source of truth: an idle worker re-sends a job the broker never delivered."""
+    from store.jobs import create_job
+
+    client, _ = redis_stack
+    with client.app.state.sessions() as s:  # queued in the database, but no message is ever published
+        job = create_job(s, train_spec("lost-message", iterations=1, eval_every=0, checkpoint_every=0),
+                         "train", "lost-message", "any")
+    done = wait_status(client, job.id, {"succeeded", "failed"}, timeout=120)
+    assert done["status"] == "succeeded", done["error"]
