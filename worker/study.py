@@ -24,7 +24,7 @@ from icd_core.study import check_study, child_specs, evaluate_checkpoint, prefli
 from store.artifacts import ArtifactStore
 from store.dispatch import queue_for
 from store.jobs import JobStateError, create_job, fail_job, finish_job, get_job, request_cancel
-from store.models import Job
+from store.models import Attempt, Job, utcnow
 from store.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,14 @@ def _children(s: Session, study_id: int) -> list[Job]:
 
 
 def _park(s: Session, study_id: int, total: int) -> None:
-    """The study waits for its children; it is closed by `child_ended`, not by its own task."""
+    """The study waits for its children; it is closed by `child_ended`, not by its own task.
+
+    Its attempt (the fan-out) is closed here, so no attempt row stays 'running' while children train.
+    """
     s.execute(update(Job).where(Job.id == study_id)
               .values(status="waiting", depends_on=[], progress_step=0, progress_total=total))
+    s.execute(update(Attempt).where(Attempt.job_id == study_id, Attempt.finished_at.is_(None))
+              .values(status="succeeded", finished_at=utcnow()))
     s.commit()
 
 

@@ -335,6 +335,7 @@ def test_study_fans_out_children_and_serves_a_leaderboard(redis_stack: tuple[Any
     assert sorted(c["kind"] for c in children) == ["distill", "distill", "train"]
     assert all(c["status"] == "succeeded" for c in children)
     assert done["progress_step"] == done["progress_total"] == 3
+    assert all(a["status"] != "running" for a in done["attempts"])
 
     report = client.get(f"/jobs/{study['id']}/report").json()
     assert {m["method"] for m in report["methods"]} == {"none", "icd"}
