@@ -73,8 +73,8 @@ def _alembic_config(url: str) -> Any:
     return cfg
 
 
-def upgrade_database(url: str, revision: str = "head") -> None:
-    """Create or upgrade the schema to `revision` (what `icd db upgrade` runs)."""
+def _run_alembic(url: str, action: str, revision: str) -> None:
+    """Run alembic's `upgrade` or `downgrade` command on one connection to `url`."""
     from alembic import command
 
     engine = make_engine(url)
@@ -82,23 +82,19 @@ def upgrade_database(url: str, revision: str = "head") -> None:
         with engine.begin() as conn:
             cfg = _alembic_config(url)
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+            getattr(command, action)(cfg, revision)
     finally:
         engine.dispose()
+
+
+def upgrade_database(url: str, revision: str = "head") -> None:
+    """Create or upgrade the schema to `revision` (what `icd db upgrade` runs)."""
+    _run_alembic(url, "upgrade", revision)
 
 
 def downgrade_database(url: str, revision: str = "base") -> None:
     """Roll the schema back (tests, and undoing a bad deploy)."""
-    from alembic import command
-
-    engine = make_engine(url)
-    try:
-        with engine.begin() as conn:
-            cfg = _alembic_config(url)
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, revision)
-    finally:
-        engine.dispose()
+    _run_alembic(url, "downgrade", revision)
 
 
 def head_revision() -> str:

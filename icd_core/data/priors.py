@@ -6,7 +6,6 @@ any dataset works, and cache them as JSON keyed by the annotation file's content
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.checkpoint import sha256_file
 from .coco import CocoDataset
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,6 @@ class ClassPriors:
             wh_std=torch.tensor(d["wh_std"], dtype=torch.float32).reshape(-1, 2),
             class_names=list(d["class_names"]),
         )
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def priors_from_dataset(dataset: CocoDataset) -> ClassPriors:
@@ -102,7 +94,7 @@ def compute_priors(dataset: CocoDataset, cache_dir: str | Path | None = None) ->
     write bit, or a failed write) just means no caching; trainers should pass their own cache folder.
     The key is the annotation file's SHA-256, so an edited file is recomputed.
     """
-    sha = _file_sha256(dataset.annotations_json)
+    sha = sha256_file(dataset.annotations_json)
     folder = Path(cache_dir) if cache_dir is not None else dataset.annotations_json.parent
     path = folder / f"{dataset.annotations_json.stem}.priors-{sha[:16]}.json"
     if path.is_file():
