@@ -230,6 +230,9 @@ def request_cancel(s: Session, job_id: int) -> Job:
             .execution_options(synchronize_session=False)
         )
     s.commit()
+    children = s.scalars(select(Job.id).where(Job.parent_id == job_id, Job.status.not_in(TERMINAL_STATUSES)))
+    for child_id in list(children):  # a study's children go with it
+        request_cancel(s, child_id)
     return _require(s, job_id)
 
 

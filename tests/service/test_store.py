@@ -223,3 +223,13 @@ def test_undelivered_queued_jobs_are_found_once_per_period(session: Session) -> 
     session.commit()
     assert undelivered_queued(session, ["cuda"], older_than_s=60) == []  # other queues' workers resend it
     assert [j.id for j in undelivered_queued(session, ["any"], older_than_s=60)] == [fresh]
+
+
+def test_canceling_a_study_cancels_its_children(session: Session) -> None:
+    study = q.create_job(session, {"kind": "study"}, "study", "st", "any", [], status="waiting")
+    queued = q.create_job(session, {"kind": "distill"}, "distill", "c1", "any", [], parent_id=study.id)
+    running = q.create_job(session, {"kind": "distill"}, "distill", "c2", "any", [], parent_id=study.id)
+    q.claim_job(session, running.id, "w@h")
+    assert q.request_cancel(session, study.id).status == "canceled"
+    assert q.get_job(session, queued.id).status == "canceled"
+    assert q.is_cancel_requested(session, running.id)
