@@ -48,6 +48,7 @@ cp "$spec" "$out/spec.yaml"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "uname: $(uname -a)"
   echo "nproc: $(nproc)"
+  echo "OMP_NUM_THREADS: ${OMP_NUM_THREADS:-unset (torch picks)}"
   "$python" - <<'PY'
 import torch
 print(f"torch: {torch.__version__}")
