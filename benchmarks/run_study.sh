@@ -47,7 +47,7 @@ cp "$spec" "$out/spec.yaml"
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "uname: $(uname -a)"
-  echo "nproc: $(nproc)"
+  echo "cores: $(nproc --all)"
   echo "OMP_NUM_THREADS: ${OMP_NUM_THREADS:-unset (torch picks)}"
   "$python" - <<'PY'
 import torch

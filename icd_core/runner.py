@@ -21,6 +21,7 @@ from .distill import build_distiller
 from .distill.inherit import inherit_from_teacher
 from .engine import checkpoint as ckpt
 from .engine.callbacks import Callback, EvalResult
+from .engine.metrics_log import MetricsLog
 from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
 from .spec import DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
@@ -58,7 +59,7 @@ def run_spec(
     resolve_checkpoint: ResolveCheckpoint | None = None,
     cache_dir: Path | None = None,
 ) -> RunResult:
-    """Run a train, distill or evaluate spec into `output_dir` (checkpoints/, summary.json)."""
+    """Run a train, distill or evaluate spec into `output_dir` (checkpoints/, summary.json, metrics.jsonl)."""
     output_dir = Path(output_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     resolve = resolve_checkpoint or default_resolve_checkpoint
@@ -212,7 +213,10 @@ def _run_training(
     cache_dir: Path,
 ) -> RunResult:
     resume_from = _find_resume_point(output_dir, resume)
-    trainer, extra = build_trainer(spec, output_dir, callbacks, resolve, cache_dir,
+    metrics_log = MetricsLog(output_dir)
+    if resume_from is None:
+        metrics_log.path.unlink(missing_ok=True)  # a fresh run's curves start empty
+    trainer, extra = build_trainer(spec, output_dir, [*callbacks, metrics_log], resolve, cache_dir,
                                    load_initial_weights=resume_from is None)
     out = trainer.train(resume_from=resume_from)
     counts = {k: extra[k] for k in ("inherit_copied", "inherit_skipped") if k in extra}

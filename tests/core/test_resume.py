@@ -14,6 +14,7 @@ from trainer_specs import distill_spec, train_spec
 
 from icd_core.engine import checkpoint as ckpt
 from icd_core.engine.callbacks import Callback, TrainingStopped
+from icd_core.engine.metrics_log import read_metrics_log
 from icd_core.runner import run_spec
 from icd_core.spec import parse_spec
 
@@ -89,3 +90,13 @@ def test_icd_distill_resume_matches_straight_run(cache_dir: Path, tmp_path: Path
     run_spec(parse_spec(spec), tmp_path / "a", callbacks=[straight], cache_dir=cache_dir)
     resumed = _stop_and_resume(spec, tmp_path / "b", cache_dir, k=2)
     _assert_same_run(straight, resumed, tmp_path / "a", tmp_path / "b")
+    # metrics.jsonl: the resumed run's curves equal the straight run's, ICD's diagnostics included
+    straight_log, resumed_log = read_metrics_log(tmp_path / "a"), read_metrics_log(tmp_path / "b")
+    assert [(r["type"], r["step"]) for r in resumed_log] == [(r["type"], r["step"]) for r in straight_log]
+    train_records = [r for r in resumed_log if r["type"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, 5))
+    assert all(0.0 <= r["icd_ident_acc"] <= 1.0 and r["icd_attn_entropy"] >= 0.0 for r in train_records)
+    assert any(r["icd_attn_entropy"] > 0.0 for r in train_records)  # 0 only in a batch without objects
+    straight_train = [r for r in straight_log if r["type"] == "train"]
+    for a, b in zip(straight_train, train_records, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
