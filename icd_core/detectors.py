@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -290,7 +291,9 @@ def build_detector(
         anchors = AnchorGenerator(
             tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels)
         )
-        model = RetinaNet(backbone, num_classes, anchor_generator=anchors,
+        head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes,
+                             norm_layer=partial(nn.GroupNorm, 32) if spec.head_norm == "gn" else None)
+        model = RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head,
                           fg_iou_thresh=spec.fg_iou_thresh, bg_iou_thresh=spec.bg_iou_thresh, **common)
         _trim_head(model.head.classification_head, model.head.regression_head, spec.head_convs)
     elif spec.detector == "fcos":

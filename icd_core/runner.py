@@ -32,7 +32,7 @@ AnySpec = TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec
 ResolveCheckpoint = Callable[[str], Path]
 DEFAULT_CACHE_DIR = Path(".icd") / "cache"
 # Architecture fields a distill spec's teacher must share with the teacher checkpoint it names.
-_TEACHER_FIELDS = ("detector", "backbone", "fpn_channels", "head_convs", "anchor_sizes")
+_TEACHER_FIELDS = ("detector", "backbone", "fpn_channels", "head_convs", "head_norm", "anchor_sizes")
 
 
 @dataclass

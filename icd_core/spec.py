@@ -96,6 +96,9 @@ class ModelSpec(StrictModel):
         None, description="Base anchor (or FCOS virtual box) size per level in px; null: torchvision defaults."
     )
     head_convs: int = Field(4, ge=1, le=8, description="Conv layers in each RetinaNet/FCOS head branch.")
+    head_norm: Literal["none", "gn"] = Field(
+        "none", description="RetinaNet head convs: none (the paper's head) or gn (GroupNorm(32), as torchvision v2)."
+    )
     fg_iou_thresh: float = Field(0.5, gt=0.0, le=1.0, description="RetinaNet: anchor IoU to count as foreground.")
     bg_iou_thresh: float = Field(0.4, ge=0.0, le=1.0, description="RetinaNet: anchor IoU below which it is background.")
     trainable_layers: int = Field(3, ge=0, le=5, description="Trunk stages trained when pretrained.")
@@ -138,6 +141,11 @@ class ModelSpec(StrictModel):
             raise ValueError("fpn_channels must be a multiple of 8 (ICD uses 8 heads)")
         if self.detector == "fcos" and self.fpn_channels % 32:
             raise ValueError("fpn_channels: fcos heads use GroupNorm(32), so use a multiple of 32")
+        if self.head_norm == "gn" and self.detector != "retinanet":
+            raise ValueError(f"head_norm: only retinanet has the choice ({self.detector}'s head is fixed); "
+                             "leave it none")
+        if self.head_norm == "gn" and self.fpn_channels % 32:
+            raise ValueError("fpn_channels: head_norm gn uses GroupNorm(32), so use a multiple of 32")
         return self
 
     @property
@@ -331,7 +339,7 @@ _SPEC_ADAPTER: TypeAdapter[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec
 def inherit_incompatibility(teacher: ModelSpec, student: ModelSpec) -> str:
     """Why the teacher's FPN and head cannot be copied into the student ('' when they can)."""
     diffs = []
-    for field in ("detector", "fpn_channels", "head_convs"):
+    for field in ("detector", "fpn_channels", "head_convs", "head_norm"):
         if getattr(teacher, field) != getattr(student, field):
             diffs.append(f"{field}: {getattr(teacher, field)} vs {getattr(student, field)}")
     if teacher.resolved_levels != student.resolved_levels:

@@ -47,7 +47,10 @@ class CocoDataset(Dataset):
     Items are (image, target): image a float tensor [3, H, W] in 0..1 at its original size; target a
     dict with boxes float32 [n, 4] (xyxy, original pixels), labels int64 [n] (contiguous, 0-based),
     image_id int and orig_size (h, w). Crowd boxes never become targets; boxes thinner than 1 px after
-    clipping to the image are dropped (and counted in the log). Images without boxes are kept.
+    clipping to the image are dropped (and counted in the log). A training split skips images left
+    without boxes, as detectron2 (FILTER_EMPTY_ANNOTATIONS) and torchvision's references do:
+    torchvision's RetinaNet divides an image's focal loss by max(1, foreground anchors), so an empty
+    image's loss over every anchor is divided by 1. Evaluation keeps every image.
 
     An item may be requested as `dataset[i]` (the flip decision comes from torch's global RNG) or as
     `dataset[(i, sample_seed)]` (the decision comes from a generator seeded with `sample_seed`), which
@@ -74,15 +77,24 @@ class CocoDataset(Dataset):
         # Small per-image arrays only (boxes and labels), never pixels.
         self._boxes: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
+        kept_ids: list[int] = []
         for img_id in self.image_ids:
             boxes, labels = self._parse_annotations(img_id)
+            if train and len(boxes) == 0:
+                continue
+            kept_ids.append(img_id)
             self._boxes.append(boxes)
             self._labels.append(labels)
+        self.num_empty_skipped = len(self.image_ids) - len(kept_ids)
+        self.image_ids = kept_ids
+        if not self.image_ids:
+            raise ValueError(f"{self.annotations_json}: no image has a usable box to train on")
         if self.num_degenerate:
             log.warning("%s: dropped %d degenerate boxes (< 1 px wide or high after clipping)",
                         self.annotations_json, self.num_degenerate)
-        log.info("%s: %d images, %d boxes, %d classes, %d crowd boxes ignored", self.annotations_json,
-                 len(self.image_ids), self.num_boxes, self.num_classes, self.num_crowd)
+        log.info("%s: %d images (%d without boxes skipped), %d boxes, %d classes, %d crowd boxes ignored",
+                 self.annotations_json, len(self.image_ids), self.num_empty_skipped, self.num_boxes,
+                 self.num_classes, self.num_crowd)
 
     def _parse_annotations(self, img_id: int) -> tuple[np.ndarray, np.ndarray]:
         info = self.coco.imgs[img_id]

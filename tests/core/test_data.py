@@ -76,12 +76,21 @@ def test_item_format(coco_mini):
     assert ds[empty][1]["boxes"].shape == (0, 4)
 
 
+def test_training_split_skips_images_without_boxes(coco_mini):
+    val = CocoDataset(*coco_mini, train=False)
+    train = CocoDataset(*coco_mini, train=True)
+    assert 250 in val.image_ids and 250 not in train.image_ids  # image 250 has no usable box
+    assert train.num_empty_skipped == 1 and train.image_ids == [i for i in val.image_ids if i != 250]
+    assert train.num_boxes == val.num_boxes
+    for i, img_id in enumerate(train.image_ids):
+        assert torch.equal(train.load(i)[1]["boxes"], val.load(val.image_ids.index(img_id))[1]["boxes"])
+
+
 def test_flip_mirrors_image_and_boxes(coco_mini):
     plain = CocoDataset(*coco_mini, train=False)
     flipped = CocoDataset(*coco_mini, train=True, hflip=1.0)
-    i = plain.image_ids.index(536)
-    img, t = plain[i]
-    fimg, ft = flipped[i]
+    img, t = plain[plain.image_ids.index(536)]
+    fimg, ft = flipped[flipped.image_ids.index(536)]
     w = img.shape[-1]
     assert torch.equal(fimg, img.flip(-1))
     assert torch.allclose(ft["boxes"][:, [0, 2]], w - t["boxes"][:, [2, 0]])

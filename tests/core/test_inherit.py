@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from icd_core.detectors import build_detector
 from icd_core.distill.inherit import inherit_from_teacher
-from icd_core.spec import ModelSpec
+from icd_core.spec import ModelSpec, inherit_incompatibility
 
 
 def tiny(detector: str, backbone: str, seed: int):
@@ -62,3 +63,20 @@ def test_faster_rcnn_copies_rpn_and_roi_heads() -> None:
     s_state, t_state = student.state_dict(), teacher.state_dict()
     assert torch.equal(s_state["model.roi_heads.box_predictor.cls_score.weight"],
                        t_state["model.roi_heads.box_predictor.cls_score.weight"])
+
+
+def test_gn_head_is_built_and_inherited_and_mismatch_refused() -> None:
+    specs = [ModelSpec(detector="retinanet", backbone=b, fpn_channels=32, head_convs=2, head_norm="gn")
+             for b in ("resnet34", "resnet18")]
+    teacher, student = (build_detector(s, num_classes=3, min_size=64, max_size=64) for s in specs)
+    norms = [m for m in student.model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 4 and all(m.num_groups == 32 for m in norms)  # 2 convs × 2 branches
+    report = inherit_from_teacher(teacher, student)
+    assert "model.head.classification_head.conv.1.1.weight" in report.copied  # the GN affine
+    assert inherit_incompatibility(specs[0], specs[1]) == ""
+    plain = specs[1].model_copy(update={"head_norm": "none"})
+    assert "head_norm: gn vs none" in inherit_incompatibility(specs[0], plain)
+    with pytest.raises(ValueError, match="head_norm: only retinanet"):
+        ModelSpec(detector="fcos", backbone="resnet18", fpn_channels=32, head_norm="gn")
+    with pytest.raises(ValueError, match="GroupNorm"):
+        ModelSpec(detector="retinanet", backbone="resnet18", fpn_channels=16, head_norm="gn")
