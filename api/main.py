@@ -12,7 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from api.auth import check_exposure
 from api.docs import install_offline_docs
+from api.guard import RequestGuard
 from api.routers import artifacts, jobs, reports, system
 from store.artifacts import ArtifactStore
 from store.db import ensure_migrated, make_engine, session_factory, upgrade_database
@@ -51,7 +53,8 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app for `settings`; refuses a database that is not at the code's schema revision.
+    """Build the app for `settings`; refuses a database that is not at the code's schema revision, and
+    (StartupRefused) a server beyond loopback with no API token or no ICD_DATA_ROOTS.
 
     With settings.auto_migrate (the embedded `icd serve`) it migrates the database itself instead.
     """
@@ -62,6 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.database_url)
     try:
         ensure_migrated(engine)
+        with session_factory(engine)() as s:
+            check_exposure(settings, s)
     except Exception:
         engine.dispose()
         raise
@@ -81,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(engine)
     app.state.artifacts = ArtifactStore(settings.artifact_root or settings.home / "artifacts")
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
     app.include_router(reports.router)

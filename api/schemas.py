@@ -45,6 +45,7 @@ class JobOut(_Out):
     worker: str | None
     error: str | None
     cancel_requested: bool
+    owner: str | None = Field(description="Name of the API token that submitted it; null: the local admin.")
     final_metrics: dict[str, Any] | None
 
 
@@ -125,3 +126,16 @@ class VersionOut(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: Any
+
+
+class ValidationErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="Where: 'body', 'query' or 'path', then the field's path.")
+    field: str = Field("", description="The field as a dotted path, e.g. schedule.batch_size.")
+    msg: str = Field(description="What is wrong and, where it helps, what to change.")
+    type: str
+
+
+class ValidationErrorOut(BaseModel):
+    """A 422: always a list, one entry per problem."""
+
+    detail: list[ValidationErrorItem]

@@ -109,6 +109,8 @@ class ModelSpec(StrictModel):
     def _known_levels(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
             return v
+        if not v:
+            raise ValueError("levels: give at least one level, e.g. [p3, p4, p5], or null for the detector's default")
         bad = [lv for lv in v if lv not in LEVEL_NAMES]
         if bad:
             raise ValueError(f"unknown level(s) {bad}; choose from {list(LEVEL_NAMES)}")
@@ -199,6 +201,13 @@ class ScheduleSpec(StrictModel):
     eval_every: int = Field(500, ge=0, description="0: only at the end.")
     checkpoint_every: int = Field(500, ge=0, description="0: only at the end.")
     log_every: int = Field(10, ge=1)
+
+    @field_validator("iterations")
+    @classmethod
+    def _at_least_one(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"iterations must be >= 1 (or a preset: 1x, 3x), got {v}")
+        return v
 
     @model_validator(mode="after")
     def _steps_in_range(self) -> ScheduleSpec:
@@ -347,6 +356,22 @@ def inherit_incompatibility(teacher: ModelSpec, student: ModelSpec) -> str:
     if (teacher.anchor_sizes or None) != (student.anchor_sizes or None):
         diffs.append("anchor_sizes differ")
     return "; ".join(diffs)
+
+
+ARCHITECTURE_FIELDS = ("detector", "backbone", "fpn_channels", "head_convs", "head_norm", "anchor_sizes")
+
+
+def architecture_mismatch(expected: ModelSpec, saved: dict[str, Any]) -> list[str]:
+    """'field: spec X vs checkpoint Y' for each way a checkpoint trained as `saved` cannot be `expected`."""
+    try:
+        other = ModelSpec.model_validate({**saved, "checkpoint": None})
+    except ValueError as exc:
+        return [f"its model spec is invalid ({exc.__class__.__name__})"]
+    diffs = [f"{f}: spec {getattr(expected, f)} vs checkpoint {getattr(other, f)}" for f in ARCHITECTURE_FIELDS
+             if getattr(expected, f) != getattr(other, f)]
+    if expected.resolved_levels != other.resolved_levels:
+        diffs.append(f"levels: spec {expected.resolved_levels} vs checkpoint {other.resolved_levels}")
+    return diffs
 
 
 def parse_spec(data: dict[str, Any]) -> TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec:

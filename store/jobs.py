@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, Job, utcnow
@@ -36,8 +36,9 @@ def create_job(
     depends_on: Sequence[int] = (),
     parent_id: int | None = None,
     status: str = "queued",
+    owner: str | None = None,
 ) -> Job:
-    """Insert a job ('queued' to run now, 'waiting' until its depends_on jobs succeed)."""
+    """Insert a job ('queued' to run now, 'waiting' until its depends_on jobs succeed) for `owner`."""
     if kind not in JOB_KINDS:
         raise ValueError(f"kind must be one of {JOB_KINDS}, got {kind!r}")
     if status not in ("queued", "waiting"):
@@ -53,10 +54,23 @@ def create_job(
         attempt=0,
         progress_step=0,
         cancel_requested=False,
+        owner=owner,
     )
     s.add(job)
     s.commit()
     return job
+
+
+def discard_unsent(s: Session, job_id: int) -> bool:
+    """Delete a job whose first message never reached the broker, so a submit answered 503 leaves no
+    row (a client that retries makes no duplicate). Guarded: a job a worker has claimed stays."""
+    res = s.execute(
+        delete(Job)
+        .where(Job.id == job_id, Job.status.in_(("queued", "waiting")), Job.attempt == 0)
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+    return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
 def get_job(s: Session, job_id: int) -> Job | None:
@@ -72,7 +86,8 @@ def _require(s: Session, job_id: int) -> Job:
 
 
 def _filters(
-    status: str | Iterable[str] | None, kind: str | None, name: str | None, parent_id: int | None
+    status: str | Iterable[str] | None, kind: str | None, name: str | None, parent_id: int | None,
+    owner: str | None = None,
 ) -> list[Any]:
     conds: list[Any] = []
     if status:
@@ -87,6 +102,8 @@ def _filters(
         conds.append(Job.name == name)
     if parent_id is not None:
         conds.append(Job.parent_id == parent_id)
+    if owner is not None:
+        conds.append(Job.owner == owner)
     return conds
 
 
@@ -98,9 +115,12 @@ def list_jobs(
     parent_id: int | None = None,
     limit: int = 50,
     offset: int = 0,
+    owner: str | None = None,
 ) -> list[Job]:
-    """Jobs newest first (id descending), filtered; `status` may be one status or several."""
-    q = select(Job).where(*_filters(status, kind, name, parent_id)).order_by(Job.id.desc()).limit(limit).offset(offset)
+    """Jobs newest first (id descending), filtered; `status` may be one status or several; `owner`
+    None means every owner."""
+    q = select(Job).where(*_filters(status, kind, name, parent_id, owner))
+    q = q.order_by(Job.id.desc()).limit(limit).offset(offset)
     return list(s.scalars(q))
 
 
@@ -110,9 +130,10 @@ def count_jobs(
     kind: str | None = None,
     name: str | None = None,
     parent_id: int | None = None,
+    owner: str | None = None,
 ) -> int:
     """How many jobs match the same filters as list_jobs (for pagination totals)."""
-    q = select(func.count()).select_from(Job).where(*_filters(status, kind, name, parent_id))
+    q = select(func.count()).select_from(Job).where(*_filters(status, kind, name, parent_id, owner))
     return int(s.scalar(q) or 0)
 
 

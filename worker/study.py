@@ -60,14 +60,15 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
         tspec = teacher_train_spec(study)
         assert tspec is not None
         teacher_job = create_job(s, tspec.model_dump(mode="json"), "train", tspec.name, queue_for(tspec),
-                                 parent_id=job.id)
+                                 parent_id=job.id, owner=job.owner)
         teacher_ref = f"job:{teacher_job.id}"
 
     created = [teacher_job] if teacher_job else []
     for _method, _seed, child in child_specs(study, teacher_ref):
         waits = [teacher_job.id] if teacher_job else []
         created.append(create_job(s, child.model_dump(mode="json"), "distill", child.name, queue_for(child),
-                                  depends_on=waits, parent_id=job.id, status="waiting" if waits else "queued"))
+                                  depends_on=waits, parent_id=job.id, status="waiting" if waits else "queued",
+                                  owner=job.owner))
     _park(s, job.id, len(created))
     return [c for c in created if c.status == "queued"]
 

@@ -212,13 +212,25 @@ def _run_spec(spec_dict: dict[str, Any], job_dir: Path, reporter: DbReporter) ->
 
     settings = get_settings()
     return run_spec(
-        parse_spec(spec_dict),
+        parse_spec(_confined(spec_dict, settings)),
         output_dir=job_dir,
         callbacks=[reporter],
         resume=True,
         resolve_checkpoint=resolve_checkpoint,
         cache_dir=settings.cache_dir,
     )
+
+
+def _confined(spec_dict: dict[str, Any], settings: Any) -> dict[str, Any]:
+    """The spec's paths checked again against this worker's roots (a symlink may have moved since submit)."""
+    from icd_core.paths import PathNotAllowed, confine_spec_paths
+
+    confined, errors = confine_spec_paths(
+        spec_dict, settings.allowed_data_roots(), settings.allowed_checkpoint_roots()
+    )
+    if errors:
+        raise PathNotAllowed("; ".join(f"{field}: {reason}" for field, reason in errors))
+    return confined
 
 
 def run_study_job(job: Any) -> None:
@@ -247,7 +259,7 @@ def resolve_checkpoint(ref: str) -> Path:
                 f"{ref}: job {ref_id} ({state}) has no final checkpoint; use a job that succeeded"
             )
         return path
-    return Path(settings.resolve_data_path(ref))
+    return Path(settings.resolve_data_path(ref, checkpoint=True))
 
 
 # --- outcomes ---------------------------------------------------------------------------------------

@@ -5,23 +5,27 @@ from __future__ import annotations
 from collections import deque
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from fastapi.responses import FileResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 
-from api.deps import get_artifacts, get_session
+from api.auth import UNAUTHORIZED, Caller, get_caller
+from api.deps import JobId, get_artifacts, get_session
 from api.routers.jobs import job_or_404
 from api.schemas import CheckpointOut, ErrorOut
 from store.artifacts import ArtifactStore
 from store.results import get_checkpoint, list_checkpoints
 
-router = APIRouter(prefix="/jobs", tags=["artifacts"])
+router = APIRouter(prefix="/jobs", tags=["artifacts"], dependencies=[Depends(get_caller)],
+                   responses=UNAUTHORIZED | {404: {"model": ErrorOut, "description": "No such job or file"}})
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
-def job_checkpoints(job_id: int, request: Request, s: Session = Depends(get_session)) -> list[CheckpointOut]:
+def job_checkpoints(
+    job_id: JobId, request: Request, s: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> list[CheckpointOut]:
     """Checkpoints recorded for the job, with size, sha256 and a download URL."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     out = []
     for ck in list_checkpoints(s, job_id):
         item = CheckpointOut.model_validate(ck)
@@ -42,11 +46,15 @@ def job_checkpoints(job_id: int, request: Request, s: Session = Depends(get_sess
     },
 )
 def download_checkpoint(
-    job_id: int, name: str, s: Session = Depends(get_session), artifacts: ArtifactStore = Depends(get_artifacts)
+    job_id: JobId,
+    name: Annotated[str, Path(max_length=255)],
+    s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+    artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> FileResponse:
     """Stream a checkpoint. `X-Checkpoint-SHA256` (also the ETag) lets clients verify it; `Range`
     requests resume an interrupted download (206, or 416 for a range outside the file)."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     ck = get_checkpoint(s, job_id, name)
     if ck is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no checkpoint named {name!r}")
@@ -66,13 +74,13 @@ def download_checkpoint(
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse, responses={404: {"model": ErrorOut}})
 def job_logs(
-    job_id: int,
+    job_id: JobId,
     tail: Annotated[int | None, Query(ge=1, le=100_000, description="Only the last N lines")] = None,
-    s: Session = Depends(get_session),
+    s: Session = Depends(get_session), caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> PlainTextResponse:
     """The job's log as plain text (empty until its worker writes one)."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     path = artifacts.log_path(job_id)
     if not path.is_file():
         return PlainTextResponse("")
