@@ -125,6 +125,21 @@ def _latest_run(name: str) -> Path | None:
     return runs[-1] if runs else None
 
 
+def _within_data_roots(spec: Any) -> Any:
+    """With ICD_DATA_ROOTS set, `icd train` resolves and confines the spec's paths as the service does
+    (checkpoints may also come from ICD_ARTIFACT_ROOT); unset, paths are taken as given."""
+    from .paths import confine_spec_paths
+
+    roots = [r for r in os.environ.get("ICD_DATA_ROOTS", "").split(":") if r]
+    if not roots:
+        return spec
+    artifacts = [os.environ["ICD_ARTIFACT_ROOT"]] if os.environ.get("ICD_ARTIFACT_ROOT") else []
+    confined, errors = confine_spec_paths(spec.model_dump(mode="json"), roots, roots + artifacts)
+    if errors:
+        raise click.ClickException("; ".join(f"{field}: {reason}" for field, reason in errors))
+    return parse_spec(confined)
+
+
 @click.group(name="icd")
 def cli() -> None:
     """Instance-conditional knowledge distillation for torchvision detectors (local runs)."""
@@ -147,6 +162,7 @@ def train_cmd(spec_path: Path, output: Path | None, resume: bool, device: str | 
                                    f"{spec.kind}; use icd eval for evaluate specs)")
     if device:
         spec = parse_spec({**spec.model_dump(mode="json"), "device": device})
+    spec = _within_data_roots(spec)
     if output is None:
         if resume:
             output = _latest_run(spec.name)

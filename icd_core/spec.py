@@ -110,7 +110,7 @@ class ModelSpec(StrictModel):
         if v is None:
             return v
         if not v:
-            raise ValueError("levels: give at least one level, e.g. [p3, p4, p5], or null for the detector's default")
+            raise ValueError("give at least one level, e.g. [p3, p4, p5], or null for the detector's default")
         bad = [lv for lv in v if lv not in LEVEL_NAMES]
         if bad:
             raise ValueError(f"unknown level(s) {bad}; choose from {list(LEVEL_NAMES)}")

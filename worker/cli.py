@@ -1,5 +1,5 @@
 """`icd`: the console script. Core commands (train, eval, shapes) come from `icd_core.cli`;
-this module adds the service: `icd serve`, `icd worker`, `icd db upgrade|current`.
+this module adds the service: `icd serve`, `icd worker`, `icd token`, `icd db upgrade|current`.
 
 Nothing here imports torch: the service commands start fast, and a parent process that forks or
 spawns GPU workers must never have initialised CUDA.
@@ -98,16 +98,18 @@ def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: s
     _setup_logging(log_level)
     if not no_worker:
         os.environ.setdefault("ICD_AUTO_MIGRATE", "1")
+    os.environ["ICD_LISTEN_HOST"] = host  # beyond loopback: tokens and ICD_DATA_ROOTS are required
     settings = _settings()
     settings.ensure_dirs()
     # The worker subprocess must see the same (absolute) locations as this process.
     os.environ["ICD_HOME"] = str(settings.home)
 
+    from api.auth import StartupRefused
     from api.main import create_app
 
     try:
         app = create_app(settings)
-    except DatabaseNotMigrated as exc:
+    except (DatabaseNotMigrated, StartupRefused) as exc:
         raise click.ClickException(str(exc)) from exc
 
     local = None
@@ -232,6 +234,81 @@ def check_worker(host: str | None, name: str | None) -> None:
     if not alive:
         raise click.ClickException(f"no live worker {name or 'on ' + host}")
     click.echo(", ".join(f"{w.name} ({w.device})" for w in alive))
+
+
+# --- icd token ----------------------------------------------------------------------------------
+
+
+@main.group()
+def token() -> None:
+    """Named API tokens (stored hashed in ICD_DATABASE_URL); each job records the token that submitted it."""
+
+
+def _token_session() -> Any:
+    """A session on the configured database, migrated if this is the embedded SQLite default."""
+    from store.db import make_engine, session_factory, upgrade_database
+
+    settings = _settings()
+    if settings.database_url.startswith("sqlite"):
+        settings.ensure_dirs()
+        upgrade_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    return engine, session_factory(engine)()
+
+
+@token.command("create")
+@click.option("--name", required=True, help="Who holds it; recorded as the owner of the jobs it submits.")
+@click.option("--admin", is_flag=True, help="Sees and manages every owner's jobs.")
+def token_create(name: str, admin: bool) -> None:
+    """Create a token and print its secret (shown once: only its sha256 is stored)."""
+    from store.tokens import TokenError, create_token
+
+    engine, s = _token_session()
+    try:
+        _, secret = create_token(s, name, admin=admin)
+    except TokenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        s.close()
+        engine.dispose()
+    click.echo(secret)
+    click.echo(f"token {name!r}{' (admin)' if admin else ''} created; send it as 'Authorization: Bearer <token>'. "
+               "It is not shown again.", err=True)
+
+
+@token.command("list")
+def token_list() -> None:
+    """Names, roles and creation times (never the secrets)."""
+    from store.tokens import list_tokens
+
+    engine, s = _token_session()
+    try:
+        rows = [(t.name, "admin" if t.admin else "user", t.created_at.isoformat(timespec="seconds"))
+                for t in list_tokens(s)]
+    finally:
+        s.close()
+        engine.dispose()
+    if not rows:
+        click.echo("no tokens (create one with `icd token create --name <you> [--admin]`)", err=True)
+    for row in rows:
+        click.echo("\t".join(row))
+
+
+@token.command("revoke")
+@click.argument("name")
+def token_revoke(name: str) -> None:
+    """Revoke a token at once; its jobs keep its name as their owner."""
+    from store.tokens import TokenError, revoke_token
+
+    engine, s = _token_session()
+    try:
+        revoke_token(s, name)
+    except TokenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        s.close()
+        engine.dispose()
+    click.echo(f"token {name!r} revoked")
 
 
 # --- icd db -------------------------------------------------------------------------------------

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,38 +12,17 @@ from icd_core.detectors import load_detector, read_checkpoint
 from icd_core.engine.checkpoint import NotACheckpoint, load_checkpoint
 
 
-class _RunsCode:
-    """A pickle whose load would create `marker` (what an attacker's os.system would do)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.system, (f"touch {self.marker}",))
-
-
-def write_malicious_checkpoint(path: Path, marker: Path) -> Path:
-    """A torch-format file whose unpickling runs `touch marker` unless loading is weights-only."""
-    torch.save({"model": _RunsCode(marker), "model_spec": {}}, path)
-    return path
-
-
-def test_a_malicious_pickle_runs_nothing_through_any_reader(tmp_path: Path) -> None:
+def test_a_malicious_pickle_runs_nothing_through_any_reader(tmp_path: Path, malicious_checkpoint: Any) -> None:
     marker = tmp_path / "pwned"
-    bad = write_malicious_checkpoint(tmp_path / "teacher.pt", marker)
+    bad = malicious_checkpoint(tmp_path / "teacher.pt", marker)
     for reader in (load_checkpoint, read_checkpoint, load_detector):
         with pytest.raises(NotACheckpoint, match="not a checkpoint written by this service") as info:
             reader(bad)
         assert str(bad) in str(info.value) and "state dict" in str(info.value)
     assert not marker.exists()
     with pytest.raises(NotACheckpoint):  # also a raw pickle.dump, not only torch.save's zip format
-        load_checkpoint(_pickled(tmp_path / "raw.pt", _RunsCode(marker)))
+        load_checkpoint(malicious_checkpoint(tmp_path / "raw.pt", marker, raw_pickle=True))
     assert not marker.exists()
-
-
-def _pickled(path: Path, obj: object) -> Path:
-    path.write_bytes(pickle.dumps(obj))
-    return path
 
 
 def test_garbage_and_foreign_files_say_what_they_are_not(tmp_path: Path) -> None:
