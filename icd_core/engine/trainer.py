@@ -274,12 +274,12 @@ class Trainer:
                 self._log(window, window_time, window_data)
                 window, window_time, window_data = [], 0.0, 0.0
 
+            if ckpt_due:  # before the evaluation: a failing evaluation never costs the training
+                self._save_periodic()
+                saved_at = self.step
             if eval_due and self.evaluator is not None:
                 last_eval = self._evaluate()
                 evaluated_at = self.step
-            if ckpt_due:
-                self._save_periodic()
-                saved_at = self.step
             if any(cb.should_stop() for cb in self.callbacks):
                 if not check_every_step:
                     self._check_window(window)
@@ -289,10 +289,10 @@ class Trainer:
 
         if window and not check_every_step:
             self._check_window(window)
+        final_path = self.checkpoint_dir / ckpt.FINAL_NAME
+        self._save(final_path, final=True)  # first: a bad validation image must not cost the trained weights
         if self.evaluator is not None and evaluated_at != self.step:
             last_eval = self._evaluate()
-        final_path = self.checkpoint_dir / ckpt.FINAL_NAME
-        self._save(final_path, final=True)
         final_metrics = self._final_metrics(last_eval)
         for cb in self.callbacks:
             cb.on_end(self.step, final_metrics)
