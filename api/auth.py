@@ -11,12 +11,14 @@ import ipaddress
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.deps import get_session
+from api.schemas import json_error
 from store.models import Job
 from store.settings import Settings
 from store.tokens import find_token, has_tokens
@@ -29,7 +31,7 @@ bearer = HTTPBearer(
     description="An API token from `icd token create --name <you>` (admins: add --admin).",
 )
 HOW_TO_GET_ONE = "an admin creates one with `icd token create --name <you>` on a machine with the database settings"
-UNAUTHORIZED = {401: {"description": "Missing, unknown or revoked bearer token", "model": None}}
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: json_error("Missing, unknown or revoked bearer token")}
 LEGACY_OWNER = "ICD_API_TOKEN"
 
 

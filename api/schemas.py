@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 
 class _Out(BaseModel):
@@ -63,9 +63,15 @@ class JobList(BaseModel):
     offset: int
 
 
+# [step, value]; documented as a 2-number array (a `prefixItems` tuple trips some OpenAPI tools).
+_Point = Annotated[
+    tuple[int, float], WithJsonSchema({"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2})
+]
+
+
 class MetricsOut(BaseModel):
     job_id: int
-    series: dict[str, list[tuple[int, float]]] = Field(description="name -> [[step, value], ...], steps ascending.")
+    series: dict[str, list[_Point]] = Field(description="name -> [[step, value], ...], steps ascending.")
     last_step: int | None = Field(description="Largest step returned; pass it as since_step to poll for more.")
 
 
@@ -139,3 +145,8 @@ class ValidationErrorOut(BaseModel):
     """A 422: always a list, one entry per problem."""
 
     detail: list[ValidationErrorItem]
+
+
+def json_error(description: str) -> dict[str, Any]:
+    """An error response documented as JSON, also on routes whose success body is text or a file."""
+    return {"description": description, "content": {"application/json": {"schema": ErrorOut.model_json_schema()}}}

@@ -12,12 +12,12 @@ from sqlalchemy.orm import Session
 from api.auth import UNAUTHORIZED, Caller, get_caller
 from api.deps import JobId, get_artifacts, get_session
 from api.routers.jobs import job_or_404
-from api.schemas import CheckpointOut, ErrorOut
+from api.schemas import CheckpointOut, json_error
 from store.artifacts import ArtifactStore
 from store.results import get_checkpoint, list_checkpoints
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"], dependencies=[Depends(get_caller)],
-                   responses=UNAUTHORIZED | {404: {"model": ErrorOut, "description": "No such job or file"}})
+                   responses=UNAUTHORIZED | {404: json_error("No such job or file")})
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
@@ -41,7 +41,6 @@ def job_checkpoints(
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The checkpoint file"},
         206: {"description": "The requested byte range"},
-        404: {"model": ErrorOut},
         416: {"description": "Range not satisfiable"},
     },
 )
@@ -72,7 +71,7 @@ def download_checkpoint(
     )
 
 
-@router.get("/{job_id}/logs", response_class=PlainTextResponse, responses={404: {"model": ErrorOut}})
+@router.get("/{job_id}/logs", response_class=PlainTextResponse)
 def job_logs(
     job_id: JobId,
     tail: Annotated[int | None, Query(ge=1, le=100_000, description="Only the last N lines")] = None,

@@ -129,6 +129,7 @@ def _dispatch_new(s: Session, settings: Settings, job: Job) -> None:
     status_code=status.HTTP_201_CREATED,
     response_model=JobDetail,
     responses={
+        400: {"model": ErrorOut, "description": "The body is not JSON"},
         413: {"model": ErrorOut, "description": "Request body over ICD_MAX_BODY_BYTES"},
         422: {"model": ValidationErrorOut, "description": "Invalid spec: each entry names the field and the reason"},
         503: {"model": ErrorOut, "description": "Broker unreachable: nothing was recorded; submit again later"},

@@ -13,11 +13,11 @@ from sqlalchemy.orm import Session
 from api.auth import UNAUTHORIZED, Caller, get_caller
 from api.deps import JobId, get_artifacts, get_session
 from api.routers.jobs import job_or_404
-from api.schemas import ErrorOut
+from api.schemas import json_error
 from store.artifacts import ArtifactStore
 
 router = APIRouter(prefix="/jobs", tags=["studies"], dependencies=[Depends(get_caller)],
-                   responses=UNAUTHORIZED | {404: {"model": ErrorOut, "description": "No such study or no report yet"}})
+                   responses=UNAUTHORIZED | {404: json_error("No such study, or no report yet")})
 
 
 def _report_file(s: Session, artifacts: ArtifactStore, job_id: int, name: str, caller: Caller) -> Path:
