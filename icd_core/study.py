@@ -8,20 +8,17 @@ service (each child a normal queued job, the leaderboard built from database row
 - `evaluate_checkpoint` + `preflight` refuse a teacher that cannot teach (the usual reason
   distillation "does nothing" is a wrongly loaded teacher);
 - `child_result` turns a finished child into the row `icd_core.leaderboard` aggregates;
-- `run_study_local` / `study_command` run the whole study from the command line.
+- `run_study_local` runs the whole study in this process (`icd study`, in `icd_cli.study`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import click
 
 from .engine.callbacks import Callback, EvalResult, TrainingDiverged
 from .leaderboard import BASELINE, build_leaderboard, write_report
@@ -35,7 +32,6 @@ from .spec import (
     ModelSpec,
     StudySpec,
     TrainSpec,
-    load_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -333,7 +329,7 @@ def run_study_local(
     return build_leaderboard(results, teacher_row, name=study.name, notes=notes)
 
 
-# --- the command line -----------------------------------------------------------------------------------
+# --- data roots for local runs -------------------------------------------------------------------------------
 def resolve_data_roots(study: StudySpec, roots: Sequence[str | Path]) -> StudySpec:
     """Relative COCO paths in data.* are looked up in each root in turn (the first that exists wins).
 
@@ -360,60 +356,6 @@ def resolve_data_roots(study: StudySpec, roots: Sequence[str | Path]) -> StudySp
     return study.model_copy(update={"data": DataSpec.model_validate(data)})
 
 
-class _ProgressBar(Callback):
-    """A tqdm bar per run, with the latest loss and AP."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.bar: Any = None
-
-    def on_start(self, step: int, total_steps: int) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total_steps, initial=step, desc=self.name, unit="step", dynamic_ncols=True)
-        self._last = step
-
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self._last)
-            self._last = step
-            self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
-
-    def on_evaluation(self, result: EvalResult) -> None:
-        if self.bar is not None:
-            self.bar.write(f"{self.name} step {result.step}: AP {result.metrics.get('AP', 0.0):.1f}")
-
-    def on_end(self, step: int, final_metrics: dict[str, float]) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self._last)
-            self.bar.close()
-
-
-@click.command("study")
-@click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
-@click.option("--output", "output", type=click.Path(file_okay=False), default=None,
-              help="Result folder (default: runs/<study name>). Rerunning into it resumes.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Generated datasets and class priors (default: $ICD_CACHE_DIR or .icd/cache).")
-def study_command(spec_path: str, output: str | None, cache_dir: str | None) -> None:
-    """Run a `kind: study` spec locally: teacher check, every (method, seed) child in turn, a leaderboard."""
-    spec = load_spec(spec_path)
-    if not isinstance(spec, StudySpec):
-        raise click.UsageError(f"{spec_path} is a '{spec.kind}' spec; `icd study` runs kind: study")
-    roots = [r for r in os.environ.get("ICD_DATA_ROOTS", "").split(":") if r]
-    spec = resolve_data_roots(spec, roots)
-    out = Path(output) if output else Path("runs") / spec.name.replace("/", "_")
-    cache = Path(cache_dir or os.environ.get("ICD_CACHE_DIR") or Path(".icd") / "cache")
-    try:
-        report = run_study_local(spec, out, cache, callbacks_factory=lambda name: [_ProgressBar(name)])
-    except (ValueError, FileNotFoundError, TrainingDiverged) as exc:
-        raise click.ClickException(f"{exc} (rerun the same command to resume)") from exc
-    from .leaderboard import leaderboard_markdown
-
-    click.echo(leaderboard_markdown(report))
-    click.echo(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}")
-
-
 __all__ = [
     "check_study",
     "child_folder",
@@ -425,10 +367,6 @@ __all__ = [
     "result_from_job",
     "run_study_local",
     "scaled_iterations",
-    "study_command",
     "teacher_train_spec",
 ]
 
-
-if __name__ == "__main__":  # `python -m icd_core.study SPEC`
-    study_command()

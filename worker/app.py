@@ -56,7 +56,7 @@ def make_app() -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
-        worker_pool="solo",  # see worker.cli: DataLoader processes cannot start inside prefork children
+        worker_pool="solo",  # see worker.supervisor: DataLoader processes cannot start inside prefork children
         worker_send_task_events=False,
         task_serializer="json",
         accept_content=["json"],
