@@ -22,17 +22,18 @@ from celery import signals
 from celery.exceptions import Reject
 
 from store.artifacts import ArtifactStore
+from store.checkpoint_refs import parse_job_ref, resolve_job_ref
 from store.db import DatabaseNotMigrated, ensure_migrated
 from store.jobs import (
     claim_job,
+    fail_if_running_on,
     fail_job,
     fail_stale_running,
-    final_checkpoint_path,
     finish_job,
     get_job,
     mark_canceled,
     release_dependents,
-    retry_job,
+    requeue_interrupted,
     undelivered_queued,
     update_progress,
 )
@@ -236,17 +237,9 @@ def run_study_job(job: Any) -> None:
 def resolve_checkpoint(ref: str) -> Path:
     """`job:<id>` → that job's final checkpoint; a path → itself (relative: looked up in data_roots)."""
     settings = get_settings()
-    if ref.startswith("job:"):
-        ref_id = int(ref[4:])
+    if parse_job_ref(ref) is not None:
         with sessions()() as s:
-            path = final_checkpoint_path(s, settings.artifact_root or settings.home / "artifacts", ref_id)
-            ref_job = get_job(s, ref_id)
-        if path is None:
-            state = ref_job.status if ref_job is not None else "deleted"
-            raise FileNotFoundError(
-                f"{ref}: job {ref_id} ({state}) has no final checkpoint; use a job that succeeded"
-            )
-        return path
+            return resolve_job_ref(s, settings.artifact_root, ref)
     return Path(settings.resolve_data_path(ref))
 
 
@@ -293,8 +286,11 @@ def _record_failure(job_id: int, exc: BaseException, reporter: DbReporter) -> st
         if isinstance(exc, TrainingStopped) and shutdown_requested.is_set() and not reporter.cancel_requested:
             # A worker shutdown, not the user: give the job back to the queue; it resumes from the
             # checkpoint the trainer just wrote.
-            fail_job(s, job_id, f"worker {worker_name()} shut down at step {exc.step}; re-queued to resume")
-            job = retry_job(s, job_id)
+            reason = f"worker {worker_name()} shut down at step {exc.step}; re-queued to resume"
+            job = requeue_interrupted(s, job_id, reason)
+            if job is None:  # it ended meanwhile: nothing to hand back
+                current = get_job(s, job_id)
+                return current.status if current is not None else "missing"
             log.warning("job %s: worker shutting down, checkpointed at step %s and re-queued", job_id, exc.step)
             _send(job_id, job.queue)
             return "queued"
@@ -311,10 +307,8 @@ def _never_left_running(job_id: int, worker: str) -> None:
     """Last line of defence: if recording the outcome itself failed, fail the job."""
     try:
         with sessions()() as s:
-            job = get_job(s, job_id)
-            if job is not None and job.status == "running" and job.worker == worker:
-                fail_job(s, job_id, f"the worker stopped before recording the result; see /jobs/{job_id}/logs; "
-                                    "retry to resume from the last checkpoint")
+            fail_if_running_on(s, job_id, worker, f"the worker stopped before recording the result; see "
+                                                  f"/jobs/{job_id}/logs; retry to resume from the last checkpoint")
     except Exception:
         log.exception("job %s: could not record the final state", job_id)
 
@@ -355,9 +349,9 @@ def _not_claimed(s: Any, job_id: int, worker: str) -> str:
     job = get_job(s, job_id)
     if job is None:
         return "missing"
-    if job.status == "running" and job.worker == worker:
-        fail_job(s, job_id, f"worker {worker} died while running this job (out of host memory?); "
-                            "retry to resume from the last checkpoint")
+    error = (f"worker {worker} died while running this job (out of host memory?); "
+             "retry to resume from the last checkpoint")
+    if fail_if_running_on(s, job_id, worker, error) is not None:
         release_dependents(s, job_id)
         return "failed"
     return job.status
