@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 
 from icd_core.leaderboard import BASELINE, write_report
 from icd_core.spec import StudySpec, parse_spec
-from icd_core.study import check_study, child_specs, evaluate_checkpoint, preflight, result_from_job, teacher_train_spec
+from icd_core.study import evaluate_checkpoint
+from icd_core.study_plan import check_study, child_specs, preflight, result_from_job, teacher_train_spec
 from store.artifacts import ArtifactStore
 from store.dispatch import queue_for
 from store.jobs import (

@@ -12,7 +12,7 @@ from api.deps import get_app_settings, get_artifacts, get_session, require_token
 from api.docs import SUBMIT_EXAMPLES
 from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut
 from icd_core.spec import JobSpec, StudySpec, check_paths, iter_checkpoint_refs, parse_spec
-from icd_core.study import check_study
+from icd_core.study_plan import check_study
 from store import jobs as q
 from store.artifacts import ArtifactStore
 from store.checkpoint_refs import job_ref_state, parse_job_ref
