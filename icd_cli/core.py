@@ -7,7 +7,6 @@ service commands that share the `icd` group start fast and never initialise CUDA
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -16,17 +15,22 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from icd_core.data_roots import resolve_data_roots
 from icd_core.engine.callbacks import Callback, CheckpointInfo, EvalResult, TrainingDiverged, TrainingStopped
 from icd_core.spec import EvaluateSpec, StudySpec, load_spec, parse_spec
+from store.settings import Settings
 
 METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def default_cache_dir() -> Path:
-    """ICD_CACHE_DIR, else $ICD_HOME/cache, else ./.icd/cache (the service's embedded default)."""
-    if os.environ.get("ICD_CACHE_DIR"):
-        return Path(os.environ["ICD_CACHE_DIR"])
-    return Path(os.environ.get("ICD_HOME", ".icd")) / "cache"
+    """ICD_CACHE_DIR, else $ICD_HOME/cache, else ./.icd/cache: the service's own setting."""
+    return Settings().cache_dir
+
+
+def data_roots() -> list[Path]:
+    """ICD_DATA_ROOTS (colon-separated), read as the service reads it."""
+    return Settings().data_roots
 
 
 class ProgressBar(Callback):
@@ -90,8 +94,9 @@ def _setup_logging() -> None:
 
 
 def _load(path: Path) -> Any:
+    """The spec at `path`, relative COCO paths found in ICD_DATA_ROOTS; a CLI error naming the field."""
     try:
-        return load_spec(path)
+        return resolve_data_roots(load_spec(path), data_roots())
     except FileNotFoundError as err:
         raise click.ClickException(f"spec file not found: {path}") from err
     except ValueError as err:  # pydantic's ValidationError is a ValueError: names the field

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
+from icd_core.data_roots import resolve_data_roots
 from icd_core.engine.callbacks import TrainingDiverged
 from icd_core.spec import StudySpec, load_spec
 
-from .core import ProgressBar, default_cache_dir
-
-
-def data_roots_from_env() -> list[str]:
-    """ICD_DATA_ROOTS (colon-separated), as the service reads it."""
-    return [r for r in os.environ.get("ICD_DATA_ROOTS", "").split(":") if r]
+from .core import ProgressBar, data_roots, default_cache_dir
 
 
 @click.command("study")
@@ -27,12 +22,12 @@ def data_roots_from_env() -> list[str]:
 def study_command(spec_path: str, output: str | None, cache_dir: str | None) -> None:
     """Run a `kind: study` spec locally: teacher check, every (method, seed) child in turn, a leaderboard."""
     from icd_core.leaderboard import leaderboard_markdown
-    from icd_core.study import resolve_data_roots, run_study_local
+    from icd_core.study import run_study_local
 
     spec = load_spec(spec_path)
     if not isinstance(spec, StudySpec):
         raise click.UsageError(f"{spec_path} is a '{spec.kind}' spec; `icd study` runs kind: study")
-    spec = resolve_data_roots(spec, data_roots_from_env())
+    spec = resolve_data_roots(spec, data_roots())
     out = Path(output) if output else Path("runs") / spec.name.replace("/", "_")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .engine.callbacks import Callback, EvalResult, TrainingDiverged
 from .leaderboard import BASELINE, build_leaderboard, write_report
-from .spec import CocoSource, DataSpec, EvaluateSpec, ModelSpec, StudySpec
+from .spec import DataSpec, EvaluateSpec, ModelSpec, StudySpec
 from .study_plan import check_study, child_folder, child_result, child_specs, preflight, teacher_train_spec
 
 log = logging.getLogger(__name__)
@@ -154,32 +154,5 @@ def run_study_local(
     return build_leaderboard(results, teacher_row, name=study.name, notes=notes)
 
 
-# --- data roots for local runs -------------------------------------------------------------------------------
-def resolve_data_roots(study: StudySpec, roots: Sequence[str | Path]) -> StudySpec:
-    """Relative COCO paths in data.* are looked up in each root in turn (the first that exists wins).
-
-    Roots come from ICD_DATA_ROOTS (colon-separated), as in the service; with no roots, or when no root
-    holds the path, the path stays relative to the current directory.
-    """
-    if not roots:
-        return study
-
-    def find(p: str) -> str:
-        if Path(p).is_absolute():
-            return p
-        for root in roots:
-            candidate = Path(root) / p
-            if candidate.exists():
-                return str(candidate)
-        return p
-
-    data = study.data.model_dump(mode="json")
-    for split in ("train", "val"):
-        src = getattr(study.data, split)
-        if isinstance(src, CocoSource):
-            data[split] = {**data[split], "images": find(src.images), "annotations": find(src.annotations)}
-    return study.model_copy(update={"data": DataSpec.model_validate(data)})
-
-
-__all__ = ["evaluate_checkpoint", "resolve_data_roots", "run_study_local"]
+__all__ = ["evaluate_checkpoint", "run_study_local"]
 

@@ -9,9 +9,11 @@ import hashlib
 import shutil
 from pathlib import Path
 
+REPORT_DIR = "report"  # a study's leaderboard files: report.json / .md / .png
+
 
 class ArtifactStore:
-    """Paths under one root: root/jobs/<id>/ (checkpoints/ and job.log inside)."""
+    """Paths under one root: root/jobs/<id>/ (checkpoints/, job.log and a study's report/ inside)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
@@ -27,6 +29,10 @@ class ArtifactStore:
 
     def checkpoint_dir(self, job_id: int) -> Path:
         return self.root / "jobs" / str(int(job_id)) / "checkpoints"
+
+    def report_dir(self, job_id: int) -> Path:
+        """Where a study's leaderboard report is written (the worker) and served from (the API)."""
+        return self.root / "jobs" / str(int(job_id)) / REPORT_DIR
 
     def relative(self, path: str | Path) -> str:
         """Path as stored in the database (POSIX, relative to the root)."""

@@ -11,9 +11,9 @@ from typing import Any
 
 from celery import Celery
 
+from store.dispatch import TASK_NAME
 from store.settings import get_settings
 
-TASK_NAME = "icd.run_job"
 QUEUES = ("cuda", "cpu", "any")
 # Kombu's SQLAlchemy transport polls its table; its default of 1 s would add up to 1 s to every
 # dispatch on the embedded broker.

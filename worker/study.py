@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 TEACHER_FILE = "teacher_eval.json"
 
 
-def report_dir(artifacts: ArtifactStore, study_id: int) -> Path:
-    return artifacts.job_dir(study_id) / "report"
-
-
 def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
     """Create the children of a claimed study job and park the study; returns the children to enqueue."""
     study = parse_spec(job.spec)
@@ -126,7 +122,7 @@ def write_study_report(s: Session, study_id: int, study: StudySpec, children: li
         for c in children if c.kind == "distill"
     ]
     teacher = _load_teacher(artifacts, study_id)
-    return write_report(rows, report_dir(artifacts, study_id), teacher=teacher, name=study.name)
+    return write_report(rows, artifacts.report_dir(study_id), teacher=teacher, name=study.name)
 
 
 def _preflight_problem(study: StudySpec, child: Job, artifacts: ArtifactStore, study_id: int) -> str | None:

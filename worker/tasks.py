@@ -21,9 +21,11 @@ from typing import Any
 from celery import signals
 from celery.exceptions import Reject
 
+from icd_core.json_numbers import finite_floats
 from store.artifacts import ArtifactStore
 from store.checkpoint_refs import parse_job_ref, resolve_job_ref
 from store.db import DatabaseNotMigrated, ensure_migrated
+from store.dispatch import TASK_NAME
 from store.jobs import (
     claim_job,
     fail_if_running_on,
@@ -38,7 +40,7 @@ from store.jobs import (
     update_progress,
 )
 from store.settings import get_settings
-from worker.app import TASK_NAME, app
+from worker.app import app
 from worker.db import dispose, sessions
 from worker.heartbeat import Heartbeat
 from worker.reporter import DbReporter
@@ -152,7 +154,7 @@ def execute_job(job_id: int, worker: str) -> str:
         kind, spec_dict, attempt = job.kind, dict(job.spec), job.attempt  # loaded: usable after close
 
     settings = get_settings()
-    artifacts = ArtifactStore(settings.artifact_root or settings.home / "artifacts")
+    artifacts = ArtifactStore(settings.artifact_root)
     job_dir = artifacts.job_dir(job_id)
     if _heartbeat is not None:
         _heartbeat.set_job(job_id)
@@ -203,7 +205,7 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
 
             ev = result.evaluation
             add_evaluation(s, job_id, attempt, ev.step, ev.metrics, ev.per_class)
-        finish_job(s, job_id, _json_safe(result.final_metrics))
+        finish_job(s, job_id, finite_floats(result.final_metrics))
     return "succeeded"
 
 
@@ -380,15 +382,3 @@ def job_log(path: Path) -> Iterator[None]:
             lg.setLevel(level)
         handler.close()
 
-
-def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Final metrics as plain JSON numbers (NaN/inf dropped: JSON has no spelling for them)."""
-    out: dict[str, Any] = {}
-    for k, v in (metrics or {}).items():
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            continue
-        if f == f and f not in (float("inf"), float("-inf")):
-            out[k] = f
-    return out

@@ -22,7 +22,7 @@ def _report_file(s: Session, artifacts: ArtifactStore, job_id: int, name: str) -
     if job.kind != "study":
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             detail=f"job {job_id} is a {job.kind} job; reports belong to studies")
-    path = artifacts.job_dir(job_id) / "report" / name
+    path = artifacts.report_dir(job_id) / name
     if not path.is_file():
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,

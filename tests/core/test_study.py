@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from icd_core.data_roots import resolve_data_roots
 from icd_core.engine.callbacks import EvalResult
 from icd_core.leaderboard import build_leaderboard, leaderboard_markdown, mean_std, write_report
 from icd_core.spec import StudySpec, parse_spec
-from icd_core.study import resolve_data_roots
 from icd_core.study_plan import (
     child_folder,
     child_result,
