@@ -120,7 +120,7 @@ class ModelSpec(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> ModelSpec:
+    def _check(self) -> ModelSpec:  # noqa: C901 - a flat list of independent guards, one message each
         if self.pretrained_backbone and self.backbone != "mobilenet_v2":
             raise ValueError(
                 f"pretrained_backbone: no offline ImageNet weights for {self.backbone}; "
