@@ -15,9 +15,6 @@ from sqlalchemy.orm import Session
 
 from store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, Job, utcnow
 
-# The contract lists these with the job functions; they live in results.py and are re-exported here.
-from store.results import add_checkpoint, add_evaluation, add_metrics, final_checkpoint_path  # noqa: F401
-
 
 class JobNotFound(LookupError):
     """No job with that id."""
