@@ -148,8 +148,8 @@ def update_progress(
 
 
 # --- state transitions ------------------------------------------------------------------------------
-# Every status change of a job is one of the functions below, each a guarded UPDATE from named states to
-# one state. `grep "FAILED\b\|_transition" store/jobs.py` answers "where does a job get marked failed".
+# Every status change of a job is a function in this file, each one guarded UPDATE (`_transition`) from
+# named states to one state: `grep -n '"failed"' store/jobs.py` answers "where does a job get marked failed".
 ACTIVE = ("queued", "waiting", "running")  # every status a job can still leave
 
 
