@@ -90,6 +90,8 @@ def test_light_modules_never_load_torch(module: str) -> None:
 def test_every_method_has_a_distiller() -> None:
     """`spec.Method` is the one list of method names; the distiller table covers it exactly."""
     from icd_core.distill import DISTILLERS
+    from icd_core.distill.masks import BASELINE_OPTIONS
     from icd_core.spec import METHODS
 
     assert set(DISTILLERS) | {"none"} == set(METHODS)
+    assert set(BASELINE_OPTIONS) == set(METHODS) - {"none", "icd"}
