@@ -1,16 +1,22 @@
-"""Request dependencies: settings, a database session, the artifact store, and the job id parameter."""
+"""Request dependencies: settings, a database session, the artifact store, the job id parameter and
+the job lookup every router starts from (the caller's identity comes from api.auth)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Path, Request
+from fastapi import HTTPException, Path, Request, status
 from sqlalchemy.orm import Session
 
 from store.artifacts import ArtifactStore
 from store.db import session_scope
+from store.jobs import get_job
+from store.models import Job
 from store.settings import Settings
+
+if TYPE_CHECKING:
+    from api.auth import Caller
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -29,3 +35,12 @@ def get_artifacts(request: Request) -> ArtifactStore:
 
 # Ids are 32-bit integer columns: a larger one is a 422, never a database error.
 JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The job's id")]
+
+
+def job_or_404(s: Session, job_id: int, caller: Caller) -> Job:
+    """The job, or the API's 404 naming it, also when it belongs to another owner (its existence is
+    not revealed). Every router that takes a job id starts here."""
+    job = get_job(s, job_id)
+    if job is None or not caller.can_see(job):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+    return job

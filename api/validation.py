@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from icd_core.paths import confine_spec_paths
+from icd_core.data_roots import confine_spec_paths
 from icd_core.spec import CocoSource, ModelSpec, ShapesSource, architecture_mismatch
 from store.models import Job
 from store.settings import Settings
@@ -72,7 +72,7 @@ def confine_paths(spec_dict: dict[str, Any], settings: Settings) -> tuple[dict[s
 def referenced_model(dep: Job) -> dict[str, Any] | None:
     """The model spec a job's final checkpoint holds: `model` of a train job, `student` of a distill job."""
     spec = dep.spec or {}
-    return spec.get("model") if dep.kind == "train" else spec.get("student")
+    return {"train": spec.get("model"), "distill": spec.get("student")}.get(dep.kind)
 
 
 def reference_mismatch(field: str, expected: ModelSpec, dep: Job) -> str | None:

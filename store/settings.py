@@ -22,8 +22,9 @@ class Settings(BaseSettings):
     home: Path = Path(".icd")
     database_url: str = ""
     broker_url: str = ""
-    artifact_root: Path | None = None
-    cache_dir: Path | None = None
+    # Unset: <home>/artifacts and <home>/cache (see _folders_under_home); absolute Paths once validated.
+    artifact_root: Path = Path(".icd") / "artifacts"
+    cache_dir: Path = Path(".icd") / "cache"
     # Colon-separated in the environment; relative dataset paths in specs are resolved against these.
     data_roots: Annotated[list[Path], NoDecode] = []
     api_token: str | None = None  # legacy single shared token (an admin); prefer `icd token create`
@@ -48,6 +49,17 @@ class Settings(BaseSettings):
             return [p for p in v.split(":") if p]
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _folders_under_home(cls, data: Any) -> Any:
+        """An unset artifact_root / cache_dir lives under `home`, wherever home is."""
+        if isinstance(data, dict):
+            home = Path(data.get("home") or ".icd")
+            for key, folder in (("artifact_root", "artifacts"), ("cache_dir", "cache")):
+                if not data.get(key):
+                    data = {**data, key: home / folder}
+        return data
+
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
         # Absolute paths so the sqlite URLs and artifact paths do not depend on a later chdir.
@@ -56,8 +68,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.home / 'icd.db'}"
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
-        self.artifact_root = (self.artifact_root or self.home / "artifacts").expanduser().resolve()
-        self.cache_dir = (self.cache_dir or self.home / "cache").expanduser().resolve()
+        self.artifact_root = self.artifact_root.expanduser().resolve()
+        self.cache_dir = self.cache_dir.expanduser().resolve()
         return self
 
     @property
@@ -79,26 +91,23 @@ class Settings(BaseSettings):
         """ICD_DATA_ROOTS, or (embedded default, loopback only) the working folder and the cache."""
         if self.data_roots:
             return [Path(r) for r in self.data_roots]
-        assert self.cache_dir is not None
         return [Path.cwd(), self.cache_dir]
 
     def allowed_checkpoint_roots(self) -> list[Path]:
         """Checkpoints may also come from the artifact store (another job's files)."""
-        assert self.artifact_root is not None
         return [*self.allowed_data_roots(), self.artifact_root]
 
     def ensure_dirs(self) -> None:
         """Create the local folders the embedded mode writes to."""
         for d in (self.home, self.artifact_root, self.cache_dir):
-            assert d is not None
             d.mkdir(parents=True, exist_ok=True)
 
     def resolve_data_path(self, p: str, checkpoint: bool = False) -> str:
         """The real path of a spec path inside the allowed roots (relative ones: first root holding it).
 
-        Raises icd_core.paths.PathNotAllowed naming the roots when it resolves outside all of them.
+        Raises icd_core.data_roots.PathNotAllowed naming the roots when it resolves outside all of them.
         """
-        from icd_core.paths import resolve_in_roots
+        from icd_core.data_roots import resolve_in_roots
 
         roots = self.allowed_checkpoint_roots() if checkpoint else self.allowed_data_roots()
         return str(resolve_in_roots(p, roots))

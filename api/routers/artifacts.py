@@ -10,8 +10,7 @@ from fastapi.responses import FileResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 
 from api.auth import UNAUTHORIZED, Caller, get_caller
-from api.deps import JobId, get_artifacts, get_session
-from api.routers.jobs import job_or_404
+from api.deps import JobId, get_artifacts, get_session, job_or_404
 from api.schemas import CheckpointOut, json_error
 from store.artifacts import ArtifactStore
 from store.results import get_checkpoint, list_checkpoints

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response, status
@@ -11,7 +10,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.auth import UNAUTHORIZED, Caller, get_caller
-from api.deps import JobId, get_app_settings, get_artifacts, get_session
+from api.deps import JobId, get_app_settings, get_artifacts, get_session, job_or_404
 from api.docs import SUBMIT_EXAMPLES
 from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut, ValidationErrorOut
 from api.validation import (
@@ -23,12 +22,13 @@ from api.validation import (
     reference_mismatch,
 )
 from icd_core.spec import JobSpec, ModelSpec, StudySpec, check_paths, iter_checkpoint_refs, parse_spec
-from icd_core.study import check_study
+from icd_core.study_plan import check_study
 from store import jobs as q
 from store.artifacts import ArtifactStore
+from store.checkpoint_refs import job_ref_state, parse_job_ref
 from store.dispatch import BrokerUnavailable, enqueue, queue_for
 from store.models import Job
-from store.results import final_checkpoint_path, get_metrics, list_evaluations
+from store.results import get_metrics, list_evaluations
 from store.settings import Settings
 
 _UNPROCESSABLE = {422: {"model": ValidationErrorOut, "description": "Invalid parameters: each entry names the field"}}
@@ -37,14 +37,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(get_call
 
 _ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
 _STATE: dict[int | str, dict[str, Any]] = {409: {"model": ErrorOut, "description": "Not allowed in the job's status"}}
-
-
-def job_or_404(s: Session, job_id: int, caller: Caller) -> Job:
-    """The job, or 404 when it does not exist or belongs to another owner (its existence is not revealed)."""
-    job = q.get_job(s, job_id)
-    if job is None or not caller.can_see(job):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
-    return job
 
 
 def _validated_spec(spec: Any, settings: Settings) -> tuple[Any, list[dict[str, Any]]]:
@@ -74,26 +66,21 @@ def _check_job_refs(
     """Validate `checkpoint: job:<id>` references; return the ids still running (to wait for)."""
     waits: list[int] = []
     for field, ref in iter_checkpoint_refs(spec):
-        if not ref.startswith("job:") or not ref[4:].isdigit():
+        dep_id = parse_job_ref(ref)
+        if dep_id is None:
             continue
-        dep_id = int(ref[4:])
         dep = q.get_job(s, dep_id) if dep_id <= DB_INT_MAX else None
-        expected = getattr(spec, field.split(".")[0])
         if dep is None or not caller.can_see(dep):
             errors.append(field_error(field, f"job {dep_id} does not exist"))
-        elif isinstance(expected, ModelSpec) and (why := reference_mismatch(field, expected, dep)):
+            continue
+        expected = getattr(spec, field.split(".")[0])
+        if isinstance(expected, ModelSpec) and (why := reference_mismatch(field, expected, dep)):
             errors.append(field_error(field, why))
-        elif dep.kind not in ("train", "distill"):
-            errors.append(field_error(field, f"job {dep_id} is a {dep.kind} job and produces no checkpoint"))
-        elif dep.status in ("failed", "canceled"):
-            errors.append(
-                field_error(field, f"job {dep_id} is {dep.status}; retry it (POST /jobs/{dep_id}/retry) first")
-            )
-        elif dep.status == "succeeded":
-            path = final_checkpoint_path(s, settings.artifact_root or "", dep_id)
-            if path is None or not Path(path).is_file():
-                errors.append(field_error(field, f"job {dep_id} succeeded but has no final checkpoint file"))
-        elif dep_id not in waits:
+            continue
+        problem, pending = job_ref_state(s, settings.artifact_root, dep_id)
+        if problem:
+            errors.append(field_error(field, problem))
+        elif pending and dep_id not in waits:
             waits.append(dep_id)
     return waits
 

@@ -20,7 +20,7 @@ from store.settings import Settings
 
 PG_HOST = os.environ.get("ICD_TEST_PG_HOST", "127.0.0.1:5432")
 PG_USERS = ("postgres", "root")
-TABLES = ("metrics", "evaluations", "checkpoints", "attempts", "workers", "jobs")
+TABLES = ("metrics", "evaluations", "checkpoints", "attempts", "workers", "jobs", "api_tokens")
 
 
 def _pg_admin() -> tuple[Any, str]:

@@ -167,7 +167,7 @@ def test_loopback_default_needs_no_token_and_knows_tokens(client: TestClient, se
 def test_the_token_command_creates_lists_and_revokes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from worker.cli import main
+    from icd_cli.main import main
 
     monkeypatch.setenv("ICD_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("ICD_DATABASE_URL", raising=False)

@@ -176,7 +176,7 @@ def test_icd_train_honours_data_roots(tmp_path: Path, dataset: Path, monkeypatch
     import yaml
     from click.testing import CliRunner
 
-    from icd_core.cli import cli
+    from icd_cli.main import main as cli
 
     spec = _coco("coco/images", "../secret.json")
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))

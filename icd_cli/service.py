@@ -1,5 +1,4 @@
-"""`icd`: the console script. Core commands (train, eval, shapes) come from `icd_core.cli`;
-this module adds the service: `icd serve`, `icd worker`, `icd token`, `icd db upgrade|current`.
+"""The service commands: `icd serve`, `icd worker`, `icd check-worker`, `icd db upgrade|current`.
 
 Nothing here imports torch: the service commands start fast, and a parent process that forks or
 spawns GPU workers must never have initialised CUDA.
@@ -14,56 +13,7 @@ from typing import Any
 
 import click
 
-CORE_COMMANDS = ("train", "eval", "shapes")
 EMBEDDED_WORKER = "embedded@{host}"
-
-
-class IcdGroup(click.Group):
-    """A click group that also offers `icd_core.cli`'s commands, imported only when needed."""
-
-    _core: click.Group | None = None
-    _core_error: str | None = None
-
-    def _load_core(self) -> click.Group | None:
-        if self._core is None and self._core_error is None:
-            try:
-                from icd_core.cli import cli as core
-            except ImportError as exc:
-                self._core_error = f"{type(exc).__name__}: {exc}"
-            else:
-                self._core = core
-        return self._core
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        names = set(super().list_commands(ctx))
-        core = self._load_core()
-        names |= set(core.list_commands(ctx)) if core is not None else set(CORE_COMMANDS)
-        return sorted(names)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        cmd = super().get_command(ctx, cmd_name)
-        if cmd is not None:
-            return cmd
-        core = self._load_core()
-        if core is not None:
-            return core.get_command(ctx, cmd_name)
-        if cmd_name in CORE_COMMANDS:
-            error = self._core_error
-
-            @click.command(cmd_name, context_settings={"ignore_unknown_options": True})
-            @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-            def unavailable(args: tuple[str, ...]) -> None:
-                raise click.ClickException(f"`icd {cmd_name}` needs icd_core.cli, which cannot be imported ({error})")
-
-            unavailable.help = f"(unavailable: {error})"
-            return unavailable
-        return None
-
-
-@click.group(cls=IcdGroup)
-@click.version_option(package_name="icd-service", prog_name="icd")
-def main() -> None:
-    """ICD: distillation experiments for object detectors, on the command line or as a service."""
 
 
 def _settings() -> Any:
@@ -81,7 +31,7 @@ def _setup_logging(level: str = "INFO") -> None:
 # --- icd serve ----------------------------------------------------------------------------------
 
 
-@main.command()
+@click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--no-worker", is_flag=True, help="API only (production: workers run on GPU hosts via `icd worker`).")
@@ -160,7 +110,7 @@ def _safe_url(url: str) -> str:
 # --- icd worker ---------------------------------------------------------------------------------
 
 
-@main.command("worker")
+@click.command("worker")
 @click.option("--gpus", default=None, help="GPU indices, e.g. 0,1: one worker process per GPU.")
 @click.option("--cpu", "cpu_only", is_flag=True, help="A CPU-only worker (GPUs hidden; queues cpu,any).")
 @click.option("--queues", "-Q", default=None,
@@ -213,7 +163,7 @@ def plan_workers(
     return [WorkerSpec(f"{name or 'worker'}@{host}", queues or default_queues, {}, loglevel)]
 
 
-@main.command("check-worker")
+@click.command("check-worker")
 @click.option("--host", "host", default=None, help="Hostname whose workers count (default: this machine).")
 @click.option("--name", default=None, help="One worker name, e.g. gpu0@host (default: any on the host).")
 def check_worker(host: str | None, name: str | None) -> None:
@@ -236,85 +186,10 @@ def check_worker(host: str | None, name: str | None) -> None:
     click.echo(", ".join(f"{w.name} ({w.device})" for w in alive))
 
 
-# --- icd token ----------------------------------------------------------------------------------
-
-
-@main.group()
-def token() -> None:
-    """Named API tokens (stored hashed in ICD_DATABASE_URL); each job records the token that submitted it."""
-
-
-def _token_session() -> Any:
-    """A session on the configured database, migrated if this is the embedded SQLite default."""
-    from store.db import make_engine, session_factory, upgrade_database
-
-    settings = _settings()
-    if settings.database_url.startswith("sqlite"):
-        settings.ensure_dirs()
-        upgrade_database(settings.database_url)
-    engine = make_engine(settings.database_url)
-    return engine, session_factory(engine)()
-
-
-@token.command("create")
-@click.option("--name", required=True, help="Who holds it; recorded as the owner of the jobs it submits.")
-@click.option("--admin", is_flag=True, help="Sees and manages every owner's jobs.")
-def token_create(name: str, admin: bool) -> None:
-    """Create a token and print its secret (shown once: only its sha256 is stored)."""
-    from store.tokens import TokenError, create_token
-
-    engine, s = _token_session()
-    try:
-        _, secret = create_token(s, name, admin=admin)
-    except TokenError as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        s.close()
-        engine.dispose()
-    click.echo(secret)
-    click.echo(f"token {name!r}{' (admin)' if admin else ''} created; send it as 'Authorization: Bearer <token>'. "
-               "It is not shown again.", err=True)
-
-
-@token.command("list")
-def token_list() -> None:
-    """Names, roles and creation times (never the secrets)."""
-    from store.tokens import list_tokens
-
-    engine, s = _token_session()
-    try:
-        rows = [(t.name, "admin" if t.admin else "user", t.created_at.isoformat(timespec="seconds"))
-                for t in list_tokens(s)]
-    finally:
-        s.close()
-        engine.dispose()
-    if not rows:
-        click.echo("no tokens (create one with `icd token create --name <you> [--admin]`)", err=True)
-    for row in rows:
-        click.echo("\t".join(row))
-
-
-@token.command("revoke")
-@click.argument("name")
-def token_revoke(name: str) -> None:
-    """Revoke a token at once; its jobs keep its name as their owner."""
-    from store.tokens import TokenError, revoke_token
-
-    engine, s = _token_session()
-    try:
-        revoke_token(s, name)
-    except TokenError as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        s.close()
-        engine.dispose()
-    click.echo(f"token {name!r} revoked")
-
-
 # --- icd db -------------------------------------------------------------------------------------
 
 
-@main.group()
+@click.group("db")
 def db() -> None:
     """The database schema (Alembic migrations)."""
 
@@ -352,6 +227,3 @@ def db_current() -> None:
         click.echo("run: icd db upgrade", err=True)
         raise SystemExit(1)
 
-
-if __name__ == "__main__":
-    main()

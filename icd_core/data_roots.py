@@ -1,18 +1,23 @@
-"""Path roots: every dataset, annotation file and checkpoint a spec names must resolve inside a root.
+"""Data roots: every dataset, annotation file and checkpoint a spec names must resolve inside a root.
 
-A path is URL-decoded, `~`-expanded and resolved (symlinks and `..` followed) before it is compared
-with the roots, so `../../etc/passwd`, `%2e%2e/`, and a symlink pointing out of a root are all caught.
-The service and `icd train` share this module; the service supplies its roots from its settings.
+The one rule the service (`store.settings.Settings`, the API's submit checks, the worker) and the
+local commands (`icd train`, `icd eval`, `icd study`, with ICD_DATA_ROOTS set) share. A path is
+URL-decoded, `~`-expanded and resolved (symlinks and `..` followed) before it is compared with the
+roots, so `../../etc/passwd`, `%2e%2e/`, and a symlink pointing out of a root are all caught.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
+from pydantic import BaseModel
+
 from .spec import CocoSource
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
 class PathNotAllowed(ValueError):
@@ -58,10 +63,11 @@ def resolve_in_roots(p: str, roots: Sequence[str | Path]) -> Path:
 
 
 def confine_spec_paths(
-    spec: dict[str, Any], data_roots: Sequence[str | Path], checkpoint_roots: Sequence[str | Path]
+    spec: dict[str, Any], data_roots: Sequence[str | Path], checkpoint_roots: Sequence[str | Path] | None
 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """A copy of the spec dict with every COCO and checkpoint path resolved inside its roots, and
-    (field, reason) for each path that is not. `job:<id>` checkpoint references are left as they are."""
+    (field, reason) for each path that is not. `job:<id>` checkpoint references are left as they are;
+    checkpoint_roots None leaves checkpoint paths alone (local commands)."""
     out = {**spec}
     errors: list[tuple[str, str]] = []
 
@@ -85,7 +91,18 @@ def confine_spec_paths(
     for field in ("model", "teacher", "student"):
         m = out.get(field)
         ref = m.get("checkpoint") if isinstance(m, dict) else None
-        if isinstance(ref, str) and ref and not ref.startswith("job:"):
+        if checkpoint_roots is not None and isinstance(ref, str) and ref and not ref.startswith("job:"):
             out[field] = {**m, "checkpoint": confine(f"{field}.checkpoint", ref, checkpoint_roots)}
     return out, errors
 
+
+def resolve_data_roots(spec: SpecT, roots: Sequence[str | Path]) -> SpecT:
+    """The spec with its COCO paths resolved inside `roots` (relative ones: the first root holding
+    them); PathNotAllowed naming each field otherwise. With no roots the spec is returned unchanged
+    (a laptop run reads what its user can read). Checkpoint paths are left as given."""
+    if not roots or getattr(spec, "data", None) is None:
+        return spec
+    confined, errors = confine_spec_paths(spec.model_dump(mode="json"), roots, None)
+    if errors:
+        raise PathNotAllowed("; ".join(f"{field}: {reason}" for field, reason in errors))
+    return type(spec).model_validate(confined)
