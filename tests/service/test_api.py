@@ -282,8 +282,10 @@ def test_broker_down_gives_503_and_leaves_no_row(settings: Settings) -> None:
         app.state.engine.dispose()
 
 
-def test_legacy_shared_token_guards_every_endpoint(settings: Settings) -> None:
-    app = create_app(settings.model_copy(update={"api_token": "s3cret"}))
+def test_legacy_shared_token_guards_every_endpoint(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="api.auth"):
+        app = create_app(settings.model_copy(update={"api_token": "s3cret"}))
+    assert "icd token create" in caplog.text and "unset ICD_API_TOKEN" in caplog.text
     try:
         with TestClient(app) as c:
             r = c.post("/jobs", json=_spec())
