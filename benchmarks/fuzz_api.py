@@ -6,7 +6,7 @@ SQLite broker, so no queue outside the run is touched), creates an admin token a
 answered and how many were 5xx (counted from the server's own access log), and each failed check.
 Exit status 0 means no 5xx and no failed check. The database is dropped afterwards.
 
-    .venv/bin/python benchmarks/fuzz_api.py [--max-examples 60] [--checks all] \
+    .venv/bin/python benchmarks/fuzz_api.py [--max-examples 60] [--checks all] [--require-token] \
         [--admin-url postgresql://postgres@127.0.0.1:5432/postgres]
 """
 
@@ -70,9 +70,10 @@ def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 60
 
 
 def run_fuzz(max_examples: int, checks: str, admin_url: str | None, workers: int = 1,
-             database_url: str | None = None) -> dict[str, object]:
+             database_url: str | None = None, require_token: bool = False) -> dict[str, object]:
     """One schemathesis run against a fresh server; on `database_url` (empty) when given, else on a
-    database created and dropped here."""
+    database created and dropped here. require_token: anonymous requests get 401 even on loopback
+    (what a server beyond loopback does), so the auth checks of `--checks all` apply."""
     admin = None
     if database_url is None:
         admin, user = admin_connect(admin_url)
@@ -85,6 +86,7 @@ def run_fuzz(max_examples: int, checks: str, admin_url: str | None, workers: int
                    "ICD_DATABASE_URL": database_url,
                    "ICD_BROKER_URL": f"sqla+sqlite:///{tmp}/broker.db", "OMP_NUM_THREADS": "1"}
             env.pop("ICD_API_TOKEN", None)
+            env["ICD_REQUIRE_TOKEN"] = "1" if require_token else "0"
             Path(f"{tmp}/data").mkdir()
             subprocess.run([str(BIN / "icd"), "db", "upgrade"], env=env, check=True, capture_output=True)
             made = subprocess.run([str(BIN / "icd"), "token", "create", "--name", "fuzz", "--admin"], env=env,
@@ -119,6 +121,7 @@ def run_fuzz(max_examples: int, checks: str, admin_url: str | None, workers: int
     return {
         "max_examples": max_examples,
         "checks": checks,
+        "require_token": require_token,
         "cases_generated": int(generated.group(1)) if generated else None,
         "requests_served": sum(statuses.values()),
         "server_errors_5xx": sum(n for code, n in statuses.items() if code >= 500),
@@ -137,8 +140,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--admin-url", default=None)
     ap.add_argument("--database-url", default=None, help="an empty database to use instead of a fresh one")
+    ap.add_argument("--require-token", action="store_true", help="anonymous requests get 401 (ICD_REQUIRE_TOKEN)")
     args = ap.parse_args()
-    result = run_fuzz(args.max_examples, args.checks, args.admin_url, args.workers, args.database_url)
+    result = run_fuzz(args.max_examples, args.checks, args.admin_url, args.workers, args.database_url,
+                      args.require_token)
     print(json.dumps(result, indent=2))
     sys.exit(0 if result["server_errors_5xx"] == 0 and not result["failed_checks"] and result["st_exit_code"] == 0
              else 1)
