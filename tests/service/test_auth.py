@@ -181,3 +181,16 @@ def test_the_token_command_creates_lists_and_revokes(tmp_path: Path, monkeypatch
     assert runner.invoke(main, ["token", "create", "--name", "erin"]).exit_code == 1
     assert runner.invoke(main, ["token", "revoke", "erin"]).exit_code == 0
     assert runner.invoke(main, ["token", "revoke", "erin"]).exit_code == 1
+
+
+def test_a_request_reaching_a_network_address_needs_a_token_whatever_the_settings(settings: Settings) -> None:
+    """`uvicorn api.main:app --host 0.0.0.0` without ICD_LISTEN_HOST: the connection's local address decides."""
+    app = create_app(settings)  # listen_host left at 127.0.0.1
+    try:
+        with TestClient(app, base_url="http://10.1.2.3:8000") as remote:
+            assert remote.get("/jobs").status_code == 401
+            assert remote.get("/health").status_code == 200
+        with TestClient(app, base_url="http://127.0.0.1:8000") as local:
+            assert local.get("/jobs").status_code == 200
+    finally:
+        app.state.engine.dispose()
