@@ -52,6 +52,17 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+async def _method_not_allowed(request: Request, _exc: Exception) -> JSONResponse:
+    """405 whose Allow header lists every documented method of the path (Starlette names only those
+    of the first route that matched)."""
+    path, allowed = request.url.path, []
+    for template, operations in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), path):
+            allowed = sorted(m.upper() for m in operations)
+            break
+    return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(allowed)})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app for `settings`; refuses a database that is not at the code's schema revision, and
     (StartupRefused) a server beyond loopback with no API token or no ICD_DATA_ROOTS.
@@ -86,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(engine)
     app.state.artifacts = ArtifactStore(settings.artifact_root)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(405, _method_not_allowed)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)

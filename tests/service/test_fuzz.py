@@ -25,3 +25,11 @@ def test_fuzzing_the_openapi_document_finds_no_5xx_and_nothing_undocumented(pg_d
     assert result["cases_generated"] and result["requests_served"] >= result["cases_generated"] // 2
     assert result["server_errors_5xx"] == 0, result
     assert result["failed_checks"] == {} and result["st_exit_code"] == 0, result["st_tail"]
+
+
+def test_405_names_every_documented_method_of_the_path(client: Any) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for url, template in (("/jobs/1", "/jobs/{job_id}"), ("/jobs", "/jobs"), ("/health", "/health")):
+        r = client.request("PUT", url)
+        assert r.status_code == 405
+        assert r.headers["allow"] == ", ".join(sorted(m.upper() for m in paths[template])), url
