@@ -29,6 +29,7 @@ DEFAULT_LEVELS = {
 }
 # COCO "1x" = 90k iterations at batch 16; steps at 2/3 and 8/9 of training (ICD_SPEC §7).
 PRESET_ITERS_AT_16 = {"1x": 90_000, "3x": 270_000}
+SEED_MAX = 2**63 - 1  # torch.manual_seed's range; larger seeds would fail on the worker, not at submit
 
 
 class StrictModel(BaseModel):
@@ -47,7 +48,7 @@ class ShapesSource(StrictModel):
     format: Literal["shapes"] = "shapes"
     num_images: int = Field(512, ge=1, le=1_000_000)
     image_size: int = Field(256, ge=32, le=4096)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     num_classes: int = Field(6, ge=1, le=12)
     min_object: int = Field(8, ge=2, description="Smallest object side in pixels.")
     max_object: int = Field(96, ge=4, description="Largest object side in pixels.")
@@ -243,7 +244,7 @@ class ScheduleSpec(StrictModel):
 
 class _JobBase(StrictModel):
     name: str = Field("job", max_length=200)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds every RNG of the run.")
     data: DataSpec
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
@@ -315,7 +316,7 @@ class StudySpec(_JobBase):
     teacher: ModelSpec
     student: ModelSpec
     methods: list[Method] = Field(default_factory=lambda: list(METHODS))
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] = Field(default_factory=lambda: [0, 1, 2])
     distill: DistillSpec = Field(default_factory=DistillSpec, description="Shared options (inherit, icd, ...).")
     teacher_min_ap: float = Field(1.0, ge=0.0, le=100.0, description="Refuse a teacher below this AP.")
     teacher_schedule: ScheduleSpec | None = Field(None, description="Train the teacher first if it has no checkpoint.")

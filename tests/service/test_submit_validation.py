@@ -106,6 +106,7 @@ def test_unset_roots_allow_the_working_folder_and_the_cache(settings: Settings, 
         (("data", "train", "num_images"), 1_000_000, "data.train.num_images", "ICD_MAX_DATASET_IMAGES"),
         (("schedule", "iterations"), 2**40, "schedule.iterations", "ICD_MAX_ITERATIONS"),
         (("name",), "bad\x00name", "name", "NUL"),
+        (("seed",), 2**64, "seed", "less than or equal to 9223372036854775807"),
     ],
 )
 def test_bad_values_are_refused_at_submit(
