@@ -165,7 +165,11 @@ class ICDOptions(StrictModel):
     neg_per_pos: float = Field(5.0, ge=0.0, le=50.0, description="rho: fake queries per real one.")
     max_queries: int | None = Field(None, ge=1, le=2000, description="null: 300 (100 for faster_rcnn).")
     jitter: float = Field(0.3, ge=0.0, lt=1.0)
-    bypass_iters: int = Field(1000, ge=0, description="Student features detached for this many steps.")
+    bypass_iters: int | None = Field(
+        None, ge=0,
+        description="Student features detached for this many steps; null: the paper's 1,000, capped at a third of "
+        "the schedule (see icd_core.distill.icd.bypass_steps). An integer is taken as given.",
+    )
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     lr: float = Field(1.0e-4, gt=0.0, le=1.0)
     weight_decay: float = Field(1.0e-4, ge=0.0, le=1.0)

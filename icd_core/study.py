@@ -31,7 +31,6 @@ from .spec import (
     DataSpec,
     DistillJobSpec,
     EvaluateSpec,
-    ICDOptions,
     ModelSpec,
     StudySpec,
     TrainSpec,
@@ -41,10 +40,9 @@ from .spec import (
 log = logging.getLogger(__name__)
 
 # The paper fixes iteration counts for COCO 1x (90k iterations at batch 16): LR warm-up 1000 and the
-# ICD bypass 1000 (ICD_SPEC §6-7). A study keeps their share of training (see `scaled_iterations`).
+# ICD bypass 1000 (ICD_SPEC §6-7). A study keeps the warm-up's share of training (see `scaled_iterations`).
 REFERENCE_ITERS = PRESET_ITERS_AT_16["1x"]
 PAPER_WARMUP_ITERS = 1000
-PAPER_BYPASS_ITERS = ICDOptions.model_fields["bypass_iters"].default
 CallbacksFactory = Callable[[str], Sequence[Callback]]
 
 
@@ -75,9 +73,9 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
     of the pre-flight's "teacher better than student" check, so it runs first.
 
     With `study.scale_iterations` (the default) the paper's 1x iteration counts are scaled by
-    `scaled_iterations`: `schedule.warmup_iters` when null, and `distill.icd.bypass_iters` when it is
-    the paper's 1000 (any other value is taken as given). LR steps are written out explicitly (null:
-    2/3 and 8/9 of training), so each child spec states the full schedule it ran.
+    `scaled_iterations`: `schedule.warmup_iters` when null. The ICD bypass is not scaled: it is the
+    decoder's head start in absolute steps (see `icd_core.distill.icd.bypass_steps`). LR steps are
+    written out explicitly (null: 2/3 and 8/9 of training), so each child spec states the full schedule it ran.
     """
     total = study.schedule.total_iterations()
     schedule = study.schedule.model_copy(update={"steps": study.schedule.resolved_steps()})
@@ -85,9 +83,6 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
     if study.scale_iterations:
         if schedule.warmup_iters is None:
             schedule = schedule.model_copy(update={"warmup_iters": scaled_iterations(PAPER_WARMUP_ITERS, total)})
-        if distill.icd.bypass_iters == PAPER_BYPASS_ITERS:
-            icd = distill.icd.model_copy(update={"bypass_iters": scaled_iterations(PAPER_BYPASS_ITERS, total)})
-            distill = distill.model_copy(update={"icd": icd})
     teacher = study.teacher.model_copy(update={"checkpoint": teacher_checkpoint})
     methods = [BASELINE] + [m for m in dict.fromkeys(study.methods) if m != BASELINE]
 

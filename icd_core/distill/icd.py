@@ -45,6 +45,22 @@ DEFAULT_WEIGHT = {"retinanet": 8.0, "fcos": 8.0, "faster_rcnn": 3.0}
 DEFAULT_MAX_QUERIES = {"retinanet": 300, "fcos": 300, "faster_rcnn": 100}
 UNIFORM_WH_MEAN = 0.2  # fake box prior when no dataset statistics are given
 UNIFORM_WH_STD = 0.1
+PAPER_BYPASS_ITERS = 1000  # ICD_SPEC §6
+
+
+def bypass_steps(requested: int | None, total_steps: int) -> int:
+    """Steps during which the student's features are detached (only the adapter learns).
+
+    An explicit value is taken as given. Null means the paper's absolute 1,000 iterations, because the
+    bypass is the decoder's head start and the decoder learns per step, not per share of the schedule
+    (scaling it to 600/90,000 of training gave 7 steps: no head start at all). When the schedule is
+    shorter than 3,000 steps the bypass is capped at a third of it, so the student still receives the
+    ICD gradient for two thirds of training, including all of it at full learning rate after the first
+    third (the first LR drop comes at 2/3).
+    """
+    if requested is not None:
+        return int(requested)
+    return min(PAPER_BYPASS_ITERS, max(0, int(total_steps)) // 3)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -94,6 +110,7 @@ class ICDDistiller(Distiller):
         self.total_steps = int(total_steps)
         self.weight = float(dspec.weight) if dspec.weight is not None else DEFAULT_WEIGHT[detector]
         self.max_queries = opts.max_queries or DEFAULT_MAX_QUERIES[detector]
+        self.bypass_iters = bypass_steps(opts.bypass_iters, self.total_steps)
 
         self.encoder = InstanceEncoder(descriptor_dims(self.num_classes), channels)
         self.decoder = ConditionalDecoder(channels, opts.heads, opts.layers)
@@ -152,7 +169,7 @@ class ICDDistiller(Distiller):
         student, s_shapes = flatten_levels(batch.student_features)
         if s_shapes != shapes or student.shape[-1] != self.channels:
             raise ValueError(f"student features {s_shapes} do not match the teacher's {shapes}")
-        if batch.step < self.opts.bypass_iters:
+        if batch.step < self.bypass_iters:
             student = student.detach()
         layout = self._key_layout(batch, shapes, teacher.device)
         queries = self.queries_for(batch)

@@ -88,7 +88,7 @@ def test_scaling_rule_for_warmup_bypass_and_steps() -> None:
 
     study = tiny_study(schedule={"iterations": 1800, "batch_size": 8})
     _, _, spec = child_specs(study, "t.pt")[1]
-    assert spec.schedule.warmup_iters == 20 and spec.distill.icd.bypass_iters == 20
+    assert spec.schedule.warmup_iters == 20 and spec.distill.icd.bypass_iters is None  # bypass: absolute rule
     assert spec.schedule.steps == [1200, 1600]
 
     # Explicit values are kept; scale_iterations: false keeps the paper's numbers.
@@ -98,12 +98,12 @@ def test_scaling_rule_for_warmup_bypass_and_steps() -> None:
     assert (spec.schedule.warmup_iters, spec.distill.icd.bypass_iters, spec.schedule.steps) == (50, 300, [900])
     study = tiny_study(schedule={"iterations": 1800}, scale_iterations=False)
     _, _, spec = child_specs(study, "t.pt")[1]
-    assert spec.distill.icd.bypass_iters == 1000 and spec.schedule.warmup_iters is None
+    assert spec.distill.icd.bypass_iters is None and spec.schedule.warmup_iters is None
 
     # A preset at batch 16 is the paper's own schedule: nothing changes.
     study = tiny_study(schedule={"iterations": "1x", "batch_size": 16})
     _, _, spec = child_specs(study, "t.pt")[1]
-    assert (spec.schedule.warmup_iters, spec.distill.icd.bypass_iters) == (1000, 1000)
+    assert (spec.schedule.warmup_iters, spec.distill.icd.bypass_iters) == (1000, None)
     assert spec.schedule.steps == [60_000, 80_000]
 
 
