@@ -199,6 +199,7 @@ def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, erro
         return {"method": method, "seed": seed, "metrics": None, "status": "failed", "error": error}
     evaluation = summary.get("evaluation") or {}
     metrics = evaluation.get("metrics") or summary.get("final_metrics") or {}
+    diagnostics = {k: v for k, v in (summary.get("final_metrics") or {}).items() if k.startswith("icd_")}
     return {
         "method": method,
         "seed": seed,
@@ -206,6 +207,7 @@ def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, erro
         "sec_per_step": summary.get("sec_per_step"),
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "status": "succeeded",
+        **diagnostics,
     }
 
 

@@ -24,9 +24,19 @@ from icd_core.distill.icd_decoder import (
     AuxHead,
     ConditionalDecoder,
     KeyLayout,
+    Projections,
     flatten_levels,
     instance_weights,
     key_layout,
+)
+from icd_core.distill.icd_diagnostics import (
+    edge_distances,
+    identification_auc,
+    in_box_mass,
+    inside_boxes,
+    key_centres,
+    localization_error,
+    real_recall,
 )
 from icd_core.distill.icd_queries import (
     ClassPriorTensors,
@@ -192,6 +202,7 @@ class ICDDistiller(Distiller):
             "icd_real_queries": num_real.float(),
             "icd_fake_queries": (queries.valid & ~queries.real).sum().float(),
             "icd_attn_entropy": entropy.sum() / (num_real * self.heads).clamp(min=1),
+            **self.diagnostics(batch, shapes, layout, queries, z.detach(), proj, max(n_real, default=0)),
         }
         self._stats = {key: v.detach() for key, v in stats.items()}
         losses = {
@@ -200,6 +211,32 @@ class ICDDistiller(Distiller):
             "loss_icd_loc": loss_loc,
         }
         return ICDOutputs(losses, weights, queries, layout, stats)
+
+    @torch.no_grad()
+    def diagnostics(
+        self, batch: DistillBatch, shapes: list[tuple[int, int]], layout: KeyLayout, queries: InstanceQueries,
+        z: Tensor, proj: Projections, max_real: int,
+    ) -> dict[str, Tensor]:
+        """Readiness of the decoder on this batch, measured before this step's update (icd_diagnostics).
+
+        icd_ident_auc, icd_real_recall (logit > 0), icd_inbox_mass and its uniform reference
+        icd_inbox_uniform, icd_loc_error (mean |edge error| in box units). NaN when the batch has no real
+        query (AUC also when it has no fake one).
+        """
+        real, boxes = queries.real[:, :max_real], queries.boxes[:, :max_real]
+        centres = key_centres(batch.image_sizes, batch.padded_size, shapes, layout.valid.device)
+        mass, uniform, pairs = in_box_mass(proj.q[:, :, :max_real], proj.k, layout.valid, real,
+                                           inside_boxes(centres, boxes), self.opts.temperature)
+        hits, n_real = real_recall(z[..., 0], queries.real)
+        loc_sum, _ = localization_error(z[..., 1:5], edge_distances(queries.ref_points, queries.boxes),
+                                        queries.boxes, queries.real)
+        return {
+            "icd_ident_auc": identification_auc(z[..., 0], queries.real, queries.valid),
+            "icd_real_recall": hits / n_real,
+            "icd_inbox_mass": mass / pairs,
+            "icd_inbox_uniform": uniform / pairs,
+            "icd_loc_error": loc_sum / n_real,
+        }
 
     def losses(self, batch: DistillBatch) -> dict[str, Tensor]:
         return self.compute(batch).losses
@@ -253,4 +290,6 @@ class ICDDistiller(Distiller):
         torch.nn.utils.clip_grad_norm_(self.parameters(), self.opts.grad_clip)
 
     def report(self) -> dict[str, float]:
-        return {key: float(v) for key, v in self._stats.items()}
+        """The last step's stats; undefined ones (NaN: e.g. no real query in the batch) are left out."""
+        values = {key: float(v) for key, v in self._stats.items()}
+        return {key: v for key, v in values.items() if math.isfinite(v)}

@@ -363,6 +363,7 @@ class Trainer:
         out: dict[str, float] = {"step": float(self.step)}
         if "loss" in self.last_metrics:
             out["loss"] = self.last_metrics["loss"]
+        out.update({k: v for k, v in self.last_metrics.items() if k.startswith("icd_")})  # ICD readiness at the end
         if evaluation is not None:
             out.update(evaluation.metrics)
         return out

@@ -280,3 +280,20 @@ def test_check_study_rejects_an_incompatible_pair_before_any_work() -> None:
     bad = tiny_study(student={**TINY_MODEL, "backbone": "resnet18", "fpn_channels": 64})
     with pytest.raises(ValueError, match="inherit"):
         check_study(bad)
+
+
+def test_leaderboard_shows_icd_diagnostics_from_cli_and_service_rows() -> None:
+    summary = {"evaluation": {"step": 3, "metrics": {"AP": 2.0}}, "sec_per_step": 0.5,
+               "final_metrics": {"AP": 2.0, "icd_ident_auc": 0.9, "icd_inbox_mass": 0.3, "icd_inbox_uniform": 0.05}}
+    cli_row = child_result("icd", 0, summary)
+    study = tiny_study(methods=["icd"], seeds=[0])
+    _, (_, _, icd) = child_specs(study, "job:1")
+    service_row = result_from_job(icd.model_dump(mode="json") | {"seed": 1}, "succeeded",
+                                  {"AP": 4.0, "icd_ident_auc": 0.7, "icd_inbox_mass": 0.1, "icd_inbox_uniform": 0.05})
+    report = build_leaderboard([cli_row, service_row, _row("none", 0, 1.0, 0.4, 10.0)])
+    icd_entry = next(m for m in report["methods"] if m["method"] == "icd")
+    assert icd_entry["icd_diagnostics"]["icd_ident_auc"] == pytest.approx(0.8)
+    assert icd_entry["icd_diagnostics"]["icd_inbox_mass"] == pytest.approx(0.2)
+    assert "icd_diagnostics" not in next(m for m in report["methods"] if m["method"] == "none")
+    md = leaderboard_markdown(report)
+    assert "| ident AUC |" in md and "| icd | 0.800 |" in md and "| 4.0 |" in md  # 0.2 / 0.05 = 4.0× uniform
