@@ -23,7 +23,8 @@ from typing import Any
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 BASELINE = "none"
 # ICD's decoder readiness at the end of a child (icd_core.distill.icd_diagnostics): mean over seeds.
-ICD_DIAGNOSTICS = ("icd_ident_auc", "icd_real_recall", "icd_inbox_mass", "icd_inbox_uniform", "icd_loc_error")
+ICD_DIAGNOSTICS = ("icd_ident_auc", "icd_real_recall", "icd_inbox_mass", "icd_inbox_uniform", "icd_loc_error",
+                   "icd_pretrain_steps", "icd_pretrain_seconds")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -199,14 +200,16 @@ def icd_diagnostics_markdown(report: Mapping[str, Any]) -> list[str]:
     rows = [m for m in report["methods"] if m.get("icd_diagnostics")]
     if not rows:
         return []
-    head = ["method", "ident AUC", "real recall", "in-box mass", "uniform", "× uniform", "loc error"]
+    head = ["method", "ident AUC", "real recall", "in-box mass", "uniform", "× uniform", "loc error",
+            "pre-train steps", "pre-train s (once per teacher)"]
     lines = ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for m in rows:
         d = m["icd_diagnostics"]
         mass, uniform = d.get("icd_inbox_mass"), d.get("icd_inbox_uniform")
         ratio = mass / uniform if mass is not None and uniform else None
         cells = [m["method"], _fmt(d.get("icd_ident_auc"), 3), _fmt(d.get("icd_real_recall"), 3), _fmt(mass, 3),
-                 _fmt(uniform, 3), _fmt(ratio, 1), _fmt(d.get("icd_loc_error"), 3)]
+                 _fmt(uniform, 3), _fmt(ratio, 1), _fmt(d.get("icd_loc_error"), 3),
+                 _fmt(d.get("icd_pretrain_steps"), 0), _fmt(d.get("icd_pretrain_seconds"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

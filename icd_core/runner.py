@@ -24,6 +24,7 @@ from .engine.callbacks import Callback, EvalResult
 from .engine.metrics_log import MetricsLog
 from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
+from .pretrain import prepare_decoder
 from .spec import DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,12 @@ def build_trainer(
         priors = compute_priors(train_ds, cache_dir) if spec.distill.method == "icd" else None
         distiller = build_distiller(spec.distill, teacher, student, spec.schedule.total_iterations(), priors)
         extra["teacher_checkpoint"] = str(teacher_path)
+        if spec.distill.method == "icd" and load_initial_weights:  # a resumed run's decoder is in its checkpoint
+            decoder = prepare_decoder(spec, distiller, teacher, teacher_path, train_ds, cache_dir, resolve, device)
+            if decoder:
+                extra["icd_decoder"] = decoder
+                extra["icd_pretrain_steps"] = float(decoder.get("steps") or 0)
+                extra["icd_pretrain_seconds"] = float(decoder.get("seconds") or 0.0)
 
     bs, workers = spec.schedule.batch_size, spec.data.workers
 
@@ -219,7 +226,8 @@ def _run_training(
     trainer, extra = build_trainer(spec, output_dir, [*callbacks, metrics_log], resolve, cache_dir,
                                    load_initial_weights=resume_from is None)
     out = trainer.train(resume_from=resume_from)
-    counts = {k: extra[k] for k in ("inherit_copied", "inherit_skipped") if k in extra}
+    counts = {k: extra[k] for k in ("inherit_copied", "inherit_skipped", "icd_pretrain_steps",
+                                    "icd_pretrain_seconds") if k in extra}
     result = RunResult({**out.final_metrics, **counts}, out.evaluation, out.final_checkpoint,
                        out.sec_per_step, out.peak_memory_mb)
     _write_summary(output_dir, spec, result, {"step": out.step, "device": str(trainer.device),

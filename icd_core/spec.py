@@ -159,6 +159,27 @@ class ModelSpec(StrictModel):
         return "frozen_bn" if self.pretrained_backbone else "bn"
 
 
+class ICDPretrainSpec(StrictModel):
+    """Train the decoder side (encoder, decoder, aux head) on the frozen teacher before distillation
+    (the release's PRETRAIN_TEACHER_ITERS, ICD_SPEC §11); the result is cached per (teacher, data, ICD settings)."""
+
+    steps: int = Field(3000, ge=1, le=1_000_000, description="Step budget; stops earlier once ready.")
+    lr: float = Field(1.0e-3, gt=0.0, le=1.0, description="AdamW lr (the release: the decoder's maximum lr).")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay to 0 over `steps`.")
+    batch_size: int | None = Field(None, ge=1, le=1024, description="null: the job's schedule.batch_size.")
+    min_auc: float | None = Field(
+        0.9, gt=0.5, le=1.0, description="Ready when held-out identification AUC ≥ this (null: steps only)."
+    )
+    min_inbox_ratio: float | None = Field(
+        3.0, gt=1.0, le=1000.0,
+        description="... and held-out in-box attention mass ≥ this × uniform's (null: AUC only).",
+    )
+    check_every: int = Field(100, ge=1, description="Held-out readiness check every this many steps.")
+    holdout_images: int = Field(16, ge=1, le=10_000, description="Training images held out for the check.")
+    cache_features: bool = Field(True, description="Compute teacher features once and reuse them (no flip).")
+    seed: int = Field(0, ge=0, description="Pre-training's own seed: every student of a teacher shares it.")
+
+
 class ICDOptions(StrictModel):
     heads: int = Field(8, ge=1, le=64)
     layers: int = Field(1, ge=1, le=6)
@@ -175,6 +196,18 @@ class ICDOptions(StrictModel):
     weight_decay: float = Field(1.0e-4, ge=0.0, le=1.0)
     grad_clip: float = Field(0.01, gt=0.0, description="Global grad-norm clip of the ICD modules.")
     query_chunk: int = Field(64, ge=1, le=4096, description="Queries per attention chunk (memory bound).")
+    pretrain: ICDPretrainSpec | None = Field(
+        None, description="Pre-train the decoder on the teacher first (null: joint training from step 0, the paper's)."
+    )
+    decoder: str | None = Field(
+        None, description="Start from this decoder: a pre-training artifact path, a distill checkpoint, or job:<id>."
+    )
+
+    @model_validator(mode="after")
+    def _one_decoder_source(self) -> ICDOptions:
+        if self.pretrain is not None and self.decoder:
+            raise ValueError("distill.icd: set either pretrain (train a decoder) or decoder (reuse one), not both")
+        return self
 
 
 class DistillSpec(StrictModel):

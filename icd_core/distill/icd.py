@@ -172,6 +172,29 @@ class ICDDistiller(Distiller):
         return build_queries(batch.targets, batch.image_sizes, priors, self.num_classes, self.opts.neg_per_pos,
                              self.max_queries, self.opts.jitter, gen)
 
+    def aux_step(self, batch: DistillBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The decoder side alone on teacher features (no student): aux losses and readiness diagnostics.
+
+        What decoder pre-training (icd_pretrain, ICD_SPEC §11) optimizes; `batch.student_features` is not read.
+        """
+        teacher, shapes = flatten_levels(batch.teacher_features)
+        teacher = teacher.detach().float()
+        layout = self._key_layout(batch, shapes, teacher.device)
+        queries = self.queries_for(batch)
+        g, proj = self.decoder(self.encoder(queries.descriptors), teacher, layout.pos, layout.valid)
+        z = self.aux_head(g).float()
+        loss_ident, loss_loc, _ = self._aux_losses(z, queries)
+        max_real = max((int(t["labels"].numel()) for t in batch.targets), default=0)
+        stats = self.diagnostics(batch, shapes, layout, queries, z.detach(), proj, max_real)
+        stats["icd_queries_real"] = queries.real.sum().float()
+        stats["icd_logits"] = z[..., 0].detach()  # pooled AUC over several batches needs the raw scores
+        stats["icd_real_mask"], stats["icd_valid_mask"] = queries.real, queries.valid
+        return {"loss_icd_ident": loss_ident, "loss_icd_loc": loss_loc}, stats
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """What pre-training trains: instance encoder, decoder and aux head (not the student adapter)."""
+        return [*self.encoder.parameters(), *self.decoder.parameters(), *self.aux_head.parameters()]
+
     def compute(self, batch: DistillBatch) -> ICDOutputs:
         """One ICD step: queries, decoder, aux losses, attention weights and the distillation loss."""
         teacher, shapes = flatten_levels(batch.teacher_features)
