@@ -225,7 +225,7 @@ def leaderboard_png(report: Mapping[str, Any], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(methods) + 2.0), 3.6), dpi=100)
     try:
         xs = list(range(len(methods)))
-        colors = ["#7f7f7f" if m["method"] == BASELINE else "#e4572e" if m["method"] == "icd" else "#4c78a8"
+        colors = ["#7f7f7f" if m["method"] == BASELINE else "#e4572e" if m["method"].startswith("icd") else "#4c78a8"
                   for m in methods]
         means, stds = [m["AP"]["mean"] for m in methods], [m["AP"]["std"] or 0.0 for m in methods]
         bars = ax.bar(xs, means, yerr=stds, color=colors, capsize=4)

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large")
 METHODS = ("none", "fitnet", "fgfi", "defeat", "fgd", "icd")
+# A study row, not a distill method: `icd` whose decoder is pre-trained on the teacher first (distill.icd.pretrain).
+ICD_PRETRAINED = "icd_pretrained"
 LEVEL_NAMES = ("p2", "p3", "p4", "p5", "p6", "p7")
 DEFAULT_LEVELS = {
     "retinanet": ["p3", "p4", "p5", "p6", "p7"],
@@ -340,8 +342,10 @@ class StudySpec(_JobBase):
     kind: Literal["study"] = "study"
     teacher: ModelSpec
     student: ModelSpec
-    methods: list[Literal["none", "fitnet", "fgfi", "defeat", "fgd", "icd"]] = Field(
-        default_factory=lambda: list(METHODS)
+    methods: list[Literal["none", "fitnet", "fgfi", "defeat", "fgd", "icd", "icd_pretrained"]] = Field(
+        default_factory=lambda: list(METHODS),
+        description="icd_pretrained: icd with a decoder pre-trained once per teacher (distill.icd.pretrain; "
+        "its defaults when null); plain icd always trains jointly from step 0.",
     )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     distill: DistillSpec = Field(default_factory=DistillSpec, description="Shared options (inherit, icd, ...).")

@@ -26,11 +26,13 @@ import click
 from .engine.callbacks import Callback, EvalResult, TrainingDiverged
 from .leaderboard import BASELINE, build_leaderboard, write_report
 from .spec import (
+    ICD_PRETRAINED,
     PRESET_ITERS_AT_16,
     CocoSource,
     DataSpec,
     DistillJobSpec,
     EvaluateSpec,
+    ICDPretrainSpec,
     ModelSpec,
     StudySpec,
     TrainSpec,
@@ -85,6 +87,8 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
             schedule = schedule.model_copy(update={"warmup_iters": scaled_iterations(PAPER_WARMUP_ITERS, total)})
     teacher = study.teacher.model_copy(update={"checkpoint": teacher_checkpoint})
     methods = [BASELINE] + [m for m in dict.fromkeys(study.methods) if m != BASELINE]
+    joint_icd = distill.icd.model_copy(update={"pretrain": None})  # the paper's protocol
+    pretrained_icd = distill.icd.model_copy(update={"pretrain": distill.icd.pretrain or ICDPretrainSpec()})
 
     children = []
     for seed in dict.fromkeys(study.seeds):
@@ -98,7 +102,8 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
                 "device": study.device,
                 "teacher": teacher.model_dump(mode="json"),
                 "student": study.student.model_dump(mode="json"),
-                "distill": {**distill.model_dump(mode="json"), "method": method},
+                "distill": {**distill.model_dump(mode="json"), "method": "icd" if method == ICD_PRETRAINED else method,
+                            "icd": (pretrained_icd if method == ICD_PRETRAINED else joint_icd).model_dump(mode="json")},
             }
             children.append((method, seed, DistillJobSpec.model_validate(data)))
     return children
@@ -211,6 +216,15 @@ def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, erro
     }
 
 
+def study_method(spec: Mapping[str, Any]) -> str:
+    """The leaderboard row of a distill spec: its method, or `icd_pretrained` when its decoder is pre-trained."""
+    distill = spec["distill"]
+    icd = distill.get("icd") or {}
+    if distill["method"] == "icd" and (icd.get("pretrain") or icd.get("decoder")):
+        return ICD_PRETRAINED
+    return str(distill["method"])
+
+
 def result_from_job(
     spec: Mapping[str, Any],
     status: str,
@@ -223,7 +237,7 @@ def result_from_job(
     """The leaderboard row of a child job stored by the service (method and seed read from its spec)."""
     ok = status == "succeeded" and final_metrics is not None
     return {
-        "method": spec["distill"]["method"],
+        "method": study_method(spec),
         "seed": int(spec["seed"]),
         "metrics": dict(final_metrics) if ok else None,
         "sec_per_step": sec_per_step,

@@ -297,3 +297,19 @@ def test_leaderboard_shows_icd_diagnostics_from_cli_and_service_rows() -> None:
     assert "icd_diagnostics" not in next(m for m in report["methods"] if m["method"] == "none")
     md = leaderboard_markdown(report)
     assert "| ident AUC |" in md and "| icd | 0.800 |" in md and "| 4.0 |" in md  # 0.2 / 0.05 = 4.0× uniform
+
+
+def test_pretrained_icd_is_its_own_row_and_plain_icd_stays_joint() -> None:
+    study = tiny_study(methods=["icd", "icd_pretrained"], seeds=[0, 1],
+                       distill={"icd": {"pretrain": {"steps": 500, "lr": 2e-3}}})
+    children = {(m, s): spec for m, s, spec in child_specs(study, "job:1")}
+    joint, pre = children[("icd", 0)], children[("icd_pretrained", 0)]
+    assert joint.distill.method == pre.distill.method == "icd"
+    assert joint.distill.icd.pretrain is None  # the paper's protocol, whatever the study's pretrain options
+    assert pre.distill.icd.pretrain is not None and pre.distill.icd.pretrain.steps == 500
+    assert pre.distill.icd.pretrain == children[("icd_pretrained", 1)].distill.icd.pretrain  # one key per teacher
+    row = result_from_job(pre.model_dump(mode="json"), "succeeded", {"AP": 3.0, "icd_pretrain_seconds": 40.0})
+    assert row["method"] == "icd_pretrained"
+    assert result_from_job(joint.model_dump(mode="json"), "succeeded", {"AP": 2.0})["method"] == "icd"
+    defaults = {(m, s): spec for m, s, spec in child_specs(tiny_study(methods=["icd_pretrained"]), "t.pt")}
+    assert defaults[("icd_pretrained", 0)].distill.icd.pretrain.steps == 3000
