@@ -313,3 +313,20 @@ def test_pretrained_icd_is_its_own_row_and_plain_icd_stays_joint() -> None:
     assert result_from_job(joint.model_dump(mode="json"), "succeeded", {"AP": 2.0})["method"] == "icd"
     defaults = {(m, s): spec for m, s, spec in child_specs(tiny_study(methods=["icd_pretrained"]), "t.pt")}
     assert defaults[("icd_pretrained", 0)].distill.icd.pretrain.steps == 3000
+
+
+@pytest.mark.slow
+def test_tiny_study_pretrains_the_decoder_once_for_both_seeds(tmp_path: Path) -> None:
+    from icd_core.study import run_study_local
+
+    study = tiny_study(methods=["icd_pretrained"], seeds=[0, 1],
+                       distill={"icd": {"pretrain": {"steps": 4, "check_every": 2, "holdout_images": 4}}})
+    out = tmp_path / "study"
+    report = run_study_local(study, out, tmp_path / "cache")
+    first = json.loads((out / "icd_pretrained-seed0" / "summary.json").read_text())["icd_decoder"]
+    second = json.loads((out / "icd_pretrained-seed1" / "summary.json").read_text())["icd_decoder"]
+    assert first["reused"] is False and second["reused"] is True and first["key"] == second["key"]
+    row = next(m for m in report["methods"] if m["method"] == "icd_pretrained")
+    assert row["n"] == 2 and row["icd_diagnostics"]["icd_pretrain_steps"] == 4.0
+    md = (out / "report.md").read_text()
+    assert "| icd_pretrained |" in md and "pre-train s (once per teacher)" in md
