@@ -7,9 +7,10 @@ Per logged step (every --every steps), measured on that step's batch before its 
 (0.5 = chance), the recall of real queries at logit > 0, the share of a real query's attention inside
 its own box next to what uniform attention would put there (and their ratio), the localization error
 in box units, the attention entropy of the real queries in nats and the ICD losses, then the run's
-COCO evaluations. Accuracy at threshold 0 is not shown: it sits at the fake share (5/6 at rho = 5)
-while the head still calls everything "fake", whatever the decoder has learned. With --keys the
-uniform entropy ln(keys) is printed for comparison (128 px images on P3-P5: 16² + 8² + 4² = 336).
+COCO evaluations with the same diagnostics on a held-out validation batch. Accuracy at threshold 0
+is not shown: it sits at the fake share (5/6 at rho = 5) while the head still calls everything
+"fake", whatever the decoder has learned. With --keys the uniform entropy ln(keys) is printed for
+comparison (128 px images on P3-P5: 16² + 8² + 4² = 336).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from icd_core.engine.metrics_log import read_metrics_log
 COLUMNS = ("icd_ident_auc", "icd_real_recall", "icd_inbox_mass", "icd_inbox_uniform", "icd_loc_error",
            "icd_attn_entropy", "loss_icd_ident", "loss_icd_distill", "loss")
 WIDTH = 13
+HELDOUT = ("icd_heldout_auc", "icd_heldout_real_recall", "icd_heldout_inbox_mass", "icd_heldout_inbox_uniform",
+           "icd_heldout_loc_error")
 
 
 def _fmt(value: float | None) -> str:
@@ -46,7 +49,9 @@ def report(folder: Path, every: int) -> None:
             print(f"{r['step']:>4}  {cells}  {_fmt(ratio):>14}")
     for r in records:
         if r["type"] == "eval":
-            print(f"eval step {r['step']}: AP {_fmt(r.get('AP'))}  AP50 {_fmt(r.get('AP50'))}")
+            held = "  ".join(f"{k.removeprefix('icd_heldout_')} {_fmt(r.get(k))}" for k in HELDOUT if k in r)
+            print(f"eval step {r['step']}: AP {_fmt(r.get('AP'))}  AP50 {_fmt(r.get('AP50'))}"
+                  + (f"  | held-out batch: {held}" if held else ""))
 
 
 def main() -> None:

@@ -48,6 +48,13 @@ def _cost(row: Mapping[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _diagnostic(row: Mapping[str, Any], key: str) -> float | None:
+    """An ICD diagnostic of a child: on the held-out batch (icd_heldout_*, measured at evaluation) when the
+    run has it, else on the last training batch before its update (icd_*)."""
+    heldout = _cost(row, key.replace("icd_", "icd_heldout_", 1))
+    return heldout if heldout is not None else _cost(row, key)
+
+
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
@@ -81,7 +88,7 @@ def build_leaderboard(
             entry[metric] = {"mean": mean, "std": std}
         entry["sec_per_step"] = _mean_or_none([_cost(r, "sec_per_step") for r in done])
         entry["peak_memory_mb"] = _mean_or_none([_cost(r, "peak_memory_mb") for r in done])
-        diagnostics = {key: _mean_or_none([_cost(r, key) for r in done]) for key in ICD_DIAGNOSTICS}
+        diagnostics = {key: _mean_or_none([_diagnostic(r, key) for r in done]) for key in ICD_DIAGNOSTICS}
         if any(v is not None for v in diagnostics.values()):
             entry["icd_diagnostics"] = diagnostics
         methods.append(entry)
@@ -138,7 +145,7 @@ def _run_row(row: Mapping[str, Any]) -> dict[str, Any]:
         "sec_per_step": _cost(row, "sec_per_step"),
         "peak_memory_mb": _cost(row, "peak_memory_mb"),
     }
-    diagnostics = {key: _cost(row, key) for key in ICD_DIAGNOSTICS if _cost(row, key) is not None}
+    diagnostics = {key: _diagnostic(row, key) for key in ICD_DIAGNOSTICS if _diagnostic(row, key) is not None}
     if diagnostics:
         out["icd_diagnostics"] = diagnostics
     for key in ("status", "job_id", "error"):

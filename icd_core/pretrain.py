@@ -22,8 +22,10 @@ from .distill.icd import ICDDistiller
 from .distill.icd_pretrain import (
     FeatureSource,
     PretrainResult,
+    TeacherBatch,
     artifact_key,
     artifact_path,
+    check_readiness,
     load_decoder,
     pretrain_decoder,
     save_artifact,
@@ -121,3 +123,23 @@ def prepare_decoder(
     log.info("icd decoder pre-trained in %d steps (%.0f s, %s) -> %s", result.steps, result.seconds, result.stopped,
              path)
     return {"source": str(path), "key": key, "reused": False, **record}
+
+
+def heldout_diagnostics(
+    distiller: ICDDistiller, teacher: Detector, dataset: CocoDataset, batch_size: int, device: torch.device,
+) -> Callable[[], dict[str, float]]:
+    """Diagnostics of the decoder on the first validation batch (teacher features computed once), for
+    every evaluation of an ICD run: icd_heldout_auc, _real_recall, _inbox_mass, _inbox_uniform, _loc_error."""
+    cached: list[TeacherBatch] = []
+
+    def measure() -> dict[str, float]:
+        if not cached:
+            first = list(range(min(len(dataset), max(1, batch_size))))
+            cached.append(teacher_batch(teacher, _Batches(dataset, [first])[0], device))
+        r = check_readiness(distiller, cached, step=0)
+        values = {"icd_heldout_auc": r.auc, "icd_heldout_real_recall": r.real_recall,
+                  "icd_heldout_inbox_mass": r.inbox_mass, "icd_heldout_inbox_uniform": r.inbox_uniform,
+                  "icd_heldout_loc_error": r.loc_error}
+        return {k: float(v) for k, v in values.items() if v == v}  # NaN (no real query) left out
+
+    return measure

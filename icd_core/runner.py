@@ -18,13 +18,14 @@ from typing import Any
 from .data import CocoDataset, build_dataset, compute_priors, make_train_loader
 from .detectors import Detector, build_detector, detector_meta, load_detector, load_weights, read_checkpoint
 from .distill import build_distiller
+from .distill.icd import ICDDistiller
 from .distill.inherit import inherit_from_teacher
 from .engine import checkpoint as ckpt
 from .engine.callbacks import Callback, EvalResult
 from .engine.metrics_log import MetricsLog
 from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
-from .pretrain import prepare_decoder
+from .pretrain import heldout_diagnostics, prepare_decoder
 from .spec import DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -199,8 +200,14 @@ def build_trainer(
     def batches(start_step: int):
         return iter(make_train_loader(train_ds, bs, workers, spec.seed, start_step=start_step))
 
+    icd_heldout = (heldout_diagnostics(distiller, teacher, val_ds, bs, device)
+                   if isinstance(distiller, ICDDistiller) else None)
+
     def evaluator(det: Detector) -> EvalResult:
-        return evaluate_model(det, val_ds, batch_size=bs, device=device, workers=min(workers, 2))
+        result = evaluate_model(det, val_ds, batch_size=bs, device=device, workers=min(workers, 2))
+        if icd_heldout is not None:  # the decoder's readiness on a held-out batch, beside the AP
+            result.metrics.update(icd_heldout())
+        return result
 
     trainer = Trainer(
         student, spec.schedule, batches, output_dir, device,

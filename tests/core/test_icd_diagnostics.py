@@ -18,6 +18,7 @@ from icd_core.distill.icd_diagnostics import (
     real_recall,
 )
 from tests.core.test_icd import ONE, TWO, batch, make_distiller
+from tests.core.test_trainer import cache_dir, teacher_run  # noqa: F401  (session fixtures)
 
 
 def _brute_auc(x: list[float], real: list[bool]) -> float:
@@ -87,3 +88,19 @@ def test_every_icd_step_reports_the_diagnostics() -> None:
     assert 0.0 < stats["icd_inbox_uniform"] < 1.0 and 0.0 <= stats["icd_inbox_mass"] <= 1.0
     # an untrained decoder attends almost uniformly: in-box mass close to the uniform share
     assert abs(stats["icd_inbox_mass"] - stats["icd_inbox_uniform"]) < 0.1
+
+
+def test_every_evaluation_of_an_icd_run_measures_a_held_out_batch(teacher_run, cache_dir, tmp_path):  # noqa: F811
+    from trainer_specs import distill_spec
+
+    from icd_core.engine.metrics_log import read_metrics_log
+    from icd_core.runner import run_spec
+    from icd_core.spec import parse_spec
+
+    teacher_dir, _ = teacher_run
+    spec = parse_spec(distill_spec(str(teacher_dir / "checkpoints" / "final.pt"), "icd", iterations=2))
+    result = run_spec(spec, tmp_path / "run", cache_dir=cache_dir)
+    for key in ("icd_heldout_auc", "icd_heldout_inbox_mass", "icd_heldout_inbox_uniform", "icd_heldout_loc_error"):
+        assert key in result.final_metrics and math.isfinite(result.final_metrics[key]), key
+    evals = [r for r in read_metrics_log(tmp_path / "run") if r["type"] == "eval"]
+    assert evals and "icd_heldout_auc" in evals[-1] and "AP" in evals[-1]
