@@ -276,5 +276,15 @@ def db_current() -> None:
         raise SystemExit(1)
 
 
+# The command-line client of a running service (submit, jobs, status, logs, wait, download, ...).
+def _add_client_commands() -> None:
+    from icd_cli.client import CLIENT_COMMANDS
+
+    for command in CLIENT_COMMANDS:
+        main.add_command(command)
+
+
+_add_client_commands()
+
 if __name__ == "__main__":
     main()
