@@ -104,7 +104,8 @@ window.ui = SwaggerUIBundle({{
 
 _REDOC_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" type="image/png" href="{vendor}/swagger-ui/favicon-32x32.png"></head>
 <body><div id="redoc"></div>
 <script src="{vendor}/redoc/redoc.standalone.js"></script>
 <script>Redoc.init({openapi_url}, {{disableSearch: false, hideDownloadButton: false}},

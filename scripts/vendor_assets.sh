@@ -15,5 +15,5 @@ cp "$N"/redoc/bundles/redoc.standalone.js "$N"/redoc/LICENSE "$V/redoc/"
 cp "$N"/uplot/dist/{uPlot.iife.min.js,uPlot.min.css} "$N"/uplot/LICENSE "$V/uplot/"
 cp "$N"/js-yaml/dist/js-yaml.min.js "$N"/js-yaml/LICENSE "$V/js-yaml/"
 # Source maps are not vendored: drop the comments that would make browsers ask for them.
-sed -i '/sourceMappingURL=/d' "$V/redoc/redoc.standalone.js" "$V/swagger-ui/swagger-ui.css"
+sed -i '/^\/[/*]# sourceMappingURL=[^ ]*$/d' "$V/redoc/redoc.standalone.js" "$V/swagger-ui/swagger-ui.css"
 echo "vendored: $(grep -o '"[a-z-]*": "[0-9.]*"' "$V/package.json" | tr '\n' ' ')"

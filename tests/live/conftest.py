@@ -8,6 +8,7 @@ Redis database: ICD_TEST_REDIS_DB (flushed at the start), so checkouts can run s
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -162,3 +163,52 @@ def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServi
         http.close()
         _stop(api, signal.SIGINT)
         _stop(worker)
+
+
+# --- a headless Chromium (Debian's chromium + chromium-driver; never a downloaded browser) --------------
+
+CHROMIUM = os.environ.get("ICD_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("ICD_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Remember each phase's report on the test item, so the browser fixture knows whether the test failed."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+@pytest.fixture
+def browser(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A headless Chromium that can reach loopback only; on failure its screenshot, page source and console
+    log are saved under test-artifacts/ (ignored by git)."""
+    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
+        msg = f"no {CHROMIUM} / {CHROMEDRIVER}: apt-get install chromium chromium-driver"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1600",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--no-proxy-server"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            ARTIFACTS.mkdir(exist_ok=True)
+            stem = ARTIFACTS / re.sub(r"[^\w.-]+", "_", request.node.name)
+            driver.save_screenshot(f"{stem}.png")
+            Path(f"{stem}.html").write_text(driver.page_source)
+            Path(f"{stem}.console.txt").write_text("\n".join(str(e) for e in driver.get_log("browser")))
+        driver.quit()
