@@ -38,10 +38,11 @@ DATA = {
 }
 
 
-def train_spec(name: str, iterations: int, eval_every: int | None = None) -> dict[str, Any]:
-    """A tiny RetinaNet on 64 px shapes; `iterations` sets how long it runs (about 0.1-0.3 s a step)."""
+def train_spec(name: str, iterations: int, eval_every: int | None = None, lr: float = 0.01) -> dict[str, Any]:
+    """A tiny RetinaNet on 64 px shapes; `iterations` sets how long it runs (about 0.1-0.3 s a step). Long runs
+    take a smaller lr: at 0.01 this model can diverge after about 50 steps, which would fail the job."""
     every = eval_every or iterations
-    sched = {"iterations": iterations, "batch_size": 2, "lr": 0.01, "warmup_iters": 0, "eval_every": every,
+    sched = {"iterations": iterations, "batch_size": 2, "lr": lr, "warmup_iters": 0, "eval_every": every,
              "checkpoint_every": every, "log_every": 1}
     return {"kind": "train", "name": name, "device": "cpu", "data": DATA, "model": dict(MODEL), "schedule": sched}
 

@@ -61,7 +61,7 @@ def test_docs_list_operations_and_try_it_out_creates_a_job(live_service: LiveSer
 
 
 def test_dashboard_lists_a_running_job_charts_it_live_and_cancels_it(live_service: LiveService, browser: Any) -> None:
-    job = live_service.submit(train_spec("browser-long", iterations=2000, eval_every=1000))
+    job = live_service.submit(train_spec("browser-long", iterations=2000, eval_every=1000, lr=0.001))
     browser.get(f"{live_service.url}/")
     row = until(browser, 30, "the job in the list", ec.presence_of_element_located(
         (By.CSS_SELECTOR, f'tr[data-job="{job["id"]}"]')))

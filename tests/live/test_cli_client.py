@@ -63,7 +63,7 @@ def test_submit_wait_logs_download(live_service: LiveService, tmp_path: Path) ->
 
 
 def test_follow_a_running_job_then_cancel_and_retry(live_service: LiveService, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "long.yaml", train_spec("cli-long", iterations=2000, eval_every=1000))
+    spec = write_spec(tmp_path / "long.yaml", train_spec("cli-long", iterations=2000, eval_every=1000, lr=0.001))
     sub = icd(live_service, "submit", str(spec))
     assert sub.returncode == 0, sub.stderr
     job_id = int(sub.stdout.split()[1])

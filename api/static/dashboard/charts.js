@@ -90,6 +90,7 @@ export class LineChart {
       }))],
       legend: { live: true },
     }, data, this.plotBox);
+    window.icd.firstChartMs ??= performance.now(); // ms since navigation: read by benchmarks/dashboard_perf.py
   }
 
   resize() {

@@ -27,8 +27,8 @@ export function jobView(main, jobId) {
       <a class="button" href="#/compare?ids=${jobId}">Compare…</a>
     </div>
     <div id="study"></div>
-    <h2>Charts</h2><div class="charts" id="charts"><p class="muted" id="no-charts">No metrics yet.</p></div>
-    <h2>Checkpoints</h2><div id="checkpoints" class="muted">none yet</div>
+    <div id="training"><h2>Charts</h2><div class="charts" id="charts"><p class="muted" id="no-charts">No metrics yet.</p></div>
+    <h2>Checkpoints</h2><div id="checkpoints" class="muted">none yet</div></div>
     <div class="two">
       <div><h2>Log <span class="muted" id="log-state"></span></h2><pre class="log" id="log"></pre></div>
       <div><h2>Spec</h2><pre class="spec" id="spec"></pre></div>
@@ -156,7 +156,10 @@ export function jobView(main, jobId) {
     renderHead(job);
     if (first) {
       $("#spec").textContent = jsyaml.dump(job.spec, { lineWidth: 120, noRefs: true });
-      if (job.kind === "study") study = studyPanel($("#study"), job);
+      if (job.kind === "study") {
+        study = studyPanel($("#study"), job);
+        $("#training").hidden = true; // a study trains nothing itself: its children have the curves
+      }
     }
     try {
       const [, newEval] = await Promise.all([pollMetrics(), pollEvaluations(), pollLog(), study?.refresh(job)]);

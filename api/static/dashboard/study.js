@@ -49,7 +49,7 @@ export function studyPanel(box, study) {
     <table id="leaderboard"><thead><tr><th>method</th><th class="num">AP mean</th><th class="num">± std</th>
       <th class="num">Δ vs none</th><th class="num">seeds done</th></tr></thead><tbody></tbody></table>
     <div class="chart" id="lb-chart" style="margin-top:.8em;max-width:680px"></div>
-    <p id="report-links"></p>`;
+    <p id="compare-children"></p><p id="report-links"></p>`;
   let bars = null;
   let finalShown = false;
 
@@ -69,6 +69,9 @@ export function studyPanel(box, study) {
       <tr data-method="${esc(r.method)}"><td>${esc(r.method)}</td><td class="num">${fmtNum(r.mean, 2)}</td>
       <td class="num">${fmtNum(r.std, 2)}</td><td class="num">${r.delta == null ? "" : (r.delta >= 0 ? "+" : "") + fmtNum(r.delta, 2)}</td>
       <td class="num">${r.n}/${r.total}</td></tr>`).join("");
+    const students = children.filter((c) => c.kind === "distill").map((c) => c.id);
+    box.querySelector("#compare-children").innerHTML = students.length > 1
+      ? `<a class="button" href="#/compare?ids=${students.join(",")}&series=loss">Compare the students' curves</a>` : "";
     box.querySelector("#lb-state").textContent = isFinished(job) ? `(${job.status})` : "(filling in)";
     bars?.destroy();
     bars = barChart(box.querySelector("#lb-chart"), rows);
