@@ -96,7 +96,7 @@ _SWAGGER_PAGE = """<!doctype html>
 <script>
 window.ui = SwaggerUIBundle({{
   url: {openapi_url}, dom_id: "#swagger-ui", deepLinking: true, persistAuthorization: true,
-  displayRequestDuration: true, tryItOutEnabled: false, layout: "BaseLayout",
+  displayRequestDuration: true, tryItOutEnabled: false, layout: "BaseLayout", validatorUrl: null,
   presets: [SwaggerUIBundle.presets.apis], plugins: [SwaggerUIBundle.plugins.DownloadUrl],
 }});
 </script></body></html>

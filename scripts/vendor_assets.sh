@@ -16,4 +16,7 @@ cp "$N"/uplot/dist/{uPlot.iife.min.js,uPlot.min.css} "$N"/uplot/LICENSE "$V/uplo
 cp "$N"/js-yaml/dist/js-yaml.min.js "$N"/js-yaml/LICENSE "$V/js-yaml/"
 # Source maps are not vendored: drop the comments that would make browsers ask for them.
 sed -i '/^\/[/*]# sourceMappingURL=[^ ]*$/d' "$V/redoc/redoc.standalone.js" "$V/swagger-ui/swagger-ui.css"
+# ReDoc's footer loads its logo from cdn.redoc.ly: point it at a local file (the page must work offline).
+sed -i 's|src:"https://cdn.redoc.ly/redoc/logo-mini.svg"|src:"/static/vendor/redoc/logo-mini.svg"|' "$V/redoc/redoc.standalone.js"
+grep -q 'src:"/static/vendor/redoc/logo-mini.svg"' "$V/redoc/redoc.standalone.js"
 echo "vendored: $(grep -o '"[a-z-]*": "[0-9.]*"' "$V/package.json" | tr '\n' ' ')"

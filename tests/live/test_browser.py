@@ -27,6 +27,13 @@ def js(driver: Any, script: str) -> Any:
     return driver.execute_script(script)
 
 
+def assert_local_only(driver: Any, base: str) -> None:
+    """Every resource the page loaded came from the service itself (no CDN, nothing outside)."""
+    urls = js(driver, "return performance.getEntriesByType('resource').map(e => e.name)")
+    outside = [u for u in urls if not u.startswith(base) and not u.startswith("data:")]
+    assert not outside, outside
+
+
 def until(driver: Any, timeout: float, what: str, cond: Any) -> Any:
     return WebDriverWait(driver, timeout, poll_frequency=0.3).until(cond, message=f"waiting for {what}")
 
@@ -37,6 +44,7 @@ def test_docs_list_operations_and_try_it_out_creates_a_job(live_service: LiveSer
     paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
     assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/metrics", "/jobs/{job_id}/logs", "/health"} <= paths
     assert not browser.find_elements(By.CSS_SELECTOR, ".errors-wrapper"), "Swagger UI reported errors"
+    assert_local_only(browser, live_service.url)
 
     block = browser.find_element(By.CSS_SELECTOR, OP)
     block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
@@ -58,6 +66,8 @@ def test_docs_list_operations_and_try_it_out_creates_a_job(live_service: LiveSer
     browser.get(f"{live_service.url}/redoc")
     until(browser, 30, "ReDoc to render", ec.presence_of_element_located((By.CSS_SELECTOR, "[data-section-id]")))
     assert "Submit Job" in browser.page_source
+    time.sleep(1)  # ReDoc renders its footer (with a logo image) after the first paint
+    assert_local_only(browser, live_service.url)
 
 
 def test_dashboard_lists_a_running_job_charts_it_live_and_cancels_it(live_service: LiveService, browser: Any) -> None:
@@ -85,6 +95,7 @@ def test_dashboard_lists_a_running_job_charts_it_live_and_cancels_it(live_servic
     assert "browser-long" in browser.find_element(By.ID, "spec").text
     wait_for(lambda: "step " in browser.find_element(By.ID, "log").text, 30, "the log tail")
     assert later["status"] == "running"
+    assert_local_only(browser, live_service.url)
 
     browser.find_element(By.ID, "cancel").click()
     until(browser, 120, "the canceled badge", ec.presence_of_element_located(

@@ -3,6 +3,15 @@
 const PALETTE = ["#0969da", "#cf222e", "#1a7f37", "#8250df", "#bc4c00", "#0a7ea4", "#bf3989", "#4d2d00", "#57606a",
   "#116329", "#953800", "#6639ba"];
 
+/** A y tick: 3 significant digits, exponent notation for very small or large values (lr 1e-4, loss 1e6). */
+function tickLabel(v) {
+  if (v == null) return "";
+  if (v === 0) return "0";
+  const a = Math.abs(v);
+  if (a < 1e-3 || a >= 1e6) return v.toExponential(1);
+  return a >= 100 ? String(Math.round(v)) : String(Number(v.toPrecision(3)));
+}
+
 /** Registry the browser tests and the benchmark read: chart id → LineChart. */
 window.icd = window.icd || {};
 window.icd.charts = window.icd.charts || {};
@@ -83,7 +92,7 @@ export class LineChart {
     this.u = new uPlot({
       width, height: o.height || 240,
       scales: { x: { time: false } },
-      axes: [{ label: o.xLabel || "step" }, { label: o.yLabel, size: 60 }],
+      axes: [{ label: o.xLabel || "step" }, { label: o.yLabel, size: 64, values: (_, ticks) => ticks.map(tickLabel) }],
       series: [{ label: o.xLabel || "step" }, ...names.map((n, i) => ({
         label: n, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true,
         points: { show: o.points ?? false, size: 6 },

@@ -18,7 +18,7 @@ export function compareView(main, params) {
       <div><h2>Series</h2><select id="series"></select>
         <p><button class="primary" id="apply">Show</button></p><p class="muted" id="hint"></p></div>
     </div>
-    <div class="charts" id="cmp-charts"></div>`;
+    <h2>Curves</h2><div class="charts" id="cmp-charts"></div>`;
   const $ = (sel) => main.querySelector(sel);
 
   const go = () => {

@@ -12,6 +12,8 @@ const POLL_MS = 2000;
 const FIRST_MAX_POINTS = 1000; // first load: downsampled server-side; later polls fetch only new steps
 const LOG_LINES = 400;
 
+const fact = (label, value) => (value === "" || value == null ? "" : `<div><span>${label}</span>${value}</div>`);
+
 export function jobView(main, jobId) {
   let stopped = false;
   let timer = null;
@@ -65,10 +67,9 @@ export function jobView(main, jobId) {
       <div id="progress">${progressBar(job, true)} <span class="muted">${job.kind === "study" ? "children ended" : "steps"}
         ${job.progress_step}${job.progress_total ? "/" + job.progress_total : ""}</span> ${eta ? `· ETA <b>${eta}</b>` : ""}</div>
       <div class="facts">
-        <div><span>attempt</span>${job.attempt}</div><div><span>worker</span>${esc(job.worker || "")}</div>
-        <div><span>queue</span>${esc(job.queue)}</div><div><span>s/step</span>${fmtNum(job.sec_per_step, 3)}</div>
-        <div><span>created</span>${fmtTime(job.created_at)}</div><div><span>started</span>${fmtTime(job.started_at)}</div>
-        <div><span>finished</span>${fmtTime(job.finished_at)}</div>
+        ${fact("attempt", job.attempt)}${fact("worker", esc(job.worker))}${fact("queue", esc(job.queue))}
+        ${fact("s/step", fmtNum(job.sec_per_step, 3))}${fact("created", fmtTime(job.created_at))}
+        ${fact("started", fmtTime(job.started_at))}${fact("finished", fmtTime(job.finished_at))}
         ${job.parent_id ? `<div><span>study</span><a href="#/jobs/${job.parent_id}">${job.parent_id}</a></div>` : ""}
         ${deps ? `<div><span>waits for</span>${deps}</div>` : ""}
         ${job.final_metrics ? `<div><span>final</span>${Object.entries(job.final_metrics).filter(([, v]) => typeof v === "number")
