@@ -162,7 +162,7 @@ def run(args: argparse.Namespace, database_url: str | None) -> None:
     env.update(ICD_HOME=str(tmp / "home"), ICD_DATABASE_URL=url, ICD_BROKER_URL=f"sqla+sqlite:///{tmp / 'b.db'}",
                PYTHONPATH=str(ROOT))
     log = open(tmp / "api.log", "wb")  # noqa: SIM115 - closed at the end
-    api = subprocess.Popen([sys.executable, "-c", "from worker.cli import main; main()", "serve", "--no-worker",
+    api = subprocess.Popen([sys.executable, "-m", "icd_cli", "serve", "--no-worker",
                             "--port", str(port), "--log-level", "warning"], env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     driver = None

@@ -12,12 +12,12 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response,
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
-from api.deps import get_artifacts, get_session
-from api.routers.jobs import job_or_404
+from api.deps import get_artifacts, get_session, job_or_404
 from api.schemas import CheckpointOut, ErrorOut
 from store import jobs as q
 from store.artifacts import ArtifactStore
 from store.db import session_scope
+from store.models import TERMINAL_STATUSES
 from store.results import get_checkpoint, list_checkpoints
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
@@ -75,7 +75,6 @@ router.add_api_route(
     response_class=FileResponse,
 )
 
-TERMINAL = ("succeeded", "failed", "canceled")
 FOLLOW_POLL_S = 0.5
 
 
@@ -100,7 +99,7 @@ def job_logs(
     path = artifacts.log_path(job_id)
     start = _start_offset(path, tail, offset)
     if follow:
-        finished = job.status in TERMINAL
+        finished = job.status in TERMINAL_STATUSES
         sessions = request.app.state.sessions
         return StreamingResponse(_follow(path, start, job_id, sessions, request, finished), media_type="text/plain")
     data, end = _read_from(path, start)
@@ -136,7 +135,7 @@ def _read_from(path: Path, start: int) -> tuple[bytes, int]:
 def _job_finished(sessions: Any, job_id: int) -> bool:
     with session_scope(sessions) as s:
         job = q.get_job(s, job_id)
-        return job is None or job.status in TERMINAL
+        return job is None or job.status in TERMINAL_STATUSES
 
 
 async def _follow(

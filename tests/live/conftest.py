@@ -138,7 +138,7 @@ def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServi
                ICD_WORKER_HEARTBEAT_S="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    icd = [sys.executable, "-c", "from worker.cli import main; main()"]
+    icd = [sys.executable, "-m", "icd_cli"]
     with open(tmp / "api.log", "wb") as api_log, open(tmp / "worker.log", "wb") as worker_log:
         api = subprocess.Popen([*icd, "serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
                                cwd=tmp, env=env, stdout=api_log, stderr=subprocess.STDOUT)
