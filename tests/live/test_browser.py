@@ -76,6 +76,17 @@ def test_dashboard_lists_a_running_job_charts_it_live_and_cancels_it(live_servic
     row = until(browser, 30, "the job in the list", ec.presence_of_element_located(
         (By.CSS_SELECTOR, f'tr[data-job="{job["id"]}"]')))
     assert "browser-long" in row.text
+    # Search, filters and paging live in the URL (a reload keeps them) and are applied by the API.
+    browser.get(f"{live_service.url}/#/?search=BROWSER-lo")
+    until(browser, 20, "the search result", lambda d: [r.get_attribute("data-job") for r in d.find_elements(
+        By.CSS_SELECTOR, "tr[data-job]")] == [str(job["id"])])
+    browser.get(f"{live_service.url}/#/?status=succeeded&kind=train")
+    until(browser, 20, "the filtered list", lambda d: "jobs" in d.find_element(By.ID, "page-info").text)
+    assert not browser.find_elements(By.CSS_SELECTOR, f'tr[data-job="{job["id"]}"]')
+    assert browser.find_element(By.CSS_SELECTOR, "#filters select[name=status]").get_attribute("value") == "succeeded"
+    browser.get(f"{live_service.url}/#/?search=browser-long")
+    row = until(browser, 20, "the job in the list", ec.presence_of_element_located(
+        (By.CSS_SELECTOR, f'tr[data-job="{job["id"]}"]')))
 
     row.find_element(By.LINK_TEXT, str(job["id"])).click()
     assert browser.current_url.endswith(f"#/jobs/{job['id']}")
