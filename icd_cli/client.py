@@ -83,7 +83,7 @@ class Client:
 def server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--server / ICD_SERVER and --token / ICD_TOKEN on every command that talks to the service."""
     fn = click.option("--token", envvar="ICD_TOKEN", default=None, show_envvar=True,
-                      help="Bearer token for submit/cancel/retry.")(fn)
+                      help="Bearer token, sent with every request.")(fn)
     return click.option("--server", envvar="ICD_SERVER", default=DEFAULT_SERVER, show_default=True, show_envvar=True,
                         help="The service's base URL.")(fn)
 

@@ -3,7 +3,7 @@
 // Live updates poll incrementally (metrics and evaluations since the last step, the log from its last
 // byte offset) and stop once the job is finished.
 
-import { api } from "./api.js";
+import { api, token } from "./api.js";
 import { AP_KEYS, apSeries, CHART_GROUPS, chartGroup, LineChart } from "./charts.js";
 import { studyPanel } from "./study.js";
 import { esc, flash, fmtBytes, fmtDuration, fmtNum, fmtTime, isFinished, progressBar, statusBadge } from "./util.js";
@@ -11,6 +11,23 @@ import { esc, flash, fmtBytes, fmtDuration, fmtNum, fmtTime, isFinished, progres
 const POLL_MS = 2000;
 const FIRST_MAX_POINTS = 1000; // first load: downsampled server-side; later polls fetch only new steps
 const LOG_LINES = 400;
+
+/** A plain link cannot send the bearer token: with a token set, fetch the file with it and save the blob. */
+async function downloadWithToken(event) {
+  if (!token.get()) return; // the browser's own download
+  event.preventDefault();
+  const a = event.currentTarget;
+  try {
+    const r = await fetch(a.href, { headers: { Authorization: `Bearer ${token.get()}` } });
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    const url = URL.createObjectURL(await r.blob());
+    const save = Object.assign(document.createElement("a"), { href: url, download: a.href.split("/").pop() });
+    save.click();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  } catch (err) {
+    flash(`download failed: ${err.message}`);
+  }
+}
 
 const fact = (label, value) => (value === "" || value == null ? "" : `<div><span>${label}</span>${value}</div>`);
 
@@ -139,6 +156,7 @@ export function jobView(main, jobId) {
       <td class="num">${c.step}</td><td class="num">${c.attempt}</td><td class="num">${fmtBytes(c.size_bytes)}</td>
       <td class="mono" title="${esc(c.sha256)}">${esc(c.sha256)}</td><td><a href="${esc(c.url)}" download>download</a></td></tr>`).join("")}
       </tbody></table>` : `<span class="muted">none yet</span>`;
+    for (const a of $("#checkpoints").querySelectorAll("a[download]")) a.onclick = downloadWithToken;
   }
 
   async function tick() {
