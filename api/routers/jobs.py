@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from api.auth import UNAUTHORIZED, Caller, get_caller
+from api.bodies import YAML_REQUEST_BODY, YamlBodyRoute
 from api.deps import JobId, get_app_settings, get_artifacts, get_session, job_or_404
 from api.docs import SUBMIT_EXAMPLES
 from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut, ValidationErrorOut
@@ -31,7 +32,7 @@ from store.results import get_metrics, list_evaluations
 from store.settings import Settings
 
 _UNPROCESSABLE = {422: {"model": ValidationErrorOut, "description": "Invalid parameters: each entry names the field"}}
-router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(get_caller)],
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=YamlBodyRoute, dependencies=[Depends(get_caller)],
                    responses=UNAUTHORIZED | _UNPROCESSABLE)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
@@ -111,9 +112,11 @@ def _dispatch_new(s: Session, settings: Settings, job: Job) -> None:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=JobDetail,
+    openapi_extra=YAML_REQUEST_BODY,
     responses={
         400: {"model": ErrorOut, "description": "The body is not JSON"},
         413: {"model": ErrorOut, "description": "Request body over ICD_MAX_BODY_BYTES"},
+        415: {"model": ErrorOut, "description": "A body that is neither JSON nor YAML"},
         422: {"model": ValidationErrorOut, "description": "Invalid spec: each entry names the field and the reason"},
         503: {"model": ErrorOut, "description": "Broker unreachable: nothing was recorded; submit again later"},
     },
@@ -125,7 +128,8 @@ def submit_job(
     settings: Settings = Depends(get_app_settings),
     caller: Caller = Depends(get_caller),
 ) -> JobDetail:
-    """Submit a job spec. It is queued at once, or waits while a `checkpoint: job:<id>` job still runs.
+    """Submit a job spec (JSON, or YAML with `Content-Type: application/yaml`). It is queued at once, or
+    waits while a `checkpoint: job:<id>` job still runs.
 
     Paths outside the allowed roots, unreadable files, values above the server's caps and `job:<id>`
     references of another architecture are rejected here (422 naming the field).
@@ -170,6 +174,7 @@ def list_jobs(
     parent_id: Annotated[int | None, Query(ge=1, le=DB_INT_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
+    search: Annotated[str | None, Query(max_length=200, description="Name contains this (any case), or the id")] = None,
     caller: Caller = Depends(get_caller),
 ) -> JobList:
     """Jobs newest first, filtered, one page at a time; `total` counts all matches. A non-admin token
@@ -177,8 +182,9 @@ def list_jobs(
     statuses = [x for x in (status_ or "").split(",") if x] or None
     owner = None if caller.admin else caller.name
     try:
-        items = q.list_jobs(s, statuses, kind, name, parent_id, limit=limit, offset=offset, owner=owner)
-        total = q.count_jobs(s, statuses, kind, name, parent_id, owner=owner)
+        items = q.list_jobs(s, statuses, kind, name, parent_id, limit=limit, offset=offset, search=search,
+                            owner=owner)
+        total = q.count_jobs(s, statuses, kind, name, parent_id, search=search, owner=owner)
     except ValueError as exc:
         field = "status" if "status" in str(exc) else "kind"
         entry = {"loc": ["query", field], "field": field, "msg": str(exc), "type": "value_error"}
@@ -275,8 +281,16 @@ def job_metrics(
 
 @router.get("/{job_id}/evaluations", response_model=list[EvaluationOut], responses=_ERRORS)
 def job_evaluations(
-    job_id: JobId, s: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    job_id: JobId,
+    s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+    since_step: Annotated[
+        int | None, Query(ge=-DB_INT_MAX - 1, le=DB_INT_MAX, description="Only evaluations after this step (polling)")
+    ] = None,
 ) -> list[EvaluationOut]:
-    """Every COCO evaluation: AP, AP50, AP75, APs/m/l (percent) and per-class AP."""
+    """Every COCO evaluation: AP, AP50, AP75, APs/m/l (percent) and per-class AP, steps ascending."""
     job_or_404(s, job_id, caller)
-    return [EvaluationOut.model_validate(e) for e in list_evaluations(s, job_id)]
+    evals = list_evaluations(s, job_id)
+    if since_step is not None:
+        evals = [e for e in evals if e.step > since_step]
+    return [EvaluationOut.model_validate(e) for e in evals]
