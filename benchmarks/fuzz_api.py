@@ -88,6 +88,9 @@ def run_fuzz(max_examples: int, checks: str, admin_url: str | None, workers: int
             env.pop("ICD_API_TOKEN", None)
             env["ICD_REQUIRE_TOKEN"] = "1" if require_token else "0"
             Path(f"{tmp}/data").mkdir()
+            # `follow=true` streams a log until its job ends; no worker runs here, so it would never end.
+            config = Path(tmp) / "schemathesis.toml"
+            config.write_text('[parameters]\n"query.follow" = false\n')
             subprocess.run([str(BIN / "icd"), "db", "upgrade"], env=env, check=True, capture_output=True)
             made = subprocess.run([str(BIN / "icd"), "token", "create", "--name", "fuzz", "--admin"], env=env,
                                   check=True, capture_output=True, text=True)
@@ -101,12 +104,13 @@ def run_fuzz(max_examples: int, checks: str, admin_url: str | None, workers: int
                 try:
                     wait_healthy(base, server)
                     started = time.perf_counter()
-                    st = subprocess.run(
-                        [str(BIN / "st"), "run", f"{base}/openapi.json", "--max-examples", str(max_examples),
-                         "--checks", checks, "-w", str(workers), "-H", f"Authorization: Bearer {secret}",
-                         "--no-color", "--generation-database", "none"],
-                        env=env, capture_output=True, text=True, cwd=tmp,
-                    )
+                    command = [
+                        str(BIN / "st"), "--config-file", str(config), "run", f"{base}/openapi.json",
+                        "--max-examples", str(max_examples), "--checks", checks, "-w", str(workers),
+                        "-H", f"Authorization: Bearer {secret}", "--no-color",
+                        "--generation-database", "none", "--request-timeout", "60",
+                    ]
+                    st = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp)
                     elapsed = time.perf_counter() - started
                 finally:
                     server.terminate()
