@@ -24,6 +24,7 @@ from .engine.callbacks import Callback, EvalResult
 from .engine.metrics_log import MetricsLog
 from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
+from .run_report import deploy_report
 from .spec import DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,10 @@ def _run_training(
                                    load_initial_weights=resume_from is None)
     out = trainer.train(resume_from=resume_from)
     counts = {k: extra[k] for k in ("inherit_copied", "inherit_skipped") if k in extra}
-    result = RunResult({**out.final_metrics, **counts}, out.evaluation, out.final_checkpoint,
+    val = build_dataset(spec.data.val, cache_dir, train=False)
+    deploy, cost_metrics = deploy_report(trainer.student, trainer.teacher, val, spec.deploy, trainer.device, output_dir)
+    extra.update(deploy)
+    result = RunResult({**out.final_metrics, **counts, **cost_metrics}, out.evaluation, out.final_checkpoint,
                        out.sec_per_step, out.peak_memory_mb)
     _write_summary(output_dir, spec, result, {"step": out.step, "device": str(trainer.device),
                                               "amp": trainer.amp.name, **extra})

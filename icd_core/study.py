@@ -101,6 +101,7 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
                 "data": study.data.model_dump(mode="json"),
                 "schedule": schedule.model_dump(mode="json"),
                 "device": study.device,
+                "deploy": study.deploy.model_dump(mode="json"),
                 "teacher": teacher.model_dump(mode="json"),
                 "student": study.student.model_dump(mode="json"),
                 "distill": {**distill.model_dump(mode="json"), "method": method},
@@ -129,6 +130,7 @@ def teacher_train_spec(study: StudySpec) -> TrainSpec | None:
         "data": study.data.model_dump(mode="json"),
         "schedule": study.teacher_schedule.model_dump(mode="json"),
         "device": study.device,
+        "deploy": study.deploy.model_dump(mode="json"),
         "model": study.teacher.model_dump(mode="json"),
     })
 
