@@ -241,18 +241,21 @@ def _box_iou(a: Tensor, b: Tensor) -> Tensor:
     return box_iou(a.float(), b.float()).nan_to_num(0.0)
 
 
-def _unmatched(src: dict[str, Tensor], dst: dict[str, Tensor], tol: Tolerance, floor: float) -> int:
+def _unmatched(src: dict[str, Tensor], dst: dict[str, Tensor], tol: Tolerance, floor: float) -> tuple[int, float]:
+    """(detections of src scoring >= floor without a partner in dst, largest corner offset of those matched)."""
     keep = src["scores"] >= floor
     boxes, scores, labels = src["boxes"][keep].float(), src["scores"][keep], src["labels"][keep]
     if boxes.shape[0] == 0:
-        return 0
+        return 0, 0.0
     if dst["boxes"].numel() == 0:
-        return int(boxes.shape[0])
+        return int(boxes.shape[0]), 0.0
     iou = _box_iou(boxes, dst["boxes"])
     corner = (boxes[:, None, :] - dst["boxes"].float()[None, :, :]).abs().amax(-1)
     ok = ((labels[:, None] == dst["labels"][None, :]) & ((scores[:, None] - dst["scores"][None, :]).abs() <= tol.score)
           & ((iou >= tol.iou) | (corner <= tol.box_px)))
-    return int((~ok.any(1)).sum())
+    matched = ok.any(1)
+    offsets = corner.masked_fill(~ok, float("inf")).amin(1)[matched]
+    return int((~matched).sum()), float(offsets.max()) if offsets.numel() else 0.0
 
 
 def _score_floor(a: dict[str, Tensor], b: dict[str, Tensor], tol: Tolerance, cap: int | None) -> float:
@@ -264,6 +267,12 @@ def _score_floor(a: dict[str, Tensor], b: dict[str, Tensor], tol: Tolerance, cap
     return floor
 
 
+def detection_cap(detector: Detector) -> int:
+    """How many detections per image the detector keeps at most (torchvision's detections_per_img)."""
+    owner = detector.model.roi_heads if detector.spec.detector == "faster_rcnn" else detector.model
+    return int(owner.detections_per_img)
+
+
 def compare_detections(
     eager: dict[str, Tensor], exported: dict[str, Tensor], tol: Tolerance, cap: int | None = None
 ) -> str | None:
@@ -271,7 +280,7 @@ def compare_detections(
     a = {k: eager[k].detach().cpu() for k in ("boxes", "scores", "labels")}
     b = {k: exported[k].detach().cpu() for k in ("boxes", "scores", "labels")}
     floor = _score_floor(a, b, tol, cap)
-    lost, extra = _unmatched(a, b, tol, floor), _unmatched(b, a, tol, floor)
+    (lost, _), (extra, _) = _unmatched(a, b, tol, floor), _unmatched(b, a, tol, floor)
     if lost or extra:
         n_a, n_b = int((a["scores"] >= floor).sum()), int((b["scores"] >= floor).sum())
         return (f"{lost} of {n_a} eager detections (score >= {floor:.3f}) have no exported match and {extra} of "
@@ -294,10 +303,14 @@ class Verification:
         return not self.mismatches
 
 
-def _max_box_diff(eager: dict[str, Tensor], exported: dict[str, Tensor]) -> float | None:
-    if eager["boxes"].shape != exported["boxes"].shape or eager["boxes"].numel() == 0:
+def _max_box_diff(eager: dict[str, Tensor], exported: dict[str, Tensor], tol: Tolerance, cap: int) -> float | None:
+    """Largest corner offset (px) between an eager detection and its exported partner; None without any."""
+    a = {k: eager[k].detach().cpu() for k in ("boxes", "scores", "labels")}
+    b = {k: exported[k].detach().cpu() for k in ("boxes", "scores", "labels")}
+    floor = _score_floor(a, b, tol, cap)
+    if not bool((a["scores"] >= floor).any()):
         return None
-    return float((eager["boxes"].float().cpu() - exported["boxes"].float().cpu()).abs().max())
+    return _unmatched(a, b, tol, floor)[1]
 
 
 def verify_export(
@@ -317,10 +330,11 @@ def verify_export(
         with torch.inference_mode():
             eager = detector.predict([image])[0]
         got = exported.predict([image])[0]
-        problem = compare_detections(eager, got, tol, getattr(detector.model, "detections_per_img", None))
+        cap = detection_cap(detector)
+        problem = compare_detections(eager, got, tol, cap)
         if problem:
             report.mismatches.append(f"image {image_id}: {problem}")
-        diff = _max_box_diff(eager, got)
+        diff = _max_box_diff(eager, got, tol, cap)
         if diff is not None:
             diffs.append(diff)
     report.max_box_diff_px = max(diffs) if diffs else None

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-CORE_COMMANDS = ("train", "eval", "shapes")
+CORE_COMMANDS = ("train", "eval", "export", "predict", "shapes")
 EMBEDDED_WORKER = "embedded@{host}"
 
 
