@@ -213,6 +213,8 @@ def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, erro
         "sec_per_step": summary.get("sec_per_step"),
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "status": "succeeded",
+        # model cost (cost_*, teacher_cost_*) lives in final_metrics, next to but not in the evaluation
+        **{k: v for k, v in (summary.get("final_metrics") or {}).items() if "cost_" in k},
     }
 
 
