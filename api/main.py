@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.docs import install_offline_docs
-from api.routers import artifacts, jobs, reports, system
+from api.routers import artifacts, deploy, jobs, reports, system
 from store.artifacts import ArtifactStore
 from store.db import ensure_migrated, make_engine, session_factory, upgrade_database
 from store.models import JOB_KINDS
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
+    app.include_router(deploy.router)
     app.include_router(reports.router)
     app.include_router(system.router)
     install_offline_docs(app)

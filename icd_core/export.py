@@ -375,8 +375,8 @@ def export_detector(
 ) -> ExportResult:
     """Export, load the file back, verify it against the eager model, and embed the verification.
 
-    The file only appears at `path` once it has passed; a failed verification raises ExportError and
-    leaves nothing behind.
+    The file only appears at `path` (with its metadata also beside it, see `meta_sidecar`) once it has
+    passed; a failed verification raises ExportError and leaves nothing behind.
     """
     path = Path(path)
     meta = export_meta(detector, checkpoint, fmt, source)
@@ -392,7 +392,14 @@ def export_detector(
         _embed_meta(staged, meta)
         path.parent.mkdir(parents=True, exist_ok=True)
         staged.replace(path)
+    meta_sidecar(path).write_text(json.dumps(meta, indent=2))
     return ExportResult(path, meta, report)
+
+
+def meta_sidecar(path: str | Path) -> Path:
+    """`model.onnx.json` beside `model.onnx`: the embedded metadata, readable without onnx or torch."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
 
 
 def _embed_meta(path: Path, meta: dict[str, Any]) -> None:

@@ -130,6 +130,18 @@ def _teacher_row(teacher: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return row
 
 
+def cost_from_metrics(metrics: Mapping[str, Any] | None) -> dict[str, dict[str, float]] | None:
+    """{"student"|"model": {params_m, gflops, ...}, "teacher": {...}} from a run's flat `cost_*` metrics."""
+    if not metrics:
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for prefix, name in (("teacher_cost_", "teacher"), ("cost_", "model")):
+        figures = {k: float(metrics[prefix + k]) for k in COST_KEYS if metrics.get(prefix + k) is not None}
+        if figures:
+            out[name] = figures
+    return out or None
+
+
 def _model_cost(rows: Sequence[Mapping[str, Any]], prefix: str = "cost_") -> dict[str, float | None]:
     """Mean deployment cost (see icd_core.run_report.flat_cost) over rows; None where no row measured it."""
     return {key: _mean_or_none([_cost(r, prefix + key) for r in rows]) for key in COST_KEYS}
