@@ -10,6 +10,7 @@ created, tracked op by op (a dispatch mode), which is what the forward needs bey
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import weakref
@@ -125,11 +126,13 @@ def measure_cost(
     repeats: int = 20,
     warmup: int = 3,
     exported: dict[str, Callable[[Tensor], Any]] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> ModelCost:
     """Cost of `model` (a torchvision detector taking a list of images) on one `image` [3, H, W].
 
     exported: extra runtimes to time on the same image (name -> callable), e.g. a TorchScript module
     or an ONNX Runtime session wrapped by `icd_core.export.ExportedDetector.run` (CPU).
+    autocast: run the eager forward under torch.autocast with this dtype (bf16/fp16 on a GPU).
     """
     device = torch.device(device)
     was_training = model.training
@@ -137,7 +140,8 @@ def measure_cost(
     x = image.to(device)
 
     def forward() -> Any:
-        with torch.inference_mode():
+        amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
             return model([x])
 
     try:
