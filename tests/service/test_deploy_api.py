@@ -108,3 +108,19 @@ def test_export_requests_that_cannot_work_say_why(client: TestClient, settings: 
     assert client.get(f"/jobs/{queued}/exports/onnx").status_code == 404
     assert client.get(f"/jobs/{queued}/exports/onnx/file").status_code == 404
     assert client.get(f"/jobs/{queued}/predictions").json() == {"model": [], "teacher": [], "detections_url": None}
+
+
+def test_study_report_serves_cost_columns_and_the_ap_latency_plot(client: TestClient, settings: Settings) -> None:
+    from icd_core.leaderboard import write_report
+
+    engine = make_engine(settings.database_url)
+    with session_factory(engine)() as s:
+        study_id = create_job(s, {"kind": "study"}, "study", "s", "cpu").id
+    engine.dispose()
+    costs = {"cost_latency_ms": 10.0, "cost_gflops": 1.0, "teacher_cost_latency_ms": 20.0, "teacher_cost_gflops": 3.0}
+    rows = [{"method": "none", "seed": 0, "metrics": {"AP": 5.0, **costs}}]
+    write_report(rows, ArtifactStore(settings.artifact_root).job_dir(study_id) / "report", teacher={"AP": 10.0})
+    md = client.get(f"/jobs/{study_id}/report.md").text
+    assert "vs teacher" in md and "2.0× faster, 1/3 the FLOPs, 50 % of the teacher's AP" in md
+    png = client.get(f"/jobs/{study_id}/report/ap_latency.png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
