@@ -102,6 +102,12 @@ def _save_onnx(wrapper: SingleImageDetector, path: Path, meta: dict[str, Any], o
     import onnx
 
     try:
+        with torch.inference_mode():
+            wrapper(example)
+    except Exception as err:  # not the exporter's fault: say so instead of blaming ONNX
+        raise ExportError(f"{meta['detector']} fails in eager PyTorch on the {example.shape[1]}x{example.shape[2]} "
+                          f"example image the ONNX tracer needs: {_first_line(err)}") from err
+    try:
         with warnings.catch_warnings():  # the tracer warns about every Python-side shape computation
             warnings.simplefilter("ignore")
             torch.onnx.export(
