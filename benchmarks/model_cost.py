@@ -14,6 +14,8 @@ and the ratios measured in this one run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -41,8 +43,16 @@ def exported_runtimes(student: Detector, folder: Path, threads: int) -> dict:
     return runners
 
 
+def merge_rounds(rounds: list[ModelCost]) -> ModelCost:
+    """The first round's static figures with each runtime's median over the rounds' medians."""
+    first = rounds[0]
+    latency = {k: statistics.median(r.latency_ms[k] for r in rounds) for k in first.latency_ms}
+    return dataclasses.replace(first, latency_ms=latency, repeats=sum(r.repeats for r in rounds))
+
+
 def row(name: str, c: ModelCost) -> str:
-    lat = " | ".join(f"{c.latency_ms.get(k, float('nan')):.1f}" for k in ("eager", "torchscript", "onnxruntime"))
+    lat = " | ".join(f"{c.latency_ms[k]:.1f}" if k in c.latency_ms else "–" for k in ("eager", "torchscript",
+                                                                                      "onnxruntime"))
     return f"| {name} | {c.params_m:.2f} | {c.gflops:.2f} | {c.peak_inference_mb:.0f} | {lat} |"
 
 
@@ -56,6 +66,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads.")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="Student/teacher alternations (repeats split over them).")
     ap.add_argument("--classes", type=int, default=None, help="Default: the study's shapes num_classes, or 80.")
     args = ap.parse_args()
 
@@ -74,14 +85,20 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     with tempfile.TemporaryDirectory() as tmp:
-        exported = exported_runtimes(student, Path(tmp), threads)
-        s_cost = measure_cost(student.model.to(device), image, device, args.repeats, args.warmup,
-                              exported=exported if device.type == "cpu" else None, autocast=amp)
-        t_cost = measure_cost(teacher.model.to(device), image, device, args.repeats, args.warmup, autocast=amp)
+        exported = exported_runtimes(student, Path(tmp), threads) if device.type == "cpu" else None
+        # Alternate student and teacher in rounds, so a load change on a shared machine hits both alike.
+        s_rounds, t_rounds = [], []
+        per_round = max(1, args.repeats // args.rounds)
+        for _ in range(args.rounds):
+            s_rounds.append(measure_cost(student.model.to(device), image, device, per_round, args.warmup,
+                                         exported=exported, autocast=amp))
+            t_rounds.append(measure_cost(teacher.model.to(device), image, device, per_round, args.warmup,
+                                         autocast=amp))
+    s_cost, t_cost = merge_rounds(s_rounds), merge_rounds(t_rounds)
 
     t, s = f"{study.teacher.detector} {study.teacher.backbone}", f"{study.student.detector} {study.student.backbone}"
     print(f"{args.study.name}: {size} px image, device {device}, {threads} thread(s), amp {'bf16' if amp else 'off'}, "
-          f"median of {args.repeats} after {args.warmup} warm-up")
+          f"median of {args.rounds} alternating rounds' medians ({s_cost.repeats} timed forwards each)")
     print("| model | params M | GFLOPs | peak infer MB | eager ms | TorchScript ms | ONNX Runtime ms |")
     print("|---|---|---|---|---|---|---|")
     print(row(f"teacher ({t})", t_cost))
