@@ -221,8 +221,13 @@ def _run_training(
                                    load_initial_weights=resume_from is None)
     out = trainer.train(resume_from=resume_from)
     counts = {k: extra[k] for k in ("inherit_copied", "inherit_skipped") if k in extra}
-    val = build_dataset(spec.data.val, cache_dir, train=False)
-    deploy, cost_metrics = deploy_report(trainer.student, trainer.teacher, val, spec.deploy, trainer.device, output_dir)
+    try:  # the trained model is kept whatever happens here: a failed measurement is reported, not fatal
+        val = build_dataset(spec.data.val, cache_dir, train=False)
+        deploy, cost_metrics = deploy_report(trainer.student, trainer.teacher, val, spec.deploy, trainer.device,
+                                             output_dir)
+    except Exception as exc:
+        log.warning("model cost / predictions failed: %s", exc, exc_info=True)
+        deploy, cost_metrics = {"deploy_error": f"{type(exc).__name__}: {exc}"}, {}
     extra.update(deploy)
     result = RunResult({**out.final_metrics, **counts, **cost_metrics}, out.evaluation, out.final_checkpoint,
                        out.sec_per_step, out.peak_memory_mb)

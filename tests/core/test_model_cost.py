@@ -122,3 +122,15 @@ def test_ap_latency_plot_is_written_with_the_report(tmp_path: Path) -> None:
         assert im.format == "PNG" and im.size[0] > 100
     no_cost = write_report([{"method": "none", "seed": 0, "metrics": {"AP": 1.0}}], tmp_path / "b")
     assert "ap_latency" not in no_cost
+
+
+def test_a_failed_measurement_keeps_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import icd_core.runner as runner
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no timer today")
+
+    monkeypatch.setattr(runner, "deploy_report", broken)
+    result = run_spec(parse_spec(train_spec(1)), tmp_path / "t", cache_dir=tmp_path / "c")
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert result.final_checkpoint is not None and summary["deploy_error"] == "RuntimeError: no timer today"
