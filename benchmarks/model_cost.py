@@ -14,9 +14,11 @@ and the ratios measured in this one run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import statistics
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,11 +45,32 @@ def exported_runtimes(student: Detector, folder: Path, threads: int) -> dict:
     return runners
 
 
-def merge_rounds(rounds: list[ModelCost]) -> ModelCost:
-    """The first round's static figures with each runtime's median over the rounds' medians."""
-    first = rounds[0]
-    latency = {k: statistics.median(r.latency_ms[k] for r in rounds) for k in first.latency_ms}
-    return dataclasses.replace(first, latency_ms=latency, repeats=sum(r.repeats for r in rounds))
+def eager_runner(det: Detector, image: torch.Tensor, device: torch.device, amp: torch.dtype | None) -> Callable:
+    model, x = det.model.to(device).eval(), image.to(device)
+
+    def run() -> object:
+        ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            return model([x])
+
+    return run
+
+
+def interleaved_ms(runners: dict[str, Callable], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median ms per runner, each called once per repeat in turn (batch 1, after `warmup` calls each)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def row(name: str, c: ModelCost) -> str:
@@ -66,7 +89,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads.")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=5, help="Student/teacher alternations (repeats split over them).")
     ap.add_argument("--classes", type=int, default=None, help="Default: the study's shapes num_classes, or 80.")
     args = ap.parse_args()
 
@@ -85,20 +107,22 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     with tempfile.TemporaryDirectory() as tmp:
-        exported = exported_runtimes(student, Path(tmp), threads) if device.type == "cpu" else None
-        # Alternate student and teacher in rounds, so a load change on a shared machine hits both alike.
-        s_rounds, t_rounds = [], []
-        per_round = max(1, args.repeats // args.rounds)
-        for _ in range(args.rounds):
-            s_rounds.append(measure_cost(student.model.to(device), image, device, per_round, args.warmup,
-                                         exported=exported, autocast=amp))
-            t_rounds.append(measure_cost(teacher.model.to(device), image, device, per_round, args.warmup,
-                                         autocast=amp))
-    s_cost, t_cost = merge_rounds(s_rounds), merge_rounds(t_rounds)
+        exported = exported_runtimes(student, Path(tmp), threads) if device.type == "cpu" else {}
+        # Params, FLOPs and memory (latency timed below); then every runtime once per repeat, interleaved,
+        # so a load change on a shared machine hits all of them alike.
+        s_cost = measure_cost(student.model.to(device), image, device, 1, 0, autocast=amp)
+        t_cost = measure_cost(teacher.model.to(device), image, device, 1, 0, autocast=amp)
+        runners = {"teacher eager": eager_runner(teacher, image, device, amp),
+                   "student eager": eager_runner(student, image, device, amp),
+                   **{f"student {k}": (lambda run=run: run(image)) for k, run in exported.items()}}
+        times = interleaved_ms(runners, args.repeats, args.warmup, device)
+    t_cost.latency_ms = {"eager": times["teacher eager"]}
+    s_cost.latency_ms = {k.removeprefix("student "): v for k, v in times.items() if k.startswith("student ")}
+    s_cost.repeats = t_cost.repeats = args.repeats
 
     t, s = f"{study.teacher.detector} {study.teacher.backbone}", f"{study.student.detector} {study.student.backbone}"
     print(f"{args.study.name}: {size} px image, device {device}, {threads} thread(s), amp {'bf16' if amp else 'off'}, "
-          f"median of {args.rounds} alternating rounds' medians ({s_cost.repeats} timed forwards each)")
+          f"median of {args.repeats} interleaved forwards per runtime after {args.warmup} warm-up")
     print("| model | params M | GFLOPs | peak infer MB | eager ms | TorchScript ms | ONNX Runtime ms |")
     print("|---|---|---|---|---|---|---|")
     print(row(f"teacher ({t})", t_cost))

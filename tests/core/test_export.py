@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from trainer_specs import TINY_MODEL, train_spec
+from trainer_specs import TINY_MODEL, distill_spec, train_spec
 
 from icd_core.data.coco import decode_rgb
 from icd_core.detectors import Detector, build_detector, read_checkpoint
@@ -163,3 +163,18 @@ def test_exported_checkpoint_keeps_coco_ap(fmt: str, tmp_path: Path) -> None:
     assert result.path == tmp_path / "exports" / f"model.{'onnx' if fmt == 'onnx' else 'ts'}"
     assert meta["source_spec"] == saved["spec"] and meta["label_to_cat_id"] == saved["label_to_cat_id"]
     assert meta["verification"]["eager_AP"] == pytest.approx(v.eager_AP)
+
+
+@pytest.mark.slow
+def test_a_distill_checkpoint_exports_the_student_alone(tmp_path: Path) -> None:
+    """No teacher and no ICD modules in the file: its weights are the student's, counted."""
+    teacher = run_spec(parse_spec(train_spec(1)), tmp_path / "t", cache_dir=tmp_path / "cache")
+    spec = distill_spec(str(teacher.final_checkpoint), "icd", 2)  # teacher as large as the student: twice the weights
+    student = run_spec(parse_spec(spec), tmp_path / "s", cache_dir=tmp_path / "cache")
+    saved = read_checkpoint(student.final_checkpoint)
+    assert saved["distiller"], "premise: an ICD checkpoint carries distiller modules"
+    result = export_checkpoint(student.final_checkpoint, "onnx", tmp_path / "x", tmp_path / "cache", eval_images=2)
+    weights = sum(numpy_helper.to_array(t).size for t in onnx.load(str(result.path)).graph.initializer)
+    student_params = sum(v.numel() for k, v in saved["model"].items() if not k.endswith("num_batches_tracked"))
+    assert weights <= student_params and result.meta["model_spec"] == saved["model_spec"]
+    assert result.meta["source_spec"]["kind"] == "distill"
