@@ -1,7 +1,7 @@
 """A finished job's model for deployment: its rendered predictions, and verified TorchScript / ONNX exports.
 
 Predictions are rendered by the run itself (`predictions/` in its folder: the first validation images,
-the teacher's too for a distill job). An export runs `python -m icd_core export` in a child process of
+the teacher's too for a distill job). An export runs `python -m icd_cli export` in a child process of
 the API (torch never loads into the API process); its state is `exports/<format>.json` beside the
 file, and the file is downloadable like a checkpoint once it has passed verification.
 """
@@ -169,7 +169,7 @@ def _still_running(state: dict[str, Any], job_id: int, fmt: str) -> bool:
 def _run_export(job_id: int, req: ExportRequest, checkpoint: Path, folder: Path, cache_dir: Path, state: dict) -> None:
     """The child process, then the final state (with the verification the export embedded)."""
     target = folder / f"model{_SUFFIX[req.format]}"
-    cmd = [sys.executable, "-m", "icd_core", "export", str(checkpoint), "--format", req.format, "-o", str(target),
+    cmd = [sys.executable, "-m", "icd_cli", "export", str(checkpoint), "--format", req.format, "-o", str(target),
            "--verify-images", str(req.verify_images), "--cache-dir", str(cache_dir)]
     if req.eval_images:
         cmd += ["--eval-images", str(req.eval_images)]

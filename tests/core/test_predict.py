@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from trainer_specs import train_spec
 
-from icd_core.cli import cli
+from icd_cli.main import main as cli
 from icd_core.detectors import read_checkpoint
 from icd_core.predict import draw_detections
 from icd_core.runner import run_spec
