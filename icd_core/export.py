@@ -436,6 +436,17 @@ def validation_subset(dataset: Any, limit: int | None) -> Any:
     return subset
 
 
+def readable_checkpoint(path: Path, read: Any) -> dict[str, Any]:
+    """`read(path)`, with an unreadable file (truncated, not a torch file) named in a ValueError."""
+    try:
+        return read(path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as err:  # torch.load's pickle / zip errors say nothing about which file
+        raise ValueError(f"{path} is not a readable checkpoint ({_first_line(err)}); give the final.pt "
+                         "of a finished train or distill run") from err
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     fmt: str,
@@ -459,7 +470,7 @@ def export_checkpoint(
     if fmt not in FORMATS:
         raise ExportError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
     checkpoint = Path(checkpoint)
-    run_spec = read_checkpoint(checkpoint).get("spec") or {}
+    run_spec = readable_checkpoint(checkpoint, read_checkpoint).get("spec") or {}
     if not run_spec.get("data"):
         raise ExportError(f"{checkpoint} records no run spec with data: export needs the validation set to verify")
     data = DataSpec.model_validate(run_spec["data"])

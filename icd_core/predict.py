@@ -46,9 +46,10 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
         meta = exported.meta
         return LoadedModel(exported, list(meta["class_names"]), list(meta["label_to_cat_id"]), str(path))
     from .detectors import load_detector, read_checkpoint
+    from .export import readable_checkpoint
     from .spec import DataSpec
 
-    saved_spec = read_checkpoint(path).get("spec") or {}
+    saved_spec = readable_checkpoint(path, read_checkpoint).get("spec") or {}
     size, max_size = 800, 1333
     if saved_spec.get("data"):
         data = DataSpec.model_validate(saved_spec["data"])

@@ -124,3 +124,24 @@ def test_study_report_serves_cost_columns_and_the_ap_latency_plot(client: TestCl
     assert "vs teacher" in md and "2.0× faster, 1/3 the FLOPs, 50 % of the teacher's AP" in md
     png = client.get(f"/jobs/{study_id}/report/ap_latency.png")
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_a_failed_or_interrupted_export_reads_as_failed_with_the_reason(client: TestClient, settings: Settings) -> None:
+    job_id = _finished_job(settings)
+    folder = ArtifactStore(settings.artifact_root).job_dir(job_id)
+    (folder / "checkpoints" / "final.pt").write_bytes(b"not a checkpoint")  # the file the export reads
+    client.post(f"/jobs/{job_id}/exports", json={"format": "torchscript"})
+    failed = _poll(client, f"/jobs/{job_id}/exports/torchscript")
+    assert failed["status"] == "failed" and failed["url"] is None and "final.pt" in failed["error"], failed
+    assert client.get(f"/jobs/{job_id}/exports/torchscript/file").status_code == 404
+
+    # An export whose API process died (no such pid on this host) is failed, not running forever.
+    import json as _json
+    import socket
+
+    state = {"format": "onnx", "status": "running", "started_at": time.time(), "pid": 2**22 + 17,
+             "host": socket.gethostname()}
+    (folder / "exports" / "onnx.json").write_text(_json.dumps(state))
+    lost = client.get(f"/jobs/{job_id}/exports/onnx").json()
+    assert lost["status"] == "failed" and lost["error"].startswith("interrupted")
