@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from icd_core.leaderboard import BASELINE, write_report
-from icd_core.spec import StudySpec, parse_spec
+from icd_core.spec import ICD_PRETRAINED, StudySpec, parse_spec
 from icd_core.study import evaluate_checkpoint
 from icd_core.study_plan import check_study, child_specs, preflight, result_from_job, teacher_train_spec
 from store.artifacts import ArtifactStore
@@ -69,10 +70,15 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
         teacher_ref = f"job:{teacher_job.id}"
 
     created = [teacher_job] if teacher_job else []
-    for _method, _seed, child in child_specs(study, teacher_ref):
+    first_pretrained: Job | None = None  # pre-trains the decoder; the other icd_pretrained children reuse it
+    for method, _seed, child in child_specs(study, teacher_ref):
         waits = [teacher_job.id] if teacher_job else []
+        if method == ICD_PRETRAINED and first_pretrained is not None:
+            waits.append(first_pretrained.id)  # same artifact key: wait, then load it from the cache
         created.append(create_job(s, child.model_dump(mode="json"), "distill", child.name, queue_for(child),
                                   depends_on=waits, parent_id=job.id, status="waiting" if waits else "queued"))
+        if method == ICD_PRETRAINED and first_pretrained is None:
+            first_pretrained = created[-1]
     park_study(s, job.id, len(created))
     return [c for c in created if c.status == "queued"]
 
@@ -99,10 +105,12 @@ def child_ended(s: Session, child_id: int) -> None:
                 except JobStateError:  # it ended meanwhile
                     pass
         fail_job(s, parent.id, problem)
+        _log_to_study(artifacts, parent.id, f"study {parent.id} failed: {problem}")
         return
 
     done = sum(c.status in TERMINAL_STATUSES for c in children)
     update_progress(s, parent.id, done, len(children), None)
+    _log_to_study(artifacts, parent.id, f"child job {child.id} ended {child.status} ({done}/{len(children)} done)")
     if done < len(children):
         return
     paths = write_study_report(s, parent.id, study, children, artifacts)
@@ -110,8 +118,24 @@ def child_ended(s: Session, child_id: int) -> None:
     final = {f"AP_{row['method']}": row["AP"]["mean"] for row in report["methods"] if row["n"]}
     if final:
         finish_study(s, parent.id, final)
+        scores = ", ".join(f"{k}={v:.2f}" for k, v in final.items() if v is not None)
+        _log_to_study(artifacts, parent.id, f"study {parent.id} succeeded: {scores}")
     else:
-        fail_job(s, parent.id, f"every child job failed; see GET /jobs?parent_id={parent.id} for their errors")
+        msg = f"every child job failed; see GET /jobs?parent_id={parent.id} for their errors"
+        fail_job(s, parent.id, msg)
+        _log_to_study(artifacts, parent.id, f"study {parent.id} failed: {msg}")
+
+
+def _log_to_study(artifacts: ArtifactStore, study_id: int, message: str) -> None:
+    """Append to the study's own log: its children end in other tasks, after the study's task has returned,
+    so the study's log would otherwise stop at the fan-out while its status moves on."""
+    log.info("%s", message)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        with open(artifacts.log_path(study_id), "a", encoding="utf-8") as f:
+            f.write(f"{stamp} INFO worker.study: {message}\n")
+    except OSError as exc:
+        log.warning("study %s: cannot append to its log: %s", study_id, exc)
 
 
 def write_study_report(s: Session, study_id: int, study: StudySpec, children: list[Job],
