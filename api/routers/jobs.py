@@ -237,7 +237,15 @@ def job_metrics(
     s: Session = Depends(get_session),
     names: Annotated[str | None, Query(description="Comma-separated series names; all when omitted")] = None,
     since_step: Annotated[int | None, Query(description="Only steps after this one (incremental polling)")] = None,
-    max_points: Annotated[int | None, Query(ge=2, le=100_000, description="Downsample each series")] = None,
+    max_points: Annotated[
+        int | None,
+        Query(
+            ge=3,
+            le=100_000,
+            description="Downsample each series in the database to at most this many points: every step "
+            "bucket's min and max point and the series' last point",
+        ),
+    ] = None,
 ) -> MetricsOut | JSONResponse:
     """Training scalars by series name."""
     job_or_404(s, job_id)
