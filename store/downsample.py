@@ -20,56 +20,59 @@ from store.models import ROLLUP_BLOCK_STEPS
 MIN_POINTS = 3
 Series = dict[str, list[tuple[int, float]]]
 
+# One series per statement (name fixed), so windows partition by an integer bucket only.
 # Buckets by step span: bucket = (step - first) * nb / span. Each bucket gives its min and its max point
 # (ties: the earliest step); a series no longer than max_points is returned whole.
 RAW_SQL = """
 WITH s AS (
-    SELECT name, step, value FROM metrics WHERE job_id = :job_id AND name IN :names {since}
+    SELECT step, value FROM metrics WHERE job_id = :job_id AND name = :name {since}
 ), r AS (
-    SELECT name, MIN(step) AS lo, MAX(step) AS hi, COUNT(*) AS n FROM s GROUP BY name
+    SELECT MIN(step) AS lo, MAX(step) AS hi, COUNT(*) AS n FROM s
 ), b AS (
-    SELECT s.name, s.step, s.value, r.hi,
+    SELECT s.step, s.value, r.hi,
            CASE WHEN r.n <= :max_points THEN s.step
                 ELSE CAST(s.step - r.lo AS BIGINT) * :nb / (r.hi - r.lo + 1) END AS bk
-    FROM s JOIN r ON r.name = s.name
+    FROM s CROSS JOIN r
 ), k AS (
-    SELECT name, step, value, hi,
-           ROW_NUMBER() OVER (PARTITION BY name, bk ORDER BY value, step) AS rmin,
-           ROW_NUMBER() OVER (PARTITION BY name, bk ORDER BY value DESC, step) AS rmax
+    SELECT step, value, hi,
+           ROW_NUMBER() OVER (PARTITION BY bk ORDER BY value, step) AS rmin,
+           ROW_NUMBER() OVER (PARTITION BY bk ORDER BY value DESC, step) AS rmax
     FROM b
 )
-SELECT name, step, value FROM k WHERE rmin = 1 OR rmax = 1 OR step = hi ORDER BY name, step
+SELECT step, value FROM k WHERE rmin = 1 OR rmax = 1 OR step = hi ORDER BY step
 """
 
-# Buckets of whole blocks: bucket = (block - first block) * nb / block span; the candidates of a bucket are
-# its blocks' min and max points (bucket -1: the rows of a partial first block after since_step).
+# Buckets of whole blocks: bucket = (block - first block) * nb / block span. A bucket's min is the least
+# of its blocks' mins, its max the greatest of their maxes; bucket -1 holds the rows of a partial first
+# block after since_step.
 ROLLUP_SQL = """
 WITH blocks AS (
-    SELECT name, block, min_step, min_value, max_step, max_value, last_step, last_value
-    FROM metric_rollups WHERE job_id = :job_id AND name IN :names AND block >= :first_block
+    SELECT block, min_step, min_value, max_step, max_value, last_step, last_value
+    FROM metric_rollups WHERE job_id = :job_id AND name = :name AND block >= :first_block
 ), r AS (
-    SELECT name, MIN(block) AS lo, MAX(block) AS hi FROM blocks GROUP BY name
-), c AS (
-    SELECT b.name, CAST(b.block - r.lo AS BIGINT) * :nb / (r.hi - r.lo + 1) AS bk, b.min_step AS step,
-           b.min_value AS value
-    FROM blocks b JOIN r ON r.name = b.name
+    SELECT MIN(block) AS lo, MAX(block) AS hi FROM blocks
+), head AS (
+    SELECT step, value FROM metrics
+    WHERE job_id = :job_id AND name = :name AND step > :since AND step < :first_block * {block_steps}
+), mins AS (
+    SELECT CAST(b.block - r.lo AS BIGINT) * :nb / (r.hi - r.lo + 1) AS bk, b.min_step AS step, b.min_value AS value
+    FROM blocks b CROSS JOIN r
     UNION ALL
-    SELECT b.name, CAST(b.block - r.lo AS BIGINT) * :nb / (r.hi - r.lo + 1) AS bk, b.max_step AS step,
-           b.max_value AS value
-    FROM blocks b JOIN r ON r.name = b.name
+    SELECT -1, step, value FROM head
+), maxes AS (
+    SELECT CAST(b.block - r.lo AS BIGINT) * :nb / (r.hi - r.lo + 1) AS bk, b.max_step AS step, b.max_value AS value
+    FROM blocks b CROSS JOIN r
     UNION ALL
-    SELECT name, -1 AS bk, step, value FROM metrics
-    WHERE job_id = :job_id AND name IN :names AND step > :since AND step < :first_block * {block_steps}
-), k AS (
-    SELECT name, step, value,
-           ROW_NUMBER() OVER (PARTITION BY name, bk ORDER BY value, step) AS rmin,
-           ROW_NUMBER() OVER (PARTITION BY name, bk ORDER BY value DESC, step) AS rmax
-    FROM c
+    SELECT -1, step, value FROM head
+), picked AS (
+    SELECT step, value, ROW_NUMBER() OVER (PARTITION BY bk ORDER BY value, step) AS rk FROM mins
+    UNION ALL
+    SELECT step, value, ROW_NUMBER() OVER (PARTITION BY bk ORDER BY value DESC, step) AS rk FROM maxes
 )
-SELECT name, step, value FROM k WHERE rmin = 1 OR rmax = 1
+SELECT step, value FROM picked WHERE rk = 1
 UNION
-SELECT b.name, b.last_step AS step, b.last_value AS value FROM blocks b JOIN r ON r.name = b.name AND b.block = r.hi
-ORDER BY name, step
+SELECT b.last_step, b.last_value FROM blocks b CROSS JOIN r WHERE b.block = r.hi
+ORDER BY 1
 """
 
 SUMMARY_SQL = """
@@ -94,12 +97,8 @@ def _first_full_block(since_step: int | None) -> int:
     return -(-(since_step + 1) // ROLLUP_BLOCK_STEPS)  # ceil((since_step + 1) / block)
 
 
-def _run(s: Session, sql: str, names: list[str], params: dict[str, int]) -> Series:
-    stmt = text(sql).bindparams(bindparam("names", expanding=True))
-    out: Series = {}
-    for name, step, value in s.execute(stmt, {"names": names, **params}):
-        out.setdefault(name, []).append((int(step), float(value)))
-    return out
+def _points(s: Session, sql: str, params: dict[str, object]) -> list[tuple[int, float]]:
+    return [(int(step), float(value)) for step, value in s.execute(text(sql), params)]
 
 
 def downsample(
@@ -115,23 +114,25 @@ def downsample(
     if names:
         summary = summary.bindparams(bindparam("names", expanding=True))
         params["names"] = list(names)
-    by_rollup, by_rows = [], []
+    by_rollup: list[str] = []
+    by_rows: list[str] = []
     for name, n, lo, hi in s.execute(summary, params):
         long_enough = int(n) > max_points and (int(hi) - max(int(lo), first_block) + 1) >= rollup_buckets(max_points)
         (by_rollup if long_enough else by_rows).append(name)
     out: Series = {}
-    if by_rows:
-        since = "AND step > :since" if since_step is not None else ""
-        row_params = {"job_id": job_id, "max_points": max_points, "nb": raw_buckets(max_points)}
+    since = "AND step > :since" if since_step is not None else ""
+    for name in by_rows:
+        params = {"job_id": job_id, "name": name, "max_points": max_points, "nb": raw_buckets(max_points)}
         if since_step is not None:
-            row_params["since"] = since_step
-        out.update(_run(s, RAW_SQL.format(since=since), by_rows, row_params))
-    if by_rollup:
-        rollup_params = {
+            params["since"] = since_step
+        out[name] = _points(s, RAW_SQL.format(since=since), params)
+    for name in by_rollup:
+        params = {
             "job_id": job_id,
+            "name": name,
             "nb": rollup_buckets(max_points),
             "first_block": first_block,
             "since": since_step if since_step is not None else -(2**31),
         }
-        out.update(_run(s, ROLLUP_SQL.format(block_steps=ROLLUP_BLOCK_STEPS), by_rollup, rollup_params))
-    return dict(sorted(out.items()))
+        out[name] = _points(s, ROLLUP_SQL.format(block_steps=ROLLUP_BLOCK_STEPS), params)
+    return {name: pts for name, pts in sorted(out.items()) if pts}

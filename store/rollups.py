@@ -81,3 +81,23 @@ def refresh_rollups(s: Session, job_id: int, ranges: dict[str, tuple[int, int]])
         set_={c: ins.excluded[c] for c in ROLLUP_COLUMNS},
     )
     s.execute(stmt, params)
+
+
+# The same summaries for every series of a range of jobs in one statement (bulk loads, benchmarks);
+# `{where}` filters metrics rows, e.g. "job_id BETWEEN :lo AND :hi". PostgreSQL and SQLite alike.
+REBUILD_SQL = f"""
+INSERT INTO metric_rollups (job_id, name, block, n, min_step, min_value, max_step, max_value, last_step, last_value)
+SELECT job_id, name, block, n, min_step, min_value, max_step, max_value, last_step, last_value FROM (
+    SELECT job_id, name, step / {ROLLUP_BLOCK_STEPS} AS block,
+           COUNT(*) OVER w AS n,
+           FIRST_VALUE(step) OVER (w ORDER BY value, step) AS min_step,
+           FIRST_VALUE(value) OVER (w ORDER BY value, step) AS min_value,
+           FIRST_VALUE(step) OVER (w ORDER BY value DESC, step) AS max_step,
+           FIRST_VALUE(value) OVER (w ORDER BY value DESC, step) AS max_value,
+           FIRST_VALUE(step) OVER (w ORDER BY step DESC) AS last_step,
+           FIRST_VALUE(value) OVER (w ORDER BY step DESC) AS last_value,
+           ROW_NUMBER() OVER (w ORDER BY step) AS rn
+    FROM metrics WHERE {{where}}
+    WINDOW w AS (PARTITION BY job_id, name, step / {ROLLUP_BLOCK_STEPS})
+) AS blocks WHERE rn = 1
+"""
