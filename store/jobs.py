@@ -15,9 +15,6 @@ from sqlalchemy.orm import Session
 
 from store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, Job, utcnow
 
-# The contract lists these with the job functions; they live in results.py and are re-exported here.
-from store.results import add_checkpoint, add_evaluation, add_metrics, final_checkpoint_path  # noqa: F401
-
 
 class JobNotFound(LookupError):
     """No job with that id."""
@@ -129,25 +126,10 @@ def claim_job(s: Session, job_id: int, worker: str) -> Job | None:
     A redelivered message for a job that is running elsewhere, finished or canceled claims nothing.
     """
     now = utcnow()
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(
-            status="running",
-            attempt=Job.attempt + 1,
-            started_at=now,
-            finished_at=None,
-            worker=worker,
-            error=None,
-            eta_s=None,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        s.rollback()
+    job = _transition(s, job_id, ("queued",), "running", attempt=Job.attempt + 1, started_at=now, finished_at=None,
+                      worker=worker, error=None, eta_s=None, commit=False)
+    if job is None:
         return None
-    job = _require(s, job_id)
     s.add(Attempt(job_id=job_id, number=job.attempt, worker=worker, status="running", started_at=now))
     s.commit()
     return job
@@ -172,50 +154,114 @@ def update_progress(
     s.commit()
 
 
-def _close_attempt(s: Session, job: Job, status: str, error: str | None) -> None:
-    if job.attempt <= 0:
-        return
+# --- state transitions ------------------------------------------------------------------------------
+# Every status change of a job is a function in this file, each one guarded UPDATE (`_transition`) from
+# named states to one state: `grep -n '"failed"' store/jobs.py` answers "where does a job get marked failed".
+ACTIVE = ("queued", "waiting", "running")  # every status a job can still leave
+
+
+def _close_attempt(s: Session, job_id: int, status: str, error: str | None) -> None:
+    """Close the job's open attempt row (there is none before its first claim)."""
     s.execute(
         update(Attempt)
-        .where(Attempt.job_id == job.id, Attempt.number == job.attempt, Attempt.finished_at.is_(None))
+        .where(Attempt.job_id == job_id, Attempt.finished_at.is_(None))
         .values(status=status, error=error, finished_at=utcnow())
         .execution_options(synchronize_session=False)
     )
 
 
-def _end(s: Session, job_id: int, status: str, error: str | None = None, **extra: Any) -> Job:
-    job = _require(s, job_id)
+def _transition(
+    s: Session,
+    job_id: int,
+    from_states: Sequence[str],
+    to: str,
+    *conditions: Any,
+    close_attempt: str | None = None,
+    commit: bool = True,
+    **values: Any,
+) -> Job | None:
+    """from_states → `to` in one guarded UPDATE, committed; None (nothing written) when the guard missed.
+
+    `close_attempt` closes the open attempt row with that status (and the job's error) in the same commit;
+    commit=False leaves the transaction open for the caller to add rows to it.
+    """
     now = utcnow()
-    job.status = status
-    job.finished_at = now
-    job.updated_at = now
-    job.error = error
-    job.eta_s = 0.0 if status == "succeeded" else None
-    job.cancel_requested = False
-    for key, value in extra.items():
-        setattr(job, key, value)
-    _close_attempt(s, job, status, error)
-    s.commit()
-    return job
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(list(from_states)), *conditions)
+        .values(status=to, updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        s.rollback()
+        return None
+    if close_attempt is not None:
+        _close_attempt(s, job_id, close_attempt, values.get("error"))
+    if commit:
+        s.commit()
+    return _require(s, job_id)
 
 
-def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None) -> Job:
+def _end(
+    s: Session, job_id: int, from_states: Sequence[str], status: str, error: str | None = None, *conditions: Any,
+    **extra: Any,
+) -> Job | None:
+    """A terminal transition: finished now, the cancel flag cleared, the open attempt closed alike."""
+    values: dict[str, Any] = {
+        "finished_at": utcnow(),
+        "error": error,
+        "eta_s": 0.0 if status == "succeeded" else None,
+        "cancel_requested": False,
+        **extra,
+    }
+    return _transition(s, job_id, from_states, status, *conditions, close_attempt=status, **values)
+
+
+def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None) -> Job | None:
     """running → succeeded with the run's final metrics (callers then run release_dependents)."""
     job = _require(s, job_id)
     extra: dict[str, Any] = {"final_metrics": final_metrics}
     if job.progress_total:
         extra["progress_step"] = job.progress_total
-    return _end(s, job_id, "succeeded", None, **extra)
+    return _end(s, job_id, ("running",), "succeeded", None, **extra)
 
 
-def fail_job(s: Session, job_id: int, error: str) -> Job:
-    """Mark failed with a message that says what to change (callers then run release_dependents)."""
-    return _end(s, job_id, "failed", error)
+def fail_job(s: Session, job_id: int, error: str) -> Job | None:
+    """queued|waiting|running → failed, with a message that says what to change (callers then run
+    release_dependents). A job that already ended keeps its outcome."""
+    return _end(s, job_id, ACTIVE, "failed", error)
 
 
-def mark_canceled(s: Session, job_id: int) -> Job:
-    """The worker stopped cooperatively after a cancel request."""
-    return _end(s, job_id, "canceled", None)
+def fail_if_running_on(s: Session, job_id: int, worker: str, error: str) -> Job | None:
+    """running on `worker` → failed: the safety net for a process that died or could not record its result."""
+    return _end(s, job_id, ("running",), "failed", error, Job.worker == worker)
+
+
+def mark_canceled(s: Session, job_id: int) -> Job | None:
+    """running → canceled: the worker stopped cooperatively after a cancel request."""
+    return _end(s, job_id, ("running",), "canceled", None)
+
+
+def park_study(s: Session, job_id: int, children: int) -> Job | None:
+    """running → waiting: a study that created its children waits for them (its fan-out attempt succeeded).
+
+    The study is closed by `finish_study` or `fail_job` when its children end, not by its own task.
+    """
+    return _transition(s, job_id, ("running",), "waiting", close_attempt="succeeded", depends_on=[],
+                       progress_step=0, progress_total=children)
+
+
+def finish_study(s: Session, job_id: int, final_metrics: dict[str, Any]) -> Job | None:
+    """waiting → succeeded: every child of the study ended and its report is written."""
+    return _end(s, job_id, ("waiting",), "succeeded", None, final_metrics=final_metrics)
+
+
+def requeue_interrupted(s: Session, job_id: int, reason: str) -> Job | None:
+    """running → queued after a warm worker shutdown: the attempt is closed as failed with `reason`, and
+    the job resumes from its checkpoint on the next worker."""
+    if fail_job(s, job_id, reason) is None:
+        return None
+    return retry_job(s, job_id)
 
 
 def request_cancel(s: Session, job_id: int) -> Job:
@@ -223,13 +269,7 @@ def request_cancel(s: Session, job_id: int) -> Job:
     job = _require(s, job_id)
     if job.status in TERMINAL_STATUSES:
         raise JobStateError(f"job {job_id} is already {job.status}")
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(("queued", "waiting")))
-        .values(status="canceled", finished_at=utcnow(), updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if _transition(s, job_id, ("queued", "waiting"), "canceled", finished_at=utcnow()) is None:
         s.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "running")
@@ -278,14 +318,11 @@ def retry_job(s: Session, job_id: int) -> Job:
     problem, ready = _dependency_problem(s, job.depends_on or [])
     if problem:
         raise JobStateError(problem)
-    job.status = "queued" if ready else "waiting"
-    job.cancel_requested = False
-    job.error = None
-    job.finished_at = None
-    job.eta_s = None
-    job.updated_at = utcnow()
-    s.commit()
-    return job
+    retried = _transition(s, job_id, ("failed", "canceled"), "queued" if ready else "waiting",
+                          cancel_requested=False, error=None, finished_at=None, eta_s=None)
+    if retried is None:
+        raise JobStateError(f"job {job_id} changed status meanwhile; reload it and try again")
+    return retried
 
 
 def delete_job(s: Session, job_id: int) -> None:
@@ -308,27 +345,13 @@ def settle_waiting(s: Session, job_id: int) -> Job | None:
         return None
     problem, ready = _dependency_problem(s, job.depends_on or [])
     if problem:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "waiting")
-            .values(status="failed", error=problem, finished_at=utcnow(), updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        s.commit()
-        if res.rowcount == 1:  # type: ignore[attr-defined]
+        if _transition(s, job_id, ("waiting",), "failed", error=problem, finished_at=utcnow()) is not None:
             release_dependents(s, job_id)  # its own dependents fail in turn
         return None
     if not ready:
         return None
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "waiting")
-        .values(status="queued", updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    s.commit()
     # Only the process whose UPDATE won enqueues it, so a racing API and worker never send it twice.
-    return _require(s, job_id) if res.rowcount == 1 else None  # type: ignore[attr-defined]
+    return _transition(s, job_id, ("waiting",), "queued")
 
 
 def release_dependents(s: Session, finished_job_id: int) -> list[Job]:
@@ -348,8 +371,9 @@ def fail_stale_running(s: Session, worker_name: str) -> list[int]:
     """At worker start: its jobs still 'running' died with the previous process; fail them clearly."""
     ids = list(s.scalars(select(Job.id).where(Job.status == "running", Job.worker == worker_name)))
     for job_id in ids:
-        fail_job(s, job_id, f"worker {worker_name} restarted while running; retry to resume from the last checkpoint")
-        release_dependents(s, job_id)
+        error = f"worker {worker_name} restarted while running; retry to resume from the last checkpoint"
+        if fail_if_running_on(s, job_id, worker_name, error) is not None:
+            release_dependents(s, job_id)
     return ids
 
 
