@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from store.downsample import downsample
 from store.models import Checkpoint, Evaluation, Metric, utcnow
-from store.rollups import refresh_rollups, touched_ranges
+from store.rollups import update_rollups
 
 EVAL_FIELDS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
 
@@ -45,7 +45,7 @@ def add_metrics(s: Session, job_id: int, attempt: int, rows: Sequence[tuple[str,
         {"job_id": job_id, "name": n, "step": int(st), "attempt": attempt, "value": float(v)} for n, st, v in rows
     ]
     s.execute(stmt, params)
-    refresh_rollups(s, job_id, touched_ranges((p["name"], p["step"]) for p in params))
+    update_rollups(s, job_id, [(p["name"], p["step"], p["value"]) for p in params])
     s.commit()
 
 

@@ -126,3 +126,30 @@ def test_tiny_max_points_still_bounded(session: Session, mp: int) -> None:
     assert len(got) <= mp and got[-1] == points[-1]
     with pytest.raises(ValueError, match="max_points"):
         get_metrics(session, jid, max_points=2)
+
+
+def test_rollups_equal_a_rebuild_after_appends_rewrites_and_out_of_order_writes(session: Session) -> None:
+    from sqlalchemy import delete, text
+
+    from store.rollups import REBUILD_SQL, ROLLUP_COLUMNS
+
+    rng = random.Random(3)
+    jid = _job(session)
+    steps = list(range(0, 2_000, 3))
+    for i in range(0, len(steps), 50):  # appends (merged without reading rows)
+        add_metrics(session, jid, 1, [(n, st, rng.random()) for st in steps[i : i + 50] for n in ("a", "b")])
+    for _ in range(20):  # a resumed run: rewrites, some out of order, some new steps in the middle
+        lo = rng.randrange(0, 1_900)
+        add_metrics(session, jid, 2, [("a", st, rng.uniform(-2, 2)) for st in range(lo, lo + rng.randrange(1, 90))])
+    add_metrics(session, jid, 2, [("b", 5_000, 9.0), ("b", 4_000, -9.0)])  # a new block, written backwards
+
+    def rollups() -> list[tuple[object, ...]]:
+        cols = ", ".join(("name", "block", *ROLLUP_COLUMNS))
+        return [tuple(r) for r in session.execute(
+            text(f"SELECT {cols} FROM metric_rollups WHERE job_id = :j ORDER BY name, block"), {"j": jid})]
+
+    kept = rollups()
+    session.execute(delete(MetricRollup).where(MetricRollup.job_id == jid))
+    session.execute(text(REBUILD_SQL.format(where="job_id = :j")), {"j": jid})
+    assert kept == rollups()
+    session.rollback()
