@@ -39,7 +39,9 @@ def run_workers(url: str, job_ids: list[int], args: dict[str, Any], start_at: fl
     from store.db import make_engine, session_factory
     from worker.reporter import DbReporter
 
-    engine = make_engine(url, pool_size=len(job_ids) + 2, max_overflow=4)
+    # Workers share a few connections per process (as behind pgbouncer): 100 workers with a connection
+    # each would exceed a default max_connections of 100.
+    engine = make_engine(url, pool_size=args["pool"], max_overflow=0, pool_timeout=60)
     sessions = session_factory(engine)
     artifacts = ArtifactStore(Path(args["home"]) / "artifacts")
     sent: dict[int, int] = {}
@@ -83,17 +85,27 @@ def read_loop(base: str, job_ids: list[int], stop: threading.Event, lat: dict[st
                 ("GET /jobs/{id}/metrics?max_points=1000", f"/jobs/{job}/metrics?max_points=1000"),
             ):
                 if path is None:
-                    last = c.get(f"/jobs/{job}").json()["progress_step"]
+                    try:
+                        last = c.get(f"/jobs/{job}").json()["progress_step"]
+                    except (httpx.HTTPError, ValueError, KeyError):
+                        last = 0
                     path = f"/jobs/{job}/metrics?since_step={max(0, last - 20)}"
                 t0 = time.perf_counter()
-                r = c.get(path)
-                lat.setdefault(label, []).append((time.perf_counter() - t0) * 1000)
-                r.raise_for_status()
+                try:
+                    ok = c.get(path).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                lat.setdefault(label if ok else f"{label} FAILED", []).append((time.perf_counter() - t0) * 1000)
 
 
 def stored_points(libpq: str) -> int:
-    with psycopg.connect(libpq) as c:
-        return int(c.execute("SELECT coalesce(sum(n), 0) FROM metric_rollups").fetchone()[0])  # type: ignore[index]
+    for attempt in range(10):
+        try:
+            with psycopg.connect(libpq) as c:
+                return int(c.execute("SELECT coalesce(sum(n), 0) FROM metric_rollups").fetchone()[0])  # type: ignore[index]
+        except psycopg.OperationalError:
+            time.sleep(0.5 * (attempt + 1))
+    raise SystemExit("cannot reach the database to count points")
 
 
 def main() -> None:
@@ -105,6 +117,7 @@ def main() -> None:
     ap.add_argument("--flush-s", type=float, default=1.0)
     ap.add_argument("--duration", type=float, default=180.0)
     ap.add_argument("--readers", type=int, default=4)
+    ap.add_argument("--pool", type=int, default=6, help="database connections per writer process")
     ap.add_argument("--api-procs", type=int, default=2)
     ap.add_argument("--admin-url", default=None)
     args = ap.parse_args()
