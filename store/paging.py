@@ -56,9 +56,10 @@ def count_total(
     kind: str | None = None,
     name: str | None = None,
     parent_id: int | None = None,
+    search: str | None = None,
 ) -> tuple[int, bool]:
     """(total, is_estimate): exact below EXACT_TOTAL_LIMIT, PostgreSQL's row estimate above it."""
-    conds = _filters(status, kind, name, parent_id)
+    conds = _filters(status, kind, name, parent_id, search)
     bounded = select(Job.id).where(*conds)
     if s.get_bind().dialect.name != "postgresql":
         return int(s.scalar(select(func.count()).select_from(bounded.subquery())) or 0), False
@@ -86,11 +87,14 @@ def page_jobs(
     limit: int = 50,
     offset: int = 0,
     cursor: str | None = None,
+    search: str | None = None,
 ) -> JobPage:
     """One page newest first, by cursor (preferred) or offset, with the cursor of the next page."""
     before = decode_cursor(cursor) if cursor else None
-    rows = list_jobs(s, status, kind, name, parent_id, limit=limit + 1, offset=offset, before_id=before)
+    rows = list_jobs(
+        s, status, kind, name, parent_id, limit=limit + 1, offset=offset, search=search, before_id=before
+    )
     items = rows[:limit]
     next_cursor = encode_cursor(items[-1].id) if len(rows) > limit else None
-    total, estimated = count_total(s, status, kind, name, parent_id)
+    total, estimated = count_total(s, status, kind, name, parent_id, search)
     return JobPage(items, next_cursor, total, estimated)
