@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from store.models import ROLLUP_BLOCK_STEPS
 
-MIN_POINTS = 3
+MIN_POINTS = 2
 Series = dict[str, list[tuple[int, float]]]
 
 # One series per statement (name fixed), so windows partition by an integer bucket only.
@@ -75,6 +75,15 @@ SELECT b.last_step, b.last_value FROM blocks b CROSS JOIN r WHERE b.block = r.hi
 ORDER BY 1
 """
 
+# max_points=2 has no room for a bucket's min, max and the last point: the series' first and last point
+# (what a client listing series names asks for).
+ENDS_SQL = """
+SELECT step, value FROM metrics WHERE job_id = :job_id AND name = :name AND step IN (
+    (SELECT MIN(step) FROM metrics WHERE job_id = :job_id AND name = :name {since}),
+    (SELECT MAX(step) FROM metrics WHERE job_id = :job_id AND name = :name {since})
+) ORDER BY step
+"""
+
 SUMMARY_SQL = """
 SELECT name, SUM(n) AS n, MIN(block) AS lo, MAX(block) AS hi
 FROM metric_rollups WHERE job_id = :job_id {names} AND block >= :from_block GROUP BY name
@@ -106,7 +115,7 @@ def downsample(
 ) -> Series:
     """Each series after since_step in at most max_points points: every bucket's min and max, and the last."""
     if max_points < MIN_POINTS:
-        raise ValueError(f"max_points: at least {MIN_POINTS} (a bucket's min and max and the last point)")
+        raise ValueError(f"max_points: at least {MIN_POINTS}")
     first_block = _first_full_block(since_step)
     head_block = first_block - 1 if since_step is not None else first_block
     summary = text(SUMMARY_SQL.format(names="AND name IN :names" if names else ""))
@@ -117,7 +126,8 @@ def downsample(
     by_rollup: list[str] = []
     by_rows: list[str] = []
     for name, n, lo, hi in s.execute(summary, params):
-        long_enough = int(n) > max_points and (int(hi) - max(int(lo), first_block) + 1) >= rollup_buckets(max_points)
+        span = int(hi) - max(int(lo), first_block) + 1
+        long_enough = max_points > 2 and int(n) > max_points and span >= rollup_buckets(max_points)
         (by_rollup if long_enough else by_rows).append(name)
     out: Series = {}
     since = "AND step > :since" if since_step is not None else ""
@@ -125,7 +135,8 @@ def downsample(
         params = {"job_id": job_id, "name": name, "max_points": max_points, "nb": raw_buckets(max_points)}
         if since_step is not None:
             params["since"] = since_step
-        out[name] = _points(s, RAW_SQL.format(since=since), params)
+        sql = ENDS_SQL if max_points == 2 else RAW_SQL
+        out[name] = _points(s, sql.format(since=since), params)
     for name in by_rollup:
         params = {
             "job_id": job_id,

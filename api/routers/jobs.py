@@ -249,10 +249,10 @@ def job_metrics(
     max_points: Annotated[
         int | None,
         Query(
-            ge=3,
+            ge=2,
             le=100_000,
             description="Downsample each series in the database to at most this many points: every step "
-            "bucket's min and max point and the series' last point",
+            "bucket's min and max point and the series' last point (max_points=2: the first and last point)",
         ),
     ] = None,
 ) -> MetricsOut | JSONResponse:

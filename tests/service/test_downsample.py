@@ -124,8 +124,10 @@ def test_tiny_max_points_still_bounded(session: Session, mp: int) -> None:
     _write(session, jid, "loss", points, batch=2_500)
     got = get_metrics(session, jid, max_points=mp)["loss"]
     assert len(got) <= mp and got[-1] == points[-1]
+    assert get_metrics(session, jid, max_points=2)["loss"] == [points[0], points[-1]]  # the ends only
+    assert get_metrics(session, jid, since_step=4_000, max_points=2)["loss"] == [points[4_001], points[-1]]
     with pytest.raises(ValueError, match="max_points"):
-        get_metrics(session, jid, max_points=2)
+        get_metrics(session, jid, max_points=1)
 
 
 def test_rollups_equal_a_rebuild_after_appends_rewrites_and_out_of_order_writes(session: Session) -> None:
