@@ -180,6 +180,18 @@ def refresh_rollups(s: Session, job_id: int, ranges: dict[str, tuple[int, int]])
     _upsert(s, [{"job_id": job_id, **r._mapping} for r in rows])
 
 
+def refresh_after_delete(s: Session, job_id: int, after_step: int) -> None:
+    """Repair a job's rollups after its metric rows above `after_step` were deleted (e.g. a resumed
+    attempt dropping superseded points): every series' blocks from that step on are recomputed."""
+    first = (after_step + 1) // ROLLUP_BLOCK_STEPS
+    rows = s.execute(
+        select(MetricRollup.name, func.max(MetricRollup.block))
+        .where(MetricRollup.job_id == job_id, MetricRollup.block >= first)
+        .group_by(MetricRollup.name)
+    )
+    refresh_rollups(s, job_id, {name: (first, last) for name, last in rows})
+
+
 # The same summaries for every series of a range of jobs in one statement (bulk loads, benchmarks);
 # `{where}` filters metrics rows, e.g. "job_id BETWEEN :lo AND :hi". PostgreSQL and SQLite alike.
 REBUILD_SQL = f"""

@@ -155,3 +155,26 @@ def test_rollups_equal_a_rebuild_after_appends_rewrites_and_out_of_order_writes(
     session.execute(text(REBUILD_SQL.format(where="job_id = :j")), {"j": jid})
     assert kept == rollups()
     session.rollback()
+
+
+def test_rollups_are_repaired_after_points_are_deleted(session: Session) -> None:
+    from sqlalchemy import delete, text
+
+    from store.models import Metric
+    from store.rollups import REBUILD_SQL, ROLLUP_COLUMNS, refresh_after_delete
+
+    jid = _job(session)
+    for name in ("a", "b"):
+        _write(session, jid, name, [(st, float(st % 50)) for st in range(1, 1_500)])
+    session.execute(delete(Metric).where(Metric.job_id == jid, Metric.step > 700))  # a resume at step 700
+    refresh_after_delete(session, jid, 700)
+    session.commit()
+    cols = ", ".join(("name", "block", *ROLLUP_COLUMNS))
+    query = text(f"SELECT {cols} FROM metric_rollups WHERE job_id = :j ORDER BY name, block")
+    kept = [tuple(r) for r in session.execute(query, {"j": jid})]
+    assert max(r[1] for r in kept) == 700 // ROLLUP_BLOCK_STEPS and kept[-1][-2] == 700  # no empty blocks left
+    session.execute(delete(MetricRollup).where(MetricRollup.job_id == jid))
+    session.execute(text(REBUILD_SQL.format(where="job_id = :j")), {"j": jid})
+    assert kept == [tuple(r) for r in session.execute(query, {"j": jid})]
+    got = get_metrics(session, jid, names=["a"], max_points=10)["a"]
+    assert got[-1] == (700, 0.0) and len(got) <= 10
