@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from icd_core.leaderboard import cost_from_metrics
 
 
 class _Out(BaseModel):
@@ -46,6 +48,13 @@ class JobOut(_Out):
     error: str | None
     cancel_requested: bool
     final_metrics: dict[str, Any] | None
+
+    @computed_field(description="What the finished run's model costs (and, for distill, its teacher): params_m, "
+                    "gflops at the evaluation size, peak_inference_mb, latency_ms (batch 1, warm, median; "
+                    "_torchscript / _onnxruntime on the CPU). From final_metrics' cost_* entries.")
+    @property
+    def model_cost(self) -> dict[str, dict[str, float]] | None:
+        return cost_from_metrics(self.final_metrics)
 
 
 class JobDetail(JobOut):
