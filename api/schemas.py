@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, computed_field
+
+from icd_core.leaderboard import cost_from_metrics
 
 
 class _Out(BaseModel):
@@ -48,6 +50,13 @@ class JobOut(_Out):
     owner: str | None = Field(description="Name of the API token that submitted it; null: the local admin.")
     final_metrics: dict[str, Any] | None
 
+    @computed_field(description="What the finished run's model costs (and, for distill, its teacher): params_m, "
+                    "gflops at the evaluation size, peak_inference_mb, latency_ms (batch 1, warm, median; "
+                    "_torchscript / _onnxruntime on the CPU). From final_metrics' cost_* entries.")
+    @property
+    def model_cost(self) -> dict[str, dict[str, float]] | None:
+        return cost_from_metrics(self.final_metrics)
+
 
 class JobDetail(JobOut):
     """One job with its spec and its attempts."""
@@ -58,9 +67,11 @@ class JobDetail(JobOut):
 
 class JobList(BaseModel):
     items: list[JobOut]
-    total: int
+    total: int = Field(description="Jobs matching the filters: exact up to 10,000, else an estimate (see below).")
+    total_is_estimate: bool = Field(False, description="True when total is the database's estimate.")
     limit: int
     offset: int
+    next_cursor: str | None = Field(None, description="Pass as cursor for the next page; null on the last page.")
 
 
 # [step, value]; documented as a 2-number array (a `prefixItems` tuple trips some OpenAPI tools).
