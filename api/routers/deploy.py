@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from api.auth import UNAUTHORIZED, Caller, get_caller
 from api.deps import JobId, get_app_settings, get_artifacts, get_session, job_or_404
-from api.schemas import ErrorOut
+from api.schemas import ErrorOut, json_error
 from store.artifacts import ArtifactStore
 from store.models import Job
 from store.results import final_checkpoint_path
@@ -284,11 +284,10 @@ def get_export(
     return out
 
 
-@router.api_route(
+@router.get(
     "/{job_id}/exports/{fmt}/file",
-    methods=["GET", "HEAD"],
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 404: {"model": ErrorOut}},
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: json_error("No such job or export")},
 )
 def download_export(
     job_id: JobId, fmt: Literal["onnx", "torchscript"], s: Session = Depends(get_session),
@@ -303,3 +302,10 @@ def download_export(
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no finished {fmt} export")
     return FileResponse(path, media_type="application/octet-stream", filename=f"job{job_id}{_SUFFIX[fmt]}",
                         headers={"X-Export-SHA256": out.sha256 or "", "ETag": f'"{out.sha256}"'})
+
+
+# HEAD (size and sha256 first) is the same handler, kept out of the schema so operation ids stay unique.
+router.add_api_route(
+    "/{job_id}/exports/{fmt}/file", download_export, methods=["HEAD"], include_in_schema=False,
+    response_class=FileResponse,
+)
