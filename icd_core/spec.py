@@ -236,6 +236,8 @@ class _JobBase(StrictModel):
     data: DataSpec
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
+    # How many times the service starts this job when its worker is lost (null: the server's setting).
+    max_attempts: int | None = Field(None, ge=1, le=100)
 
     @field_validator("device")
     @classmethod

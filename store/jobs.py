@@ -8,6 +8,8 @@ redelivered broker messages and racing processes cannot run or finish a job twic
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -25,6 +27,13 @@ class JobNotFound(LookupError):
 
 class JobStateError(ValueError):
     """The job's status does not allow the operation (the API answers 409)."""
+
+
+class LeaseLost(JobStateError):
+    """This attempt no longer holds the job (its lease was reaped and the job re-queued or ended)."""
+
+
+DEFAULT_LEASE_S = 30.0
 
 
 def create_job(
@@ -116,10 +125,12 @@ def count_jobs(
     return int(s.scalar(q) or 0)
 
 
-def claim_job(s: Session, job_id: int, worker: str) -> Job | None:
-    """queued → running for this worker, attempt += 1; None when the job is not claimable.
+def claim_job(s: Session, job_id: int, worker: str, lease_s: float = DEFAULT_LEASE_S) -> Job | None:
+    """queued → running for this worker under a lease of `lease_s`, attempt += 1; None when the job is
+    not claimable.
 
-    A redelivered message for a job that is running elsewhere, finished or canceled claims nothing.
+    One conditional UPDATE decides: a redelivered message for a job that is running elsewhere,
+    finished or canceled claims nothing.
     """
     now = utcnow()
     res = s.execute(
@@ -134,6 +145,7 @@ def claim_job(s: Session, job_id: int, worker: str) -> Job | None:
             error=None,
             eta_s=None,
             updated_at=now,
+            lease_expires_at=now + timedelta(seconds=lease_s),
         )
         .execution_options(synchronize_session=False)
     )
@@ -176,9 +188,23 @@ def _close_attempt(s: Session, job: Job, status: str, error: str | None) -> None
     )
 
 
-def _end(s: Session, job_id: int, status: str, error: str | None = None, **extra: Any) -> Job:
+def _end(s: Session, job_id: int, status: str, error: str | None = None, attempt: int | None = None,
+         **extra: Any) -> Job:
+    """Write a final status. With `attempt` (a worker ending its own run) only while that attempt still
+    holds the job: the UPDATE locks the row, and a reaped attempt raises LeaseLost instead."""
+    if attempt is not None:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running", Job.attempt == attempt)
+            .values(lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            s.rollback()
+            raise LeaseLost(f"job {job_id}: attempt {attempt} no longer holds the job")
     job = _require(s, job_id)
     now = utcnow()
+    job.lease_expires_at = None
     job.status = status
     job.finished_at = now
     job.updated_at = now
@@ -192,23 +218,23 @@ def _end(s: Session, job_id: int, status: str, error: str | None = None, **extra
     return job
 
 
-def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None) -> Job:
+def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None, attempt: int | None = None) -> Job:
     """running → succeeded with the run's final metrics (callers then run release_dependents)."""
     job = _require(s, job_id)
     extra: dict[str, Any] = {"final_metrics": final_metrics}
     if job.progress_total:
         extra["progress_step"] = job.progress_total
-    return _end(s, job_id, "succeeded", None, **extra)
+    return _end(s, job_id, "succeeded", None, attempt, **extra)
 
 
-def fail_job(s: Session, job_id: int, error: str) -> Job:
+def fail_job(s: Session, job_id: int, error: str, attempt: int | None = None) -> Job:
     """Mark failed with a message that says what to change (callers then run release_dependents)."""
-    return _end(s, job_id, "failed", error)
+    return _end(s, job_id, "failed", error, attempt)
 
 
-def mark_canceled(s: Session, job_id: int) -> Job:
+def mark_canceled(s: Session, job_id: int, attempt: int | None = None) -> Job:
     """The worker stopped cooperatively after a cancel request."""
-    return _end(s, job_id, "canceled", None)
+    return _end(s, job_id, "canceled", None, attempt)
 
 
 def request_cancel(s: Session, job_id: int) -> Job:
@@ -230,6 +256,7 @@ def request_cancel(s: Session, job_id: int) -> Job:
             .execution_options(synchronize_session=False)
         )
     s.commit()
+    _cancel_if_worker_lost(s, job_id)
     children = s.scalars(select(Job.id).where(Job.parent_id == job_id, Job.status.not_in(TERMINAL_STATUSES)))
     for child_id in list(children):  # a study's children go with it
         request_cancel(s, child_id)
@@ -337,15 +364,6 @@ def release_dependents(s: Session, finished_job_id: int) -> list[Job]:
     return released
 
 
-def fail_stale_running(s: Session, worker_name: str) -> list[int]:
-    """At worker start: its jobs still 'running' died with the previous process; fail them clearly."""
-    ids = list(s.scalars(select(Job.id).where(Job.status == "running", Job.worker == worker_name)))
-    for job_id in ids:
-        fail_job(s, job_id, f"worker {worker_name} restarted while running; retry to resume from the last checkpoint")
-        release_dependents(s, job_id)
-    return ids
-
-
 def undelivered_queued(s: Session, queues: Sequence[str], older_than_s: float, limit: int = 10) -> list[Job]:
     """Queued jobs on these queues untouched for `older_than_s`: their broker message was probably lost.
 
@@ -362,3 +380,153 @@ def undelivered_queued(s: Session, queues: Sequence[str], older_than_s: float, l
         job.updated_at = utcnow()
     s.commit()
     return jobs
+
+
+# --- leases -----------------------------------------------------------------------------------------
+# A running job is held by one attempt under a lease that its worker's heartbeat renews. The reaper
+# takes back expired leases with the same kind of conditional UPDATE as the claim, so running it from
+# the API and from every worker at once is harmless: exactly one UPDATE wins each expired lease.
+
+
+def _stale(now: datetime) -> Any:
+    """Running under an expired lease (or none: rows claimed before leases existed)."""
+    return (Job.status == "running") & ((Job.lease_expires_at < now) | Job.lease_expires_at.is_(None))
+
+
+def renew_lease(s: Session, job_id: int, worker: str, attempt: int, lease_s: float) -> bool:
+    """Extend this attempt's lease; False when the attempt no longer holds the job (it must stop)."""
+    now = utcnow()
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.worker == worker, Job.attempt == attempt)
+        .values(lease_expires_at=now + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def lost_message(worker: str | None, step: int, attempts: int) -> str:
+    """The reason a job failed because its workers kept disappearing."""
+    return (f"worker {worker or '?'} lost at step {step}; {attempts} attempt{'s' if attempts != 1 else ''} used "
+            "(max_attempts); retry to resume from the last checkpoint")
+
+
+@dataclass
+class Reaped:
+    """What one reaper pass did: jobs to enqueue again, and jobs it ended (release their dependents)."""
+
+    requeued: list[Job] = field(default_factory=list)
+    ended: list[int] = field(default_factory=list)
+
+
+def reap_expired_leases(s: Session, now: datetime | None = None, max_attempts: int = 3) -> Reaped:
+    """Expired leases → queued as a new attempt (it resumes from the last complete checkpoint), or
+    failed with the reason once `max_attempts` (the spec's, else this default) are used, or canceled
+    when a cancel was requested. The caller enqueues `requeued` and releases the dependents of `ended`."""
+    now = now or utcnow()
+    out = Reaped()
+    rows = s.execute(
+        select(Job.id, Job.attempt, Job.worker, Job.progress_step, Job.spec, Job.cancel_requested).where(_stale(now))
+    ).all()
+    s.rollback()  # end the read transaction; each job below is its own guarded unit of work
+    for job_id, attempt, worker, step, spec, cancel in rows:
+        limit = int((spec or {}).get("max_attempts") or max_attempts)
+        lost = f"worker {worker or '?'} lost at step {step} (no heartbeat before its lease expired)"
+        if cancel:
+            values: dict[str, Any] = {"status": "canceled", "finished_at": now, "cancel_requested": False}
+        elif attempt >= limit:
+            values = {"status": "failed", "finished_at": now, "error": lost_message(worker, step, attempt)}
+        else:
+            values = {"status": "queued", "worker": None, "eta_s": None}
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, _stale(now))
+            .values(lease_expires_at=None, updated_at=now, **values)
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            s.rollback()  # renewed, ended or reaped by someone else meanwhile
+            continue
+        _close_lost_attempt(s, job_id, attempt, lost, now)
+        s.commit()
+        if values["status"] == "queued":
+            out.requeued.append(_require(s, job_id))
+        else:
+            out.ended.append(job_id)
+    return out
+
+
+def expire_leases_of(s: Session, worker: str) -> int:
+    """A worker (re)starting under `worker`'s name: the previous process is gone, so its leases are
+    expired now instead of at their timeout (the next reap_expired_leases re-queues the jobs)."""
+    res = s.execute(
+        update(Job)
+        .where(Job.status == "running", Job.worker == worker)
+        .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+    return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def _close_lost_attempt(s: Session, job_id: int, attempt: int, error: str, now: datetime) -> None:
+    s.execute(
+        update(Attempt)
+        .where(Attempt.job_id == job_id, Attempt.number == attempt, Attempt.finished_at.is_(None))
+        .values(status="lost", error=error, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _cancel_if_worker_lost(s: Session, job_id: int) -> None:
+    """Cancel of a running job whose worker is gone (lease expired): nobody would read the flag, so
+    the job is canceled now."""
+    now = utcnow()
+    row = s.execute(select(Job.attempt, Job.worker, Job.progress_step).where(Job.id == job_id, _stale(now))).first()
+    if row is None:
+        return
+    attempt, worker, step = row
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, _stale(now))
+        .values(status="canceled", finished_at=now, updated_at=now, lease_expires_at=None, cancel_requested=False)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount == 1:  # type: ignore[attr-defined]
+        _close_lost_attempt(s, job_id, attempt, f"worker {worker or '?'} lost at step {step}; canceled", now)
+    s.commit()
+
+
+def unservable_queued(s: Session, live_queues: Iterable[str]) -> list[Job]:
+    """Queued jobs on a queue that no live worker consumes (e.g. device: cuda and no GPU worker)."""
+    live = set(live_queues)
+    return [j for j in s.scalars(select(Job).where(Job.status == "queued").order_by(Job.id)) if j.queue not in live]
+
+
+def fail_unservable(s: Session, live_queues: Iterable[str], wait_s: float, now: datetime | None = None) -> list[int]:
+    """Fail queued jobs that no live worker could take for `wait_s` (guarded: only if still queued)."""
+    now = now or utcnow()
+    failed: list[int] = []
+    for job in unservable_queued(s, live_queues):
+        if job.updated_at > now - timedelta(seconds=wait_s):
+            continue
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued", Job.updated_at == job.updated_at)
+            .values(status="failed", finished_at=now, updated_at=now, error=unservable_message(job.queue, wait_s))
+            .execution_options(synchronize_session=False)
+        )
+        s.commit()
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            failed.append(job.id)
+    return failed
+
+
+def unservable_message(queue: str, waited_s: float | None = None) -> str:
+    """Why a queued job is not starting, and what to do about it."""
+    how = {"cuda": "start a GPU worker (`icd worker --gpus 0`) or submit with device: cpu",
+           "cpu": "start a CPU worker (`icd worker --cpu`) or submit with device: auto"}.get(
+        queue, f"start a worker that consumes queue {queue!r} (`icd worker -Q {queue}`)")
+    waited = f" for {waited_s:.0f} s" if waited_s is not None else ""
+    return f"no live worker consumes queue {queue!r}{waited}: {how}"

@@ -29,6 +29,15 @@ class Settings(BaseSettings):
     api_token: str | None = None
     worker_heartbeat_s: float = 10.0
     redeliver_after_s: float = 30.0  # an idle worker re-sends a job left 'queued' this long (lost message)
+    # A running job's lease: renewed by its worker's heartbeat, reaped (job re-queued) once this stale.
+    lease_timeout_s: float = 30.0
+    reaper_interval_s: float = 5.0  # how often the API and every worker look for expired leases
+    max_attempts: int = 3  # attempts a job gets when a worker is lost (a spec's `max_attempts` wins)
+    # A queued job that no live worker can take (e.g. device: cuda, no GPU worker) fails after this long.
+    unservable_timeout_s: float = 600.0
+    # Redis re-delivers an unacknowledged message after this long; None: lease_timeout_s + 30 s. The
+    # lease, not the broker, guards against double runs, so a redelivery of a running job is a no-op.
+    redis_visibility_timeout_s: float | None = None
     # The embedded `icd serve` migrates its own database; a production API refuses an old schema.
     auto_migrate: bool = False
 
@@ -50,6 +59,10 @@ class Settings(BaseSettings):
         self.artifact_root = (self.artifact_root or self.home / "artifacts").expanduser().resolve()
         self.cache_dir = (self.cache_dir or self.home / "cache").expanduser().resolve()
         return self
+
+    @property
+    def visibility_timeout_s(self) -> float:
+        return self.redis_visibility_timeout_s or self.lease_timeout_s + 30.0
 
     @property
     def api_token_required(self) -> bool:

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from api.docs import DISTILL_EXAMPLE, TRAIN_EXAMPLE
 from api.main import create_app
 from store.artifacts import ArtifactStore
-from store.db import make_engine, session_factory
+from store.db import head_revision, make_engine, session_factory
 from store.jobs import claim_job, fail_job, finish_job, release_dependents
 from store.results import add_checkpoint, add_evaluation, add_metrics
 from store.settings import Settings
@@ -210,7 +210,7 @@ def test_metrics_evaluations_logs(client: TestClient, db: DB, settings: Settings
     m = client.get(f"/jobs/{jid}/metrics", params={"max_points": 20, "names": "loss"}).json()
     assert 2 <= len(m["series"]["loss"]) <= 21 and m["series"]["loss"][-1][0] == 200
     assert client.get(f"/jobs/{jid}/metrics", params={"since_step": 500}).json() == {
-        "job_id": jid, "series": {}, "last_step": None
+        "job_id": jid, "series": {}, "last_step": None, "attempt": 1, "resumed_from_step": None
     }
 
     add_evaluation(db.s, jid, 1, 100, {"AP": 21.5, "AP50": 40.0, "AP75": 20.0, "APs": 5, "APm": 20, "APl": 30},
@@ -263,7 +263,7 @@ def test_workers_health_version(client: TestClient, db: DB) -> None:
     assert client.get("/health").json()["status"] == "ok"
 
     v = client.get("/version").json()
-    assert v["version"] and v["database_revision"] == "0001" and v["python"]
+    assert v["version"] and v["database_revision"] == head_revision() and v["python"]
 
 
 def test_broker_down_gives_503_and_a_failed_job(settings: Settings) -> None:
