@@ -29,7 +29,14 @@ def broker_transport_options(broker_url: str, visibility_timeout_s: float = 60.0
     longer is redelivered too, and that delivery is a no-op: the lease, not the broker, decides who
     runs a job (claim_job), and the reaper re-sends a job whose lease expired anyway."""
     if broker_url.startswith("redis"):
-        return {"visibility_timeout": visibility_timeout_s, "socket_connect_timeout": 5}
+        return {
+            "visibility_timeout": visibility_timeout_s,
+            "socket_connect_timeout": 5,
+            # Kombu looks for overdue messages every 10 s but scans only on every 10th look (so ~100 s
+            # late); scan on each look, a few times per visibility timeout (one small ZRANGE each).
+            "unacked_restore_interval": max(1.0, min(10.0, visibility_timeout_s / 4)),
+            "unacked_restore_throttle": 1,
+        }
     return {}
 
 

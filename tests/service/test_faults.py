@@ -185,9 +185,9 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(stk: Stack
     stk.start_worker("l")  # idle, without the write hook
     stk.wait_workers_alive("l")
     folder = stk.tmp / "home" / "artifacts" / "jobs" / str(job_id) / "checkpoints"
-    wait_for(lambda: (folder / "step_10.pt").is_file(), 120, "the first checkpoint")
-    wait_for(lambda: (folder / "step_20.pt.paused").exists(), 120, "the second write to pause before its rename")
-    assert (folder / "step_20.pt.tmp").is_file()
+    wait_for(lambda: (folder / "step_0000010.pt").is_file(), 120, "the first checkpoint")
+    wait_for(lambda: (folder / "step_0000020.pt.paused").exists(), 120, "the second write to pause before its rename")
+    assert (folder / "step_0000020.pt.tmp").is_file()
     stk.kill_worker("k")
     job = assert_resumed(stk, job_id, 30, on="l")
     assert job["attempts"][-1]["resumed_from_step"] == 10
