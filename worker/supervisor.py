@@ -16,10 +16,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+HEALTHY_RUN_S = 30.0  # a worker that ran this long before dying restarts after 1 s again (no back-off)
 
 
 @dataclass
@@ -88,9 +90,12 @@ class WorkerProcess:
         delay = 1.0
         while not self._stopping.is_set():
             assert self.proc is not None
+            started = time.monotonic()
             code = self.proc.wait()
             if self._stopping.is_set():
                 return
+            if time.monotonic() - started > HEALTHY_RUN_S:
+                delay = 1.0  # it ran fine for a while: a new crash is not part of a crash loop
             self.restarts += 1
             log.error("worker %s exited with code %s; restarting in %.0f s", self.spec.name, code, delay)
             if self._stopping.wait(delay):

@@ -271,24 +271,28 @@ class Stack:
         return wait_for(lambda: (j := self.job(job_id))["status"] in ("succeeded", "failed", "canceled") and j,
                         timeout, f"job {job_id} to end")
 
-    def close(self) -> None:
-        """Stop every worker this stack started (by pid): SIGTERM, then SIGKILL for what is left."""
-        for proc in self.workers.values():
-            tree = [proc.pid, *descendants(proc.pid)]
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+    def stop_worker(self, name: str) -> None:
+        """Stop one worker this stack started (by pid): SIGTERM, then SIGKILL for what is left."""
+        proc = self.workers.pop(name)
+        tree = [proc.pid, *descendants(proc.pid)]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in tree:
+            if alive(pid):
                 try:
-                    proc.wait(40)
-                except subprocess.TimeoutExpired:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
                     pass
-            for pid in tree:
-                if alive(pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-            if proc.poll() is None:
-                proc.wait(10)
+        if proc.poll() is None:
+            proc.wait(10)
+
+    def close(self) -> None:
+        for name in list(self.workers):
+            self.stop_worker(name)
         if self._client_cm is not None:
             self._client_cm.__exit__(None, None, None)
             self._app.state.engine.dispose()
