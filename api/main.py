@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
-    app.state.artifacts = ArtifactStore(settings.artifact_root or settings.home / "artifacts")
+    app.state.artifacts = ArtifactStore(settings.artifact_root)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.include_router(jobs.router)
     app.include_router(artifacts.router)

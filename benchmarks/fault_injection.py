@@ -65,83 +65,100 @@ class Bench:
         self.st, self.redis, self.args = st, redis, args
         self.rng = random.Random(args.seed)
 
-    def pair(self, kind: str) -> tuple[str, str]:
-        """Two fresh idle workers for this kind (the checkpoint kind's carry the write hook)."""
-        env = {"ICD_TEST_PAUSE_BEFORE_RENAME_S": "3"} if kind == "kill9_mid_checkpoint" else {}
-        names = (f"{kind[:6]}a", f"{kind[:6]}b")
-        for n in names:
-            self.st.start_worker(n, **env)
-        self.st.wait_workers_alive(*names, timeout=180)
-        return names
+    def start_pairs(self) -> None:
+        """Two idle workers on queue `cpu` for most kinds, and two with the checkpoint-write hook on queue
+        `any` for the mid-checkpoint kind (its jobs say device: auto), so the kinds can interleave."""
+        for n in ("plain_a", "plain_b"):
+            self.st.start_worker(n, queues="cpu")
+        for n in ("hook_a", "hook_b"):
+            self.st.start_worker(n, queues="any", ICD_TEST_PAUSE_BEFORE_RENAME_S="3")
+        self.st.wait_workers_alive("plain_a", "plain_b", "hook_a", "hook_b", timeout=240)
 
-    def stop_pair(self, names: tuple[str, ...]) -> None:
-        for n in names:
-            self.st.stop_worker(n)
+    @staticmethod
+    def pair(kind: str) -> tuple[str, str]:
+        return ("hook_a", "hook_b") if kind == "kill9_mid_checkpoint" else ("plain_a", "plain_b")
 
     def inject_once(self, kind: str, names: tuple[str, str], i: int) -> dict[str, Any]:
+        """One job, one fault of `kind` into the worker running it, followed to the job's end."""
         st, a = self.st, self.args
-        spec = tiny_train_spec(f"{kind}-{i}", iterations=a.iterations, checkpoint_every=a.checkpoint_every)
-        job_id = st.submit(spec)
-        if kind == "kill9_mid_checkpoint":
-            folder = st.tmp / "home" / "artifacts" / "jobs" / str(job_id) / "checkpoints"
-            wait_for(lambda: st.job(job_id)["status"] == "running" and list(folder.glob("step_*.pt"))
-                     and list(folder.glob("*.paused")), a.job_timeout, "a checkpoint write after the first")
-            before = st.job(job_id)
-        else:
-            before = st.wait_step(job_id, self.rng.randint(a.checkpoint_every + 1, a.iterations // 2),
-                                  timeout=a.job_timeout)
+        device = "auto" if kind == "kill9_mid_checkpoint" else "cpu"
+        job_id = st.submit(tiny_train_spec(f"{kind}-{i}", iterations=a.iterations, checkpoint_every=a.checkpoint_every,
+                                           device=device))
+        before = self._fault_point(kind, job_id)
         victim = before["worker"].split("@")[0]
-        step_at_fault, attempt_at_fault = before["progress_step"], before["attempt"]
         t_fault = time.monotonic()
-        if kind in ("kill9_worker", "kill9_mid_checkpoint"):
-            st.kill_worker(victim)
-        elif kind == "kill9_celery_child":
-            os.kill(st.celery_child(victim), signal.SIGKILL)
-        elif kind == "sigterm_worker":
-            st.workers[victim].send_signal(signal.SIGTERM)  # `icd worker`: warm stop of its Celery child
-        elif kind == "broker_restart":
-            self.redis.stop()
-            time.sleep(a.broker_down_s)
-            self.redis.start()
-
-        def running_again() -> float | None:
-            j = st.job(job_id)
-            if kind == "broker_restart":
-                moved = j["status"] == "succeeded" or j["progress_step"] > step_at_fault
-            else:
-                moved = j["status"] == "succeeded" or (
-                    j["status"] == "running" and j["attempt"] > attempt_at_fault
-                    and j["progress_step"] > (j["attempts"][-1].get("resumed_from_step") or 0))
-            return time.monotonic() - t_fault if moved else None
-
+        self._inject(kind, victim)
         try:
-            back_s = wait_for(running_again, a.job_timeout, "running again", interval=0.1)
+            back_s = wait_for(lambda: self._moved(kind, job_id, before) and time.monotonic() - t_fault,
+                              a.job_timeout, "running again", interval=0.1)
         except AssertionError:
             back_s = None
-        if kind in ("kill9_worker", "kill9_mid_checkpoint", "sigterm_worker"):
-            if kind == "sigterm_worker":
-                try:
-                    st.workers[victim].wait(60)
-                except Exception:
-                    st.kill_worker(victim)
-            st.start_worker(victim, **({"ICD_TEST_PAUSE_BEFORE_RENAME_S": "3"}
-                                       if kind == "kill9_mid_checkpoint" else {}))
+        self._repair(kind, victim)
         try:
             job = wait_for(lambda: (j := st.job(job_id))["status"] in TERMINAL and j, a.job_timeout, "the end")
             stuck = False
         except AssertionError:
             job, stuck = st.job(job_id), True
         steps = st.loss_steps(job_id)
-        want = list(range(1, a.iterations + 1))
         st.wait_workers_alive(*names, timeout=180)  # both idle again before the next injection
         return {
             "kind": kind, "job": job_id, "status": job["status"], "attempts": job["attempt"],
-            "step_at_fault": step_at_fault, "victim": victim, "stuck": stuck,
+            "step_at_fault": before["progress_step"], "victim": victim, "stuck": stuck,
             "lost": job["status"] != "succeeded",
-            "run_twice": _overlapping(job["attempts"]) or job["attempt"] > attempt_at_fault + 1,
-            "duplicated": len(steps) - len(set(steps)), "missing": len(set(want) - set(steps)),
+            "run_twice": _overlapping(job["attempts"]) or job["attempt"] > before["attempt"] + 1,
+            "duplicated": len(steps) - len(set(steps)),
+            "missing": len(set(range(1, a.iterations + 1)) - set(steps)),
             "back_s": back_s, "error": job.get("error"),
         }
+
+    def _fault_point(self, kind: str, job_id: int) -> dict[str, Any]:
+        """Wait until the job is where the fault goes: past a random step, or paused inside a checkpoint
+        write that follows a complete checkpoint."""
+        st, a = self.st, self.args
+        if kind != "kill9_mid_checkpoint":
+            return st.wait_step(job_id, self.rng.randint(a.checkpoint_every + 1, a.iterations // 2),
+                                timeout=a.job_timeout)
+        folder = st.tmp / "home" / "artifacts" / "jobs" / str(job_id) / "checkpoints"
+        wait_for(lambda: st.job(job_id)["status"] == "running" and list(folder.glob("step_*.pt"))
+                 and list(folder.glob("*.paused")), a.job_timeout, "a checkpoint write after the first")
+        return st.job(job_id)
+
+    def _inject(self, kind: str, victim: str) -> None:
+        st = self.st
+        if kind in ("kill9_worker", "kill9_mid_checkpoint"):
+            st.kill_worker(victim)
+        elif kind == "kill9_celery_child":
+            os.kill(st.celery_child(victim), signal.SIGKILL)  # `icd worker` restarts it under the same name
+        elif kind == "sigterm_worker":
+            st.workers[victim].send_signal(signal.SIGTERM)  # `icd worker`: warm stop of its Celery child
+        elif kind == "broker_restart":
+            self.redis.stop()
+            time.sleep(self.args.broker_down_s)
+            self.redis.start()
+
+    def _moved(self, kind: str, job_id: int, before: dict[str, Any]) -> bool:
+        """Running again: a new attempt making progress (for the broker: progress after the restart)."""
+        j = self.st.job(job_id)
+        if j["status"] == "succeeded":
+            return True
+        if kind == "broker_restart":
+            return j["progress_step"] > before["progress_step"]
+        resumed = j["attempts"][-1].get("resumed_from_step") or 0
+        return j["status"] == "running" and j["attempt"] > before["attempt"] and j["progress_step"] > resumed
+
+    def _repair(self, kind: str, victim: str) -> None:
+        """Start again what the fault stopped (the job itself goes on on the other worker meanwhile)."""
+        if kind not in ("kill9_worker", "kill9_mid_checkpoint", "sigterm_worker"):
+            return
+        if kind == "sigterm_worker":
+            try:
+                self.st.workers[victim].wait(60)
+            except Exception:
+                self.st.kill_worker(victim)
+        if kind == "kill9_mid_checkpoint":
+            self.st.start_worker(victim, queues="any", ICD_TEST_PAUSE_BEFORE_RENAME_S="3")
+        else:
+            self.st.start_worker(victim, queues="cpu")
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -185,6 +202,9 @@ def main() -> None:
     p.add_argument("--broker-down-s", type=float, default=2.0)
     p.add_argument("--job-timeout", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-after-min", type=float, default=None,
+                   help="start no new round of injections after this many minutes (the kinds interleave, so "
+                        "every kind has had the same number of rounds)")
     p.add_argument("--out", type=Path, default=None, help="folder for runs.jsonl, summary.json and table.md")
     args = p.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
@@ -202,22 +222,25 @@ def main() -> None:
         try:
             st.start_api()
             bench = Bench(st, redis, args)
-            for kind in kinds:
-                names = bench.pair(kind)
-                for i in range(args.injections):
-                    run = bench.inject_once(kind, names, i)
+            bench.start_pairs()
+            for i in range(args.injections):
+                if args.stop_after_min and time.monotonic() - started > 60 * args.stop_after_min:
+                    print(f"stopping after {i} rounds: --stop-after-min {args.stop_after_min} reached", flush=True)
+                    break
+                for kind in kinds:  # interleaved: round i injects one fault of each kind
+                    run = bench.inject_once(kind, bench.pair(kind), i)
                     runs.append(run)
                     print(json.dumps(run), flush=True)
                     if args.out:
                         with open(args.out / "runs.jsonl", "a") as f:
                             f.write(json.dumps(run) + "\n")
-                bench.stop_pair(names)
         finally:
             st.close()
             redis.stop()
     rows = summarize(runs)
     text = table(rows)
-    header = (f"{args.injections} injections per kind, {args.iterations}-step jobs (checkpoint every "
+    rounds = min((r["runs"] for r in rows), default=0)
+    header = (f"{rounds} injections per kind (asked {args.injections}), {args.iterations}-step jobs (checkpoint every "
               f"{args.checkpoint_every}), lease {args.lease_s} s, heartbeat {args.heartbeat_s} s, reaper every 0.5 s, "
               f"host {HOST}, {time.monotonic() - started:.0f} s in all")
     print(header)

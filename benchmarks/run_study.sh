@@ -30,13 +30,13 @@ python=${PYTHON:-$repo/.venv/bin/python}
 out="benchmarks/results/${name}-$(date -u +%Y-%m-%d)"
 mkdir -p "$out"
 
-# `icd study` once the CLI registers it; the module entry point otherwise (same command).
+# `icd study` on the PATH or in the venv; the package entry point otherwise (same command).
 if command -v icd >/dev/null 2>&1 && icd study --help >/dev/null 2>&1; then
   cmd=(icd study "$spec" --output "$out")
 elif [[ -x $repo/.venv/bin/icd ]] && "$repo/.venv/bin/icd" study --help >/dev/null 2>&1; then
   cmd=("$repo/.venv/bin/icd" study "$spec" --output "$out")
 else
-  cmd=("$python" -m icd_core.study "$spec" --output "$out")
+  cmd=("$python" -m icd_cli study "$spec" --output "$out")
 fi
 
 cp "$spec" "$out/spec.yaml"

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .json_numbers import finite_or_none
+
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 BASELINE = "none"
 
@@ -92,7 +94,7 @@ def build_leaderboard(
         "runs": [_run_row(r) for r in results],
         "notes": list(notes),
     }
-    return _finite(report)
+    return finite_or_none(report)
 
 
 def _add_deltas(entry: dict[str, Any], base: Mapping[str, Any] | None) -> None:
@@ -134,17 +136,6 @@ def _run_row(row: Mapping[str, Any]) -> dict[str, Any]:
         if row.get(key) is not None:
             out[key] = row[key]
     return out
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf -> None so the report is strict JSON (and a JSON column accepts it)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _fmt(value: float | None, digits: int = 1, signed: bool = False) -> str:

@@ -5,13 +5,16 @@ The database stores paths relative to the root, so the folder can be moved or mo
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
+from icd_core.hashing import sha256_file
+
+REPORT_DIR = "report"  # a study's leaderboard files: report.json / .md / .png
+
 
 class ArtifactStore:
-    """Paths under one root: root/jobs/<id>/ (checkpoints/ and job.log inside)."""
+    """Paths under one root: root/jobs/<id>/ (checkpoints/, job.log and a study's report/ inside)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
@@ -28,6 +31,10 @@ class ArtifactStore:
     def checkpoint_dir(self, job_id: int) -> Path:
         return self.root / "jobs" / str(int(job_id)) / "checkpoints"
 
+    def report_dir(self, job_id: int) -> Path:
+        """Where a study's leaderboard report is written (the worker) and served from (the API)."""
+        return self.root / "jobs" / str(int(job_id)) / REPORT_DIR
+
     def relative(self, path: str | Path) -> str:
         """Path as stored in the database (POSIX, relative to the root)."""
         return Path(path).expanduser().resolve().relative_to(self.root).as_posix()
@@ -43,11 +50,4 @@ class ArtifactStore:
         """Remove the job's run folder (no error if it never existed)."""
         shutil.rmtree(self.root / "jobs" / str(int(job_id)), ignore_errors=True)
 
-    @staticmethod
-    def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-        """Hex sha256 of a file, read in 1 MiB chunks."""
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        return h.hexdigest()
+    sha256_file = staticmethod(sha256_file)

@@ -17,9 +17,6 @@ from sqlalchemy.orm import Session
 
 from store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, Job, utcnow
 
-# The contract lists these with the job functions; they live in results.py and are re-exported here.
-from store.results import add_checkpoint, add_evaluation, add_metrics, final_checkpoint_path  # noqa: F401
-
 
 class JobNotFound(LookupError):
     """No job with that id."""
@@ -133,26 +130,11 @@ def claim_job(s: Session, job_id: int, worker: str, lease_s: float = DEFAULT_LEA
     finished or canceled claims nothing.
     """
     now = utcnow()
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(
-            status="running",
-            attempt=Job.attempt + 1,
-            started_at=now,
-            finished_at=None,
-            worker=worker,
-            error=None,
-            eta_s=None,
-            updated_at=now,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        s.rollback()
+    job = _transition(s, job_id, ("queued",), "running", attempt=Job.attempt + 1, started_at=now, finished_at=None,
+                      worker=worker, error=None, eta_s=None, lease_expires_at=now + timedelta(seconds=lease_s),
+                      commit=False)
+    if job is None:
         return None
-    job = _require(s, job_id)
     s.add(Attempt(job_id=job_id, number=job.attempt, worker=worker, status="running", started_at=now))
     s.commit()
     return job
@@ -177,64 +159,128 @@ def update_progress(
     s.commit()
 
 
-def _close_attempt(s: Session, job: Job, status: str, error: str | None) -> None:
-    if job.attempt <= 0:
-        return
+# --- state transitions ------------------------------------------------------------------------------
+# Every status change of a job is a function in this file, each one guarded UPDATE (`_transition`) from
+# named states to one state: `grep -n '"failed"' store/jobs.py` answers "where does a job get marked failed".
+ACTIVE = ("queued", "waiting", "running")  # every status a job can still leave
+
+
+def _close_attempt(s: Session, job_id: int, status: str, error: str | None) -> None:
+    """Close the job's open attempt row (there is none before its first claim)."""
     s.execute(
         update(Attempt)
-        .where(Attempt.job_id == job.id, Attempt.number == job.attempt, Attempt.finished_at.is_(None))
+        .where(Attempt.job_id == job_id, Attempt.finished_at.is_(None))
         .values(status=status, error=error, finished_at=utcnow())
         .execution_options(synchronize_session=False)
     )
 
 
-def _end(s: Session, job_id: int, status: str, error: str | None = None, attempt: int | None = None,
-         **extra: Any) -> Job:
-    """Write a final status. With `attempt` (a worker ending its own run) only while that attempt still
-    holds the job: the UPDATE locks the row, and a reaped attempt raises LeaseLost instead."""
-    if attempt is not None:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "running", Job.attempt == attempt)
-            .values(lease_expires_at=None)
-            .execution_options(synchronize_session=False)
-        )
-        if res.rowcount != 1:  # type: ignore[attr-defined]
-            s.rollback()
-            raise LeaseLost(f"job {job_id}: attempt {attempt} no longer holds the job")
-    job = _require(s, job_id)
+def _transition(
+    s: Session,
+    job_id: int,
+    from_states: Sequence[str],
+    to: str,
+    *conditions: Any,
+    close_attempt: str | None = None,
+    commit: bool = True,
+    **values: Any,
+) -> Job | None:
+    """from_states → `to` in one guarded UPDATE, committed; None (nothing written) when the guard missed.
+
+    `close_attempt` closes the open attempt row with that status (and the job's error) in the same commit;
+    commit=False leaves the transaction open for the caller to add rows to it.
+    """
     now = utcnow()
-    job.lease_expires_at = None
-    job.status = status
-    job.finished_at = now
-    job.updated_at = now
-    job.error = error
-    job.eta_s = 0.0 if status == "succeeded" else None
-    job.cancel_requested = False
-    for key, value in extra.items():
-        setattr(job, key, value)
-    _close_attempt(s, job, status, error)
-    s.commit()
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(list(from_states)), *conditions)
+        .values(status=to, updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        s.rollback()
+        return None
+    if close_attempt is not None:
+        _close_attempt(s, job_id, close_attempt, values.get("error"))
+    if commit:
+        s.commit()
+    return _require(s, job_id)
+
+
+def _end(
+    s: Session, job_id: int, from_states: Sequence[str], status: str, error: str | None = None, *conditions: Any,
+    **extra: Any,
+) -> Job | None:
+    """A terminal transition: finished now, the cancel flag cleared, the open attempt closed alike."""
+    values: dict[str, Any] = {
+        "finished_at": utcnow(),
+        "error": error,
+        "eta_s": 0.0 if status == "succeeded" else None,
+        "cancel_requested": False,
+        "lease_expires_at": None,
+        **extra,
+    }
+    return _transition(s, job_id, from_states, status, *conditions, close_attempt=status, **values)
+
+
+def _own(attempt: int | None) -> tuple[Any, ...]:
+    """The guard of a worker ending its own run: only while that attempt still holds the job."""
+    return () if attempt is None else (Job.attempt == attempt,)
+
+
+def _held(job: Job | None, job_id: int, attempt: int | None) -> Job | None:
+    if job is None and attempt is not None:
+        raise LeaseLost(f"job {job_id}: attempt {attempt} no longer holds the job")
     return job
 
 
-def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None, attempt: int | None = None) -> Job:
-    """running → succeeded with the run's final metrics (callers then run release_dependents)."""
+def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None, attempt: int | None = None) -> Job | None:
+    """running → succeeded with the run's final metrics (callers then run release_dependents). With
+    `attempt`, only that attempt may (LeaseLost otherwise)."""
     job = _require(s, job_id)
     extra: dict[str, Any] = {"final_metrics": final_metrics}
     if job.progress_total:
         extra["progress_step"] = job.progress_total
-    return _end(s, job_id, "succeeded", None, attempt, **extra)
+    return _held(_end(s, job_id, ("running",), "succeeded", None, *_own(attempt), **extra), job_id, attempt)
 
 
-def fail_job(s: Session, job_id: int, error: str, attempt: int | None = None) -> Job:
-    """Mark failed with a message that says what to change (callers then run release_dependents)."""
-    return _end(s, job_id, "failed", error, attempt)
+def fail_job(s: Session, job_id: int, error: str, attempt: int | None = None) -> Job | None:
+    """queued|waiting|running → failed, with a message that says what to change (callers then run
+    release_dependents). A job that already ended keeps its outcome. With `attempt`, only that
+    attempt may (LeaseLost otherwise)."""
+    return _held(_end(s, job_id, ACTIVE, "failed", error, *_own(attempt)), job_id, attempt)
 
 
-def mark_canceled(s: Session, job_id: int, attempt: int | None = None) -> Job:
-    """The worker stopped cooperatively after a cancel request."""
-    return _end(s, job_id, "canceled", None, attempt)
+def fail_if_running_on(s: Session, job_id: int, worker: str, error: str, attempt: int | None = None) -> Job | None:
+    """running on `worker` → failed: the safety net for a process that died or could not record its result."""
+    return _end(s, job_id, ("running",), "failed", error, Job.worker == worker, *_own(attempt))
+
+
+def mark_canceled(s: Session, job_id: int, attempt: int | None = None) -> Job | None:
+    """running → canceled: the worker stopped cooperatively after a cancel request."""
+    return _held(_end(s, job_id, ("running",), "canceled", None, *_own(attempt)), job_id, attempt)
+
+
+def park_study(s: Session, job_id: int, children: int) -> Job | None:
+    """running → waiting: a study that created its children waits for them (its fan-out attempt succeeded).
+
+    The study is closed by `finish_study` or `fail_job` when its children end, not by its own task.
+    """
+    return _transition(s, job_id, ("running",), "waiting", close_attempt="succeeded", depends_on=[],
+                       progress_step=0, progress_total=children)
+
+
+def finish_study(s: Session, job_id: int, final_metrics: dict[str, Any]) -> Job | None:
+    """waiting → succeeded: every child of the study ended and its report is written."""
+    return _end(s, job_id, ("waiting",), "succeeded", None, final_metrics=final_metrics)
+
+
+def requeue_interrupted(s: Session, job_id: int, reason: str, attempt: int | None = None) -> Job | None:
+    """running → queued after a warm worker shutdown: the attempt is closed as failed with `reason`, and
+    the job resumes from its checkpoint on the next worker."""
+    if fail_job(s, job_id, reason, attempt) is None:
+        return None
+    return retry_job(s, job_id)
 
 
 def request_cancel(s: Session, job_id: int) -> Job:
@@ -242,13 +288,7 @@ def request_cancel(s: Session, job_id: int) -> Job:
     job = _require(s, job_id)
     if job.status in TERMINAL_STATUSES:
         raise JobStateError(f"job {job_id} is already {job.status}")
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(("queued", "waiting")))
-        .values(status="canceled", finished_at=utcnow(), updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if _transition(s, job_id, ("queued", "waiting"), "canceled", finished_at=utcnow()) is None:
         s.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "running")
@@ -298,14 +338,11 @@ def retry_job(s: Session, job_id: int) -> Job:
     problem, ready = _dependency_problem(s, job.depends_on or [])
     if problem:
         raise JobStateError(problem)
-    job.status = "queued" if ready else "waiting"
-    job.cancel_requested = False
-    job.error = None
-    job.finished_at = None
-    job.eta_s = None
-    job.updated_at = utcnow()
-    s.commit()
-    return job
+    retried = _transition(s, job_id, ("failed", "canceled"), "queued" if ready else "waiting",
+                          cancel_requested=False, error=None, finished_at=None, eta_s=None)
+    if retried is None:
+        raise JobStateError(f"job {job_id} changed status meanwhile; reload it and try again")
+    return retried
 
 
 def delete_job(s: Session, job_id: int) -> None:
@@ -328,27 +365,13 @@ def settle_waiting(s: Session, job_id: int) -> Job | None:
         return None
     problem, ready = _dependency_problem(s, job.depends_on or [])
     if problem:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "waiting")
-            .values(status="failed", error=problem, finished_at=utcnow(), updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        s.commit()
-        if res.rowcount == 1:  # type: ignore[attr-defined]
+        if _transition(s, job_id, ("waiting",), "failed", error=problem, finished_at=utcnow()) is not None:
             release_dependents(s, job_id)  # its own dependents fail in turn
         return None
     if not ready:
         return None
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "waiting")
-        .values(status="queued", updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    s.commit()
     # Only the process whose UPDATE won enqueues it, so a racing API and worker never send it twice.
-    return _require(s, job_id) if res.rowcount == 1 else None  # type: ignore[attr-defined]
+    return _transition(s, job_id, ("waiting",), "queued")
 
 
 def release_dependents(s: Session, finished_job_id: int) -> list[Job]:
@@ -388,9 +411,14 @@ def undelivered_queued(s: Session, queues: Sequence[str], older_than_s: float, l
 # the API and from every worker at once is harmless: exactly one UPDATE wins each expired lease.
 
 
+def _lease_expired(now: datetime) -> Any:
+    """An expired lease, or none (rows claimed before leases existed)."""
+    return (Job.lease_expires_at < now) | Job.lease_expires_at.is_(None)
+
+
 def _stale(now: datetime) -> Any:
-    """Running under an expired lease (or none: rows claimed before leases existed)."""
-    return (Job.status == "running") & ((Job.lease_expires_at < now) | Job.lease_expires_at.is_(None))
+    """Running under an expired lease."""
+    return (Job.status == "running") & _lease_expired(now)
 
 
 def renew_lease(s: Session, job_id: int, worker: str, attempt: int, lease_s: float) -> bool:
@@ -420,6 +448,18 @@ class Reaped:
     ended: list[int] = field(default_factory=list)
 
 
+def _take_back(s: Session, job_id: int, attempt: int, now: datetime, to: str, lost: str, **values: Any) -> Job | None:
+    """running under an expired lease → `to` (guarded by the attempt and the expiry), the attempt closed
+    as 'lost' with the reason, in one commit."""
+    job = _transition(s, job_id, ("running",), to, Job.attempt == attempt, _lease_expired(now), commit=False,
+                      lease_expires_at=None, **values)
+    if job is None:
+        return None  # renewed, ended or reaped by someone else meanwhile
+    _close_attempt(s, job_id, "lost", lost)
+    s.commit()
+    return job
+
+
 def reap_expired_leases(s: Session, now: datetime | None = None, max_attempts: int = 3) -> Reaped:
     """Expired leases → queued as a new attempt (it resumes from the last complete checkpoint), or
     failed with the reason once `max_attempts` (the spec's, else this default) are used, or canceled
@@ -434,26 +474,14 @@ def reap_expired_leases(s: Session, now: datetime | None = None, max_attempts: i
         limit = int((spec or {}).get("max_attempts") or max_attempts)
         lost = f"worker {worker or '?'} lost at step {step} (no heartbeat before its lease expired)"
         if cancel:
-            values: dict[str, Any] = {"status": "canceled", "finished_at": now, "cancel_requested": False}
+            job = _take_back(s, job_id, attempt, now, "canceled", lost, finished_at=now, cancel_requested=False)
         elif attempt >= limit:
-            values = {"status": "failed", "finished_at": now, "error": lost_message(worker, step, attempt)}
+            job = _take_back(s, job_id, attempt, now, "failed", lost, finished_at=now,
+                             error=lost_message(worker, step, attempt))
         else:
-            values = {"status": "queued", "worker": None, "eta_s": None}
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.attempt == attempt, _stale(now))
-            .values(lease_expires_at=None, updated_at=now, **values)
-            .execution_options(synchronize_session=False)
-        )
-        if res.rowcount != 1:  # type: ignore[attr-defined]
-            s.rollback()  # renewed, ended or reaped by someone else meanwhile
-            continue
-        _close_lost_attempt(s, job_id, attempt, lost, now)
-        s.commit()
-        if values["status"] == "queued":
-            out.requeued.append(_require(s, job_id))
-        else:
-            out.ended.append(job_id)
+            job = _take_back(s, job_id, attempt, now, "queued", lost, worker=None, eta_s=None)
+        if job is not None:
+            (out.requeued.append(job) if job.status == "queued" else out.ended.append(job_id))
     return out
 
 
@@ -470,32 +498,16 @@ def expire_leases_of(s: Session, worker: str) -> int:
     return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def _close_lost_attempt(s: Session, job_id: int, attempt: int, error: str, now: datetime) -> None:
-    s.execute(
-        update(Attempt)
-        .where(Attempt.job_id == job_id, Attempt.number == attempt, Attempt.finished_at.is_(None))
-        .values(status="lost", error=error, finished_at=now)
-        .execution_options(synchronize_session=False)
-    )
-
-
 def _cancel_if_worker_lost(s: Session, job_id: int) -> None:
     """Cancel of a running job whose worker is gone (lease expired): nobody would read the flag, so
     the job is canceled now."""
     now = utcnow()
     row = s.execute(select(Job.attempt, Job.worker, Job.progress_step).where(Job.id == job_id, _stale(now))).first()
-    if row is None:
-        return
-    attempt, worker, step = row
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, _stale(now))
-        .values(status="canceled", finished_at=now, updated_at=now, lease_expires_at=None, cancel_requested=False)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount == 1:  # type: ignore[attr-defined]
-        _close_lost_attempt(s, job_id, attempt, f"worker {worker or '?'} lost at step {step}; canceled", now)
-    s.commit()
+    s.rollback()
+    if row is not None:
+        attempt, worker, step = row
+        _take_back(s, job_id, attempt, now, "canceled", f"worker {worker or '?'} lost at step {step}; canceled",
+                   finished_at=now, cancel_requested=False)
 
 
 def unservable_queued(s: Session, live_queues: Iterable[str]) -> list[Job]:
@@ -505,20 +517,15 @@ def unservable_queued(s: Session, live_queues: Iterable[str]) -> list[Job]:
 
 
 def fail_unservable(s: Session, live_queues: Iterable[str], wait_s: float, now: datetime | None = None) -> list[int]:
-    """Fail queued jobs that no live worker could take for `wait_s` (guarded: only if still queued)."""
+    """queued → failed for jobs that no live worker could take for `wait_s` (guarded: only if still queued
+    and untouched since it was read)."""
     now = now or utcnow()
     failed: list[int] = []
     for job in unservable_queued(s, live_queues):
         if job.updated_at > now - timedelta(seconds=wait_s):
             continue
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == "queued", Job.updated_at == job.updated_at)
-            .values(status="failed", finished_at=now, updated_at=now, error=unservable_message(job.queue, wait_s))
-            .execution_options(synchronize_session=False)
-        )
-        s.commit()
-        if res.rowcount == 1:  # type: ignore[attr-defined]
+        if _transition(s, job.id, ("queued",), "failed", Job.updated_at == job.updated_at, finished_at=now,
+                       error=unservable_message(job.queue, wait_s)) is not None:
             failed.append(job.id)
     return failed
 

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from icd_core.data_roots import find_in_roots
+
 
 class Settings(BaseSettings):
     """One object for every knob of the API, the store and the workers."""
@@ -22,8 +24,9 @@ class Settings(BaseSettings):
     home: Path = Path(".icd")
     database_url: str = ""
     broker_url: str = ""
-    artifact_root: Path | None = None
-    cache_dir: Path | None = None
+    # Unset: <home>/artifacts and <home>/cache (see _folders_under_home); absolute Paths once validated.
+    artifact_root: Path = Path(".icd") / "artifacts"
+    cache_dir: Path = Path(".icd") / "cache"
     # Colon-separated in the environment; relative dataset paths in specs are resolved against these.
     data_roots: Annotated[list[Path], NoDecode] = []
     api_token: str | None = None
@@ -48,6 +51,17 @@ class Settings(BaseSettings):
             return [p for p in v.split(":") if p]
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _folders_under_home(cls, data: Any) -> Any:
+        """An unset artifact_root / cache_dir lives under `home`, wherever home is."""
+        if isinstance(data, dict):
+            home = Path(data.get("home") or ".icd")
+            for key, folder in (("artifact_root", "artifacts"), ("cache_dir", "cache")):
+                if not data.get(key):
+                    data = {**data, key: home / folder}
+        return data
+
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
         # Absolute paths so the sqlite URLs and artifact paths do not depend on a later chdir.
@@ -56,8 +70,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.home / 'icd.db'}"
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
-        self.artifact_root = (self.artifact_root or self.home / "artifacts").expanduser().resolve()
-        self.cache_dir = (self.cache_dir or self.home / "cache").expanduser().resolve()
+        self.artifact_root = self.artifact_root.expanduser().resolve()
+        self.cache_dir = self.cache_dir.expanduser().resolve()
         return self
 
     @property
@@ -71,7 +85,6 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         """Create the local folders the embedded mode writes to."""
         for d in (self.home, self.artifact_root, self.cache_dir):
-            assert d is not None
             d.mkdir(parents=True, exist_ok=True)
 
     def resolve_data_path(self, p: str) -> str:
@@ -80,11 +93,8 @@ class Settings(BaseSettings):
         if path.is_absolute():
             return str(path)
         roots = self.data_roots or [Path.cwd()]
-        for root in roots:
-            cand = (Path(root) / path).resolve()
-            if cand.exists():
-                return str(cand)
-        return str((Path(roots[0]) / path).resolve())
+        found = find_in_roots(path, roots)
+        return str(found if found is not None else (Path(roots[0]) / path).resolve())
 
 
 @lru_cache(maxsize=1)

@@ -1,5 +1,6 @@
 """Celery workers: run one job per task with `icd_core` and report into the database.
 
 `worker.app` is the Celery app (`celery -A worker.app worker`), `worker.tasks` the task,
-`worker.reporter` the trainer callback that writes progress, and `worker.cli` the `icd` command.
+`worker.reporter` the trainer callback that writes progress, `worker.supervisor` the worker processes
+that `icd worker` (in `icd_cli.service`) starts.
 """

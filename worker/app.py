@@ -11,9 +11,9 @@ from typing import Any
 
 from celery import Celery
 
+from store.dispatch import TASK_NAME
 from store.settings import get_settings
 
-TASK_NAME = "icd.run_job"
 QUEUES = ("cuda", "cpu", "any")
 # Kombu's SQLAlchemy transport polls its table; its default of 1 s would add up to 1 s to every
 # dispatch on the embedded broker.
@@ -65,7 +65,7 @@ def make_app() -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
-        worker_pool="solo",  # see worker.cli: DataLoader processes cannot start inside prefork children
+        worker_pool="solo",  # see worker.supervisor: DataLoader processes cannot start inside prefork children
         worker_send_task_events=False,
         task_serializer="json",
         accept_content=["json"],

@@ -11,7 +11,6 @@ I/O releases the GIL. With background=False the same work happens inline (determ
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy.orm import Session, sessionmaker
 
 from icd_core.engine.callbacks import Callback, CheckpointInfo, EvalResult
+from icd_core.json_numbers import finite_floats
 from store.artifacts import ArtifactStore
 from store.jobs import is_cancel_requested, update_progress
 from store.results import (
@@ -103,7 +103,7 @@ class DbReporter(Callback):
         if self._rate_origin is None:
             self._rate_origin = (now, step)
         # NaN/inf cannot be stored as JSON-safe numbers; a divergence is raised by the trainer anyway.
-        rows = [(name, step, float(v)) for name, v in metrics.items() if math.isfinite(float(v))]
+        rows = [(name, step, v) for name, v in finite_floats(metrics).items()]
         with self._rows_lock:
             self._rows.extend(rows)
         self._calls += 1

@@ -15,25 +15,30 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from icd_core.leaderboard import BASELINE, write_report
 from icd_core.spec import StudySpec, parse_spec
-from icd_core.study import check_study, child_specs, evaluate_checkpoint, preflight, result_from_job, teacher_train_spec
+from icd_core.study import evaluate_checkpoint
+from icd_core.study_plan import check_study, child_specs, preflight, result_from_job, teacher_train_spec
 from store.artifacts import ArtifactStore
 from store.dispatch import queue_for
-from store.jobs import JobStateError, create_job, fail_job, finish_job, get_job, request_cancel
-from store.models import Attempt, Job, utcnow
+from store.jobs import (
+    JobStateError,
+    create_job,
+    fail_job,
+    finish_study,
+    get_job,
+    park_study,
+    request_cancel,
+    update_progress,
+)
+from store.models import TERMINAL_STATUSES, Job
 from store.settings import get_settings
 
 log = logging.getLogger(__name__)
-TERMINAL = ("succeeded", "failed", "canceled")
 TEACHER_FILE = "teacher_eval.json"
-
-
-def report_dir(artifacts: ArtifactStore, study_id: int) -> Path:
-    return artifacts.job_dir(study_id) / "report"
 
 
 def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
@@ -45,7 +50,7 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
     artifacts = ArtifactStore(settings.artifact_root)
     existing = _children(s, job.id)
     if existing:  # a redelivered study task: its children already exist
-        _park(s, job.id, len(existing))
+        park_study(s, job.id, len(existing))
         return []
 
     teacher_job: Job | None = None
@@ -68,7 +73,7 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
         waits = [teacher_job.id] if teacher_job else []
         created.append(create_job(s, child.model_dump(mode="json"), "distill", child.name, queue_for(child),
                                   depends_on=waits, parent_id=job.id, status="waiting" if waits else "queued"))
-    _park(s, job.id, len(created))
+    park_study(s, job.id, len(created))
     return [c for c in created if c.status == "queued"]
 
 
@@ -78,7 +83,7 @@ def child_ended(s: Session, child_id: int) -> None:
     if child is None or child.parent_id is None:
         return
     parent = get_job(s, child.parent_id)
-    if parent is None or parent.status in TERMINAL:
+    if parent is None or parent.status in TERMINAL_STATUSES:
         return
     study = parse_spec(parent.spec)
     assert isinstance(study, StudySpec)
@@ -88,7 +93,7 @@ def child_ended(s: Session, child_id: int) -> None:
     problem = _preflight_problem(study, child, artifacts, parent.id)
     if problem:
         for other in _children(s, parent.id):
-            if other.status not in TERMINAL:
+            if other.status not in TERMINAL_STATUSES:
                 try:
                     request_cancel(s, other.id)
                 except JobStateError:  # it ended meanwhile
@@ -96,16 +101,15 @@ def child_ended(s: Session, child_id: int) -> None:
         fail_job(s, parent.id, problem)
         return
 
-    done = sum(c.status in TERMINAL for c in children)
-    s.execute(update(Job).where(Job.id == parent.id).values(progress_step=done, progress_total=len(children)))
-    s.commit()
+    done = sum(c.status in TERMINAL_STATUSES for c in children)
+    update_progress(s, parent.id, done, len(children), None)
     if done < len(children):
         return
     paths = write_study_report(s, parent.id, study, children, artifacts)
     report = json.loads(paths["json"].read_text())
     final = {f"AP_{row['method']}": row["AP"]["mean"] for row in report["methods"] if row["n"]}
     if final:
-        finish_job(s, parent.id, final)
+        finish_study(s, parent.id, final)
     else:
         fail_job(s, parent.id, f"every child job failed; see GET /jobs?parent_id={parent.id} for their errors")
 
@@ -118,7 +122,7 @@ def write_study_report(s: Session, study_id: int, study: StudySpec, children: li
         for c in children if c.kind == "distill"
     ]
     teacher = _load_teacher(artifacts, study_id)
-    return write_report(rows, report_dir(artifacts, study_id), teacher=teacher, name=study.name)
+    return write_report(rows, artifacts.report_dir(study_id), teacher=teacher, name=study.name)
 
 
 def _preflight_problem(study: StudySpec, child: Job, artifacts: ArtifactStore, study_id: int) -> str | None:
@@ -147,18 +151,6 @@ def _preflight_problem(study: StudySpec, child: Job, artifacts: ArtifactStore, s
 
 def _children(s: Session, study_id: int) -> list[Job]:
     return list(s.scalars(select(Job).where(Job.parent_id == study_id).order_by(Job.id)))
-
-
-def _park(s: Session, study_id: int, total: int) -> None:
-    """The study waits for its children; it is closed by `child_ended`, not by its own task.
-
-    Its attempt (the fan-out) is closed here, so no attempt row stays 'running' while children train.
-    """
-    s.execute(update(Job).where(Job.id == study_id)
-              .values(status="waiting", depends_on=[], progress_step=0, progress_total=total))
-    s.execute(update(Attempt).where(Attempt.job_id == study_id, Attempt.finished_at.is_(None))
-              .values(status="succeeded", finished_at=utcnow()))
-    s.commit()
 
 
 def _save_teacher(artifacts: ArtifactStore, study_id: int, metrics: dict[str, Any]) -> None:

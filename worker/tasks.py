@@ -21,25 +21,28 @@ from typing import Any
 from celery import signals
 from celery.exceptions import Reject
 
+from icd_core.json_numbers import finite_floats
 from store.artifacts import ArtifactStore
+from store.checkpoint_refs import parse_job_ref, resolve_job_ref
 from store.db import DatabaseNotMigrated, ensure_migrated
+from store.dispatch import TASK_NAME
 from store.jobs import (
     LeaseLost,
     claim_job,
     expire_leases_of,
+    fail_if_running_on,
     fail_job,
-    final_checkpoint_path,
     finish_job,
     get_job,
     mark_canceled,
     release_dependents,
-    retry_job,
+    requeue_interrupted,
     undelivered_queued,
     update_progress,
 )
 from store.reaper import reaper_pass
 from store.settings import get_settings
-from worker.app import TASK_NAME, app
+from worker.app import app
 from worker.db import dispose, sessions
 from worker.heartbeat import Heartbeat
 from worker.reporter import DbReporter
@@ -178,7 +181,7 @@ def execute_job(job_id: int, worker: str) -> str:
             return _not_claimed(s, job_id, worker)
         kind, spec_dict, attempt = job.kind, dict(job.spec), job.attempt  # loaded: usable after close
 
-    artifacts = ArtifactStore(settings.artifact_root or settings.home / "artifacts")
+    artifacts = ArtifactStore(settings.artifact_root)
     job_dir = artifacts.job_dir(job_id)
     if _heartbeat is not None:
         _heartbeat.set_job(job_id, attempt)
@@ -243,7 +246,7 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
 
             ev = result.evaluation
             add_evaluation(s, job_id, attempt, ev.step, ev.metrics, ev.per_class)
-        finish_job(s, job_id, _json_safe(result.final_metrics), attempt=attempt)
+        finish_job(s, job_id, finite_floats(result.final_metrics), attempt=attempt)
     return "succeeded"
 
 
@@ -277,17 +280,9 @@ def run_study_job(job: Any) -> None:
 def resolve_checkpoint(ref: str) -> Path:
     """`job:<id>` → that job's final checkpoint; a path → itself (relative: looked up in data_roots)."""
     settings = get_settings()
-    if ref.startswith("job:"):
-        ref_id = int(ref[4:])
+    if parse_job_ref(ref) is not None:
         with sessions()() as s:
-            path = final_checkpoint_path(s, settings.artifact_root or settings.home / "artifacts", ref_id)
-            ref_job = get_job(s, ref_id)
-        if path is None:
-            state = ref_job.status if ref_job is not None else "deleted"
-            raise FileNotFoundError(
-                f"{ref}: job {ref_id} ({state}) has no final checkpoint; use a job that succeeded"
-            )
-        return path
+            return resolve_job_ref(s, settings.artifact_root, ref)
     return Path(settings.resolve_data_path(ref))
 
 
@@ -337,9 +332,11 @@ def _record_failure(job_id: int, attempt: int, exc: BaseException, reporter: DbR
         if isinstance(exc, TrainingStopped) and shutdown_requested.is_set() and not reporter.cancel_requested:
             # A worker shutdown, not the user: give the job back to the queue; it resumes from the
             # checkpoint the trainer just wrote.
-            fail_job(s, job_id, f"worker {worker_name()} shut down at step {exc.step}; re-queued to resume",
-                     attempt=attempt)
-            job = retry_job(s, job_id)
+            reason = f"worker {worker_name()} shut down at step {exc.step}; re-queued to resume"
+            job = requeue_interrupted(s, job_id, reason, attempt)
+            if job is None:  # it ended meanwhile: nothing to hand back
+                current = get_job(s, job_id)
+                return current.status if current is not None else "missing"
             log.warning("job %s: worker shutting down, checkpointed at step %s and re-queued", job_id, exc.step)
             _send(job_id, job.queue)
             return "queued"
@@ -357,12 +354,9 @@ def _never_left_running(job_id: int, worker: str, attempt: int) -> None:
     """Last line of defence: if recording the outcome itself failed, fail the job (this attempt only)."""
     try:
         with sessions()() as s:
-            job = get_job(s, job_id)
-            if job is not None and job.status == "running" and job.worker == worker and job.attempt == attempt:
-                fail_job(s, job_id, f"the worker stopped before recording the result; see /jobs/{job_id}/logs; "
-                                    "retry to resume from the last checkpoint", attempt=attempt)
-    except LeaseLost:
-        pass
+            fail_if_running_on(s, job_id, worker, f"the worker stopped before recording the result; see "
+                                                  f"/jobs/{job_id}/logs; retry to resume from the last checkpoint",
+                               attempt)
     except Exception:
         log.exception("job %s: could not record the final state", job_id)
 
@@ -435,15 +429,3 @@ def job_log(path: Path) -> Iterator[None]:
             lg.setLevel(level)
         handler.close()
 
-
-def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Final metrics as plain JSON numbers (NaN/inf dropped: JSON has no spelling for them)."""
-    out: dict[str, Any] = {}
-    for k, v in (metrics or {}).items():
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            continue
-        if f == f and f not in (float("inf"), float("-inf")):
-            out[k] = f
-    return out

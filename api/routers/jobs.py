@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response, status
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from api.deps import get_app_settings, get_artifacts, get_session, require_token
+from api.deps import get_app_settings, get_artifacts, get_session, job_or_404, require_token
 from api.docs import SUBMIT_EXAMPLES
 from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut
 from icd_core.spec import JobSpec, StudySpec, check_paths, iter_checkpoint_refs, parse_spec
-from icd_core.study import check_study
+from icd_core.study_plan import check_study
 from store import jobs as q
 from store.artifacts import ArtifactStore
+from store.checkpoint_refs import job_ref_state, parse_job_ref
 from store.dispatch import BrokerUnavailable, enqueue, queue_for
 from store.models import Job
 from store.reaper import status_detail
-from store.results import final_checkpoint_path, get_metrics, list_evaluations
+from store.results import get_metrics, list_evaluations
 from store.settings import Settings
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -31,13 +31,6 @@ _STATE: dict[int | str, dict[str, Any]] = {409: {"model": ErrorOut, "description
 def field_error(field: str, reason: str) -> dict[str, Any]:
     """One 422 entry, shaped like FastAPI's own validation errors plus a dotted `field`."""
     return {"loc": ["body", *field.split(".")], "field": field, "msg": reason, "type": "value_error"}
-
-
-def job_or_404(s: Session, job_id: int) -> Job:
-    job = q.get_job(s, job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
-    return job
 
 
 def _resolve_paths(spec: Any, settings: Settings) -> Any:
@@ -62,23 +55,13 @@ def _check_job_refs(s: Session, spec: Any, settings: Settings, errors: list[dict
     """Validate `checkpoint: job:<id>` references; return the ids still running (to wait for)."""
     waits: list[int] = []
     for field, ref in iter_checkpoint_refs(spec):
-        if not ref.startswith("job:") or not ref[4:].isdigit():
+        dep_id = parse_job_ref(ref)
+        if dep_id is None:
             continue
-        dep_id = int(ref[4:])
-        dep = q.get_job(s, dep_id)
-        if dep is None:
-            errors.append(field_error(field, f"job {dep_id} does not exist"))
-        elif dep.kind not in ("train", "distill"):
-            errors.append(field_error(field, f"job {dep_id} is a {dep.kind} job and produces no checkpoint"))
-        elif dep.status in ("failed", "canceled"):
-            errors.append(
-                field_error(field, f"job {dep_id} is {dep.status}; retry it (POST /jobs/{dep_id}/retry) first")
-            )
-        elif dep.status == "succeeded":
-            path = final_checkpoint_path(s, settings.artifact_root or "", dep_id)
-            if path is None or not Path(path).is_file():
-                errors.append(field_error(field, f"job {dep_id} succeeded but has no final checkpoint file"))
-        elif dep_id not in waits:
+        problem, pending = job_ref_state(s, settings.artifact_root, dep_id)
+        if problem:
+            errors.append(field_error(field, problem))
+        elif pending and dep_id not in waits:
             waits.append(dep_id)
     return waits
 

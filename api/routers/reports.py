@@ -10,8 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.responses import FileResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 
-from api.deps import get_artifacts, get_session
-from api.routers.jobs import job_or_404
+from api.deps import get_artifacts, get_session, job_or_404
 from store.artifacts import ArtifactStore
 
 router = APIRouter(prefix="/jobs", tags=["studies"])
@@ -22,7 +21,7 @@ def _report_file(s: Session, artifacts: ArtifactStore, job_id: int, name: str) -
     if job.kind != "study":
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             detail=f"job {job_id} is a {job.kind} job; reports belong to studies")
-    path = artifacts.job_dir(job_id) / "report" / name
+    path = artifacts.report_dir(job_id) / name
     if not path.is_file():
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,

@@ -2,35 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 from icd_core.distill.base import DistillBatch, Distiller, NoDistiller
-from icd_core.spec import DistillSpec
+from icd_core.spec import DistillSpec, Method
 
 if TYPE_CHECKING:
     from icd_core.data.priors import ClassPriors
     from icd_core.detectors import Detector
 
-__all__ = ["DistillBatch", "Distiller", "NoDistiller", "build_distiller"]
+__all__ = ["DISTILLERS", "DistillBatch", "Distiller", "NoDistiller", "build_distiller"]
 
 
 def build_distiller(
     dspec: DistillSpec, teacher: Detector, student: Detector, total_steps: int, priors: ClassPriors | None = None
 ) -> Distiller:
     """The distiller for `dspec.method`; each method lives in the module of the same name."""
-    method = dspec.method
-    if method == "none":
+    if dspec.method == "none":
         return NoDistiller()
-    if method == "icd":
-        from icd_core.distill.icd import ICDDistiller as cls
-    elif method == "fitnet":
-        from icd_core.distill.fitnet import FitNetDistiller as cls
-    elif method == "fgfi":
-        from icd_core.distill.fgfi import FGFIDistiller as cls
-    elif method == "defeat":
-        from icd_core.distill.defeat import DeFeatDistiller as cls
-    elif method == "fgd":
-        from icd_core.distill.fgd import FGDDistiller as cls
-    else:
-        raise ValueError(f"distill.method: unknown method {method!r}")
+    if dspec.method not in DISTILLERS:
+        raise ValueError(f"distill.method: unknown method {dspec.method!r}")
+    module, name = DISTILLERS[dspec.method]
+    cls = getattr(importlib.import_module(module), name)  # imported on use: each method pulls in its own code
     return cls(dspec, teacher, student, total_steps, priors)
+
+
+# method -> (module, class) of every method but `none`; a test checks this covers `spec.Method`.
+DISTILLERS: dict[Method, tuple[str, str]] = {
+    "icd": ("icd_core.distill.icd", "ICDDistiller"),
+    "fitnet": ("icd_core.distill.fitnet", "FitNetDistiller"),
+    "fgfi": ("icd_core.distill.fgfi", "FGFIDistiller"),
+    "defeat": ("icd_core.distill.defeat", "DeFeatDistiller"),
+    "fgd": ("icd_core.distill.fgd", "FGDDistiller"),
+}

@@ -10,17 +10,13 @@ twice, and the later line is the one that counts (`read_metrics_log` keeps it).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from ..json_numbers import finite_or_none
 from .callbacks import Callback, EvalResult
 
 FILENAME = "metrics.jsonl"
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # JSON has no NaN; a diverged step reads as null
 
 
 class MetricsLog(Callback):
@@ -34,10 +30,11 @@ class MetricsLog(Callback):
             f.write(json.dumps(record) + "\n")
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self._append({"step": step, "type": "train", **{k: _finite(float(v)) for k, v in metrics.items()}})
+        self._append({"step": step, "type": "train", **finite_or_none({k: float(v) for k, v in metrics.items()})})
 
     def on_evaluation(self, result: EvalResult) -> None:
-        self._append({"step": result.step, "type": "eval", **{k: _finite(float(v)) for k, v in result.metrics.items()}})
+        metrics = finite_or_none({k: float(v) for k, v in result.metrics.items()})
+        self._append({"step": result.step, "type": "eval", **metrics})
 
 
 def read_metrics_log(folder: Path) -> list[dict[str, Any]]:

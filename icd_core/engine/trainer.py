@@ -41,6 +41,20 @@ BatchSource = Callable[[int], Iterator[Batch]]
 Evaluator = Callable[[Detector], EvalResult]
 
 CHECKPOINT_FORMAT = 1
+LossWindow = list[tuple[int, dict[str, Tensor], Tensor]]  # (step, losses, total) since the last log
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What one `Trainer.train` call carries from step to step."""
+
+    check_every_step: bool  # CPU: finite check every step; CUDA: once per window (no host sync per step)
+    window: LossWindow = dataclasses.field(default_factory=list)
+    window_time: float = 0.0
+    window_data: float = 0.0
+    last_eval: EvalResult | None = None
+    evaluated_at: int = -1
+    saved_at: int = -1
 
 
 @dataclasses.dataclass
@@ -230,73 +244,87 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
     def train(self, resume_from: Path | None = None) -> TrainResult:
         """Run to schedule.total_iterations(), resuming from a checkpoint when given."""
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-        total, sched = self.total_steps, self.schedule
-        for cb in self.callbacks:
-            cb.on_start(self.step, total)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        check_every_step = self.device.type != "cuda"
-        batches = self.batches(self.step) if self.step < total else iter(())
+        loop = self._before_train(resume_from)
+        batches = self.batches(self.step) if self.step < self.total_steps else iter(())
         self._set_train_mode()
-
-        window: list[tuple[int, dict[str, Tensor], Tensor]] = []  # (step, losses, total) since the last log
-        window_time = window_data = 0.0
-        last_eval: EvalResult | None = None
-        evaluated_at = saved_at = -1
-        while self.step < total:
+        while self.step < self.total_steps:
             t0 = time.perf_counter()
             images, targets = _to_device(next(batches), self.device)
             t_data = time.perf_counter() - t0
+            self._train_step(images, targets, loop)
+            self._after_step(loop, t0, t_data)
+        return self._after_train(loop)
 
-            losses = self._compute_losses(images, targets)
-            loss = sum(losses.values())
-            step_no = self.step + 1  # 1-based number of the step being taken
-            if check_every_step and not bool(torch.isfinite(loss)):
-                self._diverged(step_no, losses)
-            self._lrs = self._current_lrs()  # the rates this step uses (reported with its window)
-            self._optimize(loss)
-            self.step = step_no
-            window.append((step_no, {k: v.detach() for k, v in losses.items()}, loss.detach()))
+    # --- the loop's hooks (detectron2's HookBase points: before/after train, after step) ---------------
+    def _before_train(self, resume_from: Path | None) -> _Loop:
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        for cb in self.callbacks:
+            cb.on_start(self.step, self.total_steps)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return _Loop(check_every_step=self.device.type != "cuda")
 
-            at_end = self.step == total
-            eval_due = sched.eval_every > 0 and self.step % sched.eval_every == 0 and not at_end
-            ckpt_due = sched.checkpoint_every > 0 and self.step % sched.checkpoint_every == 0 and not at_end
-            log_due = self.step % sched.log_every == 0 or at_end
-            if (log_due or eval_due or ckpt_due) and not check_every_step:
-                self._check_window(window)  # GPU: one sync per window; never checkpoint a diverged run
-            dt = time.perf_counter() - t0
-            window_time += dt
-            window_data += t_data
-            self._step_times.append(dt)
-            if log_due:
-                self._log(window, window_time, window_data)
-                window, window_time, window_data = [], 0.0, 0.0
+    def _train_step(self, images: list[Tensor], targets: list[dict[str, Any]], loop: _Loop) -> None:
+        """One optimisation step; its losses join the current log window."""
+        losses = self._compute_losses(images, targets)
+        loss = sum(losses.values())
+        step_no = self.step + 1  # 1-based number of the step being taken
+        if loop.check_every_step and not bool(torch.isfinite(loss)):
+            self._diverged(step_no, losses)
+        self._lrs = self._current_lrs()  # the rates this step uses (reported with its window)
+        self._optimize(loss)
+        self.step = step_no
+        loop.window.append((step_no, {k: v.detach() for k, v in losses.items()}, loss.detach()))
 
-            if eval_due and self.evaluator is not None:
-                last_eval = self._evaluate()
-                evaluated_at = self.step
-            if ckpt_due:
-                self._save_periodic()
-                saved_at = self.step
-            if any(cb.should_stop() for cb in self.callbacks):
-                if not check_every_step:
-                    self._check_window(window)
-                if saved_at != self.step:
-                    self._save_periodic()
-                raise TrainingStopped(self.step)
+    def _periodic_due(self, every: int) -> bool:
+        """Every `every` steps (0: never), except the last step, which the end of training covers."""
+        return every > 0 and self.step % every == 0 and self.step != self.total_steps
 
-        if window and not check_every_step:
-            self._check_window(window)
-        if self.evaluator is not None and evaluated_at != self.step:
-            last_eval = self._evaluate()
+    def _after_step(self, loop: _Loop, t0: float, t_data: float) -> None:
+        """Log, evaluate and checkpoint when due, then honour a stop request."""
+        eval_due = self._periodic_due(self.schedule.eval_every)
+        ckpt_due = self._periodic_due(self.schedule.checkpoint_every)
+        log_due = self.step % self.schedule.log_every == 0 or self.step == self.total_steps
+        if (log_due or eval_due or ckpt_due) and not loop.check_every_step:
+            self._check_window(loop.window)  # GPU: one sync per window; never checkpoint a diverged run
+        dt = time.perf_counter() - t0
+        loop.window_time += dt
+        loop.window_data += t_data
+        self._step_times.append(dt)
+        if log_due:
+            self._log(loop.window, loop.window_time, loop.window_data)
+            loop.window, loop.window_time, loop.window_data = [], 0.0, 0.0
+        if eval_due and self.evaluator is not None:
+            loop.last_eval = self._evaluate()
+            loop.evaluated_at = self.step
+        if ckpt_due:
+            self._save_periodic()
+            loop.saved_at = self.step
+        self._stop_if_requested(loop)
+
+    def _stop_if_requested(self, loop: _Loop) -> None:
+        """A cooperative stop: checkpoint this step (unless just done), then raise TrainingStopped."""
+        if not any(cb.should_stop() for cb in self.callbacks):
+            return
+        if not loop.check_every_step:
+            self._check_window(loop.window)
+        if loop.saved_at != self.step:
+            self._save_periodic()
+        raise TrainingStopped(self.step)
+
+    def _after_train(self, loop: _Loop) -> TrainResult:
+        """The final evaluation (unless the last step had one) and the final checkpoint."""
+        if loop.window and not loop.check_every_step:
+            self._check_window(loop.window)
+        if self.evaluator is not None and loop.evaluated_at != self.step:
+            loop.last_eval = self._evaluate()
         final_path = self.checkpoint_dir / ckpt.FINAL_NAME
         self._save(final_path, final=True)
-        final_metrics = self._final_metrics(last_eval)
+        final_metrics = self._final_metrics(loop.last_eval)
         for cb in self.callbacks:
             cb.on_end(self.step, final_metrics)
-        return TrainResult(self.step, final_metrics, last_eval, final_path, self.sec_per_step(),
+        return TrainResult(self.step, final_metrics, loop.last_eval, final_path, self.sec_per_step(),
                            peak_memory_mb(self.device))
 
     # --- guards, logging, evaluation ---------------------------------------------------------------

@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 from trainer_specs import TINY_MODEL, tiny_schedule
 
-from icd_core.cli import cli
+from icd_cli.main import main as cli
 from icd_core.data.shapes import ANNOTATIONS, IMAGES
 
 SHAPES_ARGS = ["--num-images", "16", "--image-size", "64", "--min-object", "6", "--max-object", "32",
@@ -26,7 +26,7 @@ def _invoke(args: list[str]) -> str:
 
 
 def test_module_entry_point_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "icd_core", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "icd_cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("train", "eval", "shapes"):
         assert command in out.stdout
 

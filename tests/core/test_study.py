@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from icd_core.data_roots import resolve_data_roots
 from icd_core.engine.callbacks import EvalResult
 from icd_core.leaderboard import build_leaderboard, leaderboard_markdown, mean_std, write_report
 from icd_core.spec import StudySpec, parse_spec
-from icd_core.study import (
+from icd_core.study_plan import (
     child_folder,
     child_result,
     child_specs,
     preflight,
-    resolve_data_roots,
     result_from_job,
     scaled_iterations,
     teacher_train_spec,
@@ -274,7 +274,7 @@ def test_tiny_study_end_to_end(tmp_path: Path) -> None:
 
 
 def test_check_study_rejects_an_incompatible_pair_before_any_work() -> None:
-    from icd_core.study import check_study
+    from icd_core.study_plan import check_study
 
     check_study(tiny_study())
     bad = tiny_study(student={**TINY_MODEL, "backbone": "resnet18", "fpn_channels": 64})

@@ -202,11 +202,12 @@ class Stack:
         self.client = self._client_cm.__enter__()
         return self.client
 
-    def start_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str, queues: str | None = None, **env: str) -> subprocess.Popen[bytes]:
         """`icd worker --cpu --name NAME` in its own process group (its name becomes NAME@host)."""
         log = open(self.tmp / f"worker-{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        queue_args = ["-Q", queues] if queues else []
         proc = subprocess.Popen(
-            [*icd_command(), "worker", "--cpu", "--name", name, "--stop-grace", "30"],
+            [*icd_command(), "worker", "--cpu", "--name", name, "--stop-grace", "30", *queue_args],
             cwd=REPO, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()

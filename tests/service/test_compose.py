@@ -23,8 +23,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from icd_cli.main import main
 from store.settings import Settings
-from worker.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"

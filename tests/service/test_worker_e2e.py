@@ -236,7 +236,7 @@ def test_bad_checkpoint_path_is_rejected_at_submit(redis_stack: tuple[Any, Path]
 
 def start_serve(home_dir: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
     """`icd serve --port PORT` with ICD_HOME under home_dir and nothing else configured."""
-    icd = [sys.executable, "-c", "from worker.cli import main; main()"]
+    icd = [sys.executable, "-c", "from icd_cli.main import main; main()"]
     with open(log_path, "ab") as log:
         return subprocess.Popen([*icd, "serve", "--port", str(port), "--stop-grace", "30"], cwd=home_dir,
                                 env=service_env(home_dir), stdout=log, stderr=subprocess.STDOUT)

@@ -132,7 +132,7 @@ def test_failure_messages_say_what_to_change() -> None:
 def test_icd_worker_plans_one_process_per_gpu() -> None:
     import click
 
-    from worker.cli import plan_workers
+    from icd_cli.service import plan_workers
 
     specs = plan_workers("0,1", False, None, None, "host")
     assert [(w.name, w.queues, w.env) for w in specs] == [
@@ -153,7 +153,7 @@ def test_icd_service_commands_never_import_torch(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from worker.cli import main\n"
+        "from icd_cli.main import main\n"
         "import worker.app, worker.tasks\n"
         "for args in (['serve', '--help'], ['worker', '--help'], ['db', 'upgrade'], ['db', 'current']):\n"
         "    r = CliRunner().invoke(main, args)\n"
@@ -166,7 +166,7 @@ def test_icd_service_commands_never_import_torch(tmp_path: Path) -> None:
 
 
 def test_icd_db_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.cli import main
+    from icd_cli.main import main
 
     monkeypatch.setenv("ICD_HOME", str(tmp_path))
     monkeypatch.delenv("ICD_DATABASE_URL", raising=False)

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from icd_core.spec import load_spec
-from icd_core.study import child_specs
+from icd_core.study_plan import child_specs
 
 teacher, out = sys.argv[1], Path(sys.argv[2])
 study = load_spec("benchmarks/shapes_study.yaml")

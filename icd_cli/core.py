@@ -1,12 +1,12 @@
-"""Command line for local runs: `icd train`, `icd eval`, `icd shapes make`.
+"""The local-run commands: `icd train`, `icd eval`, `icd shapes make`.
 
-The service's console script mounts this group's commands; `python -m icd_core` runs it alone.
+Nothing here imports torch at import time: the runner is imported when a command runs, so the
+service commands that share the `icd` group start fast and never initialise CUDA.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -15,29 +15,39 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from .engine.callbacks import Callback, CheckpointInfo, EvalResult, TrainingDiverged, TrainingStopped
-from .spec import EvaluateSpec, StudySpec, load_spec, parse_spec
+from icd_core.data_roots import resolve_data_roots
+from icd_core.engine.callbacks import Callback, CheckpointInfo, EvalResult, TrainingDiverged, TrainingStopped
+from icd_core.spec import EvaluateSpec, StudySpec, load_spec, parse_spec
+from store.settings import Settings
 
 METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def default_cache_dir() -> Path:
-    """ICD_CACHE_DIR, else $ICD_HOME/cache, else ./.icd/cache (the service's embedded default)."""
-    if os.environ.get("ICD_CACHE_DIR"):
-        return Path(os.environ["ICD_CACHE_DIR"])
-    return Path(os.environ.get("ICD_HOME", ".icd")) / "cache"
+    """ICD_CACHE_DIR, else $ICD_HOME/cache, else ./.icd/cache: the service's own setting."""
+    return Settings().cache_dir
+
+
+def data_roots() -> list[Path]:
+    """ICD_DATA_ROOTS (colon-separated), read as the service reads it."""
+    return Settings().data_roots
 
 
 class ProgressBar(Callback):
-    """tqdm bar over training steps (tqdm shows the ETA), with loss and lr; evaluations printed above it."""
+    """tqdm bar over training steps (tqdm shows the ETA), with loss and lr; evaluations printed above it.
 
-    def __init__(self) -> None:
+    The one progress bar of the command line: `icd train`/`icd eval` show one, `icd study` one per child
+    (named after it).
+    """
+
+    def __init__(self, name: str = "train") -> None:
+        self.name = name
         self.bar: tqdm | None = None
         self.stop_requested = False
 
     def on_start(self, step: int, total_steps: int) -> None:
         if total_steps > 0:
-            self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=step, desc=self.name, unit="step", dynamic_ncols=True)
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.bar is None:
@@ -84,8 +94,9 @@ def _setup_logging() -> None:
 
 
 def _load(path: Path) -> Any:
+    """The spec at `path`, relative COCO paths found in ICD_DATA_ROOTS; a CLI error naming the field."""
     try:
-        return load_spec(path)
+        return resolve_data_roots(load_spec(path), data_roots())
     except FileNotFoundError as err:
         raise click.ClickException(f"spec file not found: {path}") from err
     except ValueError as err:  # pydantic's ValidationError is a ValueError: names the field
@@ -94,7 +105,7 @@ def _load(path: Path) -> Any:
 
 def _run(spec: Any, output: Path, resume: bool, cache_dir: Path, bar: ProgressBar) -> Any:
     """run_spec with user errors as one-line CLI errors and Ctrl-C as a cooperative, resumable stop."""
-    from .runner import run_spec  # heavy imports (torch) only when a command runs
+    from icd_core.runner import run_spec  # heavy imports (torch) only when a command runs
 
     def request_stop(signum: int, frame: Any) -> None:
         if bar.stop_requested:  # a second Ctrl-C: give up at once
@@ -125,12 +136,7 @@ def _latest_run(name: str) -> Path | None:
     return runs[-1] if runs else None
 
 
-@click.group(name="icd")
-def cli() -> None:
-    """Instance-conditional knowledge distillation for torchvision detectors (local runs)."""
-
-
-@cli.command("train")
+@click.command("train")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Run folder (default: runs/<name>-<timestamp>).")
@@ -170,7 +176,7 @@ def _eval_spec_from_checkpoint(
     batch_size: int,
 ) -> EvaluateSpec:
     """Build an evaluate spec for a checkpoint: data from the flags, another spec, or the checkpoint's own run."""
-    from .detectors import read_checkpoint
+    from icd_core.detectors import read_checkpoint
 
     try:
         saved = read_checkpoint(checkpoint)
@@ -200,7 +206,7 @@ def _eval_spec_from_checkpoint(
     })
 
 
-@cli.command("eval")
+@click.command("eval")
 @click.argument("target", metavar="SPEC|CHECKPOINT", type=click.Path(path_type=Path))
 @click.option("--data-val-images", type=click.Path(path_type=Path), default=None, help="COCO images folder.")
 @click.option("--data-val-annotations", type=click.Path(path_type=Path), default=None, help="COCO instances JSON.")
@@ -234,7 +240,7 @@ def eval_cmd(
         click.echo(summary_table(dict(result.evaluation.per_class)))
 
 
-@cli.group("shapes")
+@click.group("shapes")
 def shapes_group() -> None:
     """The synthetic shapes dataset."""
 
@@ -251,7 +257,7 @@ def shapes_group() -> None:
 def shapes_make(out_dir: Path, num_images: int, image_size: int, seed: int, num_classes: int, min_object: int,
                 max_object: int, max_objects: int) -> None:
     """Generate a COCO-format shapes dataset into DIR (images/ + instances JSON)."""
-    from .data import make_shapes
+    from icd_core.data import make_shapes
 
     try:
         images, annotations = make_shapes(out_dir, num_images=num_images, image_size=image_size, seed=seed,
@@ -260,16 +266,3 @@ def shapes_make(out_dir: Path, num_images: int, image_size: int, seed: int, num_
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"images: {images}\nannotations: {annotations}")
-
-
-def _register_study() -> None:
-    from .study import study_command
-
-    cli.add_command(study_command)
-
-
-_register_study()
-
-
-def main() -> None:
-    cli(prog_name="icd")

@@ -1,5 +1,4 @@
-"""`icd`: the console script. Core commands (train, eval, shapes) come from `icd_core.cli`;
-this module adds the service: `icd serve`, `icd worker`, `icd db upgrade|current`.
+"""The service commands: `icd serve`, `icd worker`, `icd check-worker`, `icd db upgrade|current`.
 
 Nothing here imports torch: the service commands start fast, and a parent process that forks or
 spawns GPU workers must never have initialised CUDA.
@@ -14,56 +13,7 @@ from typing import Any
 
 import click
 
-CORE_COMMANDS = ("train", "eval", "shapes")
 EMBEDDED_WORKER = "embedded@{host}"
-
-
-class IcdGroup(click.Group):
-    """A click group that also offers `icd_core.cli`'s commands, imported only when needed."""
-
-    _core: click.Group | None = None
-    _core_error: str | None = None
-
-    def _load_core(self) -> click.Group | None:
-        if self._core is None and self._core_error is None:
-            try:
-                from icd_core.cli import cli as core
-            except ImportError as exc:
-                self._core_error = f"{type(exc).__name__}: {exc}"
-            else:
-                self._core = core
-        return self._core
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        names = set(super().list_commands(ctx))
-        core = self._load_core()
-        names |= set(core.list_commands(ctx)) if core is not None else set(CORE_COMMANDS)
-        return sorted(names)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        cmd = super().get_command(ctx, cmd_name)
-        if cmd is not None:
-            return cmd
-        core = self._load_core()
-        if core is not None:
-            return core.get_command(ctx, cmd_name)
-        if cmd_name in CORE_COMMANDS:
-            error = self._core_error
-
-            @click.command(cmd_name, context_settings={"ignore_unknown_options": True})
-            @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-            def unavailable(args: tuple[str, ...]) -> None:
-                raise click.ClickException(f"`icd {cmd_name}` needs icd_core.cli, which cannot be imported ({error})")
-
-            unavailable.help = f"(unavailable: {error})"
-            return unavailable
-        return None
-
-
-@click.group(cls=IcdGroup)
-@click.version_option(package_name="icd-service", prog_name="icd")
-def main() -> None:
-    """ICD: distillation experiments for object detectors, on the command line or as a service."""
 
 
 def _settings() -> Any:
@@ -81,7 +31,7 @@ def _setup_logging(level: str = "INFO") -> None:
 # --- icd serve ----------------------------------------------------------------------------------
 
 
-@main.command()
+@click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--no-worker", is_flag=True, help="API only (production: workers run on GPU hosts via `icd worker`).")
@@ -194,7 +144,7 @@ def _safe_url(url: str) -> str:
 # --- icd worker ---------------------------------------------------------------------------------
 
 
-@main.command("worker")
+@click.command("worker")
 @click.option("--gpus", default=None, help="GPU indices, e.g. 0,1: one worker process per GPU.")
 @click.option("--cpu", "cpu_only", is_flag=True, help="A CPU-only worker (GPUs hidden; queues cpu,any).")
 @click.option("--queues", "-Q", default=None,
@@ -247,7 +197,7 @@ def plan_workers(
     return [WorkerSpec(f"{name or 'worker'}@{host}", queues or default_queues, {}, loglevel)]
 
 
-@main.command("check-worker")
+@click.command("check-worker")
 @click.option("--host", "host", default=None, help="Hostname whose workers count (default: this machine).")
 @click.option("--name", default=None, help="One worker name, e.g. gpu0@host (default: any on the host).")
 def check_worker(host: str | None, name: str | None) -> None:
@@ -273,7 +223,7 @@ def check_worker(host: str | None, name: str | None) -> None:
 # --- icd db -------------------------------------------------------------------------------------
 
 
-@main.group()
+@click.group("db")
 def db() -> None:
     """The database schema (Alembic migrations)."""
 
@@ -311,6 +261,3 @@ def db_current() -> None:
         click.echo("run: icd db upgrade", err=True)
         raise SystemExit(1)
 
-
-if __name__ == "__main__":
-    main()

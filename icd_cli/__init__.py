@@ -1,0 +1,1 @@
+"""The `icd` command: the composition root, the one package that may import every layer."""

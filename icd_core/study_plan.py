@@ -1,0 +1,179 @@
+"""Planning a `kind: study`: pure functions from a study spec to its jobs, checks and leaderboard rows.
+
+No torch and no click: the API imports this at submit time (`check_study`), the service's study task
+and the local runner (`icd_core.study`) expand and judge a study with the same functions:
+
+- `child_specs` expands a study into its distill jobs, in the order they should start;
+- `teacher_train_spec` is the train job for a teacher the study must train first;
+- `preflight` refuses a teacher that cannot teach (the usual reason distillation "does nothing" is a
+  wrongly loaded teacher);
+- `child_result` / `result_from_job` turn a finished child into the row `icd_core.leaderboard` aggregates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .engine.callbacks import EvalResult
+from .leaderboard import BASELINE
+from .spec import PRESET_ITERS_AT_16, DistillJobSpec, ICDOptions, StudySpec, TrainSpec
+
+# The paper fixes iteration counts for COCO 1x (90k iterations at batch 16): LR warm-up 1000 and the
+# ICD bypass 1000 (ICD_SPEC §6-7). A study keeps their share of training (see `scaled_iterations`).
+REFERENCE_ITERS = PRESET_ITERS_AT_16["1x"]
+PAPER_WARMUP_ITERS = 1000
+PAPER_BYPASS_ITERS = ICDOptions.model_fields["bypass_iters"].default
+
+
+# --- expanding a study ----------------------------------------------------------------------------------
+def scaled_iterations(paper_iters: int, total: int) -> int:
+    """The one scaling rule: an iteration count the paper sets for 1x keeps its share of training.
+
+    n' = max(1, round(n · total / 90000)); 0 stays 0. At 1x and batch 16 nothing changes; a 1,500-step
+    CPU study gets 17 warm-up and 17 bypass iterations (1.1 % of training, as in the paper). LR steps
+    follow the same principle through the schedule's own default (2/3 and 8/9 of training).
+    """
+    if paper_iters <= 0:
+        return 0
+    return max(1, round(paper_iters * total / REFERENCE_ITERS))
+
+
+def child_folder(method: str, seed: int) -> str:
+    """Folder (CLI) or artifact sub-name of one child: '<method>-seed<seed>'."""
+    return f"{method}-seed{seed}"
+
+
+def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, int, DistillJobSpec]]:
+    """(method, seed, spec) of every child, in start order: per seed, `none` first, then the methods.
+
+    Every child shares the study's data, schedule, device, student, teacher (with `teacher_checkpoint`
+    filled in: a path or job:<id>) and distill options (inherit, weight, icd, options); only
+    `distill.method` and `seed` differ. `none` is always included: it is the baseline of every Δ and
+    of the pre-flight's "teacher better than student" check, so it runs first.
+
+    With `study.scale_iterations` (the default) the paper's 1x iteration counts are scaled by
+    `scaled_iterations`: `schedule.warmup_iters` when null, and `distill.icd.bypass_iters` when it is
+    the paper's 1000 (any other value is taken as given). LR steps are written out explicitly (null:
+    2/3 and 8/9 of training), so each child spec states the full schedule it ran.
+    """
+    total = study.schedule.total_iterations()
+    schedule = study.schedule.model_copy(update={"steps": study.schedule.resolved_steps()})
+    distill = study.distill
+    if study.scale_iterations:
+        if schedule.warmup_iters is None:
+            schedule = schedule.model_copy(update={"warmup_iters": scaled_iterations(PAPER_WARMUP_ITERS, total)})
+        if distill.icd.bypass_iters == PAPER_BYPASS_ITERS:
+            icd = distill.icd.model_copy(update={"bypass_iters": scaled_iterations(PAPER_BYPASS_ITERS, total)})
+            distill = distill.model_copy(update={"icd": icd})
+    teacher = study.teacher.model_copy(update={"checkpoint": teacher_checkpoint})
+    methods = [BASELINE] + [m for m in dict.fromkeys(study.methods) if m != BASELINE]
+
+    children = []
+    for seed in dict.fromkeys(study.seeds):
+        for method in methods:
+            data = {
+                "name": f"{study.name}/{method}/seed{seed}"[-200:],
+                "kind": "distill",
+                "seed": seed,
+                "data": study.data.model_dump(mode="json"),
+                "schedule": schedule.model_dump(mode="json"),
+                "device": study.device,
+                "teacher": teacher.model_dump(mode="json"),
+                "student": study.student.model_dump(mode="json"),
+                "distill": {**distill.model_dump(mode="json"), "method": method},
+            }
+            children.append((method, seed, DistillJobSpec.model_validate(data)))
+    return children
+
+
+def check_study(study: StudySpec) -> None:
+    """Raise the ValueError a child would raise (teacher/student mismatch, inherit, ICD heads) before any work.
+
+    Run at submit time (the API) and before the teacher is trained (the CLI), so an incompatible pair is
+    a message within a second, not a failed child after the teacher's training.
+    """
+    child_specs(study, study.teacher.checkpoint or "job:0")
+
+
+def teacher_train_spec(study: StudySpec) -> TrainSpec | None:
+    """The train job for the study's teacher, or None when the teacher already has a checkpoint."""
+    if study.teacher.checkpoint or study.teacher_schedule is None:
+        return None
+    return TrainSpec.model_validate({
+        "name": f"{study.name}/teacher"[-200:],
+        "kind": "train",
+        "seed": study.seed,
+        "data": study.data.model_dump(mode="json"),
+        "schedule": study.teacher_schedule.model_dump(mode="json"),
+        "device": study.device,
+        "model": study.teacher.model_dump(mode="json"),
+    })
+
+
+# --- the teacher pre-flight -----------------------------------------------------------------------------
+def preflight(
+    teacher_eval: EvalResult | Mapping[str, Any],
+    baseline_ap: float | None,
+    min_ap: float,
+    require_better: bool = True,
+) -> None:
+    """Refuse (ValueError with the teacher's AP) a teacher below `min_ap`, or not above the `none` student.
+
+    teacher_eval: an EvalResult or a plain metrics dict (as stored by the service). baseline_ap: the
+    AP of the first finished `none` child, or None before it has run.
+    """
+    metrics = teacher_eval.metrics if isinstance(teacher_eval, EvalResult) else teacher_eval
+    ap = float(metrics["AP"])
+    if ap < min_ap:
+        raise ValueError(
+            f"teacher AP {ap:.1f} is below teacher_min_ap {min_ap:.1f}: check teacher.checkpoint (the file, and "
+            "that the teacher fields describe it) or train the teacher longer (teacher_schedule); "
+            "lower teacher_min_ap only if this AP is expected"
+        )
+    if require_better and baseline_ap is not None and ap <= baseline_ap:
+        raise ValueError(
+            f"teacher AP {ap:.1f} is not above the student baseline {baseline_ap:.1f}: check teacher.checkpoint "
+            "(a wrong or undertrained teacher cannot teach), train the teacher longer, or set "
+            "require_teacher_better: false to run the study anyway"
+        )
+
+
+# --- results --------------------------------------------------------------------------------------------
+def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, error: str | None = None) -> dict:
+    """The leaderboard row of one child from its runner summary.json (None: the child did not finish)."""
+    if summary is None:
+        return {"method": method, "seed": seed, "metrics": None, "status": "failed", "error": error}
+    evaluation = summary.get("evaluation") or {}
+    metrics = evaluation.get("metrics") or summary.get("final_metrics") or {}
+    return {
+        "method": method,
+        "seed": seed,
+        "metrics": dict(metrics),
+        "sec_per_step": summary.get("sec_per_step"),
+        "peak_memory_mb": summary.get("peak_memory_mb"),
+        "status": "succeeded",
+    }
+
+
+def result_from_job(
+    spec: Mapping[str, Any],
+    status: str,
+    final_metrics: Mapping[str, Any] | None,
+    sec_per_step: float | None = None,
+    peak_memory_mb: float | None = None,
+    error: str | None = None,
+    job_id: int | None = None,
+) -> dict[str, Any]:
+    """The leaderboard row of a child job stored by the service (method and seed read from its spec)."""
+    ok = status == "succeeded" and final_metrics is not None
+    return {
+        "method": spec["distill"]["method"],
+        "seed": int(spec["seed"]),
+        "metrics": dict(final_metrics) if ok else None,
+        "sec_per_step": sec_per_step,
+        "peak_memory_mb": peak_memory_mb,
+        "status": status,
+        "error": error,
+        "job_id": job_id,
+    }
