@@ -164,7 +164,7 @@ class Bench:
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for kind in KINDS:
-        rs = [r for r in runs if r["kind"] == kind]
+        rs = [r for r in runs if r["kind"] == kind and "harness_error" not in r]
         if not rs:
             continue
         backs = [r["back_s"] for r in rs if r["back_s"] is not None]
@@ -228,7 +228,11 @@ def main() -> None:
                     print(f"stopping after {i} rounds: --stop-after-min {args.stop_after_min} reached", flush=True)
                     break
                 for kind in kinds:  # interleaved: round i injects one fault of each kind
-                    run = bench.inject_once(kind, bench.pair(kind), i)
+                    try:
+                        run = bench.inject_once(kind, bench.pair(kind), i)
+                    except AssertionError as exc:  # the harness could not inject: recorded, not counted
+                        run = {"kind": kind, "harness_error": str(exc)}
+                        st.wait_workers_alive(*bench.pair(kind), timeout=240)
                     runs.append(run)
                     print(json.dumps(run), flush=True)
                     if args.out:

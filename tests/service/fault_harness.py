@@ -76,10 +76,13 @@ def descendants(pid: int) -> list[int]:
     todo = [pid]
     while todo:
         p = todo.pop()
-        try:
-            kids = [int(x) for x in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            kids = []
+        kids = []
+        # Each thread's children are listed under its own task (a supervisor thread restarts workers).
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids += [int(x) for x in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                pass
         out += kids
         todo += kids
     return out
