@@ -30,7 +30,7 @@ class LeaseLost(JobStateError):
     """This attempt no longer holds the job (its lease was reaped and the job re-queued or ended)."""
 
 
-DEFAULT_LEASE_S = 30.0
+DEFAULT_LEASE_S = 20.0
 
 
 def create_job(

@@ -30,11 +30,11 @@ class Settings(BaseSettings):
     # Colon-separated in the environment; relative dataset paths in specs are resolved against these.
     data_roots: Annotated[list[Path], NoDecode] = []
     api_token: str | None = None
-    worker_heartbeat_s: float = 10.0
+    worker_heartbeat_s: float = 5.0  # also renews the running job's lease: 4 beats per lease timeout
     redeliver_after_s: float = 30.0  # an idle worker re-sends a job left 'queued' this long (lost message)
     # A running job's lease: renewed by its worker's heartbeat, reaped (job re-queued) once this stale.
-    lease_timeout_s: float = 30.0
-    reaper_interval_s: float = 5.0  # how often the API and every worker look for expired leases
+    lease_timeout_s: float = 20.0
+    reaper_interval_s: float = 2.0  # how often the API and every worker look for expired leases
     max_attempts: int = 3  # attempts a job gets when a worker is lost (a spec's `max_attempts` wins)
     # A queued job that no live worker can take (e.g. device: cuda, no GPU worker) fails after this long.
     unservable_timeout_s: float = 600.0
