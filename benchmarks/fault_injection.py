@@ -199,6 +199,7 @@ def main() -> None:
     p.add_argument("--checkpoint-every", type=int, default=5)
     p.add_argument("--lease-s", type=float, default=5.0)
     p.add_argument("--heartbeat-s", type=float, default=1.0)
+    p.add_argument("--reaper-s", type=float, default=0.5)
     p.add_argument("--broker-down-s", type=float, default=2.0)
     p.add_argument("--job-timeout", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)
@@ -218,7 +219,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="icd-faults-") as tmp, pg_database() as db_url:
         redis = PrivateRedis(Path(tmp) / "redis")
         redis.start()
-        st = Stack(Path(tmp), db_url, redis.url, lease_s=args.lease_s, heartbeat_s=args.heartbeat_s)
+        st = Stack(Path(tmp), db_url, redis.url, lease_s=args.lease_s, heartbeat_s=args.heartbeat_s,
+                   reaper_s=args.reaper_s)
         try:
             st.start_api()
             bench = Bench(st, redis, args)
@@ -245,8 +247,8 @@ def main() -> None:
     text = table(rows)
     rounds = min((r["runs"] for r in rows), default=0)
     header = (f"{rounds} injections per kind (asked {args.injections}), {args.iterations}-step jobs (checkpoint every "
-              f"{args.checkpoint_every}), lease {args.lease_s} s, heartbeat {args.heartbeat_s} s, reaper every 0.5 s, "
-              f"host {HOST}, {time.monotonic() - started:.0f} s in all")
+              f"{args.checkpoint_every}), lease {args.lease_s} s, heartbeat {args.heartbeat_s} s, reaper every "
+              f"{args.reaper_s} s, host {HOST}, {time.monotonic() - started:.0f} s in all")
     print(header)
     print(text)
     if args.out:

@@ -175,6 +175,7 @@ class Stack:
     broker_url: str
     lease_s: float = 3.0
     heartbeat_s: float = 0.5
+    reaper_s: float = 0.5
     extra_env: dict[str, str] = field(default_factory=dict)
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     client: Any = None
@@ -186,7 +187,7 @@ class Stack:
         env.update(
             ICD_HOME=str(self.tmp / "home"), ICD_DATABASE_URL=self.database_url, ICD_BROKER_URL=self.broker_url,
             ICD_WORKER_HEARTBEAT_S=str(self.heartbeat_s), ICD_LEASE_TIMEOUT_S=str(self.lease_s),
-            ICD_REAPER_INTERVAL_S="0.5", ICD_REDELIVER_AFTER_S="3", OMP_NUM_THREADS="1",
+            ICD_REAPER_INTERVAL_S=str(self.reaper_s), ICD_REDELIVER_AFTER_S="3", OMP_NUM_THREADS="1",
             PYTHONPATH=str(REPO), **self.extra_env, **extra,
         )
         return env
@@ -198,8 +199,8 @@ class Stack:
         from store.settings import Settings
 
         settings = Settings(home=self.tmp / "home", database_url=self.database_url, broker_url=self.broker_url,
-                            worker_heartbeat_s=self.heartbeat_s, lease_timeout_s=self.lease_s, reaper_interval_s=0.5,
-                            auto_migrate=True)
+                            worker_heartbeat_s=self.heartbeat_s, lease_timeout_s=self.lease_s,
+                            reaper_interval_s=self.reaper_s, auto_migrate=True)
         self._app = create_app(settings)
         self._client_cm = TestClient(self._app)
         self.client = self._client_cm.__enter__()
