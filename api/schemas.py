@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from store.dispatch import gpus_served
 
 
 class _Out(BaseModel):
@@ -101,6 +103,12 @@ class WorkerOut(_Out):
     started_at: datetime
     last_heartbeat: datetime
     current_job_id: int | None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def gpus(self) -> int:
+        """Its device group: the largest resources.gpus it runs (from its -gN queues)."""
+        return gpus_served(self.queues)
 
 
 class CheckResult(BaseModel):

@@ -2,10 +2,10 @@
 
 Equivalence: 2 ranks x batch 2 against 1 process x batch 4, GroupNorm models, same seed. The student's
 detector losses match to rtol 1e-4 (in practice ~1e-7: only the order of the gradient mean differs).
-ICD's own losses are compared with rtol 0.25: each rank draws its queries (fakes, jitter) for its
-own two images and normalises the auxiliary losses over its own queries, so they are not the
-single process's numbers, only close; bypass_iters keeps the ICD gradient off the student over these
-steps, so the student's curve stays exact. Resume: stop after step 2 and resume -> the same
+ICD's own losses are only close (measured: distill 4e-5, ident 2e-3, loc 0.11 relative): each rank
+draws its queries (fakes, jitter) for its own two images and normalises the auxiliary losses over
+its own queries, so they are not the single process's numbers (tolerances: ICD_RTOL). bypass_iters
+keeps the ICD gradient off the student over these steps, so the student's curve stays exact.
 per-step losses and final weights as a straight 2-rank run (rtol 1e-5).
 """
 
@@ -31,8 +31,9 @@ pytestmark = pytest.mark.slow
 
 STEPS = 4
 DETECTOR_LOSSES = ("classification", "bbox_regression")
-ICD_LOSSES = ("loss_icd_distill", "loss_icd_ident", "loss_icd_loc")
-EXACT, ICD_RTOL = 1e-4, 0.25
+ICD_RTOL = {"loss_icd_distill": 1e-3, "loss_icd_ident": 0.05, "loss_icd_loc": 0.25}
+ICD_LOSSES = tuple(ICD_RTOL)
+EXACT = 1e-4
 TORCHRUN_TIMEOUT_S = 300
 
 
@@ -107,7 +108,7 @@ def test_two_ranks_of_batch_2_match_one_process_of_batch_4(
             assert two[step][name] == pytest.approx(one[step][name], rel=EXACT), (step, name)
         assert two[step]["lr"] == pytest.approx(one[step]["lr"], rel=1e-9)
         for name in ICD_LOSSES if method == "icd" else ():
-            assert two[step][name] == pytest.approx(one[step][name], rel=ICD_RTOL), (step, name)
+            assert two[step][name] == pytest.approx(one[step][name], rel=ICD_RTOL[name]), (step, name)
     summary = json.loads((group / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["step"] == STEPS
     assert summary["evaluation"]["metrics"].keys() == json.loads((single / "summary.json").read_text())[
