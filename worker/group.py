@@ -148,24 +148,35 @@ def read_outcome(group_dir: Path, gpus: int, returncode: int | None,
         stop = TrainingStopped(int(main["step"]))
         stop.canceled = bool(main.get("canceled"))  # type: ignore[attr-defined]
         raise stop
-    failed = [(r, o) for r, o in sorted(outcomes.items()) if o.get("status") == "failed"]
-    if failed:
-        rank, first = failed[0]
+    failed = {r: o for r, o in sorted(outcomes.items()) if o.get("status") == "failed"}
+    cause = _root_cause(log_path)
+    culprit = cause.get("rank", next(iter(failed), None))
+    if culprit in failed:  # the first rank to fail reported why
+        first = failed[culprit]
         cls = _USER_ERRORS.get(first["type"])
         if cls is not None:
             raise cls(first["error"])
-        raise RuntimeError(f"rank {rank} of {gpus} failed: {first['type']}: {first['error']}")
-    raise RuntimeError(f"the {gpus}-rank group exited with code {returncode} and no rank reported an outcome "
-                       f"({_root_cause(log_path)}); a rank was killed or crashed; retry to resume from the "
-                       "last checkpoint")
+        raise RuntimeError(f"rank {culprit} of {gpus} failed: {first['type']}: {first['error'][:500]}")
+    how = cause.get("traceback") or f"exit code {cause.get('exitcode', returncode)}"
+    who = f"rank {culprit} of {gpus}" if culprit is not None else f"a rank of the {gpus}-rank group"
+    raise RuntimeError(f"{who} died before reporting ({how}); torchrun stopped the group (exit code "
+                       f"{returncode}); retry to resume from the last checkpoint")
 
 
-def _root_cause(log_path: Path) -> str:
-    """torchrun's 'Root Cause' summary (rank, exit code, signal) from the end of the job log."""
+def _root_cause(log_path: Path) -> dict[str, Any]:
+    """torchrun's 'Root Cause' summary (the first failed rank, its exit code, the signal) from the
+    end of the job log: {rank: int, exitcode: str, traceback: str}, each only when printed."""
     try:
         tail = log_path.read_bytes()[-20000:].decode("utf-8", "replace")
     except OSError:
-        return "no log"
-    fields = {k: m[-1].strip() for k in ("rank", "exitcode", "traceback")
-              if (m := re.findall(rf"^\s*{k}\s*:\s*(.+)$", tail, flags=re.MULTILINE))}
-    return ", ".join(f"{k} {v}" for k, v in fields.items()) or "torchrun printed no summary"
+        return {}
+    tail = tail[tail.rfind("Root Cause"):] if "Root Cause" in tail else ""
+    cause: dict[str, Any] = {}
+    for key in ("rank", "exitcode", "traceback"):
+        found = re.search(rf"^\s*{key}\s*:\s*(.+)$", tail, flags=re.MULTILINE)
+        if found:
+            cause[key] = found.group(1).strip()
+    if "rank" in cause:
+        digits = re.match(r"\d+", cause["rank"])
+        cause["rank"] = int(digits.group()) if digits else None
+    return cause
