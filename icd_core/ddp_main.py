@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m icd_core.ddp_main spec.yaml out/ [--resume]
 
-Every rank runs `run_spec` with its `RankGroup`; rank 0 writes the run folder. `--stop-at K` stops
+Every rank runs `run_spec` with its `RankGroup`; rank 0 writes the run folder. Started without
+torchrun it is one plain process (no DDP): the baseline a group is compared against. `--stop-at K` stops
 cooperatively after step K (checkpointed, as a cancel would), for resume checks.
 """
 
@@ -14,7 +15,7 @@ import os
 from pathlib import Path
 
 from .engine.callbacks import Callback, TrainingStopped
-from .engine.distributed import DEFAULT_TIMEOUT_S, RankGroup
+from .engine.distributed import DEFAULT_TIMEOUT_S, RankGroup, in_torchrun
 from .runner import run_spec
 from .spec import load_spec
 
@@ -45,14 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"rank {os.environ.get('RANK', '?')} %(levelname)s %(message)s")
     spec = load_spec(args.spec)
-    group = RankGroup.join(spec.device, args.timeout_s)
-    callbacks = [StopAtStep(args.stop_at)] if args.stop_at is not None and group.is_main else []
+    group = RankGroup.join(spec.device, args.timeout_s) if in_torchrun() else None
+    main_rank = group is None or group.is_main
+    callbacks = [StopAtStep(args.stop_at)] if args.stop_at is not None and main_rank else []
     try:
         run_spec(spec, args.output_dir, callbacks=callbacks, resume=args.resume, cache_dir=args.cache_dir, group=group)
     except TrainingStopped as stop:
         logging.info("stopped at step %d", stop.step)
     finally:
-        group.close()
+        if group is not None:
+            group.close()
     return 0
 
 
