@@ -10,6 +10,8 @@ from sqlalchemy.orm import Session
 
 from store.artifacts import ArtifactStore
 from store.db import session_scope
+from store.jobs import get_job
+from store.models import Job
 from store.settings import Settings
 
 
@@ -25,6 +27,14 @@ def get_session(request: Request) -> Iterator[Session]:
 
 def get_artifacts(request: Request) -> ArtifactStore:
     return request.app.state.artifacts
+
+
+def job_or_404(s: Session, job_id: int) -> Job:
+    """The job, or the API's 404 naming it (every router that takes a job id starts here)."""
+    job = get_job(s, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+    return job
 
 
 def require_token(request: Request) -> None:

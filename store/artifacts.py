@@ -5,9 +5,10 @@ The database stores paths relative to the root, so the folder can be moved or mo
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
+
+from icd_core.hashing import sha256_file
 
 REPORT_DIR = "report"  # a study's leaderboard files: report.json / .md / .png
 
@@ -49,11 +50,4 @@ class ArtifactStore:
         """Remove the job's run folder (no error if it never existed)."""
         shutil.rmtree(self.root / "jobs" / str(int(job_id)), ignore_errors=True)
 
-    @staticmethod
-    def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-        """Hex sha256 of a file, read in 1 MiB chunks."""
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        return h.hexdigest()
+    sha256_file = staticmethod(sha256_file)

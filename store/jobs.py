@@ -15,9 +15,6 @@ from sqlalchemy.orm import Session
 
 from store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, Job, utcnow
 
-# The contract lists these with the job functions; they live in results.py and are re-exported here.
-from store.results import add_checkpoint, add_evaluation, add_metrics, final_checkpoint_path  # noqa: F401
-
 
 class JobNotFound(LookupError):
     """No job with that id."""
@@ -151,8 +148,8 @@ def update_progress(
 
 
 # --- state transitions ------------------------------------------------------------------------------
-# Every status change of a job is one of the functions below, each a guarded UPDATE from named states to
-# one state. `grep "FAILED\b\|_transition" store/jobs.py` answers "where does a job get marked failed".
+# Every status change of a job is a function in this file, each one guarded UPDATE (`_transition`) from
+# named states to one state: `grep -n '"failed"' store/jobs.py` answers "where does a job get marked failed".
 ACTIVE = ("queued", "waiting", "running")  # every status a job can still leave
 
 

@@ -9,8 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 
-from api.deps import get_artifacts, get_session
-from api.routers.jobs import job_or_404
+from api.deps import get_artifacts, get_session, job_or_404
 from api.schemas import CheckpointOut, ErrorOut
 from store.artifacts import ArtifactStore
 from store.results import get_checkpoint, list_checkpoints

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response, st
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from api.deps import get_app_settings, get_artifacts, get_session, require_token
+from api.deps import get_app_settings, get_artifacts, get_session, job_or_404, require_token
 from api.docs import SUBMIT_EXAMPLES
 from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut
 from icd_core.spec import JobSpec, StudySpec, check_paths, iter_checkpoint_refs, parse_spec
@@ -30,13 +30,6 @@ _STATE: dict[int | str, dict[str, Any]] = {409: {"model": ErrorOut, "description
 def field_error(field: str, reason: str) -> dict[str, Any]:
     """One 422 entry, shaped like FastAPI's own validation errors plus a dotted `field`."""
     return {"loc": ["body", *field.split(".")], "field": field, "msg": reason, "type": "value_error"}
-
-
-def job_or_404(s: Session, job_id: int) -> Job:
-    job = q.get_job(s, job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
-    return job
 
 
 def _resolve_paths(spec: Any, settings: Settings) -> Any:

@@ -10,8 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.responses import FileResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 
-from api.deps import get_artifacts, get_session
-from api.routers.jobs import job_or_404
+from api.deps import get_artifacts, get_session, job_or_404
 from store.artifacts import ArtifactStore
 
 router = APIRouter(prefix="/jobs", tags=["studies"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.checkpoint import sha256_file
+from ..hashing import sha256_file
 from .coco import CocoDataset
 
 log = logging.getLogger(__name__)

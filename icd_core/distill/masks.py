@@ -18,8 +18,10 @@ from torch import Tensor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import box_iou
 
+from icd_core.spec import Method
+
 # Option names each baseline reads from DistillSpec.options (defaults live in each method's module).
-BASELINE_OPTIONS: dict[str, tuple[str, ...]] = {
+BASELINE_OPTIONS: dict[Method, tuple[str, ...]] = {
     "fitnet": (),
     "fgfi": ("psi",),
     "defeat": ("w_fg", "w_bg", "canonical_size"),

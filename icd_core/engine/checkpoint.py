@@ -6,7 +6,6 @@ A checkpoint is one torch file holding plain containers and tensors only, so it 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..hashing import sha256_file
 from .callbacks import CheckpointInfo
 
 FINAL_NAME = "final.pt"
@@ -84,14 +84,6 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe(path: Path, step: int, final: bool) -> CheckpointInfo:
