@@ -48,20 +48,28 @@ class Stack:
         self.tmp = tmp
         self.env = env
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.by_name: dict[str, subprocess.Popen[bytes]] = {}
 
     def start_worker(self, name: str, gpus: int) -> None:
         from store.dispatch import group_queues
 
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the process's life
         env = {**self.env, "ICD_WORKER_GPUS": str(gpus), "OMP_NUM_THREADS": "1"}
-        self.procs.append(subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo",
              "-Q", group_queues("cpu,any", gpus), "-n", f"{name}@localhost", "--loglevel", "INFO",
              "--without-mingle", "--without-gossip"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        ))
+        )
+        self.procs.append(proc)
+        self.by_name[name] = proc
         wait_for(lambda: any(w["name"] == f"{name}@localhost" for w in self.client.get("/workers").json()),
                  120, f"worker {name}")
+
+    def ensure_worker(self, name: str, gpus: int) -> None:
+        proc = self.by_name.get(name)
+        if proc is None or proc.poll() is not None:
+            self.start_worker(name, gpus)
 
     def job_dir(self, job_id: int) -> Path:
         from store.artifacts import ArtifactStore
@@ -141,8 +149,7 @@ def test_refused_at_submit_when_the_batch_does_not_divide(stack: Stack) -> None:
 
 def test_killing_one_rank_fails_the_attempt_and_leaves_no_process(stack: Stack) -> None:
     client = stack.client
-    if not any(w["gpus"] == 2 for w in client.get("/workers").json()):
-        stack.start_worker("two", 2)
+    stack.ensure_worker("two", 2)
     job_id = client.post("/jobs", json=group_spec(iterations=5000)).json()["id"]
     wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress_step"] > 0, 300, "the group to train")
     job_dir = stack.job_dir(job_id)
@@ -155,3 +162,34 @@ def test_killing_one_rank_fails_the_attempt_and_leaves_no_process(stack: Stack) 
     wait_for(lambda: all(w["current_job_id"] is None for w in client.get("/workers").json()), 30, "idle workers")
     time.sleep(2)
     assert client.get(f"/jobs/{job_id}").json()["status"] == "failed"  # settled, not left running
+
+
+def test_cancel_reaches_every_rank(stack: Stack) -> None:
+    client = stack.client
+    stack.ensure_worker("two", 2)
+    job_id = client.post("/jobs", json=group_spec(iterations=5000)).json()["id"]
+    wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress_step"] > 0, 300, "the group to train")
+    assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
+    job = wait_status(client, job_id, {"canceled"}, timeout=120)
+    assert job["progress_step"] < 5000
+    assert [c for c in client.get(f"/jobs/{job_id}/checkpoints").json() if c["step"] > 0 and not c["final"]]
+    wait_for(lambda: group_pids(stack.job_dir(job_id)) == [], 30, "every process of the group to end")
+
+
+def test_worker_shutdown_requeues_the_group_job_which_resumes_on_the_next_worker(stack: Stack) -> None:
+    client = stack.client
+    stack.ensure_worker("two", 2)
+    total = 30
+    job_id = client.post("/jobs", json=group_spec(iterations=total)).json()["id"]
+    wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress_step"] >= 3, 300, "the group to train")
+    assert stop_process(stack.by_name["two"]) == 0  # warm shutdown: the group checkpoints and stops
+    job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "queued" and 3 <= job["progress_step"] < total, job
+    assert group_pids(stack.job_dir(job_id)) == []
+
+    stack.start_worker("two", 2)
+    done = wait_status(client, job_id, {"succeeded"}, timeout=400)
+    assert done["attempt"] == 2 and done["progress_step"] == total
+    steps = [st for st, _ in client.get(f"/jobs/{job_id}/metrics").json()["series"]["loss"]]
+    assert steps == list(range(1, total + 1))
+    assert "resumed from" in client.get(f"/jobs/{job_id}/logs").text
