@@ -136,3 +136,17 @@ def test_stop_and_resume_of_a_two_rank_run_equals_a_straight_run(
     for part in ("model", "distiller"):
         for key, value in a[part].items():
             torch.testing.assert_close(b[part][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_icd_train_runs_a_group_spec_as_torchrun_ranks(tmp_path: Path, cache: Path) -> None:
+    """`icd train` honours resources.gpus on a laptop: 2 gloo ranks, rank 0's run folder."""
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(grouped(gn(train_spec(iterations=2, batch_size=4)), 2)))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "icd_cli", "train", str(spec_path), "--output", str(out), "--cache-dir", str(cache)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=TORCHRUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "2 ranks" in proc.stdout and "ranks" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["step"] == 2
