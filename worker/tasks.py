@@ -237,7 +237,7 @@ def _run_group(spec_dict: dict[str, Any], gpus: int, job_dir: Path, reporter: Db
     try:
         result, main = run_group(
             reporter.job_id, reporter.attempt, spec_dict, gpus, job_dir,
-            should_stop=shutdown_requested.is_set,
+            should_stop=lambda: shutdown_requested.is_set() or _lease_lost(reporter),
             on_tick=_heartbeat.beat_if_due if _heartbeat is not None else None,
             stop_grace_s=get_settings().ddp_stop_grace_s,
         )
@@ -246,6 +246,12 @@ def _run_group(spec_dict: dict[str, Any], gpus: int, job_dir: Path, reporter: Db
         raise
     reporter.step, reporter.total = int(main.get("step") or 0), main.get("total")
     return result
+
+
+def _lease_lost(reporter: DbReporter) -> bool:
+    """Whether the heartbeat found this attempt's lease taken over (leases: issue 9; absent before it)."""
+    lost = getattr(reporter, "lease_lost", None)
+    return bool(lost is not None and lost.is_set())
 
 
 def run_study_job(job: Any) -> None:
