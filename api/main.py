@@ -11,9 +11,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from api.docs import install_offline_docs
 from api.routers import artifacts, jobs, reports, system
+from api.routers.system import STATIC
 from store.artifacts import ArtifactStore
 from store.db import ensure_migrated, make_engine, session_factory, upgrade_database
 from store.models import JOB_KINDS
@@ -71,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=_version(),
         description=(
             "Submit detector training and distillation jobs, watch their progress, read metrics and COCO mAP, "
-            "download checkpoints. Dashboard at [/ui](/ui)."
+            "download checkpoints. Dashboard at [/](/); the same reference as [ReDoc](/redoc)."
         ),
         docs_url=None,
         redoc_url=None,
@@ -85,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(artifacts.router)
     app.include_router(reports.router)
     app.include_router(system.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     install_offline_docs(app)
     return app
 

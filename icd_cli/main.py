@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from . import core, service, study
+from . import client, core, service, study
 
 
 @click.group()
@@ -29,3 +29,7 @@ main.add_command(service.serve)
 main.add_command(service.worker_cmd)
 main.add_command(service.check_worker)
 main.add_command(service.db)
+# The command-line client of a running service (submit, jobs, status, logs, wait, download, cancel, retry)
+# and the offline spec check (validate).
+for _command in client.CLIENT_COMMANDS:
+    main.add_command(_command)

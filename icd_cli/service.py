@@ -244,4 +244,3 @@ def db_current() -> None:
     if have != need:
         click.echo("run: icd db upgrade", err=True)
         raise SystemExit(1)
-

@@ -138,7 +138,7 @@ def _find_resume_point(output_dir: Path, resume: bool) -> Path | None:
     latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
     if resume:
         if latest is None:
-            log.info("resume requested but %s has no checkpoint yet: starting from step 0", output_dir)
+            log.info("no checkpoint in %s: starting from step 0", output_dir)
         return latest
     if latest is not None:
         raise ValueError(f"{output_dir} already holds checkpoints ({latest.name}); resume it (--resume) "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, Job, utcnow
@@ -69,9 +69,12 @@ def _require(s: Session, job_id: int) -> Job:
 
 
 def _filters(
-    status: str | Iterable[str] | None, kind: str | None, name: str | None, parent_id: int | None
+    status: str | Iterable[str] | None, kind: str | None, name: str | None, parent_id: int | None,
+    search: str | None = None,
 ) -> list[Any]:
     conds: list[Any] = []
+    if search:
+        conds.append(_search_condition(search))
     if status:
         statuses = [status] if isinstance(status, str) else list(status)
         bad = [x for x in statuses if x not in JOB_STATUSES]
@@ -87,6 +90,13 @@ def _filters(
     return conds
 
 
+def _search_condition(search: str) -> Any:
+    """A free-text search: the name contains it (case-insensitive), or it is the job's id."""
+    escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    cond = Job.name.ilike(f"%{escaped}%", escape="\\")
+    return or_(cond, Job.id == int(search)) if search.isdigit() else cond
+
+
 def list_jobs(
     s: Session,
     status: str | Iterable[str] | None = None,
@@ -95,9 +105,11 @@ def list_jobs(
     parent_id: int | None = None,
     limit: int = 50,
     offset: int = 0,
+    search: str | None = None,
 ) -> list[Job]:
     """Jobs newest first (id descending), filtered; `status` may be one status or several."""
-    q = select(Job).where(*_filters(status, kind, name, parent_id)).order_by(Job.id.desc()).limit(limit).offset(offset)
+    conds = _filters(status, kind, name, parent_id, search)
+    q = select(Job).where(*conds).order_by(Job.id.desc()).limit(limit).offset(offset)
     return list(s.scalars(q))
 
 
@@ -107,9 +119,10 @@ def count_jobs(
     kind: str | None = None,
     name: str | None = None,
     parent_id: int | None = None,
+    search: str | None = None,
 ) -> int:
     """How many jobs match the same filters as list_jobs (for pagination totals)."""
-    q = select(func.count()).select_from(Job).where(*_filters(status, kind, name, parent_id))
+    q = select(func.count()).select_from(Job).where(*_filters(status, kind, name, parent_id, search))
     return int(s.scalar(q) or 0)
 
 

@@ -94,6 +94,7 @@ class DbReporter(Callback):
             self._rate_origin = (now, step)
         # NaN/inf cannot be stored as JSON-safe numbers; a divergence is raised by the trainer anyway.
         rows = [(name, step, v) for name, v in finite_floats(metrics).items()]
+        log.info("step %s/%s %s", step, self.total or "?", " ".join(f"{n}={v:.4g}" for n, _, v in rows))
         with self._rows_lock:
             self._rows.extend(rows)
         self._calls += 1
@@ -106,6 +107,9 @@ class DbReporter(Callback):
             self.flush()
 
     def on_evaluation(self, result: EvalResult) -> None:
+        aps = " ".join(f"{k}={v:.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+                       if (v := result.metrics.get(k)) is not None)
+        log.info("evaluation at step %s: %s", result.step, aps)
         self.flush()
         self._retry(
             "evaluation",

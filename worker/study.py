@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +100,12 @@ def child_ended(s: Session, child_id: int) -> None:
                 except JobStateError:  # it ended meanwhile
                     pass
         fail_job(s, parent.id, problem)
+        _log_to_study(artifacts, parent.id, f"study {parent.id} failed: {problem}")
         return
 
     done = sum(c.status in TERMINAL_STATUSES for c in children)
     update_progress(s, parent.id, done, len(children), None)
+    _log_to_study(artifacts, parent.id, f"child job {child.id} ended {child.status} ({done}/{len(children)} done)")
     if done < len(children):
         return
     paths = write_study_report(s, parent.id, study, children, artifacts)
@@ -110,8 +113,24 @@ def child_ended(s: Session, child_id: int) -> None:
     final = {f"AP_{row['method']}": row["AP"]["mean"] for row in report["methods"] if row["n"]}
     if final:
         finish_study(s, parent.id, final)
+        scores = ", ".join(f"{k}={v:.2f}" for k, v in final.items() if v is not None)
+        _log_to_study(artifacts, parent.id, f"study {parent.id} succeeded: {scores}")
     else:
-        fail_job(s, parent.id, f"every child job failed; see GET /jobs?parent_id={parent.id} for their errors")
+        msg = f"every child job failed; see GET /jobs?parent_id={parent.id} for their errors"
+        fail_job(s, parent.id, msg)
+        _log_to_study(artifacts, parent.id, f"study {parent.id} failed: {msg}")
+
+
+def _log_to_study(artifacts: ArtifactStore, study_id: int, message: str) -> None:
+    """Append to the study's own log: its children end in other tasks, after the study's task has returned,
+    so the study's log would otherwise stop at the fan-out while its status moves on."""
+    log.info("%s", message)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        with open(artifacts.log_path(study_id), "a", encoding="utf-8") as f:
+            f.write(f"{stamp} INFO worker.study: {message}\n")
+    except OSError as exc:
+        log.warning("study %s: cannot append to its log: %s", study_id, exc)
 
 
 def write_study_report(s: Session, study_id: int, study: StudySpec, children: list[Job],

@@ -161,9 +161,13 @@ def execute_job(job_id: int, worker: str) -> str:
     status = "failed"
     try:
         with job_log(job_dir / "job.log"):
-            log.info("job %s (%s) attempt %s on %s", job_id, kind, attempt, worker)
+            how = "starts" if attempt <= 1 else "resumes from its last checkpoint (if any)"
+            log.info("job %s (%s) attempt %s %s on %s", job_id, kind, attempt, how, worker)
             status = _run_and_settle(job, spec_dict, attempt, job_dir, artifacts)
-            log.info("job %s %s", job_id, status)
+            if kind == "study" and status == "succeeded":
+                log.info("study %s: children queued; it is 'waiting' until they end", job_id)
+            else:
+                log.info("job %s %s", job_id, status)
     finally:
         _never_left_running(job_id, worker)
         _release(job_id)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response, st
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
+from api.bodies import YAML_REQUEST_BODY, YamlBodyRoute
 from api.deps import get_app_settings, get_artifacts, get_session, job_or_404, require_token
 from api.docs import SUBMIT_EXAMPLES
 from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut
@@ -21,7 +22,7 @@ from store.models import Job
 from store.results import get_metrics, list_evaluations
 from store.settings import Settings
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=YamlBodyRoute)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
 _STATE: dict[int | str, dict[str, Any]] = {409: {"model": ErrorOut, "description": "Not allowed in the job's status"}}
@@ -82,7 +83,9 @@ def _dispatch(s: Session, settings: Settings, job: Job) -> None:
     status_code=status.HTTP_201_CREATED,
     response_model=JobDetail,
     dependencies=[Depends(require_token)],
+    openapi_extra=YAML_REQUEST_BODY,
     responses={
+        415: {"model": ErrorOut, "description": "A body that is neither JSON nor YAML"},
         422: {"description": "Invalid spec: each entry names the field and the reason"},
         503: {"model": ErrorOut, "description": "Broker unreachable: the job was recorded as failed; retry it later"},
     },
@@ -93,7 +96,8 @@ def submit_job(
     s: Session = Depends(get_session),
     settings: Settings = Depends(get_app_settings),
 ) -> JobDetail:
-    """Submit a job spec. It is queued at once, or waits while a `checkpoint: job:<id>` job still runs.
+    """Submit a job spec (JSON, or YAML with `Content-Type: application/yaml`). It is queued at once, or
+    waits while a `checkpoint: job:<id>` job still runs.
 
     Unreadable dataset or checkpoint paths are rejected here (422 naming the field).
     """
@@ -137,12 +141,13 @@ def list_jobs(
     parent_id: int | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
+    search: Annotated[str | None, Query(max_length=200, description="Name contains this (any case), or the id")] = None,
 ) -> JobList:
     """Jobs newest first, filtered, one page at a time; `total` counts all matches."""
     statuses = [x for x in (status_ or "").split(",") if x] or None
     try:
-        items = q.list_jobs(s, statuses, kind, name, parent_id, limit=limit, offset=offset)
-        total = q.count_jobs(s, statuses, kind, name, parent_id)
+        items = q.list_jobs(s, statuses, kind, name, parent_id, limit=limit, offset=offset, search=search)
+        total = q.count_jobs(s, statuses, kind, name, parent_id, search=search)
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
     return JobList(items=[JobOut.model_validate(j) for j in items], total=total, limit=limit, offset=offset)
@@ -231,7 +236,14 @@ def job_metrics(
 
 
 @router.get("/{job_id}/evaluations", response_model=list[EvaluationOut], responses=_ERRORS)
-def job_evaluations(job_id: int, s: Session = Depends(get_session)) -> list[EvaluationOut]:
-    """Every COCO evaluation: AP, AP50, AP75, APs/m/l (percent) and per-class AP."""
+def job_evaluations(
+    job_id: int,
+    s: Session = Depends(get_session),
+    since_step: Annotated[int | None, Query(description="Only evaluations after this step (polling)")] = None,
+) -> list[EvaluationOut]:
+    """Every COCO evaluation: AP, AP50, AP75, APs/m/l (percent) and per-class AP, steps ascending."""
     job_or_404(s, job_id)
-    return [EvaluationOut.model_validate(e) for e in list_evaluations(s, job_id)]
+    evals = list_evaluations(s, job_id)
+    if since_step is not None:
+        evals = [e for e in evals if e.step > since_step]
+    return [EvaluationOut.model_validate(e) for e in evals]

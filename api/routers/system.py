@@ -92,10 +92,12 @@ def version(s: Session = Depends(get_session)) -> VersionOut:
 
 
 @router.get("/", include_in_schema=False)
-def root() -> RedirectResponse:
-    return RedirectResponse("/ui")
+def dashboard() -> FileResponse:
+    """The dashboard: one static page; its routes (#/jobs/12, #/compare?ids=...) live in the URL hash."""
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/ui", include_in_schema=False)
-def dashboard() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html")
+def old_dashboard() -> RedirectResponse:
+    """Where the dashboard used to be: bookmarks keep working."""
+    return RedirectResponse("/")

@@ -1,0 +1,89 @@
+// A study's panel on its job page: the children and their states, and the leaderboard (mean ± std AP per
+// method over seeds) computed from the children as they finish, as a table and a bar chart.
+
+import { api } from "./api.js";
+import { esc, fmtNum, isFinished, progressBar, statusBadge } from "./util.js";
+
+window.icd = window.icd || {};
+
+function leaderboard(children) {
+  const byMethod = new Map();
+  for (const c of children.filter((c) => c.kind === "distill")) {
+    const method = c.spec?.distill?.method ?? "?";
+    const row = byMethod.get(method) || { method, aps: [], total: 0, running: 0 };
+    row.total++;
+    if (c.status === "succeeded" && c.final_metrics?.AP != null) row.aps.push(c.final_metrics.AP);
+    if (!isFinished(c)) row.running++;
+    byMethod.set(method, row);
+  }
+  const rows = [...byMethod.values()].map((r) => {
+    const n = r.aps.length;
+    const mean = n ? r.aps.reduce((a, b) => a + b, 0) / n : null;
+    const std = n > 1 ? Math.sqrt(r.aps.reduce((a, b) => a + (b - mean) ** 2, 0) / (n - 1)) : null;
+    return { ...r, n, mean, std };
+  });
+  const base = rows.find((r) => r.method === "none")?.mean;
+  for (const r of rows) r.delta = base != null && r.mean != null ? r.mean - base : null;
+  return rows.sort((a, b) => (b.mean ?? -1) - (a.mean ?? -1));
+}
+
+function barChart(box, rows) {
+  const done = rows.filter((r) => r.mean != null);
+  box.innerHTML = done.length ? "" : `<div class="empty">the chart fills in as children succeed</div>`;
+  if (!done.length) return null;
+  const xs = done.map((_, i) => i);
+  return new uPlot({
+    width: Math.min(640, Math.max(320, box.clientWidth - 16)), height: 220,
+    scales: { x: { time: false, range: [-0.6, done.length - 0.4] } },
+    axes: [{ label: "method", values: (_, ticks) => ticks.map((t) => done[t]?.method ?? ""), splits: () => xs },
+      { label: "AP (%)", size: 55 }],
+    series: [{ label: "method", value: (_, i) => done[i]?.method ?? "" },
+      { label: "mean AP", stroke: "#0969da", fill: "#0969da55", paths: uPlot.paths.bars({ size: [0.6, 80] }),
+        points: { show: false } }],
+  }, [xs, done.map((r) => r.mean)], box);
+}
+
+export function studyPanel(box, study) {
+  box.innerHTML = `<h2>Children</h2><div id="children" class="muted">none yet</div>
+    <h2>Leaderboard <span class="muted" id="lb-state"></span></h2>
+    <table id="leaderboard"><thead><tr><th>method</th><th class="num">AP mean</th><th class="num">± std</th>
+      <th class="num">Δ vs none</th><th class="num">seeds done</th></tr></thead><tbody></tbody></table>
+    <div class="chart" id="lb-chart" style="margin-top:.8em;max-width:680px"></div>
+    <p id="compare-children"></p><p id="report-links"></p>`;
+  let bars = null;
+  let finalShown = false;
+
+  async function refresh(job) {
+    if (finalShown) return;
+    const children = (await api.get(`/jobs?parent_id=${study.id}&limit=500`)).items.reverse();
+    const details = await Promise.all(children.map((c) => (c.kind === "distill" ? api.get(`/jobs/${c.id}`) : c)));
+    box.querySelector("#children").className = "";
+    box.querySelector("#children").innerHTML = children.length ? `<table><thead><tr><th class="num">id</th><th>name</th>
+      <th>kind</th><th>status</th><th>progress</th><th class="num">AP</th></tr></thead><tbody>${details.map((c) => `
+      <tr data-child="${c.id}"><td class="num"><a href="#/jobs/${c.id}">${c.id}</a></td><td>${esc(c.name)}</td>
+      <td>${esc(c.kind)}${c.spec?.distill ? ` · ${esc(c.spec.distill.method)}` : ""}</td><td>${statusBadge(c.status)}</td>
+      <td>${progressBar(c)}</td><td class="num">${fmtNum(c.final_metrics?.AP)}</td></tr>`).join("")}</tbody></table>`
+      : `<span class="muted">the study creates its children when a worker starts it</span>`;
+    const rows = leaderboard(details);
+    box.querySelector("#leaderboard tbody").innerHTML = rows.map((r) => `
+      <tr data-method="${esc(r.method)}"><td>${esc(r.method)}</td><td class="num">${fmtNum(r.mean, 2)}</td>
+      <td class="num">${fmtNum(r.std, 2)}</td><td class="num">${r.delta == null ? "" : (r.delta >= 0 ? "+" : "") + fmtNum(r.delta, 2)}</td>
+      <td class="num">${r.n}/${r.total}</td></tr>`).join("");
+    const students = children.filter((c) => c.kind === "distill").map((c) => c.id);
+    box.querySelector("#compare-children").innerHTML = students.length > 1
+      ? `<a class="button" href="#/compare?ids=${students.join(",")}&series=loss">Compare the students' curves</a>` : "";
+    box.querySelector("#lb-state").textContent = isFinished(job) ? `(${job.status})` : "(filling in)";
+    bars?.destroy();
+    bars = barChart(box.querySelector("#lb-chart"), rows);
+    window.icd.leaderboard = rows.map(({ method, mean, n, total }) => ({ method, mean, n, total }));
+    if (isFinished(job)) {
+      finalShown = true;
+      if (job.status === "succeeded") {
+        box.querySelector("#report-links").innerHTML = `Report: <a href="/jobs/${study.id}/report">JSON</a> ·
+          <a href="/jobs/${study.id}/report.md">markdown</a> · <a href="/jobs/${study.id}/report.png">chart</a>`;
+      }
+    }
+  }
+
+  return { refresh, destroy: () => bars?.destroy() };
+}

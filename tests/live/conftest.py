@@ -1,0 +1,215 @@
+"""A live service for the client-side tests (command-line client, browser): the API as a real HTTP server
+(`icd serve --no-worker` on a free loopback port) and a real `celery worker` on Redis, sharing a SQLite
+database and an artifact folder in a temporary directory. Jobs are tiny shapes runs on the CPU.
+
+Redis database: ICD_TEST_REDIS_DB (flushed at the start), so checkouts can run side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+REDIS_DB = int(os.environ.get("ICD_TEST_REDIS_DB", "7"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+MODEL = {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "levels": ["p3", "p4", "p5"],
+         "anchor_sizes": [16, 32, 64], "head_convs": 1}
+DATA = {
+    "train": {"format": "shapes", "num_images": 16, "image_size": 64, "seed": 1, "num_classes": 3,
+              "min_object": 8, "max_object": 32, "max_objects": 3},
+    "val": {"format": "shapes", "num_images": 8, "image_size": 64, "seed": 2, "num_classes": 3,
+            "min_object": 8, "max_object": 32, "max_objects": 3},
+    "min_size": 64, "max_size": 64, "workers": 0,
+}
+
+
+def train_spec(name: str, iterations: int, eval_every: int | None = None, lr: float = 0.01) -> dict[str, Any]:
+    """A tiny RetinaNet on 64 px shapes; `iterations` sets how long it runs (about 0.1-0.3 s a step). Long runs
+    take a smaller lr: at 0.01 this model can diverge after about 50 steps, which would fail the job."""
+    every = eval_every or iterations
+    sched = {"iterations": iterations, "batch_size": 2, "lr": lr, "warmup_iters": 0, "eval_every": every,
+             "checkpoint_every": every, "log_every": 1}
+    return {"kind": "train", "name": name, "device": "cpu", "data": DATA, "model": dict(MODEL), "schedule": sched}
+
+
+def study_spec(name: str = "tiny-study") -> dict[str, Any]:
+    """The service trains the teacher as a child, then one `none` and one `icd` student."""
+    sched = {"iterations": 4, "batch_size": 2, "lr": 0.01, "warmup_iters": 0, "eval_every": 4,
+             "checkpoint_every": 4, "log_every": 1}
+    return {
+        "kind": "study", "name": name, "device": "cpu", "data": DATA, "teacher": dict(MODEL), "student": dict(MODEL),
+        "teacher_schedule": sched, "schedule": sched, "methods": ["none", "icd"], "seeds": [0],
+        "teacher_min_ap": 0.0, "require_teacher_better": False, "distill": {"icd": {"bypass_iters": 0}},
+    }
+
+
+def write_spec(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _redis_url() -> str:
+    import redis
+
+    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).flushdb()
+    except redis.exceptions.ConnectionError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis unreachable at {url} ({exc}); CI=true: the live-service tests must run")
+        pytest.skip(f"Redis unreachable at {url}: {exc}")
+    return url
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@dataclass
+class LiveService:
+    url: str
+    http: httpx.Client
+    env: dict[str, str]  # the environment a client command needs (ICD_SERVER, PYTHONPATH)
+    logs: Path
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self.http.get(f"/jobs/{job_id}").json()
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        r = self.http.post("/jobs", json=spec)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def wait_status(self, job_id: int, statuses: set[str], timeout: float = 300) -> dict[str, Any]:
+        return wait_for(lambda: (j := self.job(job_id))["status"] in statuses and j, timeout,
+                        f"job {job_id} to reach {sorted(statuses)}")
+
+    def tail(self) -> str:
+        logs = sorted(self.logs.glob("*.log"))
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
+
+
+@pytest.fixture(scope="package")
+def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+    from store.db import upgrade_database
+
+    tmp = tmp_path_factory.mktemp("live")
+    db_url = f"sqlite:///{tmp / 'icd.db'}"
+    upgrade_database(db_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ICD_")}
+    env.update(ICD_HOME=str(tmp / "home"), ICD_DATABASE_URL=db_url, ICD_BROKER_URL=_redis_url(),
+               ICD_WORKER_HEARTBEAT_S="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    icd = [sys.executable, "-m", "icd_cli"]
+    with open(tmp / "api.log", "wb") as api_log, open(tmp / "worker.log", "wb") as worker_log:
+        api = subprocess.Popen([*icd, "serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
+                               cwd=tmp, env=env, stdout=api_log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo", "-Q", "cpu,any",
+             "-n", "live@localhost", "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+            cwd=REPO, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
+        )
+    http = httpx.Client(base_url=url, timeout=30)
+    service = LiveService(url, http, {**env, "ICD_SERVER": url}, tmp)
+    try:
+        def up() -> bool:
+            if api.poll() is not None or worker.poll() is not None:
+                raise AssertionError(f"the service exited:\n{service.tail()}")
+            try:
+                return bool(http.get("/workers").json())
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, 120, "the API and a live worker")
+        yield service
+    finally:
+        http.close()
+        _stop(api, signal.SIGINT)
+        _stop(worker)
+
+
+# --- a headless Chromium (Debian's chromium + chromium-driver; never a downloaded browser) --------------
+
+CHROMIUM = os.environ.get("ICD_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("ICD_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Remember each phase's report on the test item, so the browser fixture knows whether the test failed."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+@pytest.fixture
+def browser(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A headless Chromium that can reach loopback only; on failure its screenshot, page source and console
+    log are saved under test-artifacts/ (ignored by git)."""
+    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
+        msg = f"no {CHROMIUM} / {CHROMEDRIVER}: apt-get install chromium chromium-driver"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1600",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--no-proxy-server"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            ARTIFACTS.mkdir(exist_ok=True)
+            stem = ARTIFACTS / re.sub(r"[^\w.-]+", "_", request.node.name)
+            driver.save_screenshot(f"{stem}.png")
+            Path(f"{stem}.html").write_text(driver.page_source)
+            Path(f"{stem}.console.txt").write_text("\n".join(str(e) for e in driver.get_log("browser")))
+        driver.quit()
