@@ -24,6 +24,9 @@ from .json_numbers import finite_or_none
 
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 BASELINE = "none"
+# ICD's decoder readiness at the end of a child (icd_core.distill.icd_diagnostics): mean over seeds.
+ICD_DIAGNOSTICS = ("icd_ident_auc", "icd_real_recall", "icd_inbox_mass", "icd_inbox_uniform", "icd_loc_error",
+                   "icd_pretrain_steps", "icd_pretrain_seconds")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -43,6 +46,13 @@ def _cost(row: Mapping[str, Any], key: str) -> float | None:
     if value is None and isinstance(row.get("metrics"), Mapping):
         value = row["metrics"].get(key)
     return None if value is None else float(value)
+
+
+def _diagnostic(row: Mapping[str, Any], key: str) -> float | None:
+    """An ICD diagnostic of a child: on the held-out batch (icd_heldout_*, measured at evaluation) when the
+    run has it, else on the last training batch before its update (icd_*)."""
+    heldout = _cost(row, key.replace("icd_", "icd_heldout_", 1))
+    return heldout if heldout is not None else _cost(row, key)
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -78,6 +88,9 @@ def build_leaderboard(
             entry[metric] = {"mean": mean, "std": std}
         entry["sec_per_step"] = _mean_or_none([_cost(r, "sec_per_step") for r in done])
         entry["peak_memory_mb"] = _mean_or_none([_cost(r, "peak_memory_mb") for r in done])
+        diagnostics = {key: _mean_or_none([_diagnostic(r, key) for r in done]) for key in ICD_DIAGNOSTICS}
+        if any(v is not None for v in diagnostics.values()):
+            entry["icd_diagnostics"] = diagnostics
         methods.append(entry)
 
     base = next((m for m in methods if m["method"] == BASELINE and m["n"]), None)
@@ -132,6 +145,9 @@ def _run_row(row: Mapping[str, Any]) -> dict[str, Any]:
         "sec_per_step": _cost(row, "sec_per_step"),
         "peak_memory_mb": _cost(row, "peak_memory_mb"),
     }
+    diagnostics = {key: _diagnostic(row, key) for key in ICD_DIAGNOSTICS if _diagnostic(row, key) is not None}
+    if diagnostics:
+        out["icd_diagnostics"] = diagnostics
     for key in ("status", "job_id", "error"):
         if row.get(key) is not None:
             out[key] = row[key]
@@ -169,10 +185,31 @@ def leaderboard_markdown(report: Mapping[str, Any]) -> str:
                  _fmt(m.get("sec_per_step"), 3), extra, _fmt(m.get("peak_memory_mb"), 0),
                  _fmt(m.get("extra_peak_memory_mb"), 0, signed=True)]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.extend(icd_diagnostics_markdown(report))
     lines.append("")
     lines.append("AP metrics: mean ± sample std over seeds; Δ and costs against the `none` mean.")
     lines.extend(f"Note: {note}" for note in report.get("notes", []))
     return "\n".join(lines) + "\n"
+
+
+def icd_diagnostics_markdown(report: Mapping[str, Any]) -> list[str]:
+    """A second table for the ICD rows: is the decoder's mechanism on? (identification AUC, real-query
+    recall, in-box attention mass against uniform, localization error; mean over seeds at the end)."""
+    rows = [m for m in report["methods"] if m.get("icd_diagnostics")]
+    if not rows:
+        return []
+    head = ["method", "ident AUC", "real recall", "in-box mass", "uniform", "× uniform", "loc error",
+            "pre-train steps", "pre-train s (once per teacher)"]
+    lines = ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for m in rows:
+        d = m["icd_diagnostics"]
+        mass, uniform = d.get("icd_inbox_mass"), d.get("icd_inbox_uniform")
+        ratio = mass / uniform if mass is not None and uniform else None
+        cells = [m["method"], _fmt(d.get("icd_ident_auc"), 3), _fmt(d.get("icd_real_recall"), 3), _fmt(mass, 3),
+                 _fmt(uniform, 3), _fmt(ratio, 1), _fmt(d.get("icd_loc_error"), 3),
+                 _fmt(d.get("icd_pretrain_steps"), 0), _fmt(d.get("icd_pretrain_seconds"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def leaderboard_png(report: Mapping[str, Any], path: str | Path) -> Path:
@@ -186,7 +223,7 @@ def leaderboard_png(report: Mapping[str, Any], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(methods) + 2.0), 3.6), dpi=100)
     try:
         xs = list(range(len(methods)))
-        colors = ["#7f7f7f" if m["method"] == BASELINE else "#e4572e" if m["method"] == "icd" else "#4c78a8"
+        colors = ["#7f7f7f" if m["method"] == BASELINE else "#e4572e" if m["method"].startswith("icd") else "#4c78a8"
                   for m in methods]
         means, stds = [m["AP"]["mean"] for m in methods], [m["AP"]["std"] or 0.0 for m in methods]
         bars = ax.bar(xs, means, yerr=stds, color=colors, capsize=4)

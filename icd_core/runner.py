@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 from .data import CocoDataset, build_dataset, compute_priors, make_train_loader
 from .detectors import Detector, build_detector, detector_meta, load_detector, load_weights, read_checkpoint
 from .distill import build_distiller
+from .distill.icd import ICDDistiller
 from .distill.inherit import inherit_from_teacher
 from .engine import checkpoint as ckpt
 from .engine.callbacks import Callback, EvalResult
 from .engine.metrics_log import MetricsLog
 from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
+from .pretrain import heldout_diagnostics, prepare_decoder
 from .spec import DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
 
 if TYPE_CHECKING:
@@ -196,14 +198,26 @@ def build_trainer(
         priors = compute_priors(train_ds, cache_dir) if spec.distill.method == "icd" else None
         distiller = build_distiller(spec.distill, teacher, student, spec.schedule.total_iterations(), priors)
         extra["teacher_checkpoint"] = str(teacher_path)
+        if spec.distill.method == "icd" and load_initial_weights:  # a resumed run's decoder is in its checkpoint
+            decoder = prepare_decoder(spec, distiller, teacher, teacher_path, train_ds, cache_dir, resolve, device)
+            if decoder:
+                extra["icd_decoder"] = decoder
+                extra["icd_pretrain_steps"] = float(decoder.get("steps") or 0)
+                extra["icd_pretrain_seconds"] = float(decoder.get("seconds") or 0.0)
 
     bs, workers = spec.schedule.batch_size, spec.data.workers
 
     def batches(start_step: int):
         return iter(make_train_loader(train_ds, bs, workers, spec.seed, start_step=start_step))
 
+    icd_heldout = (heldout_diagnostics(distiller, teacher, val_ds, bs, device)
+                   if isinstance(distiller, ICDDistiller) else None)
+
     def evaluator(det: Detector) -> EvalResult:
-        return evaluate_model(det, val_ds, batch_size=bs, device=device, workers=min(workers, 2))
+        result = evaluate_model(det, val_ds, batch_size=bs, device=device, workers=min(workers, 2))
+        if icd_heldout is not None:  # the decoder's readiness on a held-out batch, beside the AP
+            result.metrics.update(icd_heldout())
+        return result
 
     kwargs: dict[str, Any] = dict(
         teacher=teacher, distiller=distiller, evaluator=evaluator, callbacks=callbacks,
@@ -260,7 +274,8 @@ def _run_training(
         trainer, extra = build_trainer(spec, output_dir, callbacks, resolve, cache_dir,
                                        load_initial_weights=resume_from is None, group=group)
     out = trainer.train(resume_from=resume_from)
-    counts = {k: extra[k] for k in ("inherit_copied", "inherit_skipped") if k in extra}
+    counts = {k: extra[k] for k in ("inherit_copied", "inherit_skipped", "icd_pretrain_steps",
+                                    "icd_pretrain_seconds") if k in extra}
     result = RunResult({**out.final_metrics, **counts}, out.evaluation, out.final_checkpoint,
                        out.sec_per_step, out.peak_memory_mb)
     if not writes:

@@ -114,6 +114,11 @@ def make_loader(
                       **_loader_kwargs(workers, seed, pin_memory))
 
 
+def make_batched_loader(dataset: Dataset, batches: Sequence[Sequence[int]], workers: int = 0) -> DataLoader:
+    """A finite loader over explicit batches of dataset indices (e.g. evaluation batches of equal-size images)."""
+    return DataLoader(dataset, batch_sampler=[list(b) for b in batches], **_loader_kwargs(workers, 0, False))
+
+
 def make_train_loader(
     dataset: Dataset,
     batch_size: int,
