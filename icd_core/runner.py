@@ -228,7 +228,7 @@ def build_trainer(
         from .engine import distributed
 
         student = distributed.prepare_student(student, group)
-        batches, kwargs["evaluator"] = _rank_batches_and_evaluator(train_ds, val_ds, spec, group)
+        batches, kwargs["evaluator"] = _rank_batches_and_evaluator(train_ds, val_ds, spec, group, icd_heldout)
         trainer: Trainer = distributed.DistributedTrainer(student, spec.schedule, batches, output_dir, device,
                                                           group=group, **kwargs)
         group.reseed(spec.seed)
@@ -238,9 +238,11 @@ def build_trainer(
 
 
 def _rank_batches_and_evaluator(
-    train_ds: CocoDataset, val_ds: CocoDataset, spec: TrainSpec | DistillJobSpec, group: RankGroup
+    train_ds: CocoDataset, val_ds: CocoDataset, spec: TrainSpec | DistillJobSpec, group: RankGroup,
+    icd_heldout: Callable[[], dict[str, float]] | None,
 ) -> tuple[Callable[[int], Any], Callable[[Detector], EvalResult]]:
-    """One rank's slice of every global batch, and evaluation sharded over the group."""
+    """One rank's slice of every global batch, and evaluation sharded over the group (the ICD decoder's
+    held-out diagnostics on rank 0, the one that reports)."""
     from .data.loader import make_rank_train_loader
     from .engine.distributed import evaluate_sharded
 
@@ -250,7 +252,10 @@ def _rank_batches_and_evaluator(
         return iter(make_rank_train_loader(train_ds, bs, group.rank, group.world, workers, spec.seed, start_step))
 
     def evaluator(det: Detector) -> EvalResult:
-        return evaluate_sharded(det, val_ds, group, batch_size=per_rank, workers=min(workers, 2))
+        result = evaluate_sharded(det, val_ds, group, batch_size=per_rank, workers=min(workers, 2))
+        if icd_heldout is not None and group.is_main:
+            result.metrics.update(icd_heldout())
+        return result
 
     return batches, evaluator
 

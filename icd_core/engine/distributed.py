@@ -10,7 +10,8 @@ group's rules added through its hooks:
   trainable parameter gets a gradient every step; ICD_SPEC §9.3);
 - every rank reads its own slice of each global batch (`make_rank_train_loader`), so N ranks x
   batch_size/N see exactly the single-process batch, and DDP's gradient mean is its gradient;
-- logged losses are the mean over ranks (the global batch's); the stop vote is a MAX over ranks;
+- logged losses and the loss-spike guard's input are the mean over ranks (the global batch's); the
+  stop vote is a MAX over ranks;
 - rank 0 alone writes checkpoints, metrics and evaluations; a checkpoint also holds every rank's RNG
   state, so each rank resumes exactly where it stopped;
 - evaluation is sharded over ranks and gathered on rank 0, which scores it and shares the result.
@@ -34,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from ..data.coco import CocoDataset
-from ..data.loader import derive_seed, make_loader
+from ..data.loader import derive_seed, make_batched_loader
 from ..detectors import Detector
-from ..evaluate import _Unaugmented, coco_evaluate
+from ..evaluate import _Unaugmented, coco_evaluate, same_size_batches
 from . import checkpoint as ckpt
 from .callbacks import EvalResult
 from .trainer import LossWindow, Trainer, _Loop, resolve_device
@@ -163,6 +164,15 @@ class DistributedTrainer(Trainer):
         return [(step, dict(zip(names, row[:-1], strict=True)), row[-1])
                 for (step, _, _), row in zip(window, stacked, strict=True)]
 
+    def _check_spike(self, step: int, losses: dict[str, Tensor], total: Tensor | float) -> None:
+        """The spike guard sees the global batch's loss, so every rank reaches the same verdict (and
+        skips the same checkpoints); one collective per new step."""
+        if step <= self._guarded_step:
+            return
+        mean = torch.tensor([float(total)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(mean)
+        super()._check_spike(step, losses, float(mean.item()) / self.group.world)
+
     def _stop_requested(self) -> bool:
         last = self.step == self.total_steps
         if self.step % self.stop_vote_every and not last:
@@ -215,11 +225,13 @@ def evaluate_sharded(
     detections and every rank returns its result."""
     was_training = detector.training
     detector.eval()
-    shard = Subset(_Unaugmented(dataset), list(range(group.rank, len(dataset), group.world)))
+    indices = list(range(group.rank, len(dataset), group.world))
+    batches = same_size_batches([dataset.image_size(i) for i in indices], batch_size)  # AP independent of batch
+    shard = Subset(_Unaugmented(dataset), indices)
     detections: list[dict[str, Any]] = []
     try:
         with torch.inference_mode():
-            for images, targets in make_loader(shard, batch_size=batch_size, shuffle=False, workers=workers):
+            for images, targets in make_batched_loader(shard, batches, workers=workers):
                 outputs = detector.predict([img.to(group.device, non_blocking=True) for img in images])
                 for target, out in zip(targets, outputs, strict=True):
                     detections.append({"image_id": target["image_id"], "boxes": out["boxes"].float().cpu(),

@@ -24,6 +24,7 @@ from trainer_specs import distill_spec, train_spec
 
 from icd_core.engine import checkpoint as ckpt
 from icd_core.engine.metrics_log import read_metrics_log
+from icd_core.evaluate import METRIC_NAMES
 from icd_core.runner import run_spec
 from icd_core.spec import parse_spec
 
@@ -113,7 +114,9 @@ def test_two_ranks_of_batch_2_match_one_process_of_batch_4(
     assert summary["ranks"] == 2 and summary["step"] == STEPS
     # Sharded over the ranks and gathered: the same COCO numbers as one process's evaluation.
     sharded, whole = summary["evaluation"], json.loads((single / "summary.json").read_text())["evaluation"]
-    assert sharded["metrics"] == pytest.approx(whole["metrics"], abs=1e-3)
+    coco = set(METRIC_NAMES)  # beside them ICD runs report decoder diagnostics, which follow ICD's weights
+    assert {k: v for k, v in sharded["metrics"].items() if k in coco} == pytest.approx(
+        {k: v for k, v in whole["metrics"].items() if k in coco}, abs=1e-3)
     assert sharded["per_class"] == pytest.approx(whole["per_class"], abs=1e-3)
 
 
