@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from .engine.callbacks import Callback, TrainingStopped
-from .engine.distributed import DEFAULT_TIMEOUT_S, RankGroup, in_torchrun
+from .engine.distributed import DEFAULT_TIMEOUT_S, TORCHRUN, RankGroup, die_with_parent, in_torchrun
 from .runner import run_spec
 from .spec import load_spec
 
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=timeout, help="collective timeout (lost peer)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"rank {os.environ.get('RANK', '?')} %(levelname)s %(message)s")
+    if in_torchrun():
+        die_with_parent(TORCHRUN)
     spec = load_spec(args.spec)
     group = RankGroup.join(spec.device, args.timeout_s) if in_torchrun() else None
     main_rank = group is None or group.is_main

@@ -8,11 +8,9 @@ the parent maps to the job's state; a rank that dies without one fails the attem
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
 import sys
 import traceback
 from dataclasses import asdict
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from icd_core.engine.callbacks import Callback, TrainingStopped
+from icd_core.engine.distributed import TORCHRUN, die_with_parent
 
 log = logging.getLogger("worker.ddp_rank")
 
@@ -34,14 +33,6 @@ def outcome_path(group_dir: Path, rank: int) -> Path:
 
 def pid_path(group_dir: Path, rank: int) -> Path:
     return group_dir / f"rank-{rank}.pid"
-
-
-def die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies, so no rank outlives its launcher."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class StopFile(Callback):
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 3:
         print("usage: python -m worker.ddp_rank JOB_ID ATTEMPT JOB_DIR", file=sys.stderr)
         return 2
-    die_with_parent()
+    die_with_parent(TORCHRUN)
     job_id, attempt, job_dir = int(args[0]), int(args[1]), Path(args[2])
     rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

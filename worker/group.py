@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from icd_core.engine.callbacks import EvalResult, TrainingStopped
-from worker.ddp_rank import GROUP_DIR, SPEC_FILE, STOP_FILE, die_with_parent, outcome_path, pid_path
+from icd_core.engine.distributed import die_with_parent
+from worker.ddp_rank import GROUP_DIR, SPEC_FILE, STOP_FILE, outcome_path, pid_path
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,10 @@ group's rules added through its hooks:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +47,27 @@ from .trainer import LossWindow, Trainer, _Loop, resolve_device
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0  # a collective waits this long for a peer before failing the rank
+
+
+TORCHRUN = (b"torch.distributed.run", b"torchrun")  # how torchrun's command line reads (module or script)
+
+
+def die_with_parent(parent_cmd: tuple[bytes, ...] | None = None) -> None:
+    """Linux: SIGKILL this process when its parent dies, so no rank outlives its launcher (torchrun
+    itself does not kill its ranks when it is SIGKILLed). With `parent_cmd`, also exit now if the
+    parent's command line shows none of them: it died before this call and the process was re-parented."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent_cmd is not None:
+        try:
+            cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+            alive = any(marker in cmdline for marker in parent_cmd)
+        except OSError:
+            alive = False
+        if not alive:
+            os._exit(1)
 
 
 def in_torchrun() -> bool:
@@ -169,7 +192,8 @@ class DistributedTrainer(Trainer):
         skips the same checkpoints); one collective per new step."""
         if step <= self._guarded_step:
             return
-        mean = torch.tensor([float(total)], dtype=torch.float64, device=self.device)
+        value = float(total.detach()) if isinstance(total, Tensor) else float(total)
+        mean = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(mean)
         super()._check_spike(step, losses, float(mean.item()) / self.group.world)
 

@@ -155,3 +155,52 @@ def test_icd_train_runs_a_group_spec_as_torchrun_ranks(tmp_path: Path, cache: Pa
     assert "2 ranks" in proc.stdout and "ranks" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["step"] == 2
+
+
+def _processes_naming(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_no_rank_outlives_its_launcher_killed_with_sigkill(tmp_path: Path, cache: Path) -> None:
+    """kill -9 of the process that started torchrun (a worker): torchrun and both ranks die too."""
+    import signal
+    import time
+
+    spec_path = tmp_path / "long.json"
+    spec_path.write_text(json.dumps(grouped(gn(train_spec(iterations=5000, batch_size=4)), 2)))
+    launcher = (
+        "import subprocess, sys, time\n"
+        "from icd_core.engine.distributed import die_with_parent\n"
+        f"subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2',"
+        f" '-m', 'icd_core.ddp_main', {str(spec_path)!r}, {str(tmp_path / 'out')!r}, '--cache-dir', {str(cache)!r}],"
+        " preexec_fn=die_with_parent)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", launcher], env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def group() -> list[int]:  # torchrun and its ranks (the launcher's own command line names the spec too)
+        return [pid for pid in _processes_naming(str(spec_path)) if pid != parent.pid]
+
+    try:
+        deadline = time.monotonic() + 120
+        while len(group()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(group()) == 3
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 30
+        while _processes_naming(str(spec_path)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _processes_naming(str(spec_path)) == []
+    finally:
+        for pid in _processes_naming(str(spec_path)):
+            os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
