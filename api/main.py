@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from api.docs import install_offline_docs
+from api.periodic import PeriodicTask, install_periodic
 from api.routers import artifacts, jobs, reports, system
 from api.routers.system import STATIC
 from store.artifacts import ArtifactStore
@@ -52,10 +53,11 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | None = None) -> FastAPI:
     """Build the app for `settings`; refuses a database that is not at the code's schema revision.
 
     With settings.auto_migrate (the embedded `icd serve`) it migrates the database itself instead.
+    `periodic` tasks run in exactly one of the API processes sharing the database (api.periodic).
     """
     settings = settings or get_settings()
     settings.ensure_dirs()
@@ -89,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     install_offline_docs(app)
+    install_periodic(app, list(periodic or []))
     return app
 
 

@@ -59,9 +59,11 @@ class JobDetail(JobOut):
 
 class JobList(BaseModel):
     items: list[JobOut]
-    total: int
+    total: int = Field(description="Jobs matching the filters: exact up to 10,000, else an estimate (see below).")
+    total_is_estimate: bool = Field(False, description="True when total is the database's estimate.")
     limit: int
     offset: int
+    next_cursor: str | None = Field(None, description="Pass as cursor for the next page; null on the last page.")
 
 
 class MetricsOut(BaseModel):

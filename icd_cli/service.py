@@ -38,9 +38,15 @@ def _setup_logging(level: str = "INFO") -> None:
 @click.option("--stop-grace", default=30.0, show_default=True, type=float,
               help="Seconds the local worker gets to checkpoint its job on shutdown.")
 @click.option("--log-level", default="info", show_default=True)
-def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: str) -> None:
+@click.option("--workers", "api_processes", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="API processes sharing the port (uvicorn workers); periodic work runs in exactly one.")
+def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: str, api_processes: int) -> None:
     """Run the API; without --no-worker also one local worker (the zero-setup embedded mode:
-    SQLite database and SQLite broker under ICD_HOME, migrated automatically)."""
+    SQLite database and SQLite broker under ICD_HOME, migrated automatically).
+
+    With --workers N the API runs in N processes built from the same ICD_* environment; the schema is
+    migrated once here first. On SQLite that works too (WAL: reads in parallel, writes take turns), but
+    one process is the better choice there; PostgreSQL is the backend for N > 1."""
     import uvicorn
 
     from store.db import DatabaseNotMigrated
@@ -67,7 +73,13 @@ def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: s
     click.echo(f"database {_safe_url(settings.database_url)}, broker {_safe_url(settings.broker_url)}, "
                f"artifacts {settings.artifact_root}")
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+        if api_processes == 1:
+            uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+        else:
+            app.state.engine.dispose()  # the N processes build their own app; migrated already
+            os.environ["ICD_AUTO_MIGRATE"] = "0"
+            uvicorn.run("api.main:create_app", factory=True, workers=api_processes, host=host, port=port,
+                        log_level=log_level.lower())
     finally:
         if local is not None:
             _stop_local_worker(local, settings, stop_grace)

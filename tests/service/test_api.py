@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from api.docs import DISTILL_EXAMPLE, TRAIN_EXAMPLE
 from api.main import create_app
 from store.artifacts import ArtifactStore
-from store.db import make_engine, session_factory
+from store.db import head_revision, make_engine, session_factory
 from store.jobs import claim_job, fail_job, finish_job, release_dependents
 from store.results import add_checkpoint, add_evaluation, add_metrics
 from store.settings import Settings
@@ -263,7 +263,7 @@ def test_workers_health_version(client: TestClient, db: DB) -> None:
     assert client.get("/health").json()["status"] == "ok"
 
     v = client.get("/version").json()
-    assert v["version"] and v["database_revision"] == "0001" and v["python"]
+    assert v["version"] and v["database_revision"] == head_revision() and v["python"]
 
 
 def test_broker_down_gives_503_and_a_failed_job(settings: Settings) -> None:
