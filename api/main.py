@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api.docs import install_offline_docs
 from api.periodic import PeriodicTask, install_periodic
-from api.routers import artifacts, jobs, reports, system
+from api.routers import artifacts, deploy, jobs, reports, system
 from api.routers.system import STATIC
 from store.artifacts import ArtifactStore
 from store.db import ensure_migrated, make_engine, session_factory, upgrade_database
@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | 
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
+    app.include_router(deploy.router)
     app.include_router(reports.router)
     app.include_router(system.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

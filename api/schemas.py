@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from icd_core.leaderboard import cost_from_metrics
 from store.dispatch import gpus_served
 
 
@@ -48,6 +49,13 @@ class JobOut(_Out):
     error: str | None
     cancel_requested: bool
     final_metrics: dict[str, Any] | None
+
+    @computed_field(description="What the finished run's model costs (and, for distill, its teacher): params_m, "
+                    "gflops at the evaluation size, peak_inference_mb, latency_ms (batch 1, warm, median; "
+                    "_torchscript / _onnxruntime on the CPU). From final_metrics' cost_* entries.")
+    @property
+    def model_cost(self) -> dict[str, dict[str, float]] | None:
+        return cost_from_metrics(self.final_metrics)
 
 
 class JobDetail(JobOut):

@@ -27,6 +27,7 @@ from .engine.metrics_log import MetricsLog
 from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
 from .pretrain import heldout_diagnostics, prepare_decoder
+from .run_report import deploy_report
 from .spec import DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
 
 if TYPE_CHECKING:
@@ -281,10 +282,19 @@ def _run_training(
     out = trainer.train(resume_from=resume_from)
     counts = {k: extra[k] for k in ("inherit_copied", "inherit_skipped", "icd_pretrain_steps",
                                     "icd_pretrain_seconds") if k in extra}
-    result = RunResult({**out.final_metrics, **counts}, out.evaluation, out.final_checkpoint,
+    if not writes:  # in a group, rank 0 alone measures the model and writes the summary
+        return RunResult({**out.final_metrics, **counts}, out.evaluation, out.final_checkpoint, out.sec_per_step,
+                         out.peak_memory_mb)
+    try:  # the trained model is kept whatever happens here: a failed measurement is reported, not fatal
+        val = build_dataset(spec.data.val, cache_dir, train=False)
+        deploy, cost_metrics = deploy_report(trainer.student, trainer.teacher, val, spec.deploy, trainer.device,
+                                             output_dir)
+    except Exception as exc:
+        log.warning("model cost / predictions failed: %s", exc, exc_info=True)
+        deploy, cost_metrics = {"deploy_error": f"{type(exc).__name__}: {exc}"}, {}
+    extra.update(deploy)
+    result = RunResult({**out.final_metrics, **counts, **cost_metrics}, out.evaluation, out.final_checkpoint,
                        out.sec_per_step, out.peak_memory_mb)
-    if not writes:
-        return result
     extra = {**extra, "ranks": group.world} if group is not None else extra
     _write_summary(output_dir, spec, result, {"step": out.step, "device": str(trainer.device),
                                               "amp": trainer.amp.name, **extra})

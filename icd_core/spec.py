@@ -285,11 +285,22 @@ class ResourcesSpec(StrictModel):
     )
 
 
+class DeploySpec(StrictModel):
+    """What a finished train/distill run measures about its model for deployment (summary.json)."""
+
+    cost: bool = Field(True, description="Measure params, GFLOPs, peak inference memory and latency.")
+    latency_repeats: int = Field(20, ge=1, le=1000, description="Timed batch-1 forwards (the median is reported).")
+    latency_warmup: int = Field(3, ge=0, le=100, description="Untimed forwards before timing.")
+    exported_latency: bool = Field(True, description="Also time the TorchScript and ONNX Runtime exports (CPU).")
+    prediction_images: int = Field(4, ge=0, le=32, description="Validation images rendered with detections.")
+
+
 class _JobBase(StrictModel):
     name: str = Field("job", max_length=200)
     seed: int = 0
     data: DataSpec
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    deploy: DeploySpec = Field(default_factory=DeploySpec)
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 

@@ -79,6 +79,7 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
                 "data": study.data.model_dump(mode="json"),
                 "schedule": schedule.model_dump(mode="json"),
                 "device": study.device,
+                "deploy": study.deploy.model_dump(mode="json"),
                 "teacher": teacher.model_dump(mode="json"),
                 "student": study.student.model_dump(mode="json"),
                 "distill": {**distill.model_dump(mode="json"), "method": "icd" if method == ICD_PRETRAINED else method,
@@ -108,6 +109,7 @@ def teacher_train_spec(study: StudySpec) -> TrainSpec | None:
         "data": study.data.model_dump(mode="json"),
         "schedule": study.teacher_schedule.model_dump(mode="json"),
         "device": study.device,
+        "deploy": study.deploy.model_dump(mode="json"),
         "model": study.teacher.model_dump(mode="json"),
     })
 
@@ -156,6 +158,8 @@ def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, erro
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "status": "succeeded",
         **diagnostics,
+        # model cost (cost_*, teacher_cost_*) lives in final_metrics, next to but not in the evaluation
+        **{k: v for k, v in (summary.get("final_metrics") or {}).items() if "cost_" in k},
     }
 
 
