@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from icd_core.leaderboard import cost_from_metrics
+from store.dispatch import gpus_served
 
 
 class _Out(BaseModel):
@@ -112,6 +113,12 @@ class WorkerOut(_Out):
     started_at: datetime
     last_heartbeat: datetime
     current_job_id: int | None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def gpus(self) -> int:
+        """Its device group: the largest resources.gpus it runs (from its -gN queues)."""
+        return gpus_served(self.queues)
 
 
 class CheckResult(BaseModel):

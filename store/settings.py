@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from icd_core.data_roots import find_in_roots
@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     api_token: str | None = None
     worker_heartbeat_s: float = 10.0
     redeliver_after_s: float = 30.0  # an idle worker re-sends a job left 'queued' this long (lost message)
+    # Devices a worker owns for one data-parallel job (resources.gpus). Unset: the GPUs it sees. On a
+    # CPU worker, N > 1 lets it run N-process gloo groups (tests, laptops): it then consumes *-g2..*-gN.
+    worker_gpus: int | None = Field(None, ge=1, le=64)
+    ddp_timeout_s: float = Field(300.0, gt=0)  # a rank's collective waits this long for a lost peer
+    ddp_stop_grace_s: float = Field(120.0, gt=0)  # after asking a group to stop, kill it after this long
     # The embedded `icd serve` migrates its own database; a production API refuses an old schema.
     auto_migrate: bool = False
 

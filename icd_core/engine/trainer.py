@@ -312,13 +312,17 @@ class Trainer:
 
     def _stop_if_requested(self, loop: _Loop) -> None:
         """A cooperative stop: checkpoint this step (unless just done), then raise TrainingStopped."""
-        if not any(cb.should_stop() for cb in self.callbacks):
+        if not self._stop_requested():
             return
         if not loop.check_every_step:
             self._check_window(loop.window)
         if loop.saved_at != self.step:
             self._save_periodic()
         raise TrainingStopped(self.step)
+
+    def _stop_requested(self) -> bool:
+        """Whether a callback asks to stop after this step (a data-parallel group takes a vote)."""
+        return any(cb.should_stop() for cb in self.callbacks)
 
     def _after_train(self, loop: _Loop) -> TrainResult:
         """The final evaluation (unless the last step had one) and the final checkpoint."""
