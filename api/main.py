@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from api.docs import install_offline_docs
-from api.routers import artifacts, jobs, reports, system
+from api.periodic import PeriodicTask, install_periodic
+from api.routers import artifacts, deploy, jobs, reports, system
 from api.routers.system import STATIC
 from store.artifacts import ArtifactStore
 from store.db import ensure_migrated, make_engine, session_factory, upgrade_database
@@ -56,10 +57,11 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | None = None) -> FastAPI:
     """Build the app for `settings`; refuses a database that is not at the code's schema revision.
 
     With settings.auto_migrate (the embedded `icd serve`) it migrates the database itself instead.
+    `periodic` tasks run in exactly one of the API processes sharing the database (api.periodic).
     """
     settings = settings or get_settings()
     settings.ensure_dirs()
@@ -90,10 +92,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
+    app.include_router(deploy.router)
     app.include_router(reports.router)
     app.include_router(system.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     install_offline_docs(app)
+    install_periodic(app, list(periodic or []))
     return app
 
 

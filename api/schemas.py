@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from icd_core.leaderboard import cost_from_metrics
+from store.dispatch import gpus_served
 
 
 class _Out(BaseModel):
@@ -49,6 +52,13 @@ class JobOut(_Out):
     cancel_requested: bool
     final_metrics: dict[str, Any] | None
 
+    @computed_field(description="What the finished run's model costs (and, for distill, its teacher): params_m, "
+                    "gflops at the evaluation size, peak_inference_mb, latency_ms (batch 1, warm, median; "
+                    "_torchscript / _onnxruntime on the CPU). From final_metrics' cost_* entries.")
+    @property
+    def model_cost(self) -> dict[str, dict[str, float]] | None:
+        return cost_from_metrics(self.final_metrics)
+
 
 class JobDetail(JobOut):
     """One job with its spec and its attempts."""
@@ -63,9 +73,11 @@ class JobDetail(JobOut):
 
 class JobList(BaseModel):
     items: list[JobOut]
-    total: int
+    total: int = Field(description="Jobs matching the filters: exact up to 10,000, else an estimate (see below).")
+    total_is_estimate: bool = Field(False, description="True when total is the database's estimate.")
     limit: int
     offset: int
+    next_cursor: str | None = Field(None, description="Pass as cursor for the next page; null on the last page.")
 
 
 class MetricsOut(BaseModel):
@@ -111,6 +123,12 @@ class WorkerOut(_Out):
     started_at: datetime
     last_heartbeat: datetime
     current_job_id: int | None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def gpus(self) -> int:
+        """Its device group: the largest resources.gpus it runs (from its -gN queues)."""
+        return gpus_served(self.queues)
 
 
 class CheckResult(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from . import client, core, service, study
+from . import client, core, deploy, service, study
 
 
 @click.group()
@@ -23,6 +23,8 @@ def main() -> None:
 main.add_command(core.train_cmd)
 main.add_command(core.eval_cmd)
 main.add_command(core.shapes_group)
+main.add_command(deploy.export_cmd)
+main.add_command(deploy.predict_cmd)
 main.add_command(study.study_command)
 # The service.
 main.add_command(service.serve)

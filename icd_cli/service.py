@@ -38,10 +38,18 @@ def _setup_logging(level: str = "INFO") -> None:
 @click.option("--stop-grace", default=30.0, show_default=True, type=float,
               help="Seconds the local worker gets to checkpoint its job on shutdown.")
 @click.option("--log-level", default="info", show_default=True)
-def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: str) -> None:
+@click.option("--workers", "api_processes", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="API processes sharing the port (uvicorn workers); periodic work runs in exactly one.")
+def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: str, api_processes: int) -> None:
     """Run the API; without --no-worker also one local worker (the zero-setup embedded mode:
     SQLite database and SQLite broker under ICD_HOME, migrated automatically). SIGTERM, SIGINT and
-    SIGHUP all stop everything it started: the server, then the worker (its job checkpointed)."""
+    SIGHUP all stop everything it started: the server, then the worker (its job checkpointed).
+
+    With --workers N the API runs in N processes built from the same ICD_* environment; the schema is
+    migrated once here first. On SQLite that works too (WAL: reads in parallel, writes take turns), but
+    one process is the better choice there; PostgreSQL is the backend for N > 1."""
+    import uvicorn
+
     from store.db import DatabaseNotMigrated
 
     _setup_logging(log_level)
@@ -66,7 +74,14 @@ def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: s
     click.echo(f"database {_safe_url(settings.database_url)}, broker {_safe_url(settings.broker_url)}, "
                f"artifacts {settings.artifact_root}")
     try:
-        run_server_until_signal(app, host, port, log_level.lower())
+        if api_processes == 1:
+            run_server_until_signal(app, host, port, log_level.lower())
+        else:
+            app.state.engine.dispose()  # the N processes build their own app; migrated already
+            os.environ["ICD_AUTO_MIGRATE"] = "0"
+            # uvicorn's process supervisor stops on SIGTERM/SIGINT and returns here (SIGHUP reloads its workers).
+            uvicorn.run("api.main:create_app", factory=True, workers=api_processes, host=host, port=port,
+                        log_level=log_level.lower())
     finally:
         if local is not None:
             _stop_local_worker(local, settings, stop_grace)
@@ -107,11 +122,13 @@ def run_server_until_signal(app: Any, host: str, port: int, log_level: str) -> N
 
 
 def _start_local_worker(settings: Any) -> Any:
+    from store.dispatch import group_queues
     from worker.supervisor import WorkerProcess, WorkerSpec, visible_gpu_count
 
     # The only worker of an embedded service takes every queue: a job asking for a device this
     # machine lacks fails with a clear message instead of waiting forever.
     queues = "cuda,any,cpu" if visible_gpu_count() else "cpu,any,cuda"
+    queues = group_queues(queues, settings.worker_gpus or max(1, visible_gpu_count()))  # resources.gpus jobs
     proc = WorkerProcess(WorkerSpec(EMBEDDED_WORKER.format(host=socket.gethostname()), queues))
     proc.start()
     return proc
@@ -150,17 +167,21 @@ def _safe_url(url: str) -> str:
 @click.option("--queues", "-Q", default=None,
               help="Queues to consume (default: cuda,any on GPU workers, cpu,any on CPU workers).")
 @click.option("--name", default=None, help="Worker name prefix (default gpu<N>, cpu or worker); @host is added.")
+@click.option("--group", is_flag=True,
+              help="One worker owning all of --gpus: it runs jobs of resources.gpus up to that many (torchrun). "
+                   "On a CPU worker, ICD_WORKER_GPUS=N gives N-process gloo groups.")
 @click.option("--stop-grace", default=60.0, show_default=True, type=float,
               help="Seconds a running job gets to checkpoint on shutdown before the worker is killed.")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker_cmd(gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, stop_grace: float,
-               loglevel: str) -> None:
+def worker_cmd(gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, group: bool,
+               stop_grace: float, loglevel: str) -> None:
     """Start Celery workers against ICD_BROKER_URL / ICD_DATABASE_URL (add a GPU machine: run this
     on it with the shared settings)."""
     from worker.supervisor import WorkerProcess, wait_for_signal
 
     _setup_logging(loglevel)
-    specs = plan_workers(gpus, cpu_only, queues, name, socket.gethostname(), loglevel)
+    specs = plan_workers(gpus, cpu_only, queues, name, socket.gethostname(), loglevel, group=group,
+                         worker_gpus=_settings().worker_gpus)
     settings = _settings()
     click.echo(f"broker {_safe_url(settings.broker_url)}, database {_safe_url(settings.database_url)}")
     procs = [WorkerProcess(spec) for spec in specs]
@@ -173,13 +194,21 @@ def worker_cmd(gpus: str | None, cpu_only: bool, queues: str | None, name: str |
 
 
 def plan_workers(
-    gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, host: str, loglevel: str = "INFO"
+    gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, host: str, loglevel: str = "INFO",
+    group: bool = False, worker_gpus: int | None = None,
 ) -> list[Any]:
-    """The worker processes `icd worker` starts (pure: tested without starting anything)."""
+    """The worker processes `icd worker` starts (pure: tested without starting anything).
+
+    --group: one worker owning every listed GPU, consuming their -g2..-gN group queues as well.
+    worker_gpus (ICD_WORKER_GPUS) > 1 on a worker without --gpus: it runs groups of that many processes.
+    """
+    from store.dispatch import group_queues
     from worker.supervisor import WorkerSpec, visible_gpu_count
 
     if gpus and cpu_only:
         raise click.UsageError("--gpus and --cpu exclude each other")
+    if group and not gpus:
+        raise click.UsageError("--group needs --gpus (the GPUs the worker owns); on CPU set ICD_WORKER_GPUS")
     if gpus:
         ids = [g.strip() for g in gpus.split(",") if g.strip()]
         if not ids or not all(g.isdigit() for g in ids):
@@ -187,14 +216,20 @@ def plan_workers(
         if len(set(ids)) != len(ids):
             raise click.BadParameter("a GPU is listed twice", param_hint="--gpus")
         prefix = name or "gpu"
+        if group:
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(ids), "ICD_WORKER_GPUS": str(len(ids))}
+            return [WorkerSpec(f"{prefix}{'-'.join(ids)}@{host}", group_queues(queues or "cuda,any", len(ids)),
+                               env, loglevel)]
         return [
             WorkerSpec(f"{prefix}{g}@{host}", queues or "cuda,any", {"CUDA_VISIBLE_DEVICES": g}, loglevel)
             for g in ids
         ]
+    ranks = worker_gpus or 1
     if cpu_only:
-        return [WorkerSpec(f"{name or 'cpu'}@{host}", queues or "cpu,any", {"CUDA_VISIBLE_DEVICES": ""}, loglevel)]
+        return [WorkerSpec(f"{name or 'cpu'}@{host}", group_queues(queues or "cpu,any", ranks),
+                           {"CUDA_VISIBLE_DEVICES": ""}, loglevel)]
     default_queues = "cuda,any" if visible_gpu_count() else "cpu,any"
-    return [WorkerSpec(f"{name or 'worker'}@{host}", queues or default_queues, {}, loglevel)]
+    return [WorkerSpec(f"{name or 'worker'}@{host}", group_queues(queues or default_queues, ranks), {}, loglevel)]
 
 
 @click.command("check-worker")

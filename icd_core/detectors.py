@@ -54,15 +54,16 @@ class Trunk(nn.Module):
         self.stage_names = stage_names  # level name reached after each stage ('' for the stem)
         self.out_levels = out_levels
         self.out_channels = channels
+        self.stages_used = 1 + max(stage_names.index(lv) for lv in out_levels)
 
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        out: OrderedDict[str, Tensor] = OrderedDict()
-        for stage, name in zip(self.stages, self.stage_names, strict=False):
-            x = stage(x)
-            if name in self.out_levels:
-                out[name] = x
-            if len(out) == len(self.out_levels):
-                break
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        # Stages past the last output level are skipped by index, not `break`, to stay TorchScript-able.
+        out: dict[str, Tensor] = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            if i < self.stages_used:
+                x = stage(x)
+                if self.stage_names[i] in self.out_levels:
+                    out[self.stage_names[i]] = x
         return out
 
 
@@ -166,7 +167,7 @@ class TrunkWithFPN(nn.Module):
         )
         self.out_channels = channels
 
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.fpn(self.body(x))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .data.coco import CocoDataset
-from .data.loader import make_loader
+from .data.loader import make_batched_loader
 from .engine.callbacks import EvalResult
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six of COCOeval.stats
@@ -101,6 +101,24 @@ class _Unaugmented(Dataset):
         return self.dataset.load(index, flip=False)
 
 
+def same_size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Evaluation batches of at most `batch_size` indices whose images all have the same (h, w).
+
+    Why: the detector pads a batch to its largest image. The padded region is not empty to the
+    network: every conv layer writes bias/ReLU/FPN-top-down values there, which then reach the real
+    pixels near the border through the receptive field (and P6/P7 see it all), so an image's
+    detections change with its batch neighbours (the same teacher scored AP 12.86 at batch 1 and 11.65
+    at batch 4 on coco128). Images of one size get the same resized and padded tensor as they would
+    alone, so batching them changes nothing (detectron2 evaluates at batch 1 for the same reason).
+    Groups keep the dataset order of their first image; a dataset of one image size batches as before.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault((int(size[0]), int(size[1])), []).append(index)
+    step = max(1, int(batch_size))
+    return [members[i:i + step] for members in groups.values() for i in range(0, len(members), step)]
+
+
 def evaluate_model(
     detector: nn.Module,
     dataset: CocoDataset,
@@ -113,11 +131,13 @@ def evaluate_model(
 
     predict must return per image a dict with boxes (xyxy, original image pixels), scores and labels
     (contiguous). The detector's train/eval mode is restored afterwards. progress(done, total) is
-    called after every batch.
+    called after every batch. Batches only hold images of one size (`same_size_batches`), so the AP
+    does not depend on `batch_size`.
     """
     was_training = detector.training
     detector.eval()
-    loader = make_loader(_Unaugmented(dataset), batch_size=batch_size, shuffle=False, workers=workers)
+    batches = same_size_batches([dataset.image_size(i) for i in range(len(dataset))], batch_size)
+    loader = make_batched_loader(_Unaugmented(dataset), batches, workers=workers)
     detections: list[dict] = []
     try:
         with torch.inference_mode():

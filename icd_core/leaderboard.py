@@ -24,6 +24,12 @@ from .json_numbers import finite_or_none
 
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 BASELINE = "none"
+# Deployment cost of a row's model: `cost_<key>` (and `teacher_cost_<key>`) in its metrics, from run_report.
+COST_KEYS = ("params_m", "gflops", "peak_inference_mb", "latency_ms", "latency_ms_torchscript",
+             "latency_ms_onnxruntime")
+# ICD's decoder readiness at the end of a child (icd_core.distill.icd_diagnostics): mean over seeds.
+ICD_DIAGNOSTICS = ("icd_ident_auc", "icd_real_recall", "icd_inbox_mass", "icd_inbox_uniform", "icd_loc_error",
+                   "icd_pretrain_steps", "icd_pretrain_seconds")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -43,6 +49,13 @@ def _cost(row: Mapping[str, Any], key: str) -> float | None:
     if value is None and isinstance(row.get("metrics"), Mapping):
         value = row["metrics"].get(key)
     return None if value is None else float(value)
+
+
+def _diagnostic(row: Mapping[str, Any], key: str) -> float | None:
+    """An ICD diagnostic of a child: on the held-out batch (icd_heldout_*, measured at evaluation) when the
+    run has it, else on the last training batch before its update (icd_*)."""
+    heldout = _cost(row, key.replace("icd_", "icd_heldout_", 1))
+    return heldout if heldout is not None else _cost(row, key)
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -78,6 +91,10 @@ def build_leaderboard(
             entry[metric] = {"mean": mean, "std": std}
         entry["sec_per_step"] = _mean_or_none([_cost(r, "sec_per_step") for r in done])
         entry["peak_memory_mb"] = _mean_or_none([_cost(r, "peak_memory_mb") for r in done])
+        entry["model_cost"] = _model_cost(done)
+        diagnostics = {key: _mean_or_none([_diagnostic(r, key) for r in done]) for key in ICD_DIAGNOSTICS}
+        if any(v is not None for v in diagnostics.values()):
+            entry["icd_diagnostics"] = diagnostics
         methods.append(entry)
 
     base = next((m for m in methods if m["method"] == BASELINE and m["n"]), None)
@@ -86,10 +103,15 @@ def build_leaderboard(
 
     # Methods with no finished run sink to the bottom; ties keep the order of the input.
     methods.sort(key=lambda m: -m["AP"]["mean"] if m["n"] else math.inf)
+    teacher_row = _teacher_row(teacher)
+    if teacher_row is not None:
+        teacher_row["model_cost"] = _teacher_cost(teacher, results)
+        for entry in methods:
+            entry["vs_teacher"] = _vs_teacher(entry, teacher_row)
     report: dict[str, Any] = {
         "name": name,
         "baseline": BASELINE if base else None,
-        "teacher": _teacher_row(teacher),
+        "teacher": teacher_row,
         "methods": methods,
         "runs": [_run_row(r) for r in results],
         "notes": list(notes),
@@ -123,6 +145,71 @@ def _teacher_row(teacher: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return row
 
 
+def cost_from_metrics(metrics: Mapping[str, Any] | None) -> dict[str, dict[str, float]] | None:
+    """{"student"|"model": {params_m, gflops, ...}, "teacher": {...}} from a run's flat `cost_*` metrics."""
+    if not metrics:
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for prefix, name in (("teacher_cost_", "teacher"), ("cost_", "model")):
+        figures = {k: float(metrics[prefix + k]) for k in COST_KEYS if metrics.get(prefix + k) is not None}
+        if figures:
+            out[name] = figures
+    return out or None
+
+
+def _model_cost(rows: Sequence[Mapping[str, Any]], prefix: str = "cost_") -> dict[str, float | None]:
+    """Mean deployment cost (see icd_core.run_report.flat_cost) over rows; None where no row measured it."""
+    return {key: _mean_or_none([_cost(r, prefix + key) for r in rows]) for key in COST_KEYS}
+
+
+def _teacher_cost(teacher: Mapping[str, Any] | None, results: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """The teacher's cost: its own row's `cost_*` if given, else what the children measured of it
+    (`teacher_cost_*`, taken in the same run, on the same device, as each student's figures)."""
+    own = _model_cost([teacher]) if teacher is not None else {}
+    if any(v is not None for v in own.values()):
+        return own
+    done = [r for r in results if isinstance(r.get("metrics"), Mapping)]
+    return _model_cost(done, prefix="teacher_cost_")
+
+
+def _vs_teacher(entry: Mapping[str, Any], teacher: Mapping[str, Any]) -> dict[str, float | None]:
+    """Speed-up (teacher latency / student latency), FLOPs and parameter fractions, % of the teacher's AP."""
+    mine, theirs = entry.get("model_cost") or {}, teacher.get("model_cost") or {}
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    ap, teacher_ap = entry["AP"]["mean"], teacher.get("AP")
+    return {
+        "speedup": ratio(theirs.get("latency_ms"), mine.get("latency_ms")),
+        "flops_fraction": ratio(mine.get("gflops"), theirs.get("gflops")),
+        "params_fraction": ratio(mine.get("params_m"), theirs.get("params_m")),
+        "ap_pct": 100.0 * ap / teacher_ap if entry["n"] and teacher_ap else None,
+    }
+
+
+def vs_teacher_text(vs: Mapping[str, float | None] | None) -> str:
+    """"2.9× faster, 1/4 the FLOPs, 94 % of the teacher's AP" (parts without figures left out)."""
+    if not vs:
+        return "–"
+    parts = []
+    if vs.get("speedup") is not None:
+        s = vs["speedup"]
+        parts.append(f"{s:.1f}× faster" if s >= 1 else f"{1 / s:.1f}× slower")
+    if vs.get("flops_fraction") is not None:
+        parts.append(_fraction(vs["flops_fraction"]) + " the FLOPs")
+    if vs.get("ap_pct") is not None:
+        parts.append(f"{vs['ap_pct']:.0f} % of the teacher's AP")
+    return ", ".join(parts) or "–"
+
+
+def _fraction(x: float) -> str:
+    """0.26 -> "1/4", 1.0 -> "1×", 2.1 -> "2.1×": the form people say a size ratio in."""
+    if 0 < x < 0.95:
+        return f"1/{1 / x:.0f}" if 1 / x >= 1.95 else f"{x:.2f}×"
+    return f"{x:.1f}×" if x != 1.0 else "1×"
+
+
 def _run_row(row: Mapping[str, Any]) -> dict[str, Any]:
     metrics = row.get("metrics") if isinstance(row.get("metrics"), Mapping) else None
     out: dict[str, Any] = {
@@ -131,7 +218,11 @@ def _run_row(row: Mapping[str, Any]) -> dict[str, Any]:
         "metrics": {m: float(metrics[m]) for m in AP_METRICS if m in metrics} if metrics else None,
         "sec_per_step": _cost(row, "sec_per_step"),
         "peak_memory_mb": _cost(row, "peak_memory_mb"),
+        "model_cost": _model_cost([row]),
     }
+    diagnostics = {key: _diagnostic(row, key) for key in ICD_DIAGNOSTICS if _diagnostic(row, key) is not None}
+    if diagnostics:
+        out["icd_diagnostics"] = diagnostics
     for key in ("status", "job_id", "error"):
         if row.get(key) is not None:
             out[key] = row[key]
@@ -152,12 +243,13 @@ def _pm(stat: Mapping[str, float | None]) -> str:
 
 def leaderboard_markdown(report: Mapping[str, Any]) -> str:
     """A markdown table: the teacher first, then the methods by mean AP (mean ± sample std over seeds)."""
-    head = ["method", "seeds", *AP_METRICS, "Δ AP", "s/step", "Δ s/step", "peak MB", "Δ MB"]
+    head = ["method", "seeds", *AP_METRICS, "Δ AP", "s/step", "Δ s/step", "peak MB", "Δ MB", *COST_HEAD, "vs teacher"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     teacher = report.get("teacher")
     if teacher:
         label = "teacher" + (f" ({teacher['name']})" if teacher.get("name") else "")
-        cells = [label, "–", *(_fmt(teacher[m]) for m in AP_METRICS), "–", "–", "–", "–", "–"]
+        cells = [label, "–", *(_fmt(teacher[m]) for m in AP_METRICS), "–", "–", "–", "–", "–",
+                 *_cost_cells(teacher.get("model_cost")), "–"]
         lines.append("| " + " | ".join(cells) + " |")
     for m in report["methods"]:
         pct = m.get("extra_sec_per_step_pct")
@@ -167,12 +259,83 @@ def leaderboard_markdown(report: Mapping[str, Any]) -> str:
         n = f"{m['n']}" + (f" (+{m['failed']} failed)" if m.get("failed") else "")
         cells = [m["method"], n, *(_pm(m[k]) for k in AP_METRICS), _fmt(m.get("delta_AP"), signed=True),
                  _fmt(m.get("sec_per_step"), 3), extra, _fmt(m.get("peak_memory_mb"), 0),
-                 _fmt(m.get("extra_peak_memory_mb"), 0, signed=True)]
+                 _fmt(m.get("extra_peak_memory_mb"), 0, signed=True), *_cost_cells(m.get("model_cost")),
+                 vs_teacher_text(m.get("vs_teacher"))]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.extend(icd_diagnostics_markdown(report))
     lines.append("")
     lines.append("AP metrics: mean ± sample std over seeds; Δ and costs against the `none` mean.")
+    lines.append("Model cost: parameters, GFLOPs and peak inference memory at the evaluation size; latency = batch 1, "
+                 "warm, median, eager (ts = TorchScript, ort = ONNX Runtime, on the CPU).")
     lines.extend(f"Note: {note}" for note in report.get("notes", []))
     return "\n".join(lines) + "\n"
+
+
+COST_HEAD = ("params M", "GFLOPs", "infer MB", "ms", "ms ts", "ms ort")
+
+
+def _cost_cells(cost: Mapping[str, float | None] | None) -> list[str]:
+    cost = cost or {}
+    digits = {"params_m": 2, "gflops": 2, "peak_inference_mb": 0}
+    return [_fmt(cost.get(k), digits.get(k, 1)) for k in COST_KEYS]
+
+
+def ap_latency_png(report: Mapping[str, Any], path: str | Path) -> Path | None:
+    """COCO AP against eager batch-1 latency: one point per finished run, the teacher as a star.
+
+    None (nothing written) when no row has a measured latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    runs = [r for r in report["runs"] if r.get("metrics") and (r.get("model_cost") or {}).get("latency_ms")]
+    teacher = report.get("teacher")
+    t_ms = ((teacher or {}).get("model_cost") or {}).get("latency_ms")
+    if not runs and t_ms is None:
+        return None
+    fig, ax = plt.subplots(figsize=(5.0, 3.6), dpi=100)
+    try:
+        colors: dict[str, str] = {}
+        for r in runs:
+            method = r["method"]
+            first = method not in colors
+            color = colors.setdefault(method, f"C{len(colors)}")
+            ax.scatter(r["model_cost"]["latency_ms"], r["metrics"]["AP"], color=color, label=method if first else None)
+        if teacher and t_ms is not None:
+            ax.scatter(t_ms, teacher["AP"], marker="*", s=160, color="black", label="teacher")
+        ax.set_xlabel("latency, batch 1, eager (ms)")
+        ax.set_ylabel("COCO AP (%)")
+        ax.set_title(f"{report.get('name', 'study')}: AP vs latency", fontsize=10)
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def icd_diagnostics_markdown(report: Mapping[str, Any]) -> list[str]:
+    """A second table for the ICD rows: is the decoder's mechanism on? (identification AUC, real-query
+    recall, in-box attention mass against uniform, localization error; mean over seeds at the end)."""
+    rows = [m for m in report["methods"] if m.get("icd_diagnostics")]
+    if not rows:
+        return []
+    head = ["method", "ident AUC", "real recall", "in-box mass", "uniform", "× uniform", "loc error",
+            "pre-train steps", "pre-train s (once per teacher)"]
+    lines = ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for m in rows:
+        d = m["icd_diagnostics"]
+        mass, uniform = d.get("icd_inbox_mass"), d.get("icd_inbox_uniform")
+        ratio = mass / uniform if mass is not None and uniform else None
+        cells = [m["method"], _fmt(d.get("icd_ident_auc"), 3), _fmt(d.get("icd_real_recall"), 3), _fmt(mass, 3),
+                 _fmt(uniform, 3), _fmt(ratio, 1), _fmt(d.get("icd_loc_error"), 3),
+                 _fmt(d.get("icd_pretrain_steps"), 0), _fmt(d.get("icd_pretrain_seconds"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def leaderboard_png(report: Mapping[str, Any], path: str | Path) -> Path:
@@ -186,7 +349,7 @@ def leaderboard_png(report: Mapping[str, Any], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(methods) + 2.0), 3.6), dpi=100)
     try:
         xs = list(range(len(methods)))
-        colors = ["#7f7f7f" if m["method"] == BASELINE else "#e4572e" if m["method"] == "icd" else "#4c78a8"
+        colors = ["#7f7f7f" if m["method"] == BASELINE else "#e4572e" if m["method"].startswith("icd") else "#4c78a8"
                   for m in methods]
         means, stds = [m["AP"]["mean"] for m in methods], [m["AP"]["std"] or 0.0 for m in methods]
         bars = ax.bar(xs, means, yerr=stds, color=colors, capsize=4)
@@ -221,7 +384,8 @@ def write_report(
     name: str = "study",
     notes: Sequence[str] = (),
 ) -> dict[str, Path]:
-    """Write report.json, report.md and report.png into out_dir; returns their paths by kind."""
+    """Write report.json, report.md, report.png (and ap_latency.png once latencies exist) into out_dir;
+    returns their paths by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = build_leaderboard(results, teacher, name=name, notes=notes)
@@ -229,4 +393,6 @@ def write_report(
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     paths["md"].write_text(f"# {name}\n\n" + leaderboard_markdown(report))
     leaderboard_png(report, paths["png"])
+    if ap_latency_png(report, out / "ap_latency.png") is not None:
+        paths["ap_latency"] = out / "ap_latency.png"
     return paths

@@ -18,9 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 Detector = Literal["retinanet", "fcos", "faster_rcnn"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large"]
 Method = Literal["none", "fitnet", "fgfi", "defeat", "fgd", "icd"]
+# A study row, not a distill method: `icd` whose decoder is pre-trained on the teacher first (distill.icd.pretrain).
+StudyMethod = Literal[Method, "icd_pretrained"]
 DETECTORS: tuple[str, ...] = get_args(Detector)
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 METHODS: tuple[str, ...] = get_args(Method)
+ICD_PRETRAINED = "icd_pretrained"
 LEVEL_NAMES = ("p2", "p3", "p4", "p5", "p6", "p7")
 DEFAULT_LEVELS = {
     "retinanet": ["p3", "p4", "p5", "p6", "p7"],
@@ -161,18 +164,55 @@ class ModelSpec(StrictModel):
         return "frozen_bn" if self.pretrained_backbone else "bn"
 
 
+class ICDPretrainSpec(StrictModel):
+    """Train the decoder side (encoder, decoder, aux head) on the frozen teacher before distillation
+    (the release's PRETRAIN_TEACHER_ITERS, ICD_SPEC §11); the result is cached per (teacher, data, ICD settings)."""
+
+    steps: int = Field(3000, ge=1, le=1_000_000, description="Step budget; stops earlier once ready.")
+    lr: float = Field(1.0e-3, gt=0.0, le=1.0, description="AdamW lr (the release: the decoder's maximum lr).")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay to 0 over `steps`.")
+    batch_size: int | None = Field(None, ge=1, le=1024, description="null: the job's schedule.batch_size.")
+    min_auc: float | None = Field(
+        0.9, gt=0.5, le=1.0, description="Ready when held-out identification AUC ≥ this (null: steps only)."
+    )
+    min_inbox_ratio: float | None = Field(
+        3.0, gt=1.0, le=1000.0,
+        description="... and held-out in-box attention mass ≥ this × uniform's (null: AUC only).",
+    )
+    check_every: int = Field(100, ge=1, description="Held-out readiness check every this many steps.")
+    holdout_images: int = Field(16, ge=1, le=10_000, description="Training images held out for the check.")
+    cache_features: bool = Field(True, description="Compute teacher features once and reuse them (no flip).")
+    seed: int = Field(0, ge=0, description="Pre-training's own seed: every student of a teacher shares it.")
+
+
 class ICDOptions(StrictModel):
     heads: int = Field(8, ge=1, le=64)
     layers: int = Field(1, ge=1, le=6)
     neg_per_pos: float = Field(5.0, ge=0.0, le=50.0, description="rho: fake queries per real one.")
     max_queries: int | None = Field(None, ge=1, le=2000, description="null: 300 (100 for faster_rcnn).")
     jitter: float = Field(0.3, ge=0.0, lt=1.0)
-    bypass_iters: int = Field(1000, ge=0, description="Student features detached for this many steps.")
+    bypass_iters: int | None = Field(
+        None, ge=0,
+        description="Student features detached for this many steps; null: the paper's 1,000, capped at a third of "
+        "the schedule (see icd_core.distill.icd.bypass_steps). An integer is taken as given.",
+    )
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     lr: float = Field(1.0e-4, gt=0.0, le=1.0)
     weight_decay: float = Field(1.0e-4, ge=0.0, le=1.0)
     grad_clip: float = Field(0.01, gt=0.0, description="Global grad-norm clip of the ICD modules.")
     query_chunk: int = Field(64, ge=1, le=4096, description="Queries per attention chunk (memory bound).")
+    pretrain: ICDPretrainSpec | None = Field(
+        None, description="Pre-train the decoder on the teacher first (null: joint training from step 0, the paper's)."
+    )
+    decoder: str | None = Field(
+        None, description="Start from this decoder: a pre-training artifact path, a distill checkpoint, or job:<id>."
+    )
+
+    @model_validator(mode="after")
+    def _one_decoder_source(self) -> ICDOptions:
+        if self.pretrain is not None and self.decoder:
+            raise ValueError("distill.icd: set either pretrain (train a decoder) or decoder (reuse one), not both")
+        return self
 
 
 class DistillSpec(StrictModel):
@@ -232,14 +272,54 @@ class ScheduleSpec(StrictModel):
         return [math.floor(n * 2 / 3), math.floor(n * 8 / 9)]
 
 
+MAX_GPUS_PER_JOB = 64
+
+
+class ResourcesSpec(StrictModel):
+    """What one job needs from the worker that runs it."""
+
+    gpus: int = Field(
+        1, ge=1, le=MAX_GPUS_PER_JOB,
+        description="Devices of one data-parallel group (torchrun ranks); on CPU, gloo processes. "
+        "schedule.batch_size is the global batch: each rank takes batch_size / gpus.",
+    )
+
+
+class DeploySpec(StrictModel):
+    """What a finished train/distill run measures about its model for deployment (summary.json)."""
+
+    cost: bool = Field(True, description="Measure params, GFLOPs, peak inference memory and latency.")
+    latency_repeats: int = Field(20, ge=1, le=1000, description="Timed batch-1 forwards (the median is reported).")
+    latency_warmup: int = Field(3, ge=0, le=100, description="Untimed forwards before timing.")
+    exported_latency: bool = Field(True, description="Also time the TorchScript and ONNX Runtime exports (CPU).")
+    prediction_images: int = Field(4, ge=0, le=32, description="Validation images rendered with detections.")
+
+
 class _JobBase(StrictModel):
     name: str = Field("job", max_length=200)
     seed: int = 0
     data: DataSpec
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    deploy: DeploySpec = Field(default_factory=DeploySpec)
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
     # How many times the service starts this job when its worker is lost (null: the server's setting).
     max_attempts: int | None = Field(None, ge=1, le=100)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="after")
+    def _check_group(self) -> _JobBase:
+        """A group splits the global batch evenly; only training runs as a group."""
+        gpus = self.resources.gpus
+        if gpus == 1:
+            return self
+        if getattr(self, "kind", None) not in ("train", "distill"):
+            raise ValueError(f"resources.gpus: a {getattr(self, 'kind', '?')} job runs on one device; use gpus: 1")
+        if self.schedule.batch_size % gpus:
+            raise ValueError(f"resources.gpus: schedule.batch_size {self.schedule.batch_size} is the global batch "
+                             f"and must divide evenly over {gpus} ranks; use a multiple of {gpus}")
+        if self.device.startswith("cuda:"):
+            raise ValueError(f"device: {self.device} names one GPU but resources.gpus is {gpus}; use cuda or auto")
+        return self
 
     @field_validator("device")
     @classmethod
@@ -307,7 +387,11 @@ class StudySpec(_JobBase):
     kind: Literal["study"] = "study"
     teacher: ModelSpec
     student: ModelSpec
-    methods: list[Method] = Field(default_factory=lambda: list(METHODS))
+    methods: list[StudyMethod] = Field(
+        default_factory=lambda: list(METHODS),
+        description="icd_pretrained: icd with a decoder pre-trained once per teacher (distill.icd.pretrain; "
+        "its defaults when null); plain icd always trains jointly from step 0.",
+    )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     distill: DistillSpec = Field(default_factory=DistillSpec, description="Shared options (inherit, icd, ...).")
     teacher_min_ap: float = Field(1.0, ge=0.0, le=100.0, description="Refuse a teacher below this AP.")

@@ -17,13 +17,12 @@ from typing import Any
 
 from .engine.callbacks import EvalResult
 from .leaderboard import BASELINE
-from .spec import PRESET_ITERS_AT_16, DistillJobSpec, ICDOptions, StudySpec, TrainSpec
+from .spec import ICD_PRETRAINED, PRESET_ITERS_AT_16, DistillJobSpec, ICDPretrainSpec, StudySpec, TrainSpec
 
 # The paper fixes iteration counts for COCO 1x (90k iterations at batch 16): LR warm-up 1000 and the
-# ICD bypass 1000 (ICD_SPEC §6-7). A study keeps their share of training (see `scaled_iterations`).
+# ICD bypass 1000 (ICD_SPEC §6-7). A study keeps the warm-up's share of training (see `scaled_iterations`).
 REFERENCE_ITERS = PRESET_ITERS_AT_16["1x"]
 PAPER_WARMUP_ITERS = 1000
-PAPER_BYPASS_ITERS = ICDOptions.model_fields["bypass_iters"].default
 
 
 # --- expanding a study ----------------------------------------------------------------------------------
@@ -53,9 +52,11 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
     of the pre-flight's "teacher better than student" check, so it runs first.
 
     With `study.scale_iterations` (the default) the paper's 1x iteration counts are scaled by
-    `scaled_iterations`: `schedule.warmup_iters` when null, and `distill.icd.bypass_iters` when it is
-    the paper's 1000 (any other value is taken as given). LR steps are written out explicitly (null:
-    2/3 and 8/9 of training), so each child spec states the full schedule it ran.
+    `scaled_iterations`: `schedule.warmup_iters` when null. The ICD bypass is not scaled: it is the
+    decoder's head start in absolute steps (see `icd_core.distill.icd.bypass_steps`). LR steps are
+    written out explicitly (null: 2/3 and 8/9 of training), so each child spec states the full schedule it ran.
+    `icd_pretrained` children are `icd` with `distill.icd.pretrain` set (the study's, else its defaults);
+    plain `icd` children never pre-train (the paper's joint protocol).
     """
     total = study.schedule.total_iterations()
     schedule = study.schedule.model_copy(update={"steps": study.schedule.resolved_steps()})
@@ -63,11 +64,10 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
     if study.scale_iterations:
         if schedule.warmup_iters is None:
             schedule = schedule.model_copy(update={"warmup_iters": scaled_iterations(PAPER_WARMUP_ITERS, total)})
-        if distill.icd.bypass_iters == PAPER_BYPASS_ITERS:
-            icd = distill.icd.model_copy(update={"bypass_iters": scaled_iterations(PAPER_BYPASS_ITERS, total)})
-            distill = distill.model_copy(update={"icd": icd})
     teacher = study.teacher.model_copy(update={"checkpoint": teacher_checkpoint})
     methods = [BASELINE] + [m for m in dict.fromkeys(study.methods) if m != BASELINE]
+    joint_icd = distill.icd.model_copy(update={"pretrain": None})  # the paper's protocol
+    pretrained_icd = distill.icd.model_copy(update={"pretrain": distill.icd.pretrain or ICDPretrainSpec()})
 
     children = []
     for seed in dict.fromkeys(study.seeds):
@@ -79,9 +79,11 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
                 "data": study.data.model_dump(mode="json"),
                 "schedule": schedule.model_dump(mode="json"),
                 "device": study.device,
+                "deploy": study.deploy.model_dump(mode="json"),
                 "teacher": teacher.model_dump(mode="json"),
                 "student": study.student.model_dump(mode="json"),
-                "distill": {**distill.model_dump(mode="json"), "method": method},
+                "distill": {**distill.model_dump(mode="json"), "method": "icd" if method == ICD_PRETRAINED else method,
+                            "icd": (pretrained_icd if method == ICD_PRETRAINED else joint_icd).model_dump(mode="json")},
             }
             children.append((method, seed, DistillJobSpec.model_validate(data)))
     return children
@@ -107,6 +109,7 @@ def teacher_train_spec(study: StudySpec) -> TrainSpec | None:
         "data": study.data.model_dump(mode="json"),
         "schedule": study.teacher_schedule.model_dump(mode="json"),
         "device": study.device,
+        "deploy": study.deploy.model_dump(mode="json"),
         "model": study.teacher.model_dump(mode="json"),
     })
 
@@ -146,6 +149,7 @@ def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, erro
         return {"method": method, "seed": seed, "metrics": None, "status": "failed", "error": error}
     evaluation = summary.get("evaluation") or {}
     metrics = evaluation.get("metrics") or summary.get("final_metrics") or {}
+    diagnostics = {k: v for k, v in (summary.get("final_metrics") or {}).items() if k.startswith("icd_")}
     return {
         "method": method,
         "seed": seed,
@@ -153,7 +157,19 @@ def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, erro
         "sec_per_step": summary.get("sec_per_step"),
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "status": "succeeded",
+        **diagnostics,
+        # model cost (cost_*, teacher_cost_*) lives in final_metrics, next to but not in the evaluation
+        **{k: v for k, v in (summary.get("final_metrics") or {}).items() if "cost_" in k},
     }
+
+
+def study_method(spec: Mapping[str, Any]) -> str:
+    """The leaderboard row of a distill spec: its method, or `icd_pretrained` when its decoder is pre-trained."""
+    distill = spec["distill"]
+    icd = distill.get("icd") or {}
+    if distill["method"] == "icd" and (icd.get("pretrain") or icd.get("decoder")):
+        return ICD_PRETRAINED
+    return str(distill["method"])
 
 
 def result_from_job(
@@ -168,7 +184,7 @@ def result_from_job(
     """The leaderboard row of a child job stored by the service (method and seed read from its spec)."""
     ok = status == "succeeded" and final_metrics is not None
     return {
-        "method": spec["distill"]["method"],
+        "method": study_method(spec),
         "seed": int(spec["seed"]),
         "metrics": dict(final_metrics) if ok else None,
         "sec_per_step": sec_per_step,

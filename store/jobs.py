@@ -115,9 +115,15 @@ def list_jobs(
     limit: int = 50,
     offset: int = 0,
     search: str | None = None,
+    before_id: int | None = None,
 ) -> list[Job]:
-    """Jobs newest first (id descending), filtered; `status` may be one status or several."""
+    """Jobs newest first (id descending), filtered; `status` may be one status or several.
+
+    before_id is the keyset cursor: only jobs older than that one (a page that stays fast at any depth).
+    """
     conds = _filters(status, kind, name, parent_id, search)
+    if before_id is not None:
+        conds.append(Job.id < before_id)
     q = select(Job).where(*conds).order_by(Job.id.desc()).limit(limit).offset(offset)
     return list(s.scalars(q))
 

@@ -156,6 +156,27 @@ class Metric(Base):
     value: Mapped[float] = mapped_column(Float)
 
 
+ROLLUP_BLOCK_STEPS = 128  # steps per metric_rollups row: a 1M-point series has ~7.8k summary rows
+
+
+class MetricRollup(Base):
+    """Per (job, series, block of ROLLUP_BLOCK_STEPS steps): point count, the min point, the max point and
+    the last point. Maintained on every metrics write, so downsampling a long series reads ~1/128 of it."""
+
+    __tablename__ = "metric_rollups"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    block: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    n: Mapped[int] = mapped_column(Integer)
+    min_step: Mapped[int] = mapped_column(Integer)
+    min_value: Mapped[float] = mapped_column(Float)
+    max_step: Mapped[int] = mapped_column(Integer)
+    max_value: Mapped[float] = mapped_column(Float)
+    last_step: Mapped[int] = mapped_column(Integer)
+    last_value: Mapped[float] = mapped_column(Float)
+
+
 class Evaluation(Base):
     __tablename__ = "evaluations"
     __table_args__ = (UniqueConstraint("job_id", "step"),)

@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from store.downsample import downsample
 from store.models import Attempt, Checkpoint, Evaluation, Metric, utcnow
+from store.rollups import update_rollups
 
 EVAL_FIELDS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
 
@@ -30,7 +32,8 @@ def dialect_insert(s: Session, table: Any) -> Any:
 
 
 def add_metrics(s: Session, job_id: int, attempt: int, rows: Sequence[tuple[str, int, float]]) -> None:
-    """Upsert a batch of (name, step, value) scalars in one statement and one commit."""
+    """Upsert a batch of (name, step, value) scalars in one statement, refresh the rollup blocks they touch,
+    and commit once."""
     if not rows:
         return
     ins = dialect_insert(s, Metric)
@@ -42,6 +45,7 @@ def add_metrics(s: Session, job_id: int, attempt: int, rows: Sequence[tuple[str,
         {"job_id": job_id, "name": n, "step": int(st), "attempt": attempt, "value": float(v)} for n, st, v in rows
     ]
     s.execute(stmt, params)
+    update_rollups(s, job_id, [(p["name"], p["step"], p["value"]) for p in params])
     s.commit()
 
 
@@ -54,26 +58,17 @@ def get_metrics(
 ) -> dict[str, list[tuple[int, float]]]:
     """Series by name, steps ascending; only steps > since_step (incremental polling).
 
-    With max_points the database downsamples each series: every k-th point plus the last, with
-    k = ceil(n / max_points), so a long run's curve arrives in one small response.
+    With max_points the database downsamples each series (store.downsample): every bucket's min and max
+    point and the series' last point, at most max_points points, without reading the series into Python.
     """
+    if max_points:
+        return downsample(s, job_id, names, since_step, max_points)
     conds: list[Any] = [Metric.job_id == job_id]
     if names:
         conds.append(Metric.name.in_(list(names)))
     if since_step is not None:
         conds.append(Metric.step > since_step)
-    if max_points:
-        rn = func.row_number().over(partition_by=Metric.name, order_by=Metric.step).label("rn")
-        n = func.count().over(partition_by=Metric.name).label("n")
-        sub = select(Metric.name, Metric.step, Metric.value, rn, n).where(*conds).subquery()
-        k = (sub.c.n + (max_points - 1)) // max_points
-        q = (
-            select(sub.c.name, sub.c.step, sub.c.value)
-            .where(or_((sub.c.rn - 1) % k == 0, sub.c.rn == sub.c.n))
-            .order_by(sub.c.name, sub.c.step)
-        )
-    else:
-        q = select(Metric.name, Metric.step, Metric.value).where(*conds).order_by(Metric.name, Metric.step)
+    q = select(Metric.name, Metric.step, Metric.value).where(*conds).order_by(Metric.name, Metric.step)
     out: dict[str, list[tuple[int, float]]] = {}
     for name, step, value in s.execute(q):
         out.setdefault(name, []).append((step, value))

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from icd_core.data_roots import find_in_roots
@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     # Redis re-delivers an unacknowledged message after this long; None: lease_timeout_s + 30 s. The
     # lease, not the broker, guards against double runs, so a redelivery of a running job is a no-op.
     redis_visibility_timeout_s: float | None = None
+    # Devices a worker owns for one data-parallel job (resources.gpus). Unset: the GPUs it sees. On a
+    # CPU worker, N > 1 lets it run N-process gloo groups (tests, laptops): it then consumes *-g2..*-gN.
+    worker_gpus: int | None = Field(None, ge=1, le=64)
+    ddp_timeout_s: float = Field(300.0, gt=0)  # a rank's collective waits this long for a lost peer
+    ddp_stop_grace_s: float = Field(120.0, gt=0)  # after asking a group to stop, kill it after this long
     # The embedded `icd serve` migrates its own database; a production API refuses an old schema.
     auto_migrate: bool = False
 

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from icd_core.leaderboard import BASELINE, write_report
-from icd_core.spec import StudySpec, parse_spec
+from icd_core.spec import ICD_PRETRAINED, StudySpec, parse_spec
 from icd_core.study import evaluate_checkpoint
 from icd_core.study_plan import check_study, child_specs, preflight, result_from_job, teacher_train_spec
 from store.artifacts import ArtifactStore
@@ -70,10 +70,15 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
         teacher_ref = f"job:{teacher_job.id}"
 
     created = [teacher_job] if teacher_job else []
-    for _method, _seed, child in child_specs(study, teacher_ref):
+    first_pretrained: Job | None = None  # pre-trains the decoder; the other icd_pretrained children reuse it
+    for method, _seed, child in child_specs(study, teacher_ref):
         waits = [teacher_job.id] if teacher_job else []
+        if method == ICD_PRETRAINED and first_pretrained is not None:
+            waits.append(first_pretrained.id)  # same artifact key: wait, then load it from the cache
         created.append(create_job(s, child.model_dump(mode="json"), "distill", child.name, queue_for(child),
                                   depends_on=waits, parent_id=job.id, status="waiting" if waits else "queued"))
+        if method == ICD_PRETRAINED and first_pretrained is None:
+            first_pretrained = created[-1]
     park_study(s, job.id, len(created))
     return [c for c in created if c.status == "queued"]
 

@@ -25,7 +25,7 @@ from icd_core.json_numbers import finite_floats
 from store.artifacts import ArtifactStore
 from store.checkpoint_refs import parse_job_ref, resolve_job_ref
 from store.db import DatabaseNotMigrated, ensure_migrated
-from store.dispatch import TASK_NAME
+from store.dispatch import TASK_NAME, group_size
 from store.jobs import (
     LeaseLost,
     claim_job,
@@ -259,6 +259,8 @@ def _run_spec(spec_dict: dict[str, Any], job_dir: Path, reporter: DbReporter) ->
     from icd_core.spec import parse_spec
 
     settings = get_settings()
+    if group_size(spec_dict) > 1:
+        return _run_group(spec_dict, group_size(spec_dict), job_dir, reporter)
     return run_spec(
         parse_spec(spec_dict),
         output_dir=job_dir,
@@ -267,6 +269,34 @@ def _run_spec(spec_dict: dict[str, Any], job_dir: Path, reporter: DbReporter) ->
         resolve_checkpoint=resolve_checkpoint,
         cache_dir=settings.cache_dir,
     )
+
+
+def _run_group(spec_dict: dict[str, Any], gpus: int, job_dir: Path, reporter: DbReporter) -> Any:
+    """resources.gpus > 1: the job runs as a torchrun group (rank 0 reports to the database); this
+    process keeps the job's heartbeat and relays a worker shutdown to the group."""
+    from icd_core.engine.callbacks import TrainingStopped
+    from icd_core.spec import parse_spec
+    from worker.group import run_group
+
+    parse_spec(spec_dict)  # a spec error fails the job here, before any rank starts
+    try:
+        result, main = run_group(
+            reporter.job_id, reporter.attempt, spec_dict, gpus, job_dir,
+            should_stop=lambda: shutdown_requested.is_set() or _lease_lost(reporter),
+            on_tick=_heartbeat.beat_if_due if _heartbeat is not None else None,
+            stop_grace_s=get_settings().ddp_stop_grace_s,
+        )
+    except TrainingStopped as stop:
+        reporter.cancel_requested = bool(getattr(stop, "canceled", False))
+        raise
+    reporter.step, reporter.total = int(main.get("step") or 0), main.get("total")
+    return result
+
+
+def _lease_lost(reporter: DbReporter) -> bool:
+    """Whether the heartbeat found this attempt's lease taken over (leases: issue 9; absent before it)."""
+    lost = getattr(reporter, "lease_lost", None)
+    return bool(lost is not None and lost.is_set())
 
 
 def run_study_job(job: Any) -> None:

@@ -19,6 +19,7 @@ from store.artifacts import ArtifactStore
 from store.checkpoint_refs import job_ref_state, parse_job_ref
 from store.dispatch import BrokerUnavailable, enqueue, queue_for
 from store.models import Job
+from store.paging import page_jobs
 from store.reaper import status_detail
 from store.results import get_metrics, list_evaluations
 from store.settings import Settings
@@ -141,17 +142,37 @@ def list_jobs(
     name: str | None = None,
     parent_id: int | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, description="Rows to skip (slow when deep: prefer cursor)")] = 0,
     search: Annotated[str | None, Query(max_length=200, description="Name contains this (any case), or the id")] = None,
+    cursor: Annotated[
+        str | None, Query(description="next_cursor of the previous page: the jobs after it, newest first")
+    ] = None,
 ) -> JobList:
-    """Jobs newest first, filtered, one page at a time; `total` counts all matches."""
+    """Jobs newest first, filtered, one page at a time.
+
+    Page by `cursor` (each page returns `next_cursor`, null on the last page): fast at any depth, and
+    no job is repeated or skipped while new ones are submitted. `total` is exact up to 10,000 matches,
+    above that a database estimate (`total_is_estimate: true`).
+    """
     statuses = [x for x in (status_ or "").split(",") if x] or None
+    if cursor and offset:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, detail="offset: use either cursor or offset, not both"
+        )
     try:
-        items = q.list_jobs(s, statuses, kind, name, parent_id, limit=limit, offset=offset, search=search)
-        total = q.count_jobs(s, statuses, kind, name, parent_id, search=search)
+        page = page_jobs(
+            s, statuses, kind, name, parent_id, limit=limit, offset=offset, cursor=cursor, search=search
+        )
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
-    return JobList(items=[JobOut.model_validate(j) for j in items], total=total, limit=limit, offset=offset)
+    return JobList(
+        items=[JobOut.model_validate(j) for j in page.items],
+        total=page.total,
+        total_is_estimate=page.total_is_estimate,
+        limit=limit,
+        offset=offset,
+        next_cursor=page.next_cursor,
+    )
 
 
 @router.get("/{job_id}", response_model=JobDetail, responses=_ERRORS)
@@ -231,7 +252,15 @@ def job_metrics(
     s: Session = Depends(get_session),
     names: Annotated[str | None, Query(description="Comma-separated series names; all when omitted")] = None,
     since_step: Annotated[int | None, Query(description="Only steps after this one (incremental polling)")] = None,
-    max_points: Annotated[int | None, Query(ge=2, le=100_000, description="Downsample each series")] = None,
+    max_points: Annotated[
+        int | None,
+        Query(
+            ge=2,
+            le=100_000,
+            description="Downsample each series in the database to at most this many points: every step "
+            "bucket's min and max point and the series' last point (max_points=2: the first and last point)",
+        ),
+    ] = None,
 ) -> MetricsOut | JSONResponse:
     """Training scalars by series name."""
     job_or_404(s, job_id)

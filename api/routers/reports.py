@@ -51,3 +51,11 @@ def study_report_png(job_id: int, s: Session = Depends(get_session),
                      artifacts: ArtifactStore = Depends(get_artifacts)) -> FileResponse:
     """The leaderboard chart: mean AP per method with std error bars, the teacher and `none` as lines."""
     return FileResponse(_report_file(s, artifacts, job_id, "report.png"), media_type="image/png")
+
+
+@router.get("/{job_id}/report/ap_latency.png", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}, "description": "AP against batch-1 latency per run"}})
+def study_ap_latency_png(job_id: int, s: Session = Depends(get_session),
+                         artifacts: ArtifactStore = Depends(get_artifacts)) -> FileResponse:
+    """COCO AP against the eager batch-1 latency of every finished child, the teacher as a star."""
+    return FileResponse(_report_file(s, artifacts, job_id, "ap_latency.png"), media_type="image/png")

@@ -24,9 +24,19 @@ from icd_core.distill.icd_decoder import (
     AuxHead,
     ConditionalDecoder,
     KeyLayout,
+    Projections,
     flatten_levels,
     instance_weights,
     key_layout,
+)
+from icd_core.distill.icd_diagnostics import (
+    edge_distances,
+    identification_auc,
+    in_box_mass,
+    inside_boxes,
+    key_centres,
+    localization_error,
+    real_recall,
 )
 from icd_core.distill.icd_queries import (
     ClassPriorTensors,
@@ -45,6 +55,22 @@ DEFAULT_WEIGHT = {"retinanet": 8.0, "fcos": 8.0, "faster_rcnn": 3.0}
 DEFAULT_MAX_QUERIES = {"retinanet": 300, "fcos": 300, "faster_rcnn": 100}
 UNIFORM_WH_MEAN = 0.2  # fake box prior when no dataset statistics are given
 UNIFORM_WH_STD = 0.1
+PAPER_BYPASS_ITERS = 1000  # ICD_SPEC §6
+
+
+def bypass_steps(requested: int | None, total_steps: int) -> int:
+    """Steps during which the student's features are detached (only the adapter learns).
+
+    An explicit value is taken as given. Null means the paper's absolute 1,000 iterations, because the
+    bypass is the decoder's head start and the decoder learns per step, not per share of the schedule
+    (scaling it to 600/90,000 of training gave 7 steps: no head start at all). When the schedule is
+    shorter than 3,000 steps the bypass is capped at a third of it, so the student still receives the
+    ICD gradient for two thirds of training, including all of it at full learning rate after the first
+    third (the first LR drop comes at 2/3).
+    """
+    if requested is not None:
+        return int(requested)
+    return min(PAPER_BYPASS_ITERS, max(0, int(total_steps)) // 3)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -94,6 +120,7 @@ class ICDDistiller(Distiller):
         self.total_steps = int(total_steps)
         self.weight = float(dspec.weight) if dspec.weight is not None else DEFAULT_WEIGHT[detector]
         self.max_queries = opts.max_queries or DEFAULT_MAX_QUERIES[detector]
+        self.bypass_iters = bypass_steps(opts.bypass_iters, self.total_steps)
 
         self.encoder = InstanceEncoder(descriptor_dims(self.num_classes), channels)
         self.decoder = ConditionalDecoder(channels, opts.heads, opts.layers)
@@ -145,6 +172,29 @@ class ICDDistiller(Distiller):
         return build_queries(batch.targets, batch.image_sizes, priors, self.num_classes, self.opts.neg_per_pos,
                              self.max_queries, self.opts.jitter, gen)
 
+    def aux_step(self, batch: DistillBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The decoder side alone on teacher features (no student): aux losses and readiness diagnostics.
+
+        What decoder pre-training (icd_pretrain, ICD_SPEC §11) optimizes; `batch.student_features` is not read.
+        """
+        teacher, shapes = flatten_levels(batch.teacher_features)
+        teacher = teacher.detach().float()
+        layout = self._key_layout(batch, shapes, teacher.device)
+        queries = self.queries_for(batch)
+        g, proj = self.decoder(self.encoder(queries.descriptors), teacher, layout.pos, layout.valid)
+        z = self.aux_head(g).float()
+        loss_ident, loss_loc, _ = self._aux_losses(z, queries)
+        max_real = max((int(t["labels"].numel()) for t in batch.targets), default=0)
+        stats = self.diagnostics(batch, shapes, layout, queries, z.detach(), proj, max_real)
+        stats["icd_queries_real"] = queries.real.sum().float()
+        stats["icd_logits"] = z[..., 0].detach()  # pooled AUC over several batches needs the raw scores
+        stats["icd_real_mask"], stats["icd_valid_mask"] = queries.real, queries.valid
+        return {"loss_icd_ident": loss_ident, "loss_icd_loc": loss_loc}, stats
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """What pre-training trains: instance encoder, decoder and aux head (not the student adapter)."""
+        return [*self.encoder.parameters(), *self.decoder.parameters(), *self.aux_head.parameters()]
+
     def compute(self, batch: DistillBatch) -> ICDOutputs:
         """One ICD step: queries, decoder, aux losses, attention weights and the distillation loss."""
         teacher, shapes = flatten_levels(batch.teacher_features)
@@ -152,7 +202,7 @@ class ICDDistiller(Distiller):
         student, s_shapes = flatten_levels(batch.student_features)
         if s_shapes != shapes or student.shape[-1] != self.channels:
             raise ValueError(f"student features {s_shapes} do not match the teacher's {shapes}")
-        if batch.step < self.opts.bypass_iters:
+        if batch.step < self.bypass_iters:
             student = student.detach()
         layout = self._key_layout(batch, shapes, teacher.device)
         queries = self.queries_for(batch)
@@ -175,6 +225,7 @@ class ICDDistiller(Distiller):
             "icd_real_queries": num_real.float(),
             "icd_fake_queries": (queries.valid & ~queries.real).sum().float(),
             "icd_attn_entropy": entropy.sum() / (num_real * self.heads).clamp(min=1),
+            **self.diagnostics(batch, shapes, layout, queries, z.detach(), proj, max(n_real, default=0)),
         }
         self._stats = {key: v.detach() for key, v in stats.items()}
         losses = {
@@ -183,6 +234,32 @@ class ICDDistiller(Distiller):
             "loss_icd_loc": loss_loc,
         }
         return ICDOutputs(losses, weights, queries, layout, stats)
+
+    @torch.no_grad()
+    def diagnostics(
+        self, batch: DistillBatch, shapes: list[tuple[int, int]], layout: KeyLayout, queries: InstanceQueries,
+        z: Tensor, proj: Projections, max_real: int,
+    ) -> dict[str, Tensor]:
+        """Readiness of the decoder on this batch, measured before this step's update (icd_diagnostics).
+
+        icd_ident_auc, icd_real_recall (logit > 0), icd_inbox_mass and its uniform reference
+        icd_inbox_uniform, icd_loc_error (mean |edge error| in box units). NaN when the batch has no real
+        query (AUC also when it has no fake one).
+        """
+        real, boxes = queries.real[:, :max_real], queries.boxes[:, :max_real]
+        centres = key_centres(batch.image_sizes, batch.padded_size, shapes, layout.valid.device)
+        mass, uniform, pairs = in_box_mass(proj.q[:, :, :max_real], proj.k, layout.valid, real,
+                                           inside_boxes(centres, boxes), self.opts.temperature)
+        hits, n_real = real_recall(z[..., 0], queries.real)
+        loc_sum, _ = localization_error(z[..., 1:5], edge_distances(queries.ref_points, queries.boxes),
+                                        queries.boxes, queries.real)
+        return {
+            "icd_ident_auc": identification_auc(z[..., 0], queries.real, queries.valid),
+            "icd_real_recall": hits / n_real,
+            "icd_inbox_mass": mass / pairs,
+            "icd_inbox_uniform": uniform / pairs,
+            "icd_loc_error": loc_sum / n_real,
+        }
 
     def losses(self, batch: DistillBatch) -> dict[str, Tensor]:
         return self.compute(batch).losses
@@ -236,4 +313,6 @@ class ICDDistiller(Distiller):
         torch.nn.utils.clip_grad_norm_(self.parameters(), self.opts.grad_clip)
 
     def report(self) -> dict[str, float]:
-        return {key: float(v) for key, v in self._stats.items()}
+        """The last step's stats; undefined ones (NaN: e.g. no real query in the batch) are left out."""
+        values = {key: float(v) for key, v in self._stats.items()}
+        return {key: v for key, v in values.items() if math.isfinite(v)}

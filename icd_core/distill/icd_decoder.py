@@ -83,11 +83,17 @@ def key_layout(
     return KeyLayout(valid, pos)
 
 
-def _xavier(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
+def release_attention_init(q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, out_proj: nn.Linear) -> None:
+    """The release's `nn.MultiheadAttention` init (ICD_SPEC §7): Xavier-uniform on the *stacked* [3C, C]
+    in-projection (bound √(6 / 4C), not √(6 / 2C) per projection), zero in-projection and out-projection
+    biases; the out-projection weight keeps nn.Linear's default."""
+    stacked = torch.empty(3 * q_proj.out_features, q_proj.in_features)
+    nn.init.xavier_uniform_(stacked)
+    with torch.no_grad():
+        for proj, rows in zip((q_proj, k_proj, v_proj), stacked.chunk(3), strict=True):
+            proj.weight.copy_(rows)
+            nn.init.zeros_(proj.bias)
+        nn.init.zeros_(out_proj.bias)
 
 
 @dataclass
@@ -115,7 +121,7 @@ class DecoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(channels, 4 * channels), nn.ReLU(inplace=True),
                                  nn.Linear(4 * channels, channels))
         self.norm2 = nn.LayerNorm(channels)
-        _xavier(self)
+        release_attention_init(self.q_proj, self.k_proj, self.v_proj, self.out_proj)  # FFN keeps the default
 
     def split(self, x: Tensor) -> Tensor:
         n, length, c = x.shape
@@ -137,8 +143,7 @@ class ConditionalDecoder(nn.Module):
     def __init__(self, channels: int, heads: int, layers: int = 1):
         super().__init__()
         self.pos_proj = nn.Linear(channels, channels)
-        self.layers = nn.ModuleList(DecoderLayer(channels, heads) for _ in range(layers))
-        _xavier(self.pos_proj)
+        self.layers = nn.ModuleList(DecoderLayer(channels, heads) for _ in range(layers))  # pos_proj: default init
 
     def forward(self, queries: Tensor, features: Tensor, pos: Tensor, key_valid: Tensor) -> tuple[Tensor, Projections]:
         keys = features + self.pos_proj(pos)

@@ -86,7 +86,18 @@ def sample_fakes(count: int, priors: ClassPriorTensors, generator: torch.Generat
     wh = mean + std * torch.randn(count, 2, generator=generator)
     wh = torch.minimum(torch.maximum(wh, mean - 2 * std), mean + 2 * std).clamp(*SIZE_CLIP)
     centre = torch.rand(count, 2, generator=generator).clamp(*CENTRE_CLIP)
-    return labels, torch.cat([centre, wh], dim=1)
+    return labels, clamp_to_image(torch.cat([centre, wh], dim=1))
+
+
+def clamp_to_image(cxcywh: Tensor) -> Tensor:
+    """Normalized (cx, cy, w, h) boxes cut to the image: x1, y1, x2, y2 clamped to [0, 1] (ICD_SPEC §3).
+
+    Without it a fake near the border sticks out of the image, so its scale bins and loc targets
+    describe a box no feature can show."""
+    half = cxcywh[:, 2:] / 2
+    lo = (cxcywh[:, :2] - half).clamp(0.0, 1.0)
+    hi = (cxcywh[:, :2] + half).clamp(0.0, 1.0)
+    return torch.cat([(lo + hi) / 2, hi - lo], dim=1)
 
 
 def _slots(lengths: list[int], offsets: list[int]) -> tuple[Tensor, Tensor]:

@@ -57,12 +57,13 @@ class TrainingStopped(Exception):
 
 
 class TrainingDiverged(Exception):
-    """A loss became NaN or inf; the last good checkpoint is kept."""
+    """A loss became NaN or inf, or exploded while finite (engine.divergence); the last good checkpoint is kept."""
 
-    def __init__(self, step: int, losses: dict[str, float]):
-        bad = ", ".join(f"{k}={v}" for k, v in losses.items())
+    def __init__(self, step: int, losses: dict[str, float], reason: str | None = None):
+        bad = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in losses.items())
+        why = f"{reason}; " if reason else ""
         super().__init__(
-            f"diverged at step {step} ({bad}); lower schedule.lr, set schedule.grad_clip, "
+            f"diverged at step {step} ({why}{bad}); lower schedule.lr, set schedule.grad_clip, "
             "or resume from the last checkpoint"
         )
         self.step = step

@@ -31,6 +31,7 @@ from ..spec import ScheduleSpec
 from . import checkpoint as ckpt
 from .amp import AmpConfig, make_scaler, resolve_amp
 from .callbacks import Callback, EvalResult, TrainingDiverged, TrainingStopped
+from .divergence import LossSpikeGuard
 from .schedule import make_lr_scheduler, make_sgd
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,8 @@ class Trainer:
         self._window_means: list[float] = []
         self.last_metrics: dict[str, float] = {}
         self._lrs: dict[str, float] = {}
+        self.spike_guard = LossSpikeGuard()  # finite explosions (engine.divergence); restarts on resume
+        self._guarded_step = 0
 
     # --- setup helpers ---------------------------------------------------------------------------
     def _foreign_modules(self) -> list[nn.Module]:
@@ -270,8 +273,10 @@ class Trainer:
         losses = self._compute_losses(images, targets)
         loss = sum(losses.values())
         step_no = self.step + 1  # 1-based number of the step being taken
-        if loop.check_every_step and not bool(torch.isfinite(loss)):
-            self._diverged(step_no, losses)
+        if loop.check_every_step:
+            if not bool(torch.isfinite(loss)):
+                self._diverged(step_no, losses)
+            self._check_spike(step_no, losses, loss)
         self._lrs = self._current_lrs()  # the rates this step uses (reported with its window)
         self._optimize(loss)
         self.step = step_no
@@ -298,20 +303,26 @@ class Trainer:
         if eval_due and self.evaluator is not None:
             loop.last_eval = self._evaluate()
             loop.evaluated_at = self.step
-        if ckpt_due:
+        if ckpt_due and self.spike_guard.suspect:
+            log.warning("step %d: loss spiking, checkpoint skipped so the last one stays good", self.step)
+        elif ckpt_due:
             self._save_periodic()
             loop.saved_at = self.step
         self._stop_if_requested(loop)
 
     def _stop_if_requested(self, loop: _Loop) -> None:
         """A cooperative stop: checkpoint this step (unless just done), then raise TrainingStopped."""
-        if not any(cb.should_stop() for cb in self.callbacks):
+        if not self._stop_requested():
             return
         if not loop.check_every_step:
             self._check_window(loop.window)
         if loop.saved_at != self.step:
             self._save_periodic()
         raise TrainingStopped(self.step)
+
+    def _stop_requested(self) -> bool:
+        """Whether a callback asks to stop after this step (a data-parallel group takes a vote)."""
+        return any(cb.should_stop() for cb in self.callbacks)
 
     def _after_train(self, loop: _Loop) -> TrainResult:
         """The final evaluation (unless the last step had one) and the final checkpoint."""
@@ -332,14 +343,27 @@ class Trainer:
         values = {k: float(v.detach().float()) for k, v in losses.items()}
         raise TrainingDiverged(step, values)
 
+    def _check_spike(self, step: int, losses: dict[str, Tensor], total: Tensor | float) -> None:
+        """Feed one step's finite total loss to the spike guard (once per step); raise when it says diverged."""
+        if step <= self._guarded_step:
+            return
+        self._guarded_step = step
+        reason = self.spike_guard.update(step, float(total.detach()) if isinstance(total, Tensor) else float(total))
+        if reason is not None:
+            values = {k: float(v.detach().float()) for k, v in losses.items()}
+            raise TrainingDiverged(step, values, reason)
+
     def _check_window(self, window: list[tuple[int, dict[str, Tensor], Tensor]]) -> None:
-        """One sync: find the first non-finite total loss among the steps since the last check."""
+        """One sync: find the first non-finite or exploding total loss among the steps since the last check."""
         if not window:
             return
-        finite = torch.isfinite(torch.stack([t.float() for _, _, t in window])).tolist()
-        for (step, losses, _), ok in zip(window, finite, strict=True):
+        totals = torch.stack([t.float() for _, _, t in window])
+        finite = torch.isfinite(totals).tolist()
+        values = totals.tolist()
+        for (step, losses, _), ok, value in zip(window, finite, values, strict=True):
             if not ok:
                 self._diverged(step, losses)
+            self._check_spike(step, losses, value)
 
     def _log(self, window: list[tuple[int, dict[str, Tensor], Tensor]], seconds: float, data_seconds: float) -> None:
         n = len(window)
@@ -391,6 +415,7 @@ class Trainer:
         out: dict[str, float] = {"step": float(self.step)}
         if "loss" in self.last_metrics:
             out["loss"] = self.last_metrics["loss"]
+        out.update({k: v for k, v in self.last_metrics.items() if k.startswith("icd_")})  # ICD readiness at the end
         if evaluation is not None:
             out.update(evaluation.metrics)
         return out

@@ -1,7 +1,7 @@
 """Leases: the worker that runs a job holds it until lease_expires_at; attempts record their resume step.
 
 Revision ID: 0002
-Revises: 0001
+Revises: 0004 (re-chained after issue 14's rollups when merging main)
 Create Date: 2026-12-01
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0002"
-down_revision: str | None = "0001"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

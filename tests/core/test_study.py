@@ -88,7 +88,7 @@ def test_scaling_rule_for_warmup_bypass_and_steps() -> None:
 
     study = tiny_study(schedule={"iterations": 1800, "batch_size": 8})
     _, _, spec = child_specs(study, "t.pt")[1]
-    assert spec.schedule.warmup_iters == 20 and spec.distill.icd.bypass_iters == 20
+    assert spec.schedule.warmup_iters == 20 and spec.distill.icd.bypass_iters is None  # bypass: absolute rule
     assert spec.schedule.steps == [1200, 1600]
 
     # Explicit values are kept; scale_iterations: false keeps the paper's numbers.
@@ -98,12 +98,12 @@ def test_scaling_rule_for_warmup_bypass_and_steps() -> None:
     assert (spec.schedule.warmup_iters, spec.distill.icd.bypass_iters, spec.schedule.steps) == (50, 300, [900])
     study = tiny_study(schedule={"iterations": 1800}, scale_iterations=False)
     _, _, spec = child_specs(study, "t.pt")[1]
-    assert spec.distill.icd.bypass_iters == 1000 and spec.schedule.warmup_iters is None
+    assert spec.distill.icd.bypass_iters is None and spec.schedule.warmup_iters is None
 
     # A preset at batch 16 is the paper's own schedule: nothing changes.
     study = tiny_study(schedule={"iterations": "1x", "batch_size": 16})
     _, _, spec = child_specs(study, "t.pt")[1]
-    assert (spec.schedule.warmup_iters, spec.distill.icd.bypass_iters) == (1000, 1000)
+    assert (spec.schedule.warmup_iters, spec.distill.icd.bypass_iters) == (1000, None)
     assert spec.schedule.steps == [60_000, 80_000]
 
 
@@ -280,3 +280,53 @@ def test_check_study_rejects_an_incompatible_pair_before_any_work() -> None:
     bad = tiny_study(student={**TINY_MODEL, "backbone": "resnet18", "fpn_channels": 64})
     with pytest.raises(ValueError, match="inherit"):
         check_study(bad)
+
+
+def test_leaderboard_shows_icd_diagnostics_from_cli_and_service_rows() -> None:
+    summary = {"evaluation": {"step": 3, "metrics": {"AP": 2.0}}, "sec_per_step": 0.5,
+               "final_metrics": {"AP": 2.0, "icd_ident_auc": 0.9, "icd_inbox_mass": 0.3, "icd_inbox_uniform": 0.05}}
+    cli_row = child_result("icd", 0, summary)
+    study = tiny_study(methods=["icd"], seeds=[0])
+    _, (_, _, icd) = child_specs(study, "job:1")
+    service_row = result_from_job(icd.model_dump(mode="json") | {"seed": 1}, "succeeded",
+                                  {"AP": 4.0, "icd_ident_auc": 0.7, "icd_inbox_mass": 0.1, "icd_inbox_uniform": 0.05})
+    report = build_leaderboard([cli_row, service_row, _row("none", 0, 1.0, 0.4, 10.0)])
+    icd_entry = next(m for m in report["methods"] if m["method"] == "icd")
+    assert icd_entry["icd_diagnostics"]["icd_ident_auc"] == pytest.approx(0.8)
+    assert icd_entry["icd_diagnostics"]["icd_inbox_mass"] == pytest.approx(0.2)
+    assert "icd_diagnostics" not in next(m for m in report["methods"] if m["method"] == "none")
+    md = leaderboard_markdown(report)
+    assert "| ident AUC |" in md and "| icd | 0.800 |" in md and "| 4.0 |" in md  # 0.2 / 0.05 = 4.0× uniform
+
+
+def test_pretrained_icd_is_its_own_row_and_plain_icd_stays_joint() -> None:
+    study = tiny_study(methods=["icd", "icd_pretrained"], seeds=[0, 1],
+                       distill={"icd": {"pretrain": {"steps": 500, "lr": 2e-3}}})
+    children = {(m, s): spec for m, s, spec in child_specs(study, "job:1")}
+    joint, pre = children[("icd", 0)], children[("icd_pretrained", 0)]
+    assert joint.distill.method == pre.distill.method == "icd"
+    assert joint.distill.icd.pretrain is None  # the paper's protocol, whatever the study's pretrain options
+    assert pre.distill.icd.pretrain is not None and pre.distill.icd.pretrain.steps == 500
+    assert pre.distill.icd.pretrain == children[("icd_pretrained", 1)].distill.icd.pretrain  # one key per teacher
+    row = result_from_job(pre.model_dump(mode="json"), "succeeded", {"AP": 3.0, "icd_pretrain_seconds": 40.0})
+    assert row["method"] == "icd_pretrained"
+    assert result_from_job(joint.model_dump(mode="json"), "succeeded", {"AP": 2.0})["method"] == "icd"
+    defaults = {(m, s): spec for m, s, spec in child_specs(tiny_study(methods=["icd_pretrained"]), "t.pt")}
+    assert defaults[("icd_pretrained", 0)].distill.icd.pretrain.steps == 3000
+
+
+@pytest.mark.slow
+def test_tiny_study_pretrains_the_decoder_once_for_both_seeds(tmp_path: Path) -> None:
+    from icd_core.study import run_study_local
+
+    study = tiny_study(methods=["icd_pretrained"], seeds=[0, 1],
+                       distill={"icd": {"pretrain": {"steps": 4, "check_every": 2, "holdout_images": 4}}})
+    out = tmp_path / "study"
+    report = run_study_local(study, out, tmp_path / "cache")
+    first = json.loads((out / "icd_pretrained-seed0" / "summary.json").read_text())["icd_decoder"]
+    second = json.loads((out / "icd_pretrained-seed1" / "summary.json").read_text())["icd_decoder"]
+    assert first["reused"] is False and second["reused"] is True and first["key"] == second["key"]
+    row = next(m for m in report["methods"] if m["method"] == "icd_pretrained")
+    assert row["n"] == 2 and row["icd_diagnostics"]["icd_pretrain_steps"] == 4.0
+    md = (out / "report.md").read_text()
+    assert "| icd_pretrained |" in md and "pre-train s (once per teacher)" in md

@@ -10,6 +10,12 @@ TINY_MODEL: dict[str, Any] = {
 }
 
 
+# Deployment figures on, but cheap: eager latency over 2 runs, no exported-runtime timing (tests of
+# icd_core.run_report turn that on), one rendered validation image.
+CHEAP_DEPLOY: dict[str, Any] = {"latency_repeats": 2, "latency_warmup": 0, "exported_latency": False,
+                                "prediction_images": 1}
+
+
 def tiny_data(num_images: int = 16) -> dict[str, Any]:
     shapes = {"format": "shapes", "image_size": 64, "min_object": 6, "max_object": 32, "max_objects": 4}
     return {
@@ -26,7 +32,7 @@ def tiny_schedule(iterations: int = 4, **over: Any) -> dict[str, Any]:
 
 def train_spec(iterations: int = 4, **schedule: Any) -> dict[str, Any]:
     return {"kind": "train", "name": "tiny-teacher", "seed": 0, "device": "cpu", "data": tiny_data(),
-            "model": dict(TINY_MODEL), "schedule": tiny_schedule(iterations, **schedule)}
+            "model": dict(TINY_MODEL), "schedule": tiny_schedule(iterations, **schedule), "deploy": dict(CHEAP_DEPLOY)}
 
 
 def distill_spec(teacher_checkpoint: str, method: str = "icd", iterations: int = 4, **schedule: Any) -> dict[str, Any]:
@@ -34,5 +40,5 @@ def distill_spec(teacher_checkpoint: str, method: str = "icd", iterations: int =
         "kind": "distill", "name": f"tiny-{method}", "seed": 0, "device": "cpu", "data": tiny_data(),
         "teacher": {**TINY_MODEL, "checkpoint": teacher_checkpoint}, "student": dict(TINY_MODEL),
         "distill": {"method": method, "icd": {"bypass_iters": 1}},
-        "schedule": tiny_schedule(iterations, grad_clip=1.0, **schedule),
+        "schedule": tiny_schedule(iterations, grad_clip=1.0, **schedule), "deploy": dict(CHEAP_DEPLOY),
     }

@@ -150,6 +150,14 @@ def test_study_page_fills_its_leaderboard_and_compare_overlays_children(live_ser
     assert {r.get_attribute("data-method") for r in rows} == {"none", "icd"}
     until(browser, 120, "the study to succeed", ec.presence_of_element_located(
         (By.CSS_SELECTOR, '#job-head [data-status="succeeded"]')))
+    # The best student's predictions beside its teacher's, rendered from the run's own PNGs.
+    preds = until(browser, 60, "the predictions", lambda d: js(d, "return window.icd.predictions"))
+    assert preds["images"] > 0 and preds["teacher"] == preds["images"], preds
+    loaded = until(browser, 30, "the prediction images to load", lambda d: (w := js(
+        d, "return [...document.querySelectorAll('#study-predictions img')].map(i => i.complete && i.naturalWidth)"))
+        and all(w) and w)
+    assert len(loaded) == 2 * preds["images"]
+    assert browser.find_element(By.CSS_SELECTOR, '#study-predictions [data-cost="teacher"]').text.endswith("ms")
     log = live_service.http.get(f"/jobs/{study['id']}/logs").text
     last = log.rstrip().splitlines()[-1]  # the study's log ends with the status it reports
     assert f"study {study['id']} succeeded: AP_" in last, log

@@ -5,6 +5,7 @@
 
 import { api, token } from "./api.js";
 import { AP_KEYS, apSeries, CHART_GROUPS, chartGroup, LineChart } from "./charts.js";
+import { predictionsPanel } from "./predictions.js";
 import { studyPanel } from "./study.js";
 import { esc, flash, fmtBytes, fmtDuration, fmtNum, fmtTime, isFinished, progressBar, statusBadge } from "./util.js";
 
@@ -47,7 +48,7 @@ export function jobView(main, jobId) {
     </div>
     <div id="study"></div>
     <div id="training"><h2>Charts</h2><div class="charts" id="charts"><p class="muted" id="no-charts">No metrics yet.</p></div>
-    <h2>Checkpoints</h2><div id="checkpoints" class="muted">none yet</div></div>
+    <h2>Checkpoints</h2><div id="checkpoints" class="muted">none yet</div><div id="predictions"></div></div>
     <div class="two">
       <div><h2>Log <span class="muted" id="log-state"></span></h2><pre class="log" id="log"></pre></div>
       <div><h2>Spec</h2><pre class="spec" id="spec"></pre></div>
@@ -183,6 +184,9 @@ export function jobView(main, jobId) {
     try {
       const [, newEval] = await Promise.all([pollMetrics(), pollEvaluations(), pollLog(), study?.refresh(job)]);
       if (first || changed || newEval || cursor.ticks % 5 === 0) await loadCheckpoints();
+      if ((first || changed) && job.status === "succeeded" && ["train", "distill"].includes(job.kind)) {
+        await predictionsPanel($("#predictions"), job);
+      }
     } catch (err) {
       flash(`job ${jobId}: ${err.message}`);
     }

@@ -2,6 +2,7 @@
 // method over seeds) computed from the children as they finish, as a table and a bar chart.
 
 import { api } from "./api.js";
+import { predictionsPanel } from "./predictions.js";
 import { esc, fmtNum, isFinished, progressBar, statusBadge } from "./util.js";
 
 window.icd = window.icd || {};
@@ -49,7 +50,7 @@ export function studyPanel(box, study) {
     <table id="leaderboard"><thead><tr><th>method</th><th class="num">AP mean</th><th class="num">± std</th>
       <th class="num">Δ vs none</th><th class="num">seeds done</th></tr></thead><tbody></tbody></table>
     <div class="chart" id="lb-chart" style="margin-top:.8em;max-width:680px"></div>
-    <p id="compare-children"></p><p id="report-links"></p>`;
+    <p id="compare-children"></p><p id="report-links"></p><div id="study-predictions"></div>`;
   let bars = null;
   let finalShown = false;
 
@@ -80,7 +81,16 @@ export function studyPanel(box, study) {
       finalShown = true;
       if (job.status === "succeeded") {
         box.querySelector("#report-links").innerHTML = `Report: <a href="/jobs/${study.id}/report">JSON</a> ·
-          <a href="/jobs/${study.id}/report.md">markdown</a> · <a href="/jobs/${study.id}/report.png">chart</a>`;
+          <a href="/jobs/${study.id}/report.md">markdown</a> · <a href="/jobs/${study.id}/report.png">chart</a> ·
+          <a href="/jobs/${study.id}/report/ap_latency.png">AP vs latency</a>`;
+      }
+      // The best finished student beside its teacher, on the same validation images.
+      const best = details.filter((c) => c.kind === "distill" && c.status === "succeeded" && c.final_metrics?.AP != null)
+        .sort((a, b) => b.final_metrics.AP - a.final_metrics.AP)[0];
+      if (best) {
+        await predictionsPanel(box.querySelector("#study-predictions"), best);
+        box.querySelector("#study-predictions h2").textContent =
+          `Best student (${best.spec.distill.method}, job ${best.id}) and the teacher`;
       }
     }
   }
