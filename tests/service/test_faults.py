@@ -211,13 +211,15 @@ def test_serve_stops_its_whole_tree(tmp_path: Path, sig: int) -> None:
             def healthy() -> bool:
                 assert serve.poll() is None, log.read_text()[-3000:]
                 try:
-                    return bool(client.get("/health").json()["workers"]["ok"])
-                except httpx.HTTPError:
-                    return False
+                    return bool(client.get("/health").json().get("workers", {}).get("ok"))
+                except (httpx.HTTPError, ValueError):
+                    return False  # still starting
 
             wait_for(healthy, 180, "icd serve with a live worker", interval=0.5)
             spec = tiny_train_spec("served", iterations=5000, checkpoint_every=0)
-            job_id = client.post("/jobs", json=spec).json()["id"]
+            r = client.post("/jobs", json=spec)
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
             wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress_step"] > 0, 120, "training")
         tree = [serve.pid, *descendants(serve.pid)]
         assert len(tree) >= 2, "serve started no worker"
