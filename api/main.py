@@ -6,6 +6,8 @@ Startup stays fast: no torch, no Celery worker code; the broker client is create
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,7 +21,9 @@ from api.routers import artifacts, deploy, jobs, reports, system
 from api.routers.system import STATIC
 from store.artifacts import ArtifactStore
 from store.db import ensure_migrated, make_engine, session_factory, upgrade_database
+from store.dispatch import enqueue
 from store.models import JOB_KINDS
+from store.reaper import ReaperThread
 from store.settings import Settings, get_settings
 
 _FIELD_IN_MSG = re.compile(r"^(?:Value error, )?([a-z_][\w.]*): ")
@@ -79,6 +83,7 @@ def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | 
         ),
         docs_url=None,
         redoc_url=None,
+        lifespan=_reaper_lifespan,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -94,6 +99,21 @@ def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | 
     install_offline_docs(app)
     install_periodic(app, list(periodic or []))
     return app
+
+
+@asynccontextmanager
+async def _reaper_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The API process reaps expired leases too, so an API with workers that all died still resumes
+    their jobs once a worker is back, and reports what it did."""
+    settings: Settings = app.state.settings
+    reaper = ReaperThread(app.state.sessions, settings, lambda job_id, queue: enqueue(job_id, queue,
+                                                                                    settings.broker_url))
+    app.state.reaper = reaper
+    reaper.start()
+    try:
+        yield
+    finally:
+        reaper.stop()
 
 
 def _version() -> str:

@@ -42,7 +42,8 @@ def _setup_logging(level: str = "INFO") -> None:
               help="API processes sharing the port (uvicorn workers); periodic work runs in exactly one.")
 def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: str, api_processes: int) -> None:
     """Run the API; without --no-worker also one local worker (the zero-setup embedded mode:
-    SQLite database and SQLite broker under ICD_HOME, migrated automatically).
+    SQLite database and SQLite broker under ICD_HOME, migrated automatically). SIGTERM, SIGINT and
+    SIGHUP all stop everything it started: the server, then the worker (its job checkpointed).
 
     With --workers N the API runs in N processes built from the same ICD_* environment; the schema is
     migrated once here first. On SQLite that works too (WAL: reads in parallel, writes take turns), but
@@ -74,15 +75,50 @@ def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: s
                f"artifacts {settings.artifact_root}")
     try:
         if api_processes == 1:
-            uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+            run_server_until_signal(app, host, port, log_level.lower())
         else:
             app.state.engine.dispose()  # the N processes build their own app; migrated already
             os.environ["ICD_AUTO_MIGRATE"] = "0"
+            # uvicorn's process supervisor stops on SIGTERM/SIGINT and returns here (SIGHUP reloads its workers).
             uvicorn.run("api.main:create_app", factory=True, workers=api_processes, host=host, port=port,
                         log_level=log_level.lower())
     finally:
         if local is not None:
             _stop_local_worker(local, settings, stop_grace)
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+
+
+def run_server_until_signal(app: Any, host: str, port: int, log_level: str) -> None:
+    """uvicorn, with the stop signals handled here: each one ends the server gracefully and returns,
+    so the caller's cleanup always runs. (uvicorn's own handling re-raises SIGTERM once it has shut
+    down, which killed `serve` before it stopped its worker, and it ignores SIGHUP.) A second signal
+    forces the exit of open connections."""
+    import signal
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def capture_signals(self) -> Any:
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+
+    def _stop(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).info("received %s: stopping", signal.Signals(signum).name)
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    old = {sig: signal.signal(sig, _stop) for sig in (getattr(signal, n) for n in STOP_SIGNALS)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _start_local_worker(settings: Any) -> Any:
@@ -99,16 +135,19 @@ def _start_local_worker(settings: Any) -> Any:
 
 
 def _stop_local_worker(proc: Any, settings: Any, grace_s: float) -> None:
-    """Warm stop (the job is checkpointed and re-queued); anything still 'running' is failed."""
+    """Warm stop (the job is checkpointed and re-queued); a job still 'running' under it (the worker
+    had to be killed) is re-queued too, so the next start resumes it."""
     click.echo("stopping the local worker ...")
     proc.stop(grace_s)
     from store.db import make_engine, session_factory
-    from store.jobs import fail_stale_running
+    from store.jobs import expire_leases_of
+    from store.reaper import reaper_pass
 
     engine = make_engine(settings.database_url)
     try:
         with session_factory(engine)() as s:
-            fail_stale_running(s, proc.spec.name)
+            if expire_leases_of(s, proc.spec.name):
+                reaper_pass(s, settings)  # queued in the database; the next worker's sweep sends it
     finally:
         engine.dispose()
 

@@ -302,6 +302,8 @@ class _JobBase(StrictModel):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     deploy: DeploySpec = Field(default_factory=DeploySpec)
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
+    # How many times the service starts this job when its worker is lost (null: the server's setting).
+    max_attempts: int | None = Field(None, ge=1, le=100)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     @model_validator(mode="after")

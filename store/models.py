@@ -81,6 +81,7 @@ class Job(Base):
         Index("ix_jobs_kind_id", "kind", "id"),
         Index("ix_jobs_name_id", "name", "id"),
         Index("ix_jobs_parent_id_id", "parent_id", "id"),
+        Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),  # the reaper's scan
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -105,6 +106,8 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     peak_memory_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
     sec_per_step: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The running worker holds the job until then; its heartbeat renews it, the reaper takes it back.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     attempts: Mapped[list[Attempt]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Attempt.number"
@@ -133,6 +136,9 @@ class Attempt(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The checkpoint step this attempt resumed from (0: from scratch); metric points above it from
+    # earlier attempts were dropped when it started.
+    resumed_from_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="attempts")
 

@@ -478,10 +478,11 @@ class Trainer:
 
     def _save(self, path: Path, final: bool) -> None:
         ckpt.atomic_save(self.state_dict(), path)
+        if not final:  # prune before the callbacks hear of it, so their list of checkpoints is current
+            ckpt.prune_periodic(self.checkpoint_dir, self.keep_checkpoints)
         info = ckpt.describe(path, self.step, final)
         for cb in self.callbacks:
             cb.on_checkpoint(info)
 
     def _save_periodic(self) -> None:
         self._save(self.checkpoint_dir / ckpt.periodic_name(self.step), final=False)
-        ckpt.prune_periodic(self.checkpoint_dir, self.keep_checkpoints)
