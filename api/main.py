@@ -6,14 +6,13 @@ Startup stays fast: no torch, no Celery worker code; the broker client is create
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.orm import Session
 
 from api.docs import install_offline_docs
 from api.periodic import PeriodicTask, install_periodic
@@ -23,7 +22,7 @@ from store.artifacts import ArtifactStore
 from store.db import ensure_migrated, make_engine, session_factory, upgrade_database
 from store.dispatch import enqueue
 from store.models import JOB_KINDS
-from store.reaper import ReaperThread
+from store.reaper import reap_and_send
 from store.settings import Settings, get_settings
 
 _FIELD_IN_MSG = re.compile(r"^(?:Value error, )?([a-z_][\w.]*): ")
@@ -83,7 +82,6 @@ def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | 
         ),
         docs_url=None,
         redoc_url=None,
-        lifespan=_reaper_lifespan,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -97,23 +95,20 @@ def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | 
     app.include_router(system.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     install_offline_docs(app)
-    install_periodic(app, list(periodic or []))
+    install_periodic(app, _reaper_task(settings) + list(periodic or []))
     return app
 
 
-@asynccontextmanager
-async def _reaper_lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The API process reaps expired leases too, so an API with workers that all died still resumes
-    their jobs once a worker is back, and reports what it did."""
-    settings: Settings = app.state.settings
-    reaper = ReaperThread(app.state.sessions, settings, lambda job_id, queue: enqueue(job_id, queue,
-                                                                                    settings.broker_url))
-    app.state.reaper = reaper
-    reaper.start()
-    try:
-        yield
-    finally:
-        reaper.stop()
+def _reaper_task(settings: Settings) -> list[PeriodicTask]:
+    """The API reaps expired leases too (so an API whose workers all died still resumes their jobs once
+    a worker is back, and reports what it did), as periodic work: once across all API processes."""
+    if settings.reaper_interval_s <= 0:
+        return []
+
+    def reap(s: Session) -> None:
+        reap_and_send(s, settings, lambda job_id, queue: enqueue(job_id, queue, settings.broker_url))
+
+    return [PeriodicTask("reaper", settings.reaper_interval_s, reap)]
 
 
 def _version() -> str:

@@ -8,11 +8,10 @@ still reports). It returns the jobs to send to the broker; the caller sends them
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from store.jobs import (
     Reaped,
@@ -69,41 +68,13 @@ def unservable_warnings(s: Session, settings: Settings) -> list[str]:
             for queue, ids in sorted(by_queue.items())]
 
 
-class ReaperThread:
-    """Runs `reaper_pass` every `reaper_interval_s` on a daemon thread (the API process's copy)."""
-
-    def __init__(self, sessions: sessionmaker[Session], settings: Settings, send: Callable[[int, str], None]) -> None:
-        self.sessions = sessions
-        self.settings = settings
-        self.send = send  # (job_id, queue) -> publish; errors are logged, the next pass or sweep re-sends
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def run_once(self) -> Reaped:
-        with self.sessions() as s:
-            reaped = reaper_pass(s, self.settings)
-        for job in reaped.requeued:
-            try:
-                self.send(job.id, job.queue)
-            except Exception as exc:
-                log.error("job %s re-queued but not sent (%s); an idle worker re-sends it", job.id, exc)
-        return reaped
-
-    def start(self) -> None:
-        if self.settings.reaper_interval_s <= 0 or self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="icd-reaper", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.reaper_interval_s):
-            try:
-                self.run_once()
-            except Exception as exc:  # a database hiccup: the next pass retries
-                log.warning("reaper pass failed: %s", exc)
+def reap_and_send(s: Session, settings: Settings, send: Callable[[int, str], None]) -> Reaped:
+    """One reaper pass, then every re-queued job published with `send(job_id, queue)`. A failed send is
+    only logged: the job is queued in the database and an idle worker's sweep re-sends it."""
+    reaped = reaper_pass(s, settings)
+    for job in reaped.requeued:
+        try:
+            send(job.id, job.queue)
+        except Exception as exc:
+            log.error("job %s re-queued but not sent (%s); an idle worker re-sends it", job.id, exc)
+    return reaped

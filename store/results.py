@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from store.downsample import downsample
 from store.models import Attempt, Checkpoint, Evaluation, Metric, utcnow
-from store.rollups import update_rollups
+from store.rollups import refresh_after_delete, update_rollups
 
 EVAL_FIELDS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
 
@@ -154,6 +154,7 @@ def start_attempt_series(s: Session, job_id: int, attempt: int, resumed_from_ste
         s.execute(
             delete(table).where(table.job_id == job_id, table.step > resumed_from_step, table.attempt < attempt)
         )
+    refresh_after_delete(s, job_id, resumed_from_step)  # the downsampled curves must not keep the dropped points
     s.execute(
         update(Attempt)
         .where(Attempt.job_id == job_id, Attempt.number == attempt)

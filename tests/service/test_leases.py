@@ -149,6 +149,19 @@ def test_a_resumed_attempt_drops_the_superseded_points(session: Session) -> None
     assert attempt.resumed_from_step == 40
 
 
+def test_a_resumed_attempt_leaves_no_dropped_point_in_the_downsampled_curve(session: Session) -> None:
+    """The rollups behind `max_points` follow the superseded-point delete (else a long curve would still
+    show attempt 1's points above the resume step)."""
+    jid = _job(session)
+    q.claim_job(session, jid, "w1")
+    add_metrics(session, jid, 1, [("loss", st, 5.0) for st in range(1, 3001)])
+    q.reap_expired_leases(session, q.utcnow() + LATER)
+    q.claim_job(session, jid, "w2")
+    start_attempt_series(session, jid, 2, resumed_from_step=1000)
+    curve = get_metrics(session, jid, names=["loss"], max_points=20)["loss"]
+    assert curve[-1] == (1000, 5.0) and max(st for st, _ in curve) == 1000
+
+
 def test_pruned_checkpoints_leave_the_list(session: Session, tmp_path: Path) -> None:
     jid = _job(session)
     folder = tmp_path / "jobs" / str(jid) / "checkpoints"
