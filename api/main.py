@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.orm import Session
 
 from api.auth import check_exposure
 from api.docs import install_offline_docs
@@ -21,7 +22,9 @@ from api.routers import artifacts, deploy, jobs, reports, system
 from api.routers.system import STATIC
 from store.artifacts import ArtifactStore
 from store.db import ensure_migrated, make_engine, session_factory, upgrade_database
+from store.dispatch import enqueue
 from store.models import JOB_KINDS
+from store.reaper import reap_and_send
 from store.settings import Settings, get_settings
 
 _FIELD_IN_MSG = re.compile(r"^(?:Value error, )?([a-z_][\w.]*): ")
@@ -110,8 +113,20 @@ def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | 
     app.include_router(system.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     install_offline_docs(app)
-    install_periodic(app, list(periodic or []))
+    install_periodic(app, _reaper_task(settings) + list(periodic or []))
     return app
+
+
+def _reaper_task(settings: Settings) -> list[PeriodicTask]:
+    """The API reaps expired leases too (so an API whose workers all died still resumes their jobs once
+    a worker is back, and reports what it did), as periodic work: once across all API processes."""
+    if settings.reaper_interval_s <= 0:
+        return []
+
+    def reap(s: Session) -> None:
+        reap_and_send(s, settings, lambda job_id, queue: enqueue(job_id, queue, settings.broker_url))
+
+    return [PeriodicTask("reaper", settings.reaper_interval_s, reap)]
 
 
 def _version() -> str:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, computed_field
 
 from icd_core.leaderboard import cost_from_metrics
+from store.dispatch import gpus_served
 
 
 class _Out(BaseModel):
@@ -17,10 +18,12 @@ class _Out(BaseModel):
 class AttemptOut(_Out):
     number: int
     worker: str | None
-    status: str
+    status: str = Field(description="running | succeeded | failed | canceled | lost (its worker stopped renewing "
+                                    "the lease)")
     error: str | None
     started_at: datetime
     finished_at: datetime | None
+    resumed_from_step: int | None = Field(None, description="The checkpoint step this attempt resumed from.")
 
 
 class JobOut(_Out):
@@ -63,6 +66,10 @@ class JobDetail(JobOut):
 
     spec: dict[str, Any]
     attempts: list[AttemptOut]
+    lease_expires_at: datetime | None = Field(None, description="A running job's worker holds it until then.")
+    status_detail: str | None = Field(
+        None, description="Why a queued or running job is not progressing (no live worker for its queue, a lost "
+                          "worker), and what happens next.")
 
 
 class JobList(BaseModel):
@@ -84,6 +91,10 @@ class MetricsOut(BaseModel):
     job_id: int
     series: dict[str, list[_Point]] = Field(description="name -> [[step, value], ...], steps ascending.")
     last_step: int | None = Field(description="Largest step returned; pass it as since_step to poll for more.")
+    attempt: int = Field(0, description="The job's current attempt. When it changes between two polls, the new "
+                                        "attempt resumed at `resumed_from_step` and replaced the points above it: "
+                                        "poll again with since_step=resumed_from_step.")
+    resumed_from_step: int | None = Field(None, description="The step the current attempt resumed from.")
 
 
 class EvaluationOut(_Out):
@@ -120,6 +131,12 @@ class WorkerOut(_Out):
     last_heartbeat: datetime
     current_job_id: int | None
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def gpus(self) -> int:
+        """Its device group: the largest resources.gpus it runs (from its -gN queues)."""
+        return gpus_served(self.queues)
+
 
 class CheckResult(BaseModel):
     ok: bool
@@ -131,6 +148,8 @@ class HealthOut(BaseModel):
     database: CheckResult
     broker: CheckResult
     workers: CheckResult
+    warnings: list[str] = Field(default_factory=list, description="Jobs that cannot start: no live worker "
+                                                                  "consumes their queue.")
 
 
 class VersionOut(BaseModel):

@@ -127,6 +127,29 @@ def _run(spec: Any, output: Path, resume: bool, cache_dir: Path, bar: ProgressBa
         bar.close()
 
 
+def _run_group(spec: Any, output: Path, resume: bool, cache_dir: Path) -> None:
+    """resources.gpus > 1: the same run as `resources.gpus` torchrun ranks on this machine (DDP)."""
+    import json
+    import subprocess
+    import sys
+
+    output.mkdir(parents=True, exist_ok=True)
+    spec_file = output / "group-spec.json"
+    spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
+    gpus = spec.resources.gpus
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+           "--max-restarts", "0", "-m", "icd_core.ddp_main", str(spec_file), str(output),
+           "--cache-dir", str(cache_dir), *(["--resume"] if resume else [])]
+    click.echo(f"{gpus} ranks: {' '.join(cmd[1:])}")
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise click.ClickException(f"the {gpus}-rank group failed (exit code {code}); the ranks' errors are "
+                                   f"above; continue with: icd train <spec> --output {output} --resume")
+    summary = json.loads((output / "summary.json").read_text())
+    click.echo(summary_table(summary["final_metrics"], {"ranks": gpus, "checkpoint": summary["final_checkpoint"],
+                                                        "sec_per_step": summary.get("sec_per_step")}))
+
+
 def _default_output(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -161,6 +184,9 @@ def train_cmd(spec_path: Path, output: Path | None, resume: bool, device: str | 
         else:
             output = _default_output(spec.name)
     click.echo(f"run folder: {output}")
+    if spec.resources.gpus > 1:
+        _run_group(spec, output, resume, cache_dir or default_cache_dir())
+        return
     bar = ProgressBar()
     result = _run(spec, output, resume, cache_dir or default_cache_dir(), bar)
     extra: dict[str, Any] = {"checkpoint": str(result.final_checkpoint)}

@@ -42,7 +42,8 @@ def _setup_logging(level: str = "INFO") -> None:
               help="API processes sharing the port (uvicorn workers); periodic work runs in exactly one.")
 def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: str, api_processes: int) -> None:
     """Run the API; without --no-worker also one local worker (the zero-setup embedded mode:
-    SQLite database and SQLite broker under ICD_HOME, migrated automatically).
+    SQLite database and SQLite broker under ICD_HOME, migrated automatically). SIGTERM, SIGINT and
+    SIGHUP all stop everything it started: the server, then the worker (its job checkpointed).
 
     With --workers N the API runs in N processes built from the same ICD_* environment; the schema is
     migrated once here first. On SQLite that works too (WAL: reads in parallel, writes take turns), but
@@ -76,10 +77,11 @@ def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: s
                f"artifacts {settings.artifact_root}")
     try:
         if api_processes == 1:
-            uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+            run_server_until_signal(app, host, port, log_level.lower())
         else:
             app.state.engine.dispose()  # the N processes build their own app; migrated already
             os.environ["ICD_AUTO_MIGRATE"] = "0"
+            # uvicorn's process supervisor stops on SIGTERM/SIGINT and returns here (SIGHUP reloads its workers).
             uvicorn.run("api.main:create_app", factory=True, workers=api_processes, host=host, port=port,
                         log_level=log_level.lower())
     finally:
@@ -87,28 +89,67 @@ def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: s
             _stop_local_worker(local, settings, stop_grace)
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+
+
+def run_server_until_signal(app: Any, host: str, port: int, log_level: str) -> None:
+    """uvicorn, with the stop signals handled here: each one ends the server gracefully and returns,
+    so the caller's cleanup always runs. (uvicorn's own handling re-raises SIGTERM once it has shut
+    down, which killed `serve` before it stopped its worker, and it ignores SIGHUP.) A second signal
+    forces the exit of open connections."""
+    import signal
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def capture_signals(self) -> Any:
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+
+    def _stop(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).info("received %s: stopping", signal.Signals(signum).name)
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    old = {sig: signal.signal(sig, _stop) for sig in (getattr(signal, n) for n in STOP_SIGNALS)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def _start_local_worker(settings: Any) -> Any:
+    from store.dispatch import group_queues
     from worker.supervisor import WorkerProcess, WorkerSpec, visible_gpu_count
 
     # The only worker of an embedded service takes every queue: a job asking for a device this
     # machine lacks fails with a clear message instead of waiting forever.
     queues = "cuda,any,cpu" if visible_gpu_count() else "cpu,any,cuda"
+    queues = group_queues(queues, settings.worker_gpus or max(1, visible_gpu_count()))  # resources.gpus jobs
     proc = WorkerProcess(WorkerSpec(EMBEDDED_WORKER.format(host=socket.gethostname()), queues))
     proc.start()
     return proc
 
 
 def _stop_local_worker(proc: Any, settings: Any, grace_s: float) -> None:
-    """Warm stop (the job is checkpointed and re-queued); anything still 'running' is failed."""
+    """Warm stop (the job is checkpointed and re-queued); a job still 'running' under it (the worker
+    had to be killed) is re-queued too, so the next start resumes it."""
     click.echo("stopping the local worker ...")
     proc.stop(grace_s)
     from store.db import make_engine, session_factory
-    from store.jobs import fail_stale_running
+    from store.jobs import expire_leases_of
+    from store.reaper import reaper_pass
 
     engine = make_engine(settings.database_url)
     try:
         with session_factory(engine)() as s:
-            fail_stale_running(s, proc.spec.name)
+            if expire_leases_of(s, proc.spec.name):
+                reaper_pass(s, settings)  # queued in the database; the next worker's sweep sends it
     finally:
         engine.dispose()
 
@@ -128,17 +169,21 @@ def _safe_url(url: str) -> str:
 @click.option("--queues", "-Q", default=None,
               help="Queues to consume (default: cuda,any on GPU workers, cpu,any on CPU workers).")
 @click.option("--name", default=None, help="Worker name prefix (default gpu<N>, cpu or worker); @host is added.")
+@click.option("--group", is_flag=True,
+              help="One worker owning all of --gpus: it runs jobs of resources.gpus up to that many (torchrun). "
+                   "On a CPU worker, ICD_WORKER_GPUS=N gives N-process gloo groups.")
 @click.option("--stop-grace", default=60.0, show_default=True, type=float,
               help="Seconds a running job gets to checkpoint on shutdown before the worker is killed.")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker_cmd(gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, stop_grace: float,
-               loglevel: str) -> None:
+def worker_cmd(gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, group: bool,
+               stop_grace: float, loglevel: str) -> None:
     """Start Celery workers against ICD_BROKER_URL / ICD_DATABASE_URL (add a GPU machine: run this
     on it with the shared settings)."""
     from worker.supervisor import WorkerProcess, wait_for_signal
 
     _setup_logging(loglevel)
-    specs = plan_workers(gpus, cpu_only, queues, name, socket.gethostname(), loglevel)
+    specs = plan_workers(gpus, cpu_only, queues, name, socket.gethostname(), loglevel, group=group,
+                         worker_gpus=_settings().worker_gpus)
     settings = _settings()
     click.echo(f"broker {_safe_url(settings.broker_url)}, database {_safe_url(settings.database_url)}")
     procs = [WorkerProcess(spec) for spec in specs]
@@ -151,13 +196,21 @@ def worker_cmd(gpus: str | None, cpu_only: bool, queues: str | None, name: str |
 
 
 def plan_workers(
-    gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, host: str, loglevel: str = "INFO"
+    gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, host: str, loglevel: str = "INFO",
+    group: bool = False, worker_gpus: int | None = None,
 ) -> list[Any]:
-    """The worker processes `icd worker` starts (pure: tested without starting anything)."""
+    """The worker processes `icd worker` starts (pure: tested without starting anything).
+
+    --group: one worker owning every listed GPU, consuming their -g2..-gN group queues as well.
+    worker_gpus (ICD_WORKER_GPUS) > 1 on a worker without --gpus: it runs groups of that many processes.
+    """
+    from store.dispatch import group_queues
     from worker.supervisor import WorkerSpec, visible_gpu_count
 
     if gpus and cpu_only:
         raise click.UsageError("--gpus and --cpu exclude each other")
+    if group and not gpus:
+        raise click.UsageError("--group needs --gpus (the GPUs the worker owns); on CPU set ICD_WORKER_GPUS")
     if gpus:
         ids = [g.strip() for g in gpus.split(",") if g.strip()]
         if not ids or not all(g.isdigit() for g in ids):
@@ -165,14 +218,20 @@ def plan_workers(
         if len(set(ids)) != len(ids):
             raise click.BadParameter("a GPU is listed twice", param_hint="--gpus")
         prefix = name or "gpu"
+        if group:
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(ids), "ICD_WORKER_GPUS": str(len(ids))}
+            return [WorkerSpec(f"{prefix}{'-'.join(ids)}@{host}", group_queues(queues or "cuda,any", len(ids)),
+                               env, loglevel)]
         return [
             WorkerSpec(f"{prefix}{g}@{host}", queues or "cuda,any", {"CUDA_VISIBLE_DEVICES": g}, loglevel)
             for g in ids
         ]
+    ranks = worker_gpus or 1
     if cpu_only:
-        return [WorkerSpec(f"{name or 'cpu'}@{host}", queues or "cpu,any", {"CUDA_VISIBLE_DEVICES": ""}, loglevel)]
+        return [WorkerSpec(f"{name or 'cpu'}@{host}", group_queues(queues or "cpu,any", ranks),
+                           {"CUDA_VISIBLE_DEVICES": ""}, loglevel)]
     default_queues = "cuda,any" if visible_gpu_count() else "cpu,any"
-    return [WorkerSpec(f"{name or 'worker'}@{host}", queues or default_queues, {}, loglevel)]
+    return [WorkerSpec(f"{name or 'worker'}@{host}", group_queues(queues or default_queues, ranks), {}, loglevel)]
 
 
 @click.command("check-worker")

@@ -7,13 +7,14 @@ raise ValueError or FileNotFoundError with a message that says what to change.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .data import CocoDataset, build_dataset, compute_priors, make_train_loader
 from .detectors import Detector, build_detector, detector_meta, load_detector, load_weights, read_checkpoint
@@ -28,6 +29,9 @@ from .evaluate import evaluate_model
 from .pretrain import heldout_diagnostics, prepare_decoder
 from .run_report import deploy_report
 from .spec import DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
+
+if TYPE_CHECKING:
+    from .engine.distributed import RankGroup
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +65,23 @@ def run_spec(
     resume: bool = False,
     resolve_checkpoint: ResolveCheckpoint | None = None,
     cache_dir: Path | None = None,
+    group: RankGroup | None = None,
 ) -> RunResult:
-    """Run a train, distill or evaluate spec into `output_dir` (checkpoints/, summary.json, metrics.jsonl)."""
+    """Run a train, distill or evaluate spec into `output_dir` (checkpoints/, summary.json, metrics.jsonl).
+
+    group: this process's rank in a torchrun group (resources.gpus > 1); rank 0 alone writes files.
+    """
     output_dir = Path(output_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     resolve = resolve_checkpoint or default_resolve_checkpoint
     if isinstance(spec, StudySpec):
         raise NotImplementedError("study specs run through the service's study runner, not run_spec")
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    if group is None or group.is_main:
+        (output_dir / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     if isinstance(spec, EvaluateSpec):
         return _run_evaluate(spec, output_dir, callbacks, resolve, cache_dir)
-    return _run_training(spec, output_dir, callbacks, resume, resolve, cache_dir)
+    return _run_training(spec, output_dir, callbacks, resume, resolve, cache_dir, group)
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -148,6 +157,7 @@ def build_trainer(
     resolve_checkpoint: ResolveCheckpoint | None = None,
     cache_dir: Path | None = None,
     load_initial_weights: bool = True,
+    group: RankGroup | None = None,
 ) -> tuple[Trainer, dict[str, Any]]:
     """Seed, open the data, build student (+ teacher, inherit, distiller) and wrap them in a Trainer.
 
@@ -157,7 +167,7 @@ def build_trainer(
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     resolve = resolve_checkpoint or default_resolve_checkpoint
     ckpt.seed_everything(spec.seed)
-    device = resolve_device(spec.device)
+    device = group.device if group is not None else resolve_device(spec.device)
     train_ds, val_ds = _open_datasets(spec, cache_dir)
     num_classes = train_ds.num_classes
     sizes, max_size = spec.data.train_sizes, spec.data.max_size
@@ -210,13 +220,45 @@ def build_trainer(
             result.metrics.update(icd_heldout())
         return result
 
-    trainer = Trainer(
-        student, spec.schedule, batches, output_dir, device,
+    kwargs: dict[str, Any] = dict(
         teacher=teacher, distiller=distiller, evaluator=evaluator, callbacks=callbacks,
         meta=detector_meta(student, train_ds.class_names, train_ds.label_to_cat_id),
         spec=spec.model_dump(mode="json"),
     )
+    if group is not None:
+        from .engine import distributed
+
+        student = distributed.prepare_student(student, group)
+        batches, kwargs["evaluator"] = _rank_batches_and_evaluator(train_ds, val_ds, spec, group, icd_heldout)
+        trainer: Trainer = distributed.DistributedTrainer(student, spec.schedule, batches, output_dir, device,
+                                                          group=group, **kwargs)
+        group.reseed(spec.seed)
+    else:
+        trainer = Trainer(student, spec.schedule, batches, output_dir, device, **kwargs)
     return trainer, extra
+
+
+def _rank_batches_and_evaluator(
+    train_ds: CocoDataset, val_ds: CocoDataset, spec: TrainSpec | DistillJobSpec, group: RankGroup,
+    icd_heldout: Callable[[], dict[str, float]] | None,
+) -> tuple[Callable[[int], Any], Callable[[Detector], EvalResult]]:
+    """One rank's slice of every global batch, and evaluation sharded over the group (the ICD decoder's
+    held-out diagnostics on rank 0, the one that reports)."""
+    from .data.loader import make_rank_train_loader
+    from .engine.distributed import evaluate_sharded
+
+    bs, workers, per_rank = spec.schedule.batch_size, spec.data.workers, spec.schedule.batch_size // group.world
+
+    def batches(start_step: int):
+        return iter(make_rank_train_loader(train_ds, bs, group.rank, group.world, workers, spec.seed, start_step))
+
+    def evaluator(det: Detector) -> EvalResult:
+        result = evaluate_sharded(det, val_ds, group, batch_size=per_rank, workers=min(workers, 2))
+        if icd_heldout is not None and group.is_main:
+            result.metrics.update(icd_heldout())
+        return result
+
+    return batches, evaluator
 
 
 def _run_training(
@@ -226,16 +268,23 @@ def _run_training(
     resume: bool,
     resolve: ResolveCheckpoint,
     cache_dir: Path,
+    group: RankGroup | None = None,
 ) -> RunResult:
     resume_from = _find_resume_point(output_dir, resume)
+    writes = group is None or group.is_main  # in a group, rank 0 alone writes metrics and the summary
     metrics_log = MetricsLog(output_dir)
-    if resume_from is None:
+    if resume_from is None and writes:
         metrics_log.path.unlink(missing_ok=True)  # a fresh run's curves start empty
-    trainer, extra = build_trainer(spec, output_dir, [*callbacks, metrics_log], resolve, cache_dir,
-                                   load_initial_weights=resume_from is None)
+    callbacks = [*callbacks, metrics_log] if writes else list(callbacks)
+    with group.main_first() if group is not None else contextlib.nullcontext():  # rank 0 fills the caches
+        trainer, extra = build_trainer(spec, output_dir, callbacks, resolve, cache_dir,
+                                       load_initial_weights=resume_from is None, group=group)
     out = trainer.train(resume_from=resume_from)
     counts = {k: extra[k] for k in ("inherit_copied", "inherit_skipped", "icd_pretrain_steps",
                                     "icd_pretrain_seconds") if k in extra}
+    if not writes:  # in a group, rank 0 alone measures the model and writes the summary
+        return RunResult({**out.final_metrics, **counts}, out.evaluation, out.final_checkpoint, out.sec_per_step,
+                         out.peak_memory_mb)
     try:  # the trained model is kept whatever happens here: a failed measurement is reported, not fatal
         val = build_dataset(spec.data.val, cache_dir, train=False)
         deploy, cost_metrics = deploy_report(trainer.student, trainer.teacher, val, spec.deploy, trainer.device,
@@ -246,6 +295,7 @@ def _run_training(
     extra.update(deploy)
     result = RunResult({**out.final_metrics, **counts, **cost_metrics}, out.evaluation, out.final_checkpoint,
                        out.sec_per_step, out.peak_memory_mb)
+    extra = {**extra, "ranks": group.world} if group is not None else extra
     _write_summary(output_dir, spec, result, {"step": out.step, "device": str(trainer.device),
                                               "amp": trainer.amp.name, **extra})
     return result

@@ -282,6 +282,19 @@ class ScheduleSpec(StrictModel):
         return [math.floor(n * 2 / 3), math.floor(n * 8 / 9)]
 
 
+MAX_GPUS_PER_JOB = 64
+
+
+class ResourcesSpec(StrictModel):
+    """What one job needs from the worker that runs it."""
+
+    gpus: int = Field(
+        1, ge=1, le=MAX_GPUS_PER_JOB,
+        description="Devices of one data-parallel group (torchrun ranks); on CPU, gloo processes. "
+        "schedule.batch_size is the global batch: each rank takes batch_size / gpus.",
+    )
+
+
 class DeploySpec(StrictModel):
     """What a finished train/distill run measures about its model for deployment (summary.json)."""
 
@@ -299,6 +312,24 @@ class _JobBase(StrictModel):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     deploy: DeploySpec = Field(default_factory=DeploySpec)
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
+    # How many times the service starts this job when its worker is lost (null: the server's setting).
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="after")
+    def _check_group(self) -> _JobBase:
+        """A group splits the global batch evenly; only training runs as a group."""
+        gpus = self.resources.gpus
+        if gpus == 1:
+            return self
+        if getattr(self, "kind", None) not in ("train", "distill"):
+            raise ValueError(f"resources.gpus: a {getattr(self, 'kind', '?')} job runs on one device; use gpus: 1")
+        if self.schedule.batch_size % gpus:
+            raise ValueError(f"resources.gpus: schedule.batch_size {self.schedule.batch_size} is the global batch "
+                             f"and must divide evenly over {gpus} ranks; use a multiple of {gpus}")
+        if self.device.startswith("cuda:"):
+            raise ValueError(f"device: {self.device} names one GPU but resources.gpus is {gpus}; use cuda or auto")
+        return self
 
     @field_validator("device")
     @classmethod

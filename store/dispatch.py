@@ -2,11 +2,15 @@
 
 Queues: "cuda" for specs that ask for a GPU, "cpu" for CPU-only, "any" for device: auto.
 GPU workers consume "cuda,any" and CPU workers "cpu,any".
+A job of resources.gpus N > 1 goes to "<queue>-gN" (e.g. cuda-g4): routing, not a claim rule, so the
+broker never offers it to a worker that owns fewer devices. A worker owning N devices consumes its
+plain queues and their -g2 .. -gN groups (`group_queues`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -19,15 +23,39 @@ class BrokerUnavailable(RuntimeError):
     """The message could not be published (broker down or unreachable)."""
 
 
+_GROUP_QUEUE = re.compile(r"^(?P<base>.+)-g(?P<gpus>\d+)$")
+
+
 def queue_for(spec: Any) -> str:
-    """The queue a spec (model or dict) runs on, from its `device`."""
+    """The queue a spec (model or dict) runs on, from its `device` and `resources.gpus`."""
     device = spec.get("device", "auto") if isinstance(spec, dict) else getattr(spec, "device", "auto")
     device = str(device or "auto")
-    if device.startswith("cuda"):
-        return "cuda"
-    if device == "cpu":
-        return "cpu"
-    return "any"
+    base = "cuda" if device.startswith("cuda") else "cpu" if device == "cpu" else "any"
+    gpus = group_size(spec)
+    return f"{base}-g{gpus}" if gpus > 1 else base
+
+
+def group_size(spec: Any) -> int:
+    """resources.gpus of a spec (model or dict); 1 when absent."""
+    resources = spec.get("resources") if isinstance(spec, dict) else getattr(spec, "resources", None)
+    if resources is None:
+        return 1
+    gpus = resources.get("gpus", 1) if isinstance(resources, dict) else getattr(resources, "gpus", 1)
+    return int(gpus or 1)
+
+
+def group_queues(queues: str, gpus: int) -> str:
+    """The queues of a worker owning `gpus` devices: `queues` plus each plain one's -g2 .. -g<gpus>."""
+    names = [q for q in queues.split(",") if q]
+    plain = [q for q in names if not _GROUP_QUEUE.match(q)]
+    groups = [f"{q}-g{n}" for n in range(2, gpus + 1) for q in plain]
+    return ",".join(dict.fromkeys([*names, *groups]))
+
+
+def gpus_served(queues: str) -> int:
+    """The largest group a worker consuming `queues` runs (1: single-device jobs only)."""
+    sizes = [int(m["gpus"]) for q in queues.split(",") if (m := _GROUP_QUEUE.match(q))]
+    return max([1, *sizes])
 
 
 @lru_cache(maxsize=8)

@@ -8,6 +8,8 @@ redelivered broker messages and racing processes cannot run or finish a job twic
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
@@ -22,6 +24,13 @@ class JobNotFound(LookupError):
 
 class JobStateError(ValueError):
     """The job's status does not allow the operation (the API answers 409)."""
+
+
+class LeaseLost(JobStateError):
+    """This attempt no longer holds the job (its lease was reaped and the job re-queued or ended)."""
+
+
+DEFAULT_LEASE_S = 20.0
 
 
 def create_job(
@@ -152,14 +161,17 @@ def count_jobs(
     return int(s.scalar(q) or 0)
 
 
-def claim_job(s: Session, job_id: int, worker: str) -> Job | None:
-    """queued → running for this worker, attempt += 1; None when the job is not claimable.
+def claim_job(s: Session, job_id: int, worker: str, lease_s: float = DEFAULT_LEASE_S) -> Job | None:
+    """queued → running for this worker under a lease of `lease_s`, attempt += 1; None when the job is
+    not claimable.
 
-    A redelivered message for a job that is running elsewhere, finished or canceled claims nothing.
+    One conditional UPDATE decides: a redelivered message for a job that is running elsewhere,
+    finished or canceled claims nothing.
     """
     now = utcnow()
     job = _transition(s, job_id, ("queued",), "running", attempt=Job.attempt + 1, started_at=now, finished_at=None,
-                      worker=worker, error=None, eta_s=None, commit=False)
+                      worker=worker, error=None, eta_s=None, lease_expires_at=now + timedelta(seconds=lease_s),
+                      commit=False)
     if job is None:
         return None
     s.add(Attempt(job_id=job_id, number=job.attempt, worker=worker, status="running", started_at=now))
@@ -244,34 +256,48 @@ def _end(
         "error": error,
         "eta_s": 0.0 if status == "succeeded" else None,
         "cancel_requested": False,
+        "lease_expires_at": None,
         **extra,
     }
     return _transition(s, job_id, from_states, status, *conditions, close_attempt=status, **values)
 
 
-def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None) -> Job | None:
-    """running → succeeded with the run's final metrics (callers then run release_dependents)."""
+def _own(attempt: int | None) -> tuple[Any, ...]:
+    """The guard of a worker ending its own run: only while that attempt still holds the job."""
+    return () if attempt is None else (Job.attempt == attempt,)
+
+
+def _held(job: Job | None, job_id: int, attempt: int | None) -> Job | None:
+    if job is None and attempt is not None:
+        raise LeaseLost(f"job {job_id}: attempt {attempt} no longer holds the job")
+    return job
+
+
+def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None, attempt: int | None = None) -> Job | None:
+    """running → succeeded with the run's final metrics (callers then run release_dependents). With
+    `attempt`, only that attempt may (LeaseLost otherwise)."""
     job = _require(s, job_id)
     extra: dict[str, Any] = {"final_metrics": final_metrics}
     if job.progress_total:
         extra["progress_step"] = job.progress_total
-    return _end(s, job_id, ("running",), "succeeded", None, **extra)
+    return _held(_end(s, job_id, ("running",), "succeeded", None, *_own(attempt), **extra), job_id, attempt)
 
 
-def fail_job(s: Session, job_id: int, error: str) -> Job | None:
+def fail_job(s: Session, job_id: int, error: str, attempt: int | None = None) -> Job | None:
     """queued|waiting|running → failed, with a message that says what to change (callers then run
-    release_dependents). A job that already ended keeps its outcome."""
-    return _end(s, job_id, ACTIVE, "failed", error)
+    release_dependents). A job that already ended keeps its outcome. With `attempt`, only that
+    attempt may (LeaseLost otherwise)."""
+    return _held(_end(s, job_id, ACTIVE, "failed", error, *_own(attempt)), job_id, attempt)
 
 
-def fail_if_running_on(s: Session, job_id: int, worker: str, error: str) -> Job | None:
+def fail_if_running_on(s: Session, job_id: int, worker: str, error: str, attempt: int | None = None) -> Job | None:
     """running on `worker` → failed: the safety net for a process that died or could not record its result."""
-    return _end(s, job_id, ("running",), "failed", error, Job.worker == worker)
+    return _end(s, job_id, ("running",), "failed", error, Job.worker == worker, *_own(attempt))
 
 
-def mark_canceled(s: Session, job_id: int) -> Job | None:
+def mark_canceled(s: Session, job_id: int, attempt: int | None = None) -> Job | None:
     """running → canceled: the worker stopped cooperatively after a cancel request."""
-    return _end(s, job_id, ("running",), "canceled", None)
+    return _held(_end(s, job_id, ("running",), "canceled", None, *_own(attempt)), job_id, attempt)
 
 
 def park_study(s: Session, job_id: int, children: int) -> Job | None:
@@ -288,10 +314,10 @@ def finish_study(s: Session, job_id: int, final_metrics: dict[str, Any]) -> Job 
     return _end(s, job_id, ("waiting",), "succeeded", None, final_metrics=final_metrics)
 
 
-def requeue_interrupted(s: Session, job_id: int, reason: str) -> Job | None:
+def requeue_interrupted(s: Session, job_id: int, reason: str, attempt: int | None = None) -> Job | None:
     """running → queued after a warm worker shutdown: the attempt is closed as failed with `reason`, and
     the job resumes from its checkpoint on the next worker."""
-    if fail_job(s, job_id, reason) is None:
+    if fail_job(s, job_id, reason, attempt) is None:
         return None
     return retry_job(s, job_id)
 
@@ -309,6 +335,7 @@ def request_cancel(s: Session, job_id: int) -> Job:
             .execution_options(synchronize_session=False)
         )
     s.commit()
+    _cancel_if_worker_lost(s, job_id)
     children = s.scalars(select(Job.id).where(Job.parent_id == job_id, Job.status.not_in(TERMINAL_STATUSES)))
     for child_id in list(children):  # a study's children go with it
         request_cancel(s, child_id)
@@ -399,16 +426,6 @@ def release_dependents(s: Session, finished_job_id: int) -> list[Job]:
     return released
 
 
-def fail_stale_running(s: Session, worker_name: str) -> list[int]:
-    """At worker start: its jobs still 'running' died with the previous process; fail them clearly."""
-    ids = list(s.scalars(select(Job.id).where(Job.status == "running", Job.worker == worker_name)))
-    for job_id in ids:
-        error = f"worker {worker_name} restarted while running; retry to resume from the last checkpoint"
-        if fail_if_running_on(s, job_id, worker_name, error) is not None:
-            release_dependents(s, job_id)
-    return ids
-
-
 def undelivered_queued(s: Session, queues: Sequence[str], older_than_s: float, limit: int = 10) -> list[Job]:
     """Queued jobs on these queues untouched for `older_than_s`: their broker message was probably lost.
 
@@ -425,3 +442,137 @@ def undelivered_queued(s: Session, queues: Sequence[str], older_than_s: float, l
         job.updated_at = utcnow()
     s.commit()
     return jobs
+
+
+# --- leases -----------------------------------------------------------------------------------------
+# A running job is held by one attempt under a lease that its worker's heartbeat renews. The reaper
+# takes back expired leases with the same kind of conditional UPDATE as the claim, so running it from
+# the API and from every worker at once is harmless: exactly one UPDATE wins each expired lease.
+
+
+def _lease_expired(now: datetime) -> Any:
+    """An expired lease, or none (rows claimed before leases existed)."""
+    return (Job.lease_expires_at < now) | Job.lease_expires_at.is_(None)
+
+
+def _stale(now: datetime) -> Any:
+    """Running under an expired lease."""
+    return (Job.status == "running") & _lease_expired(now)
+
+
+def renew_lease(s: Session, job_id: int, worker: str, attempt: int, lease_s: float) -> bool:
+    """Extend this attempt's lease; False when the attempt no longer holds the job (it must stop)."""
+    now = utcnow()
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.worker == worker, Job.attempt == attempt)
+        .values(lease_expires_at=now + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def lost_message(worker: str | None, step: int, attempts: int) -> str:
+    """The reason a job failed because its workers kept disappearing."""
+    return (f"worker {worker or '?'} lost at step {step}; {attempts} attempt{'s' if attempts != 1 else ''} used "
+            "(max_attempts); retry to resume from the last checkpoint")
+
+
+@dataclass
+class Reaped:
+    """What one reaper pass did: jobs to enqueue again, and jobs it ended (release their dependents)."""
+
+    requeued: list[Job] = field(default_factory=list)
+    ended: list[int] = field(default_factory=list)
+
+
+def _take_back(s: Session, job_id: int, attempt: int, now: datetime, to: str, lost: str, **values: Any) -> Job | None:
+    """running under an expired lease → `to` (guarded by the attempt and the expiry), the attempt closed
+    as 'lost' with the reason, in one commit."""
+    job = _transition(s, job_id, ("running",), to, Job.attempt == attempt, _lease_expired(now), commit=False,
+                      lease_expires_at=None, **values)
+    if job is None:
+        return None  # renewed, ended or reaped by someone else meanwhile
+    _close_attempt(s, job_id, "lost", lost)
+    s.commit()
+    return job
+
+
+def reap_expired_leases(s: Session, now: datetime | None = None, max_attempts: int = 3) -> Reaped:
+    """Expired leases → queued as a new attempt (it resumes from the last complete checkpoint), or
+    failed with the reason once `max_attempts` (the spec's, else this default) are used, or canceled
+    when a cancel was requested. The caller enqueues `requeued` and releases the dependents of `ended`."""
+    now = now or utcnow()
+    out = Reaped()
+    rows = s.execute(
+        select(Job.id, Job.attempt, Job.worker, Job.progress_step, Job.spec, Job.cancel_requested).where(_stale(now))
+    ).all()
+    s.rollback()  # end the read transaction; each job below is its own guarded unit of work
+    for job_id, attempt, worker, step, spec, cancel in rows:
+        limit = int((spec or {}).get("max_attempts") or max_attempts)
+        lost = f"worker {worker or '?'} lost at step {step} (no heartbeat before its lease expired)"
+        if cancel:
+            job = _take_back(s, job_id, attempt, now, "canceled", lost, finished_at=now, cancel_requested=False)
+        elif attempt >= limit:
+            job = _take_back(s, job_id, attempt, now, "failed", lost, finished_at=now,
+                             error=lost_message(worker, step, attempt))
+        else:
+            job = _take_back(s, job_id, attempt, now, "queued", lost, worker=None, eta_s=None)
+        if job is not None:
+            (out.requeued.append(job) if job.status == "queued" else out.ended.append(job_id))
+    return out
+
+
+def expire_leases_of(s: Session, worker: str) -> int:
+    """A worker (re)starting under `worker`'s name: the previous process is gone, so its leases are
+    expired now instead of at their timeout (the next reap_expired_leases re-queues the jobs)."""
+    res = s.execute(
+        update(Job)
+        .where(Job.status == "running", Job.worker == worker)
+        .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+    return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def _cancel_if_worker_lost(s: Session, job_id: int) -> None:
+    """Cancel of a running job whose worker is gone (lease expired): nobody would read the flag, so
+    the job is canceled now."""
+    now = utcnow()
+    row = s.execute(select(Job.attempt, Job.worker, Job.progress_step).where(Job.id == job_id, _stale(now))).first()
+    s.rollback()
+    if row is not None:
+        attempt, worker, step = row
+        _take_back(s, job_id, attempt, now, "canceled", f"worker {worker or '?'} lost at step {step}; canceled",
+                   finished_at=now, cancel_requested=False)
+
+
+def unservable_queued(s: Session, live_queues: Iterable[str]) -> list[Job]:
+    """Queued jobs on a queue that no live worker consumes (e.g. device: cuda and no GPU worker)."""
+    live = set(live_queues)
+    return [j for j in s.scalars(select(Job).where(Job.status == "queued").order_by(Job.id)) if j.queue not in live]
+
+
+def fail_unservable(s: Session, live_queues: Iterable[str], wait_s: float, now: datetime | None = None) -> list[int]:
+    """queued → failed for jobs that no live worker could take for `wait_s` (guarded: only if still queued
+    and untouched since it was read)."""
+    now = now or utcnow()
+    failed: list[int] = []
+    for job in unservable_queued(s, live_queues):
+        if job.updated_at > now - timedelta(seconds=wait_s):
+            continue
+        if _transition(s, job.id, ("queued",), "failed", Job.updated_at == job.updated_at, finished_at=now,
+                       error=unservable_message(job.queue, wait_s)) is not None:
+            failed.append(job.id)
+    return failed
+
+
+def unservable_message(queue: str, waited_s: float | None = None) -> str:
+    """Why a queued job is not starting, and what to do about it."""
+    how = {"cuda": "start a GPU worker (`icd worker --gpus 0`) or submit with device: cpu",
+           "cpu": "start a CPU worker (`icd worker --cpu`) or submit with device: auto"}.get(
+        queue, f"start a worker that consumes queue {queue!r} (`icd worker -Q {queue}`)")
+    waited = f" for {waited_s:.0f} s" if waited_s is not None else ""
+    return f"no live worker consumes queue {queue!r}{waited}: {how}"

@@ -82,6 +82,7 @@ class Job(Base):
         Index("ix_jobs_name_id", "name", "id"),
         Index("ix_jobs_parent_id_id", "parent_id", "id"),
         Index("ix_jobs_owner_id", "owner", "id"),
+        Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),  # the reaper's scan
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -108,6 +109,8 @@ class Job(Base):
     sec_per_step: Mapped[float | None] = mapped_column(Float, nullable=True)
     # The API token's name that submitted it; None: the local (anonymous) admin of a loopback server.
     owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # The running worker holds the job until then; its heartbeat renews it, the reaper takes it back.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     attempts: Mapped[list[Attempt]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Attempt.number"
@@ -136,6 +139,9 @@ class Attempt(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The checkpoint step this attempt resumed from (0: from scratch); metric points above it from
+    # earlier attempts were dropped when it started.
+    resumed_from_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="attempts")
 

@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from store.downsample import downsample
-from store.models import Checkpoint, Evaluation, Metric, utcnow
-from store.rollups import update_rollups
+from store.models import Attempt, Checkpoint, Evaluation, Metric, utcnow
+from store.rollups import refresh_after_delete, update_rollups
 
 EVAL_FIELDS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
 
@@ -143,3 +143,31 @@ def final_checkpoint_path(s: Session, artifact_root: str | Path, job_id: int) ->
     if ck is None:
         return None
     return Path(artifact_root) / ck.path
+
+
+def start_attempt_series(s: Session, job_id: int, attempt: int, resumed_from_step: int) -> None:
+    """A new attempt resumes at `resumed_from_step`: earlier attempts' metric points and evaluations
+    above that step are superseded (the new attempt recomputes them), so they are dropped now rather
+    than left mixed with the new ones. The attempt records its resume step, so a `since_step` poller
+    that sees the attempt change knows to refetch from there."""
+    for table in (Metric, Evaluation):
+        s.execute(
+            delete(table).where(table.job_id == job_id, table.step > resumed_from_step, table.attempt < attempt)
+        )
+    refresh_after_delete(s, job_id, resumed_from_step)  # the downsampled curves must not keep the dropped points
+    s.execute(
+        update(Attempt)
+        .where(Attempt.job_id == job_id, Attempt.number == attempt)
+        .values(resumed_from_step=resumed_from_step)
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+
+
+def forget_missing_checkpoints(s: Session, job_id: int, artifact_root: str | Path) -> list[str]:
+    """Drop the rows of checkpoints whose files are gone (pruned by the trainer); returns their names."""
+    gone = [c for c in list_checkpoints(s, job_id) if not (Path(artifact_root) / c.path).is_file()]
+    for c in gone:
+        s.delete(c)
+    s.commit()
+    return [c.name for c in gone]

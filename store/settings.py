@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -37,8 +37,22 @@ class Settings(BaseSettings):
     max_dataset_images: int = 100_000  # generated (shapes) datasets
     max_iterations: int = 10_000_000
     max_body_bytes: int = 1_000_000  # request bodies larger than this get 413 before they are read
-    worker_heartbeat_s: float = 10.0
+    worker_heartbeat_s: float = 5.0  # also renews the running job's lease: 4 beats per lease timeout
     redeliver_after_s: float = 30.0  # an idle worker re-sends a job left 'queued' this long (lost message)
+    # A running job's lease: renewed by its worker's heartbeat, reaped (job re-queued) once this stale.
+    lease_timeout_s: float = 20.0
+    reaper_interval_s: float = 2.0  # how often the API and every worker look for expired leases
+    max_attempts: int = 3  # attempts a job gets when a worker is lost (a spec's `max_attempts` wins)
+    # A queued job that no live worker can take (e.g. device: cuda, no GPU worker) fails after this long.
+    unservable_timeout_s: float = 600.0
+    # Redis re-delivers an unacknowledged message after this long; None: lease_timeout_s + 30 s. The
+    # lease, not the broker, guards against double runs, so a redelivery of a running job is a no-op.
+    redis_visibility_timeout_s: float | None = None
+    # Devices a worker owns for one data-parallel job (resources.gpus). Unset: the GPUs it sees. On a
+    # CPU worker, N > 1 lets it run N-process gloo groups (tests, laptops): it then consumes *-g2..*-gN.
+    worker_gpus: int | None = Field(None, ge=1, le=64)
+    ddp_timeout_s: float = Field(300.0, gt=0)  # a rank's collective waits this long for a lost peer
+    ddp_stop_grace_s: float = Field(120.0, gt=0)  # after asking a group to stop, kill it after this long
     # The embedded `icd serve` migrates its own database; a production API refuses an old schema.
     auto_migrate: bool = False
 
@@ -71,6 +85,10 @@ class Settings(BaseSettings):
         self.artifact_root = self.artifact_root.expanduser().resolve()
         self.cache_dir = self.cache_dir.expanduser().resolve()
         return self
+
+    @property
+    def visibility_timeout_s(self) -> float:
+        return self.redis_visibility_timeout_s or self.lease_timeout_s + 30.0
 
     @property
     def api_token_required(self) -> bool:

@@ -55,3 +55,8 @@ def remove_worker(s: Session, name: str) -> None:
     if w is not None:
         s.delete(w)
         s.commit()
+
+
+def live_queues(s: Session, alive_within_s: float) -> set[str]:
+    """Every queue that at least one live worker consumes."""
+    return {q.strip() for w in list_workers(s, alive_within_s) for q in (w.queues or "").split(",") if q.strip()}

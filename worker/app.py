@@ -18,16 +18,25 @@ QUEUES = ("cuda", "cpu", "any")
 # Kombu's SQLAlchemy transport polls its table; its default of 1 s would add up to 1 s to every
 # dispatch on the embedded broker.
 SQLA_POLLING_INTERVAL_S = 0.1
-# Redis re-delivers unacknowledged messages after this long; trainings may run for days, and a
-# duplicate delivery is harmless anyway (claim_job lets only one worker run a job).
-REDIS_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 
 
-def broker_transport_options(broker_url: str) -> dict[str, Any]:
+def broker_transport_options(broker_url: str, visibility_timeout_s: float = 60.0) -> dict[str, Any]:
     """Per-transport options. The SQLAlchemy transport hands its options to create_engine, so it
-    gets none (its polling interval is set on the transport class instead)."""
+    gets none (its polling interval is set on the transport class instead).
+
+    Redis re-delivers an unacknowledged message after `visibility_timeout_s` (settings: a little
+    above the lease timeout), so the message of a worker that died comes back soon. A job that runs
+    longer is redelivered too, and that delivery is a no-op: the lease, not the broker, decides who
+    runs a job (claim_job), and the reaper re-sends a job whose lease expired anyway."""
     if broker_url.startswith("redis"):
-        return {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S, "socket_connect_timeout": 5}
+        return {
+            "visibility_timeout": visibility_timeout_s,
+            "socket_connect_timeout": 5,
+            # Kombu looks for overdue messages every 10 s but scans only on every 10th look (so ~100 s
+            # late); scan on each look, a few times per visibility timeout (one small ZRANGE each).
+            "unacked_restore_interval": max(1.0, min(10.0, visibility_timeout_s / 4)),
+            "unacked_restore_throttle": 1,
+        }
     return {}
 
 
@@ -46,7 +55,7 @@ def make_app() -> Celery:
     embedded = broker_url.startswith(("sqla+", "sqlalchemy+"))
     celery_app = Celery("icd", broker=broker_url, include=["worker.tasks"])
     celery_app.conf.update(
-        broker_transport_options=broker_transport_options(broker_url),
+        broker_transport_options=broker_transport_options(broker_url, settings.visibility_timeout_s),
         broker_connection_retry_on_startup=True,
         result_backend=None,
         task_ignore_result=True,

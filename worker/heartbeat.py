@@ -1,7 +1,9 @@
 """The worker's row in the `workers` table: who is alive, on what device, running which job.
 
 A daemon thread beats every `worker_heartbeat_s`; the reporter may beat in between so a busy
-worker never looks dead. CUDA is queried lazily, inside the process that trains.
+worker never looks dead. Each beat also renews the running job's lease; a renewal the database
+refuses (the job was reaped and taken over) sets `lease_lost`, and the job stops at its next step.
+CUDA is queried lazily, inside the process that trains.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from store.jobs import renew_lease
 from store.settings import get_settings
 from store.workers import heartbeat as write_heartbeat
 from worker.db import sessions
@@ -46,6 +49,9 @@ class Heartbeat:
         self.hostname = socket.gethostname()
         self.device = device
         self.current_job_id: int | None = None
+        self.current_attempt: int | None = None
+        self.lease_s = float(get_settings().lease_timeout_s)
+        self.lease_lost = threading.Event()
         self.idle_since = time.monotonic()
         self.on_beat = on_beat  # periodic upkeep on the heartbeat thread (e.g. re-sending lost messages)
         self._last = 0.0
@@ -63,6 +69,11 @@ class Heartbeat:
                     write_heartbeat(
                         s, self.name, self.hostname, self.device, self.queues, os.getpid(), self.current_job_id
                     )
+                    job_id, attempt = self.current_job_id, self.current_attempt
+                    if job_id is not None and attempt is not None and not self.lease_lost.is_set():
+                        if not renew_lease(s, job_id, self.name, attempt, self.lease_s):
+                            log.error("job %s: attempt %s lost its lease (reaped); stopping it", job_id, attempt)
+                            self.lease_lost.set()
                 self._last = time.monotonic()
             except Exception as exc:
                 log.warning("heartbeat of %s failed: %s", self.name, exc)
@@ -72,8 +83,9 @@ class Heartbeat:
         if time.monotonic() - self._last >= self.interval_s / 2:
             self.beat()
 
-    def set_job(self, job_id: int | None) -> None:
-        self.current_job_id = job_id
+    def set_job(self, job_id: int | None, attempt: int | None = None) -> None:
+        self.current_job_id, self.current_attempt = job_id, attempt
+        self.lease_lost.clear()
         if job_id is None:
             self.idle_since = time.monotonic()
         self.beat()

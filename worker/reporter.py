@@ -22,7 +22,13 @@ from icd_core.engine.callbacks import Callback, CheckpointInfo, EvalResult
 from icd_core.json_numbers import finite_floats
 from store.artifacts import ArtifactStore
 from store.jobs import is_cancel_requested, update_progress
-from store.results import add_checkpoint, add_evaluation, add_metrics
+from store.results import (
+    add_checkpoint,
+    add_evaluation,
+    add_metrics,
+    forget_missing_checkpoints,
+    start_attempt_series,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +50,7 @@ class DbReporter(Callback):
         cancel_check_s: float = 1.0,
         on_flush: Callable[[], None] | None = None,
         stop_event: threading.Event | None = None,
+        lease_lost: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
     ) -> None:
@@ -56,6 +63,7 @@ class DbReporter(Callback):
         self.cancel_check_s = cancel_check_s
         self.on_flush = on_flush
         self.stop_event = stop_event
+        self.lease_lost = lease_lost  # set by the heartbeat when another attempt took the job over
         self.clock = clock
         self.background = background
 
@@ -82,6 +90,8 @@ class DbReporter(Callback):
 
     def on_start(self, step: int, total_steps: int) -> None:
         self.step, self.total = step, total_steps
+        # Earlier attempts' points above the resume step are superseded: drop them before writing anew.
+        self._retry("attempt start", lambda s: start_attempt_series(s, self.job_id, self.attempt, step))
         self._write_progress()
         if self.background and self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name=f"icd-reporter-{self.job_id}", daemon=True)
@@ -126,16 +136,21 @@ class DbReporter(Callback):
                 s, self.job_id, self.attempt, info.step, info.name, rel, info.size_bytes, info.sha256, info.final
             ),
         )
+        # The trainer pruned older periodic checkpoints just before: their rows leave the list now.
+        self._retry("checkpoint list", lambda s: forget_missing_checkpoints(s, self.job_id, self.artifacts.root))
 
     def on_end(self, step: int, final_metrics: dict[str, float]) -> None:
         self.step = step
         self._stop_writer()
         self.flush(final=True)
+        self._retry("checkpoint list", lambda s: forget_missing_checkpoints(s, self.job_id, self.artifacts.root))
 
     def should_stop(self) -> bool:
         """Called every step. With the writer thread: two flag reads. Inline: clock comparisons and a
         database read at most once per cancel_check_s."""
         if self.stop_event is not None and self.stop_event.is_set():
+            return True
+        if self.lease_lost is not None and self.lease_lost.is_set():
             return True
         if self._writer is None and not self._closed.is_set():
             now = self.clock()

@@ -16,10 +16,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+HEALTHY_RUN_S = 30.0  # a worker that ran this long before dying restarts after 1 s again (no back-off)
 
 
 @dataclass
@@ -88,9 +90,12 @@ class WorkerProcess:
         delay = 1.0
         while not self._stopping.is_set():
             assert self.proc is not None
+            started = time.monotonic()
             code = self.proc.wait()
             if self._stopping.is_set():
                 return
+            if time.monotonic() - started > HEALTHY_RUN_S:
+                delay = 1.0  # it ran fine for a while: a new crash is not part of a crash loop
             self.restarts += 1
             log.error("worker %s exited with code %s; restarting in %.0f s", self.spec.name, code, delay)
             if self._stopping.wait(delay):
@@ -104,30 +109,42 @@ class WorkerProcess:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return proc.returncode if proc else None
+        code: int | None = None
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGQUIT, 10.0), (signal.SIGKILL, 10.0)):
             try:
                 proc.send_signal(sig)
             except ProcessLookupError:
                 break
             try:
-                return proc.wait(timeout=wait_s)
+                code = proc.wait(timeout=wait_s)
+                break
             except subprocess.TimeoutExpired:
                 log.warning("worker %s did not stop after %s; escalating", self.spec.name, sig.name)
-        return proc.poll()
+        self._kill_leftovers(proc.pid)
+        return code if code is not None else proc.poll()
+
+    @staticmethod
+    def _kill_leftovers(pgid: int) -> None:
+        """The worker leads its own process group (start_new_session): whatever it left there (data
+        loader processes, say) goes with it, so nothing of the tree outlives the stop."""
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
 
 def wait_for_signal(procs: list[WorkerProcess], grace_s: float) -> None:
-    """Block until SIGINT/SIGTERM, then stop every worker (used by `icd worker`)."""
+    """Block until SIGINT, SIGTERM or SIGHUP, then stop every worker (used by `icd worker`)."""
     stop = threading.Event()
 
     def _handler(signum: int, _frame: object) -> None:
         log.info("received %s: stopping %d worker(s)", signal.Signals(signum).name, len(procs))
         stop.set()
 
-    old = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         while not stop.wait(0.5):
             pass

@@ -25,12 +25,13 @@ from icd_core.json_numbers import finite_floats
 from store.artifacts import ArtifactStore
 from store.checkpoint_refs import parse_job_ref, resolve_job_ref
 from store.db import DatabaseNotMigrated, ensure_migrated
-from store.dispatch import TASK_NAME
+from store.dispatch import TASK_NAME, group_size
 from store.jobs import (
+    LeaseLost,
     claim_job,
+    expire_leases_of,
     fail_if_running_on,
     fail_job,
-    fail_stale_running,
     finish_job,
     get_job,
     mark_canceled,
@@ -39,6 +40,7 @@ from store.jobs import (
     undelivered_queued,
     update_progress,
 )
+from store.reaper import reaper_pass
 from store.settings import get_settings
 from worker.app import app
 from worker.db import dispose, sessions
@@ -70,7 +72,8 @@ def worker_name() -> str:
 
 @signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """Before consuming: fail the jobs a previous process under this name left 'running'."""
+    """Before consuming: the jobs a previous process under this name left 'running' died with it, so
+    their leases end now and they are re-queued to resume from their last checkpoints."""
     global _worker_name, _worker_queues
     _worker_name = getattr(sender, "hostname", None) or worker_name()
     consume_from = getattr(getattr(sender, "app", app).amqp.queues, "consume_from", None) or {}
@@ -84,9 +87,9 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
             log.critical("%s", exc)
             raise SystemExit(f"worker {_worker_name}: {exc}") from None
         with factory() as s:
-            stale = fail_stale_running(s, _worker_name)
-        if stale:
-            log.warning("worker %s: failed jobs left running by its previous process: %s", _worker_name, stale)
+            if expire_leases_of(s, _worker_name):
+                log.warning("worker %s: its previous process left jobs running; taking them back", _worker_name)
+        _reap()
     finally:
         dispose()  # no pooled connection may cross into a forked pool process
 
@@ -97,8 +100,32 @@ def _on_process_init(**_: Any) -> None:
     global _heartbeat
     import icd_core.runner  # noqa: F401  (imports torch: the first job starts without the delay)
 
-    _heartbeat = Heartbeat(worker_name(), _worker_queues, on_beat=_resend_undelivered)
+    _heartbeat = Heartbeat(worker_name(), _worker_queues, on_beat=_upkeep)
     _heartbeat.start()
+
+
+_last_reap = 0.0
+
+
+def _upkeep() -> None:
+    """Periodic work on the heartbeat thread: the reaper (every reaper_interval_s), then lost messages."""
+    global _last_reap
+    interval = get_settings().reaper_interval_s
+    if interval > 0 and time.monotonic() - _last_reap >= interval:
+        _last_reap = time.monotonic()
+        _reap()
+    _resend_undelivered()
+
+
+def _reap() -> None:
+    """Every worker reaps too (guarded transitions: harmless beside the API's reaper), so a
+    deployment whose API is down still resumes the jobs of dead workers."""
+    with sessions()() as s:
+        reaped = reaper_pass(s, get_settings())
+    for job in reaped.requeued:
+        _send(job.id, job.queue)
+    for job_id in reaped.ended:
+        _release(job_id)
 
 
 def _resend_undelivered() -> None:
@@ -147,33 +174,46 @@ def run_job(self: Any, job_id: int) -> str:
 def execute_job(job_id: int, worker: str) -> str:
     """Claim, run and settle one job. Separate from the Celery task so it can run in-process."""
     factory = sessions()
+    settings = get_settings()
     with factory() as s:
-        job = claim_job(s, job_id, worker)
+        job = claim_job(s, job_id, worker, lease_s=settings.lease_timeout_s)
         if job is None:
             return _not_claimed(s, job_id, worker)
         kind, spec_dict, attempt = job.kind, dict(job.spec), job.attempt  # loaded: usable after close
 
-    settings = get_settings()
     artifacts = ArtifactStore(settings.artifact_root)
     job_dir = artifacts.job_dir(job_id)
     if _heartbeat is not None:
-        _heartbeat.set_job(job_id)
+        _heartbeat.set_job(job_id, attempt)
     status = "failed"
     try:
         with job_log(job_dir / "job.log"):
             how = "starts" if attempt <= 1 else "resumes from its last checkpoint (if any)"
             log.info("job %s (%s) attempt %s %s on %s", job_id, kind, attempt, how, worker)
+            _remove_stale_temporaries(job_dir)
             status = _run_and_settle(job, spec_dict, attempt, job_dir, artifacts)
             if kind == "study" and status == "succeeded":
                 log.info("study %s: children queued; it is 'waiting' until they end", job_id)
             else:
                 log.info("job %s %s", job_id, status)
+    except LeaseLost as exc:
+        log.error("job %s: %s; another attempt owns it now, nothing recorded", job_id, exc)
+        status = "lost"
     finally:
-        _never_left_running(job_id, worker)
+        _never_left_running(job_id, worker, attempt)
         _release(job_id)
         if _heartbeat is not None:
             _heartbeat.set_job(None)
     return status
+
+
+def _remove_stale_temporaries(job_dir: Path) -> None:
+    """A killed checkpoint write leaves `<name>.tmp` (tens of MB); no writer of this job runs now."""
+    from icd_core.engine.checkpoint import remove_stale_temporaries
+
+    removed = remove_stale_temporaries(job_dir / "checkpoints")
+    if removed:
+        log.info("removed %d stale temporary file(s): %s", len(removed), [p.name for p in removed])
 
 
 def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: Path,
@@ -185,6 +225,7 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
         factory, job_id, attempt, artifacts,
         on_flush=_heartbeat.beat_if_due if _heartbeat is not None else None,
         stop_event=shutdown_requested,
+        lease_lost=_heartbeat.lease_lost if _heartbeat is not None else None,
     )
     try:
         try:
@@ -195,7 +236,7 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
         finally:
             reporter.close()  # stop its writer thread and write what it still buffers
     except BaseException as exc:  # noqa: BLE001 - every failure must be recorded, then re-raised if fatal
-        status = _record_failure(job_id, exc, reporter)
+        status = _record_failure(job_id, attempt, exc, reporter)
         if not isinstance(exc, Exception):
             raise
         return status
@@ -209,7 +250,7 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
 
             ev = result.evaluation
             add_evaluation(s, job_id, attempt, ev.step, ev.metrics, ev.per_class)
-        finish_job(s, job_id, finite_floats(result.final_metrics))
+        finish_job(s, job_id, finite_floats(result.final_metrics), attempt=attempt)
     return "succeeded"
 
 
@@ -218,6 +259,8 @@ def _run_spec(spec_dict: dict[str, Any], job_dir: Path, reporter: DbReporter) ->
     from icd_core.spec import parse_spec
 
     settings = get_settings()
+    if group_size(spec_dict) > 1:
+        return _run_group(spec_dict, group_size(spec_dict), job_dir, reporter)
     return run_spec(
         parse_spec(_confined(spec_dict, settings)),
         output_dir=job_dir,
@@ -238,6 +281,34 @@ def _confined(spec_dict: dict[str, Any], settings: Any) -> dict[str, Any]:
     if errors:
         raise PathNotAllowed("; ".join(f"{field}: {reason}" for field, reason in errors))
     return confined
+
+
+def _run_group(spec_dict: dict[str, Any], gpus: int, job_dir: Path, reporter: DbReporter) -> Any:
+    """resources.gpus > 1: the job runs as a torchrun group (rank 0 reports to the database); this
+    process keeps the job's heartbeat and relays a worker shutdown to the group."""
+    from icd_core.engine.callbacks import TrainingStopped
+    from icd_core.spec import parse_spec
+    from worker.group import run_group
+
+    parse_spec(spec_dict)  # a spec error fails the job here, before any rank starts
+    try:
+        result, main = run_group(
+            reporter.job_id, reporter.attempt, spec_dict, gpus, job_dir,
+            should_stop=lambda: shutdown_requested.is_set() or _lease_lost(reporter),
+            on_tick=_heartbeat.beat_if_due if _heartbeat is not None else None,
+            stop_grace_s=get_settings().ddp_stop_grace_s,
+        )
+    except TrainingStopped as stop:
+        reporter.cancel_requested = bool(getattr(stop, "canceled", False))
+        raise
+    reporter.step, reporter.total = int(main.get("step") or 0), main.get("total")
+    return result
+
+
+def _lease_lost(reporter: DbReporter) -> bool:
+    """Whether the heartbeat found this attempt's lease taken over (leases: issue 9; absent before it)."""
+    lost = getattr(reporter, "lease_lost", None)
+    return bool(lost is not None and lost.is_set())
 
 
 def run_study_job(job: Any) -> None:
@@ -296,16 +367,19 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def _record_failure(job_id: int, exc: BaseException, reporter: DbReporter) -> str:
-    """Translate an exception into canceled / re-queued / failed, with the traceback in the job log."""
+def _record_failure(job_id: int, attempt: int, exc: BaseException, reporter: DbReporter) -> str:
+    """Translate an exception into canceled / re-queued / failed, with the traceback in the job log.
+    Each transition is guarded by this attempt: a reaped attempt records nothing (LeaseLost)."""
     from icd_core.engine.callbacks import TrainingStopped
 
     with sessions()() as s:
+        if isinstance(exc, TrainingStopped) and reporter.lease_lost is not None and reporter.lease_lost.is_set():
+            raise LeaseLost(f"job {job_id}: attempt {attempt} was reaped at step {exc.step}")
         if isinstance(exc, TrainingStopped) and shutdown_requested.is_set() and not reporter.cancel_requested:
             # A worker shutdown, not the user: give the job back to the queue; it resumes from the
             # checkpoint the trainer just wrote.
             reason = f"worker {worker_name()} shut down at step {exc.step}; re-queued to resume"
-            job = requeue_interrupted(s, job_id, reason)
+            job = requeue_interrupted(s, job_id, reason, attempt)
             if job is None:  # it ended meanwhile: nothing to hand back
                 current = get_job(s, job_id)
                 return current.status if current is not None else "missing"
@@ -313,20 +387,22 @@ def _record_failure(job_id: int, exc: BaseException, reporter: DbReporter) -> st
             _send(job_id, job.queue)
             return "queued"
         if isinstance(exc, TrainingStopped):
-            mark_canceled(s, job_id)
+            mark_canceled(s, job_id, attempt=attempt)
             log.info("job %s canceled at step %s", job_id, exc.step)
             return "canceled"
         log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(exc)))
-        fail_job(s, job_id, failure_message(job_id, exc, reporter.step + 1 if reporter.step else None))
+        fail_job(s, job_id, failure_message(job_id, exc, reporter.step + 1 if reporter.step else None),
+                 attempt=attempt)
         return "failed"
 
 
-def _never_left_running(job_id: int, worker: str) -> None:
-    """Last line of defence: if recording the outcome itself failed, fail the job."""
+def _never_left_running(job_id: int, worker: str, attempt: int) -> None:
+    """Last line of defence: if recording the outcome itself failed, fail the job (this attempt only)."""
     try:
         with sessions()() as s:
             fail_if_running_on(s, job_id, worker, f"the worker stopped before recording the result; see "
-                                                  f"/jobs/{job_id}/logs; retry to resume from the last checkpoint")
+                                                  f"/jobs/{job_id}/logs; retry to resume from the last checkpoint",
+                               attempt)
     except Exception:
         log.exception("job %s: could not record the final state", job_id)
 
@@ -362,16 +438,17 @@ def _send(job_id: int, queue: str) -> None:
 
 
 def _not_claimed(s: Any, job_id: int, worker: str) -> str:
-    """A message for a job this worker cannot claim. If the job is 'running' under this very worker
-    name, the process that ran it died (this worker runs one job at a time): fail it clearly."""
+    """A message for a job this worker cannot claim: a no-op. If the job is 'running' under this very
+    worker name, the process that ran it died (this worker runs one job at a time): its lease ends
+    now and the reaper re-queues it to resume from its last checkpoint."""
     job = get_job(s, job_id)
     if job is None:
         return "missing"
-    error = (f"worker {worker} died while running this job (out of host memory?); "
-             "retry to resume from the last checkpoint")
-    if fail_if_running_on(s, job_id, worker, error) is not None:
-        release_dependents(s, job_id)
-        return "failed"
+    if job.status == "running" and job.worker == worker:
+        log.warning("job %s was running under this worker's name in a process that died; taking it back", job_id)
+        expire_leases_of(s, worker)
+        _reap()
+        return "reaped"
     return job.status
 
 

@@ -29,6 +29,7 @@ from store.checkpoint_refs import job_ref_state, parse_job_ref
 from store.dispatch import BrokerUnavailable, enqueue, queue_for
 from store.models import Job
 from store.paging import page_jobs
+from store.reaper import status_detail
 from store.results import get_metrics, list_evaluations
 from store.settings import Settings
 
@@ -216,9 +217,15 @@ def _query_error(field: str, reason: str) -> dict[str, Any]:
 
 
 @router.get("/{job_id}", response_model=JobDetail, responses=_ERRORS)
-def get_job(job_id: JobId, s: Session = Depends(get_session), caller: Caller = Depends(get_caller)) -> JobDetail:
+def get_job(
+    job_id: JobId, s: Session = Depends(get_session), settings: Settings = Depends(get_app_settings),
+    caller: Caller = Depends(get_caller),
+) -> JobDetail:
     """Spec, status, attempt, progress, ETA, timestamps, worker, error and final metrics."""
-    return JobDetail.model_validate(job_or_404(s, job_id, caller))
+    job = job_or_404(s, job_id, caller)
+    detail = JobDetail.model_validate(job)
+    detail.status_detail = status_detail(s, job, settings)
+    return detail
 
 
 @router.post(
@@ -303,11 +310,13 @@ def job_metrics(
     ] = None,
 ) -> MetricsOut | JSONResponse:
     """Training scalars by series name."""
-    job_or_404(s, job_id, caller)
+    job = job_or_404(s, job_id, caller)
     wanted = [n for n in (names or "").split(",") if n] or None
     series = get_metrics(s, job_id, wanted, since_step, max_points)
     last = max((pts[-1][0] for pts in series.values() if pts), default=None)
-    return MetricsOut(job_id=job_id, series=series, last_step=last)
+    current = next((a for a in job.attempts if a.number == job.attempt), None)
+    return MetricsOut(job_id=job_id, series=series, last_step=last, attempt=job.attempt,
+                      resumed_from_step=current.resumed_from_step if current is not None else None)
 
 
 @router.get("/{job_id}/evaluations", response_model=list[EvaluationOut], responses=_ERRORS)

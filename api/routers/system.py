@@ -19,6 +19,7 @@ from api.deps import get_app_settings, get_session
 from api.schemas import CheckResult, HealthOut, VersionOut, WorkerOut
 from store.db import current_revision
 from store.dispatch import check_broker
+from store.reaper import unservable_warnings
 from store.settings import Settings
 from store.workers import list_workers
 
@@ -46,13 +47,15 @@ def health(s: Session = Depends(get_session), settings: Settings = Depends(get_a
         db = CheckResult(ok=True, detail=s.get_bind().dialect.name)
         n = len(list_workers(s, _alive_window(settings)))
         wk = CheckResult(ok=n > 0, detail=f"{n} alive" if n else "no live worker: start one with `icd worker`")
+        warnings = unservable_warnings(s, settings)
     except Exception as exc:
         db = CheckResult(ok=False, detail=f"database unreachable: {exc.__class__.__name__}: {exc}"[:500])
         wk = CheckResult(ok=False, detail="unknown (database unreachable)")
+        warnings = []
     ok, detail = check_broker(settings.broker_url)
     broker = CheckResult(ok=ok, detail=detail)
-    body = HealthOut(status="ok" if db.ok and broker.ok and wk.ok else "degraded", database=db, broker=broker,
-                     workers=wk)
+    body = HealthOut(status="ok" if db.ok and broker.ok and wk.ok and not warnings else "degraded", database=db,
+                     broker=broker, workers=wk, warnings=warnings)
     return JSONResponse(body.model_dump(), status_code=200 if db.ok else 503)
 
 

@@ -143,3 +143,43 @@ def infinite_batches(loader: DataLoader) -> Iterator[Any]:
             yield batch
         if not yielded:
             raise ValueError("the loader yields no batches (empty dataset, or drop_last with too few samples)")
+
+
+class RankSlice(Sampler):
+    """One rank's share of the global training stream: in every global batch of `global_batch`
+    positions, rank r takes the consecutive slice [r*b, (r+1)*b) with b = global_batch / world.
+
+    The global stream is `ResumableSampler`'s, so the union over ranks of a step's slices is exactly
+    the batch a single process would train on at that step, and resume needs only the global step.
+    """
+
+    def __init__(self, stream: ResumableSampler, global_batch: int, rank: int, world: int):
+        if global_batch % world:
+            raise ValueError(f"batch_size {global_batch} does not divide over {world} ranks")
+        self.stream = stream
+        self.per_rank = global_batch // world
+        self.global_batch = global_batch
+        self.rank = rank
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+        for position, item in enumerate(self.stream):
+            if lo <= position % self.global_batch < hi:
+                yield item
+
+
+def make_rank_train_loader(
+    dataset: Dataset,
+    global_batch: int,
+    rank: int,
+    world: int,
+    workers: int,
+    seed: int,
+    start_step: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """`make_train_loader` for one rank of a data-parallel group: batches of global_batch / world."""
+    stream = ResumableSampler(len(dataset), seed, start_index=start_step * global_batch)
+    sampler = RankSlice(stream, global_batch, rank, world)
+    return DataLoader(dataset, batch_size=global_batch // world, sampler=sampler, drop_last=False,
+                      **_loader_kwargs(workers, seed, pin_memory))

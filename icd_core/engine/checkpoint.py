@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ def atomic_save(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _fault_injection_pause(path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -84,6 +86,30 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+# Fault-injection tests set this: the writer pauses between the write and the rename, after creating
+# `<name>.paused`, so a test can kill the process inside that window.
+PAUSE_BEFORE_RENAME_ENV = "ICD_TEST_PAUSE_BEFORE_RENAME_S"
+
+
+def _fault_injection_pause(path: Path) -> None:
+    pause = float(os.environ.get(PAUSE_BEFORE_RENAME_ENV) or 0)
+    if pause > 0:
+        path.with_name(path.name + ".paused").touch()
+        time.sleep(pause)
+        path.with_name(path.name + ".paused").unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete `.tmp` files a killed writer left behind (call at the start of an attempt, before any
+    writer of this run exists)."""
+    if not Path(folder).is_dir():
+        return []
+    stale = [p for p in Path(folder).iterdir() if p.name.endswith((".tmp", ".paused"))]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def describe(path: Path, step: int, final: bool) -> CheckpointInfo:

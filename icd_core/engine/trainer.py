@@ -313,13 +313,17 @@ class Trainer:
 
     def _stop_if_requested(self, loop: _Loop) -> None:
         """A cooperative stop: checkpoint this step (unless just done), then raise TrainingStopped."""
-        if not any(cb.should_stop() for cb in self.callbacks):
+        if not self._stop_requested():
             return
         if not loop.check_every_step:
             self._check_window(loop.window)
         if loop.saved_at != self.step:
             self._save_periodic()
         raise TrainingStopped(self.step)
+
+    def _stop_requested(self) -> bool:
+        """Whether a callback asks to stop after this step (a data-parallel group takes a vote)."""
+        return any(cb.should_stop() for cb in self.callbacks)
 
     def _after_train(self, loop: _Loop) -> TrainResult:
         """The final checkpoint, then the final evaluation (unless the last step had one): a bad
@@ -476,10 +480,11 @@ class Trainer:
 
     def _save(self, path: Path, final: bool) -> None:
         ckpt.atomic_save(self.state_dict(), path)
+        if not final:  # prune before the callbacks hear of it, so their list of checkpoints is current
+            ckpt.prune_periodic(self.checkpoint_dir, self.keep_checkpoints)
         info = ckpt.describe(path, self.step, final)
         for cb in self.callbacks:
             cb.on_checkpoint(info)
 
     def _save_periodic(self) -> None:
         self._save(self.checkpoint_dir / ckpt.periodic_name(self.step), final=False)
-        ckpt.prune_periodic(self.checkpoint_dir, self.keep_checkpoints)

@@ -1,7 +1,7 @@
 """Named API tokens (sha256 of the secret) and each job's owner.
 
 Revision ID: 0003
-Revises: 0004
+Revises: 0002
 Create Date: 2026-12-01
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | None = "0004"  # chained after main's 0004 (metric rollups)
+down_revision: str | None = "0002"  # chained after main's 0001 -> 0004 -> 0002
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -155,16 +155,6 @@ def test_dependencies_release_and_fail(session: Session) -> None:
     assert q.retry_job(session, grandchild).status == "waiting"
 
 
-def test_fail_stale_running(session: Session) -> None:
-    a, b = _job(session), _job(session)
-    q.claim_job(session, a, "gpu0@host")
-    q.claim_job(session, b, "gpu1@host")
-    assert q.fail_stale_running(session, "gpu0@host") == [a]
-    job = q.get_job(session, a)
-    assert job is not None and job.status == "failed" and "restarted while running" in (job.error or "")
-    assert q.get_job(session, b).status == "running"  # type: ignore[union-attr]
-
-
 def test_workers_heartbeat_and_alive_window(session: Session) -> None:
     heartbeat(session, "w1", "host", "cpu", "cpu,any", 11, None)
     heartbeat(session, "w2", "host", "cuda:0 NVIDIA H100", "cuda,any", 12, None)

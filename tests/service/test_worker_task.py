@@ -86,18 +86,20 @@ def test_unclaimable_messages_change_nothing(sessions: Any) -> None:
         assert again is not None and again.status == "canceled" and again.attempt == 0
 
 
-def test_a_run_that_died_with_its_process_is_failed_on_redelivery(sessions: Any) -> None:
+def test_a_run_that_died_with_its_process_is_requeued_on_redelivery(sessions: Any) -> None:
+    from store.jobs import claim_job
     from worker.tasks import execute_job
 
     with sessions() as s:
         job = create_job(s, _spec("train"), "train", "t", "cpu", [])
-        job.status, job.worker, job.attempt = "running", "w@h", 1
-        s.commit()
+        claim_job(s, job.id, "w@h", lease_s=3600)
     assert execute_job(job.id, "other@h") == "running"  # someone else's live run: leave it alone
-    assert execute_job(job.id, "w@h") == "failed"
+    # The same name again: the process that ran it is gone (one job at a time), so it resumes.
+    assert execute_job(job.id, "w@h") == "reaped"
     with sessions() as s:
         dead = get_job(s, job.id)
-        assert dead is not None and "died while running" in dead.error and "retry" in dead.error
+        assert dead is not None and dead.status == "queued" and dead.attempt == 1
+        assert dead.attempts[0].status == "lost" and "worker w@h lost at step 0" in dead.attempts[0].error
 
 
 def test_a_broken_study_spec_fails_with_the_fields_named(sessions: Any) -> None:

@@ -1,0 +1,80 @@
+"""The reaper pass: take back expired leases and fail jobs no live worker can take.
+
+Both steps are guarded, idempotent transitions in `store.jobs`, so the pass runs safely from the API
+process and from every worker at once (a worker-only deployment still reaps; an API with no worker
+still reports). It returns the jobs to send to the broker; the caller sends them with its own client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from store.jobs import (
+    Reaped,
+    fail_unservable,
+    reap_expired_leases,
+    release_dependents,
+    unservable_message,
+    unservable_queued,
+)
+from store.models import Job, utcnow
+from store.settings import Settings
+from store.workers import live_queues
+
+log = logging.getLogger(__name__)
+
+
+def reaper_pass(s: Session, settings: Settings, now: datetime | None = None) -> Reaped:
+    """One pass: expired leases re-queued (or failed past max_attempts), unservable jobs failed after
+    `unservable_timeout_s`, and the dependents of every job it ended released or failed in turn."""
+    reaped = reap_expired_leases(s, now, settings.max_attempts)
+    live = live_queues(s, alive_within_s=3 * settings.worker_heartbeat_s)
+    reaped.ended += fail_unservable(s, live, settings.unservable_timeout_s, now)
+    for job in reaped.requeued:
+        log.warning("job %s: its worker's lease expired; re-queued as attempt %s", job.id, job.attempt + 1)
+    for job_id in reaped.ended:
+        log.warning("job %s ended by the reaper", job_id)
+        reaped.requeued += release_dependents(s, job_id)
+    return reaped
+
+
+def _alive_window(settings: Settings) -> float:
+    return 3 * settings.worker_heartbeat_s
+
+
+def status_detail(s: Session, job: Job, settings: Settings) -> str | None:
+    """Why a queued or running job is not progressing, and what happens next (None when it is fine)."""
+    now = utcnow()
+    if job.status == "queued" and job.queue not in live_queues(s, _alive_window(settings)):
+        waited = (now - job.updated_at).total_seconds()
+        left = max(0.0, settings.unservable_timeout_s - waited)
+        return f"{unservable_message(job.queue, waited)}; it fails in {left:.0f} s unless one starts"
+    if job.status == "running" and job.lease_expires_at is not None and job.lease_expires_at < now:
+        return (f"worker {job.worker} stopped renewing its lease {(now - job.lease_expires_at).total_seconds():.0f} s "
+                "ago; the reaper re-queues the job to resume from its last checkpoint")
+    return None
+
+
+def unservable_warnings(s: Session, settings: Settings) -> list[str]:
+    """One line per queue that has queued jobs and no live worker (for /health)."""
+    by_queue: dict[str, list[int]] = {}
+    for job in unservable_queued(s, live_queues(s, _alive_window(settings))):
+        by_queue.setdefault(job.queue, []).append(job.id)
+    return [f"jobs {ids[:10]}{' ...' if len(ids) > 10 else ''} cannot start: {unservable_message(queue)}"
+            for queue, ids in sorted(by_queue.items())]
+
+
+def reap_and_send(s: Session, settings: Settings, send: Callable[[int, str], None]) -> Reaped:
+    """One reaper pass, then every re-queued job published with `send(job_id, queue)`. A failed send is
+    only logged: the job is queued in the database and an idle worker's sweep re-sends it."""
+    reaped = reaper_pass(s, settings)
+    for job in reaped.requeued:
+        try:
+            send(job.id, job.queue)
+        except Exception as exc:
+            log.error("job %s re-queued but not sent (%s); an idle worker re-sends it", job.id, exc)
+    return reaped
