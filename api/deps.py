@@ -1,11 +1,12 @@
-"""Request dependencies: settings, a database session, the artifact store, and the bearer-token check."""
+"""Request dependencies: settings, a database session, the artifact store, the job id parameter and
+the job lookup every router starts from (the caller's identity comes from api.auth)."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import HTTPException, Request, status
+from fastapi import HTTPException, Path, Request, status
 from sqlalchemy.orm import Session
 
 from store.artifacts import ArtifactStore
@@ -13,6 +14,9 @@ from store.db import session_scope
 from store.jobs import get_job
 from store.models import Job
 from store.settings import Settings
+
+if TYPE_CHECKING:
+    from api.auth import Caller
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -29,24 +33,14 @@ def get_artifacts(request: Request) -> ArtifactStore:
     return request.app.state.artifacts
 
 
-def job_or_404(s: Session, job_id: int) -> Job:
-    """The job, or the API's 404 naming it (every router that takes a job id starts here)."""
+# Ids are 32-bit integer columns: a larger one is a 422, never a database error.
+JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The job's id")]
+
+
+def job_or_404(s: Session, job_id: int, caller: Caller) -> Job:
+    """The job, or the API's 404 naming it, also when it belongs to another owner (its existence is
+    not revealed). Every router that takes a job id starts here."""
     job = get_job(s, job_id)
-    if job is None:
+    if job is None or not caller.can_see(job):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
     return job
-
-
-def require_token(request: Request) -> None:
-    """Mutating endpoints need `Authorization: Bearer <ICD_API_TOKEN>` when a token is configured."""
-    token = request.app.state.settings.api_token
-    if not token:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):
-        raise HTTPException(
-            status_code=status.HTTP_401_UNAUTHORIZED,
-            detail="missing or wrong bearer token: send 'Authorization: Bearer <ICD_API_TOKEN>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )

@@ -14,7 +14,9 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session
 
+from api.auth import check_exposure
 from api.docs import install_offline_docs
+from api.guard import RequestGuard
 from api.periodic import PeriodicTask, install_periodic
 from api.routers import artifacts, deploy, jobs, reports, system
 from api.routers.system import STATIC
@@ -56,8 +58,20 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+async def _method_not_allowed(request: Request, _exc: Exception) -> JSONResponse:
+    """405 whose Allow header lists every documented method of the path (Starlette names only those
+    of the first route that matched)."""
+    path, allowed = request.url.path, []
+    for template, operations in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), path):
+            allowed = sorted(m.upper() for m in operations)
+            break
+    return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(allowed)})
+
+
 def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | None = None) -> FastAPI:
-    """Build the app for `settings`; refuses a database that is not at the code's schema revision.
+    """Build the app for `settings`; refuses a database that is not at the code's schema revision, and
+    (StartupRefused) a server beyond loopback with no API token or no ICD_DATA_ROOTS.
 
     With settings.auto_migrate (the embedded `icd serve`) it migrates the database itself instead.
     `periodic` tasks run in exactly one of the API processes sharing the database (api.periodic).
@@ -69,6 +83,8 @@ def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | 
     engine = make_engine(settings.database_url)
     try:
         ensure_migrated(engine)
+        with session_factory(engine)() as s:
+            check_exposure(settings, s)
     except Exception:
         engine.dispose()
         raise
@@ -88,6 +104,8 @@ def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | 
     app.state.sessions = session_factory(engine)
     app.state.artifacts = ArtifactStore(settings.artifact_root)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(405, _method_not_allowed)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
     app.include_router(deploy.router)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, computed_field
 
 from icd_core.leaderboard import cost_from_metrics
 from store.dispatch import gpus_served
@@ -50,6 +50,7 @@ class JobOut(_Out):
     worker: str | None
     error: str | None
     cancel_requested: bool
+    owner: str | None = Field(description="Name of the API token that submitted it; null: the local admin.")
     final_metrics: dict[str, Any] | None
 
     @computed_field(description="What the finished run's model costs (and, for distill, its teacher): params_m, "
@@ -80,9 +81,15 @@ class JobList(BaseModel):
     next_cursor: str | None = Field(None, description="Pass as cursor for the next page; null on the last page.")
 
 
+# [step, value]; documented as a 2-number array (a `prefixItems` tuple trips some OpenAPI tools).
+_Point = Annotated[
+    tuple[int, float], WithJsonSchema({"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2})
+]
+
+
 class MetricsOut(BaseModel):
     job_id: int
-    series: dict[str, list[tuple[int, float]]] = Field(description="name -> [[step, value], ...], steps ascending.")
+    series: dict[str, list[_Point]] = Field(description="name -> [[step, value], ...], steps ascending.")
     last_step: int | None = Field(description="Largest step returned; pass it as since_step to poll for more.")
     attempt: int = Field(0, description="The job's current attempt. When it changes between two polls, the new "
                                         "attempt resumed at `resumed_from_step` and replaced the points above it: "
@@ -155,3 +162,21 @@ class VersionOut(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: Any
+
+
+class ValidationErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="Where: 'body', 'query' or 'path', then the field's path.")
+    field: str = Field("", description="The field as a dotted path, e.g. schedule.batch_size.")
+    msg: str = Field(description="What is wrong and, where it helps, what to change.")
+    type: str
+
+
+class ValidationErrorOut(BaseModel):
+    """A 422: always a list, one entry per problem."""
+
+    detail: list[ValidationErrorItem]
+
+
+def json_error(description: str) -> dict[str, Any]:
+    """An error response documented as JSON, also on routes whose success body is text or a file."""
+    return {"description": description, "content": {"application/json": {"schema": ErrorOut.model_json_schema()}}}

@@ -94,7 +94,7 @@ def _setup_logging() -> None:
 
 
 def _load(path: Path) -> Any:
-    """The spec at `path`, relative COCO paths found in ICD_DATA_ROOTS; a CLI error naming the field."""
+    """The spec at `path`, its COCO paths found in (and kept inside) ICD_DATA_ROOTS; a CLI error naming the field."""
     try:
         return resolve_data_roots(load_spec(path), data_roots())
     except FileNotFoundError as err:

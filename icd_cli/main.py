@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from . import client, core, deploy, service, study
+from . import client, core, deploy, service, study, tokens
 
 
 @click.group()
@@ -31,6 +31,7 @@ main.add_command(service.serve)
 main.add_command(service.worker_cmd)
 main.add_command(service.check_worker)
 main.add_command(service.db)
+main.add_command(tokens.token)
 # The command-line client of a running service (submit, jobs, status, logs, wait, download, cancel, retry)
 # and the offline spec check (validate).
 for _command in client.CLIENT_COMMANDS:

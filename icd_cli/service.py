@@ -55,16 +55,18 @@ def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: s
     _setup_logging(log_level)
     if not no_worker:
         os.environ.setdefault("ICD_AUTO_MIGRATE", "1")
+    os.environ["ICD_LISTEN_HOST"] = host  # beyond loopback: tokens and ICD_DATA_ROOTS are required
     settings = _settings()
     settings.ensure_dirs()
     # The worker subprocess must see the same (absolute) locations as this process.
     os.environ["ICD_HOME"] = str(settings.home)
 
+    from api.auth import StartupRefused
     from api.main import create_app
 
     try:
         app = create_app(settings)
-    except DatabaseNotMigrated as exc:
+    except (DatabaseNotMigrated, StartupRefused) as exc:
         raise click.ClickException(str(exc)) from exc
 
     local = None

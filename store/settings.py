@@ -13,8 +13,6 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from icd_core.data_roots import find_in_roots
-
 
 class Settings(BaseSettings):
     """One object for every knob of the API, the store and the workers."""
@@ -29,7 +27,16 @@ class Settings(BaseSettings):
     cache_dir: Path = Path(".icd") / "cache"
     # Colon-separated in the environment; relative dataset paths in specs are resolved against these.
     data_roots: Annotated[list[Path], NoDecode] = []
-    api_token: str | None = None
+    api_token: str | None = None  # legacy single shared token (an admin); prefer `icd token create`
+    # Where the API listens (`icd serve --host` sets it): beyond loopback, tokens and ICD_DATA_ROOTS are required.
+    listen_host: str = "127.0.0.1"
+    require_token: bool = False  # ask for a token on loopback too
+    # Submit-time caps, so one request cannot take a GPU machine for itself.
+    max_batch_size: int = 64
+    max_image_size: int = 2048  # data.min_size / max_size and generated image_size, in pixels
+    max_dataset_images: int = 100_000  # generated (shapes) datasets
+    max_iterations: int = 10_000_000
+    max_body_bytes: int = 1_000_000  # request bodies larger than this get 413 before they are read
     worker_heartbeat_s: float = 5.0  # also renews the running job's lease: 4 beats per lease timeout
     redeliver_after_s: float = 30.0  # an idle worker re-sends a job left 'queued' this long (lost message)
     # A running job's lease: renewed by its worker's heartbeat, reaped (job re-queued) once this stale.
@@ -87,19 +94,53 @@ class Settings(BaseSettings):
     def api_token_required(self) -> bool:
         return bool(self.api_token)
 
+    @property
+    def beyond_loopback(self) -> bool:
+        """True when the API listens on an address other machines can reach."""
+        return not is_loopback(self.listen_host)
+
+    @property
+    def auth_required(self) -> bool:
+        """Anonymous requests are refused (401). On loopback with no ICD_API_TOKEN and no ICD_REQUIRE_TOKEN,
+        anonymous callers are the local admin (the zero-setup embedded default)."""
+        return self.beyond_loopback or self.require_token or bool(self.api_token)
+
+    def allowed_data_roots(self) -> list[Path]:
+        """ICD_DATA_ROOTS, or (embedded default, loopback only) the working folder and the cache."""
+        if self.data_roots:
+            return [Path(r) for r in self.data_roots]
+        return [Path.cwd(), self.cache_dir]
+
+    def allowed_checkpoint_roots(self) -> list[Path]:
+        """Checkpoints may also come from the artifact store (another job's files)."""
+        return [*self.allowed_data_roots(), self.artifact_root]
+
     def ensure_dirs(self) -> None:
         """Create the local folders the embedded mode writes to."""
         for d in (self.home, self.artifact_root, self.cache_dir):
             d.mkdir(parents=True, exist_ok=True)
 
-    def resolve_data_path(self, p: str) -> str:
-        """An absolute path for a spec path: relative ones are looked up in data_roots (first hit wins)."""
-        path = Path(p).expanduser()
-        if path.is_absolute():
-            return str(path)
-        roots = self.data_roots or [Path.cwd()]
-        found = find_in_roots(path, roots)
-        return str(found if found is not None else (Path(roots[0]) / path).resolve())
+    def resolve_data_path(self, p: str, checkpoint: bool = False) -> str:
+        """The real path of a spec path inside the allowed roots (relative ones: first root holding it).
+
+        Raises icd_core.data_roots.PathNotAllowed naming the roots when it resolves outside all of them.
+        """
+        from icd_core.data_roots import resolve_in_roots
+
+        roots = self.allowed_checkpoint_roots() if checkpoint else self.allowed_data_roots()
+        return str(resolve_in_roots(p, roots))
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; anything else (0.0.0.0, a LAN address, a name) is reachable."""
+    import ipaddress
+
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache(maxsize=1)

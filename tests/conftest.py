@@ -1,9 +1,12 @@
-"""Suite-wide rules: under CI=true a test that needs PostgreSQL or Redis must run, never skip."""
+"""Suite-wide rules: under CI=true a test that needs PostgreSQL or Redis must run, never skip. Also the
+malicious-checkpoint writer shared by the core and service safe-loading tests."""
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,3 +53,33 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for nodeid in _skipped_service_tests:
             print(f"  {nodeid}")
         session.exitstatus = 1
+
+
+class _RunsCode:
+    """Unpickling this runs `touch marker`, as an attacker's os.system call would."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _write_malicious_checkpoint(path: Path, marker: Path, raw_pickle: bool = False) -> Path:
+    """A checkpoint-looking file whose unpickling creates `marker` unless loading is weights-only."""
+    import pickle
+
+    import torch
+
+    payload = {"model": _RunsCode(marker), "model_spec": {}}
+    if raw_pickle:
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)
+    return path
+
+
+@pytest.fixture
+def malicious_checkpoint() -> Any:
+    """write(path, marker, raw_pickle=False) -> path: a malicious pickle for the safe-loading tests."""
+    return _write_malicious_checkpoint

@@ -66,7 +66,7 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
         tspec = teacher_train_spec(study)
         assert tspec is not None
         teacher_job = create_job(s, tspec.model_dump(mode="json"), "train", tspec.name, queue_for(tspec),
-                                 parent_id=job.id)
+                                 parent_id=job.id, owner=job.owner)
         teacher_ref = f"job:{teacher_job.id}"
 
     created = [teacher_job] if teacher_job else []
@@ -76,7 +76,8 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
         if method == ICD_PRETRAINED and first_pretrained is not None:
             waits.append(first_pretrained.id)  # same artifact key: wait, then load it from the cache
         created.append(create_job(s, child.model_dump(mode="json"), "distill", child.name, queue_for(child),
-                                  depends_on=waits, parent_id=job.id, status="waiting" if waits else "queued"))
+                                  depends_on=waits, parent_id=job.id, status="waiting" if waits else "queued",
+                                  owner=job.owner))
         if method == ICD_PRETRAINED and first_pretrained is None:
             first_pretrained = created[-1]
     park_study(s, job.id, len(created))

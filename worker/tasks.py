@@ -262,13 +262,25 @@ def _run_spec(spec_dict: dict[str, Any], job_dir: Path, reporter: DbReporter) ->
     if group_size(spec_dict) > 1:
         return _run_group(spec_dict, group_size(spec_dict), job_dir, reporter)
     return run_spec(
-        parse_spec(spec_dict),
+        parse_spec(_confined(spec_dict, settings)),
         output_dir=job_dir,
         callbacks=[reporter],
         resume=True,
         resolve_checkpoint=resolve_checkpoint,
         cache_dir=settings.cache_dir,
     )
+
+
+def _confined(spec_dict: dict[str, Any], settings: Any) -> dict[str, Any]:
+    """The spec's paths checked again against this worker's roots (a symlink may have moved since submit)."""
+    from icd_core.data_roots import PathNotAllowed, confine_spec_paths
+
+    confined, errors = confine_spec_paths(
+        spec_dict, settings.allowed_data_roots(), settings.allowed_checkpoint_roots()
+    )
+    if errors:
+        raise PathNotAllowed("; ".join(f"{field}: {reason}" for field, reason in errors))
+    return confined
 
 
 def _run_group(spec_dict: dict[str, Any], gpus: int, job_dir: Path, reporter: DbReporter) -> Any:
@@ -317,7 +329,7 @@ def resolve_checkpoint(ref: str) -> Path:
     if parse_job_ref(ref) is not None:
         with sessions()() as s:
             return resolve_job_ref(s, settings.artifact_root, ref)
-    return Path(settings.resolve_data_path(ref))
+    return Path(settings.resolve_data_path(ref, checkpoint=True))
 
 
 # --- outcomes ---------------------------------------------------------------------------------------

@@ -9,24 +9,29 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
-from api.deps import get_artifacts, get_session, job_or_404
-from api.schemas import CheckpointOut, ErrorOut
+from api.auth import UNAUTHORIZED, Caller, get_caller
+from api.deps import JobId, get_artifacts, get_session, job_or_404
+from api.schemas import CheckpointOut, json_error
 from store import jobs as q
 from store.artifacts import ArtifactStore
 from store.db import session_scope
 from store.models import TERMINAL_STATUSES
 from store.results import get_checkpoint, list_checkpoints
 
-router = APIRouter(prefix="/jobs", tags=["artifacts"])
+router = APIRouter(prefix="/jobs", tags=["artifacts"], dependencies=[Depends(get_caller)],
+                   responses=UNAUTHORIZED | {404: json_error("No such job or file")})
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
-def job_checkpoints(job_id: int, request: Request, s: Session = Depends(get_session)) -> list[CheckpointOut]:
+def job_checkpoints(
+    job_id: JobId, request: Request, s: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> list[CheckpointOut]:
     """Checkpoints recorded for the job, with size, sha256 and a download URL."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     out = []
     for ck in list_checkpoints(s, job_id):
         item = CheckpointOut.model_validate(ck)
@@ -41,16 +46,19 @@ def job_checkpoints(job_id: int, request: Request, s: Session = Depends(get_sess
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The checkpoint file"},
         206: {"description": "The requested byte range"},
-        404: {"model": ErrorOut},
         416: {"description": "Range not satisfiable"},
     },
 )
 def download_checkpoint(
-    job_id: int, name: str, s: Session = Depends(get_session), artifacts: ArtifactStore = Depends(get_artifacts)
+    job_id: JobId,
+    name: Annotated[str, PathParam(max_length=255)],
+    s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+    artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> FileResponse:
     """Stream a checkpoint. `X-Checkpoint-SHA256` (also the ETag) lets clients verify it; `Range`
     requests resume an interrupted download (206, or 416 for a range outside the file)."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     ck = get_checkpoint(s, job_id, name)
     if ck is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no checkpoint named {name!r}")
@@ -81,21 +89,21 @@ FOLLOW_POLL_S = 0.5
 @router.get(
     "/{job_id}/logs",
     response_class=PlainTextResponse,
-    responses={200: {"headers": {"X-Log-Offset": {"description": "Byte offset after this text: pass it as offset"}}},
-               404: {"model": ErrorOut}},
+    responses={200: {"headers": {"X-Log-Offset": {"description": "Byte offset after this text: pass it as offset"}}}},
 )
 def job_logs(
-    job_id: int,
+    job_id: JobId,
     request: Request,
     tail: Annotated[int | None, Query(ge=1, le=100_000, description="Only the last N lines")] = None,
     offset: Annotated[int | None, Query(ge=0, description="Start at this byte (a previous X-Log-Offset)")] = None,
     follow: Annotated[bool, Query(description="Keep streaming new lines until the job is finished")] = False,
     s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> Response:
     """The job's log as plain text (empty until its worker writes one). `offset` reads only what was added
     since a previous read; `follow` streams the log as it grows and ends when the job is finished."""
-    job = job_or_404(s, job_id)
+    job = job_or_404(s, job_id, caller)
     path = artifacts.log_path(job_id)
     start = _start_offset(path, tail, offset)
     if follow:

@@ -24,15 +24,15 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from api.deps import get_app_settings, get_artifacts, get_session, require_token
-from api.routers.jobs import job_or_404
-from api.schemas import ErrorOut
+from api.auth import UNAUTHORIZED, Caller, get_caller
+from api.deps import JobId, get_app_settings, get_artifacts, get_session, job_or_404
+from api.schemas import ErrorOut, json_error
 from store.artifacts import ArtifactStore
 from store.models import Job
 from store.results import final_checkpoint_path
 from store.settings import Settings
 
-router = APIRouter(prefix="/jobs", tags=["deploy"])
+router = APIRouter(prefix="/jobs", tags=["deploy"], dependencies=[Depends(get_caller)], responses=UNAUTHORIZED)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
@@ -63,10 +63,11 @@ def _pngs(folder: Path, url: str) -> list[PredictionImage]:
 
 @router.get("/{job_id}/predictions", response_model=PredictionsOut, responses={404: {"model": ErrorOut}})
 def job_predictions(
-    job_id: int, s: Session = Depends(get_session), artifacts: ArtifactStore = Depends(get_artifacts)
+    job_id: JobId, s: Session = Depends(get_session), caller: Caller = Depends(get_caller),
+    artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> PredictionsOut:
     """The rendered predictions of a finished train/distill job (empty lists before it finishes)."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     folder = artifacts.job_dir(job_id) / "predictions"
     base = f"/jobs/{job_id}/predictions"
     has_json = (folder / "detections.json").is_file()
@@ -93,19 +94,21 @@ _FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.get("/{job_id}/predictions/teacher/{name}", response_class=FileResponse, responses=_FILE_RESPONSES)
 def teacher_prediction_file(
-    job_id: int, name: str, s: Session = Depends(get_session), artifacts: ArtifactStore = Depends(get_artifacts)
+    job_id: JobId, name: str, s: Session = Depends(get_session), caller: Caller = Depends(get_caller),
+    artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> FileResponse:
     """One of the teacher's rendered validation images (distill jobs)."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     return _prediction_file(artifacts, job_id, ["teacher", name])
 
 
 @router.get("/{job_id}/predictions/{name}", response_class=FileResponse, responses=_FILE_RESPONSES)
 def prediction_file(
-    job_id: int, name: str, s: Session = Depends(get_session), artifacts: ArtifactStore = Depends(get_artifacts)
+    job_id: JobId, name: str, s: Session = Depends(get_session), caller: Caller = Depends(get_caller),
+    artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> FileResponse:
     """One rendered validation image (PNG), or `detections.json`."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     return _prediction_file(artifacts, job_id, [name])
 
 
@@ -221,13 +224,13 @@ def _exportable_checkpoint(s: Session, job: Job, settings: Settings) -> Path:
     "/{job_id}/exports",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=ExportOut,
-    dependencies=[Depends(require_token)],
     responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut, "description": "Not exportable now"}},
 )
 def create_export(
-    job_id: int,
+    job_id: JobId,
     req: ExportRequest,
     s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
     settings: Settings = Depends(get_app_settings),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> ExportOut:
@@ -237,7 +240,7 @@ def create_export(
     `url`) or `failed` (`error` says why: a detector or opset that cannot export, or a verification
     mismatch). POSTing again replaces a finished export; one already running answers 409.
     """
-    job = job_or_404(s, job_id)
+    job = job_or_404(s, job_id, caller)
     checkpoint = _exportable_checkpoint(s, job, settings)
     folder = _export_dir(artifacts, job_id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -259,41 +262,50 @@ def create_export(
 
 @router.get("/{job_id}/exports", response_model=list[ExportOut], responses={404: {"model": ErrorOut}})
 def list_exports(
-    job_id: int, s: Session = Depends(get_session), artifacts: ArtifactStore = Depends(get_artifacts)
+    job_id: JobId, s: Session = Depends(get_session), caller: Caller = Depends(get_caller),
+    artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> list[ExportOut]:
     """The job's exports, one per format that was requested."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     return [out for fmt in _SUFFIX if (out := _read_state(artifacts, job_id, fmt)) is not None]
 
 
 @router.get("/{job_id}/exports/{fmt}", response_model=ExportOut, responses={404: {"model": ErrorOut}})
 def get_export(
-    job_id: int, fmt: Literal["onnx", "torchscript"], s: Session = Depends(get_session),
+    job_id: JobId, fmt: Literal["onnx", "torchscript"], s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> ExportOut:
     """One export's state, error or verification."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     out = _read_state(artifacts, job_id, fmt)
     if out is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no {fmt} export; POST one first")
     return out
 
 
-@router.api_route(
+@router.get(
     "/{job_id}/exports/{fmt}/file",
-    methods=["GET", "HEAD"],
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 404: {"model": ErrorOut}},
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: json_error("No such job or export")},
 )
 def download_export(
-    job_id: int, fmt: Literal["onnx", "torchscript"], s: Session = Depends(get_session),
+    job_id: JobId, fmt: Literal["onnx", "torchscript"], s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> FileResponse:
     """Stream a verified export (`X-Export-SHA256` / ETag to check it; HTTP ranges resume a download)."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     out = _read_state(artifacts, job_id, fmt)
     path = _export_dir(artifacts, job_id) / f"model{_SUFFIX[fmt]}"
     if out is None or out.status != "succeeded" or not path.is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no finished {fmt} export")
     return FileResponse(path, media_type="application/octet-stream", filename=f"job{job_id}{_SUFFIX[fmt]}",
                         headers={"X-Export-SHA256": out.sha256 or "", "ETag": f'"{out.sha256}"'})
+
+
+# HEAD (size and sha256 first) is the same handler, kept out of the schema so operation ids stay unique.
+router.add_api_route(
+    "/{job_id}/exports/{fmt}/file", download_export, methods=["HEAD"], include_in_schema=False,
+    response_class=FileResponse,
+)

@@ -8,11 +8,20 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response, st
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
+from api.auth import UNAUTHORIZED, Caller, get_caller
 from api.bodies import YAML_REQUEST_BODY, YamlBodyRoute
-from api.deps import get_app_settings, get_artifacts, get_session, job_or_404, require_token
+from api.deps import JobId, get_app_settings, get_artifacts, get_session, job_or_404
 from api.docs import SUBMIT_EXAMPLES
-from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut
-from icd_core.spec import JobSpec, StudySpec, check_paths, iter_checkpoint_refs, parse_spec
+from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut, ValidationErrorOut
+from api.validation import (
+    DB_INT_MAX,
+    confine_paths,
+    field_error,
+    limit_errors,
+    nul_fields,
+    reference_mismatch,
+)
+from icd_core.spec import JobSpec, ModelSpec, StudySpec, check_paths, iter_checkpoint_refs, parse_spec
 from icd_core.study_plan import check_study
 from store import jobs as q
 from store.artifacts import ArtifactStore
@@ -24,41 +33,48 @@ from store.reaper import status_detail
 from store.results import get_metrics, list_evaluations
 from store.settings import Settings
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=YamlBodyRoute)
+_UNPROCESSABLE = {422: {"model": ValidationErrorOut, "description": "Invalid parameters: each entry names the field"}}
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=YamlBodyRoute, dependencies=[Depends(get_caller)],
+                   responses=UNAUTHORIZED | _UNPROCESSABLE)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
 _STATE: dict[int | str, dict[str, Any]] = {409: {"model": ErrorOut, "description": "Not allowed in the job's status"}}
 
 
-def field_error(field: str, reason: str) -> dict[str, Any]:
-    """One 422 entry, shaped like FastAPI's own validation errors plus a dotted `field`."""
-    return {"loc": ["body", *field.split(".")], "field": field, "msg": reason, "type": "value_error"}
+def _validated_spec(spec: Any, settings: Settings) -> tuple[Any, list[dict[str, Any]]]:
+    """The spec with its paths resolved inside the allowed roots, and every problem found (422 entries).
 
-
-def _resolve_paths(spec: Any, settings: Settings) -> Any:
-    """Relative data and checkpoint paths → absolute, looked up in settings.data_roots.
-
-    The stored spec carries the absolute paths, so workers do not depend on their working directory.
+    The stored spec carries the real absolute paths, so workers do not depend on their working directory.
     """
-    d = spec.model_dump(mode="json")
-    for split in ("train", "val"):
-        src = d.get("data", {}).get(split) or {}
-        if src.get("format") == "coco":
-            for key in ("images", "annotations"):
-                src[key] = settings.resolve_data_path(src[key])
-    for field in ("model", "teacher", "student"):
-        m = d.get(field)
-        if isinstance(m, dict) and m.get("checkpoint") and not str(m["checkpoint"]).startswith("job:"):
-            m["checkpoint"] = settings.resolve_data_path(m["checkpoint"])
-    return parse_spec(d)
+    raw = spec.model_dump(mode="json")
+    errors = [field_error(f, "NUL bytes are not allowed") for f in nul_fields(raw)]
+    if errors:
+        return spec, errors
+    confined, errors = confine_paths(raw, settings)
+    if errors:
+        return spec, errors
+    spec = parse_spec(confined)  # only paths changed: still valid
+    errors = [field_error(f, r) for f, r in check_paths(spec)]
+    errors += [field_error(f, r) for f, r in limit_errors(spec, settings)]
+    return spec, errors
 
 
-def _check_job_refs(s: Session, spec: Any, settings: Settings, errors: list[dict[str, Any]]) -> list[int]:
+def _check_job_refs(
+    s: Session, spec: Any, settings: Settings, caller: Caller, errors: list[dict[str, Any]]
+) -> list[int]:
     """Validate `checkpoint: job:<id>` references; return the ids still running (to wait for)."""
     waits: list[int] = []
     for field, ref in iter_checkpoint_refs(spec):
         dep_id = parse_job_ref(ref)
         if dep_id is None:
+            continue
+        dep = q.get_job(s, dep_id) if dep_id <= DB_INT_MAX else None
+        if dep is None or not caller.can_see(dep):
+            errors.append(field_error(field, f"job {dep_id} does not exist"))
+            continue
+        expected = getattr(spec, field.split(".")[0])
+        if isinstance(expected, ModelSpec) and (why := reference_mismatch(field, expected, dep)):
+            errors.append(field_error(field, why))
             continue
         problem, pending = job_ref_state(s, settings.artifact_root, dep_id)
         if problem:
@@ -69,7 +85,7 @@ def _check_job_refs(s: Session, spec: Any, settings: Settings, errors: list[dict
 
 
 def _dispatch(s: Session, settings: Settings, job: Job) -> None:
-    """Publish a queued job. If the broker is down the job is marked failed (retry it later) → 503."""
+    """Publish a retried job. If the broker is down the job is marked failed again (retry later) → 503."""
     try:
         enqueue(job.id, job.queue, settings.broker_url)
     except BrokerUnavailable as exc:
@@ -80,16 +96,31 @@ def _dispatch(s: Session, settings: Settings, job: Job) -> None:
         ) from exc
 
 
+def _dispatch_new(s: Session, settings: Settings, job: Job) -> None:
+    """Publish a just-created job, or delete it and answer 503: a submit is all or nothing, so a client
+    that retries after a 503 makes no duplicate."""
+    try:
+        enqueue(job.id, job.queue, settings.broker_url)
+    except BrokerUnavailable as exc:
+        q.discard_unsent(s, job.id)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail=f"{exc}; nothing was recorded: submit again when the broker is back",
+            headers={"Retry-After": "5"},
+        ) from exc
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=JobDetail,
-    dependencies=[Depends(require_token)],
     openapi_extra=YAML_REQUEST_BODY,
     responses={
+        400: {"model": ErrorOut, "description": "The body is not JSON"},
+        413: {"model": ErrorOut, "description": "Request body over ICD_MAX_BODY_BYTES"},
         415: {"model": ErrorOut, "description": "A body that is neither JSON nor YAML"},
-        422: {"description": "Invalid spec: each entry names the field and the reason"},
-        503: {"model": ErrorOut, "description": "Broker unreachable: the job was recorded as failed; retry it later"},
+        422: {"model": ValidationErrorOut, "description": "Invalid spec: each entry names the field and the reason"},
+        503: {"model": ErrorOut, "description": "Broker unreachable: nothing was recorded; submit again later"},
     },
 )
 def submit_job(
@@ -97,15 +128,16 @@ def submit_job(
     spec: Annotated[JobSpec, Body(openapi_examples=SUBMIT_EXAMPLES)],
     s: Session = Depends(get_session),
     settings: Settings = Depends(get_app_settings),
+    caller: Caller = Depends(get_caller),
 ) -> JobDetail:
     """Submit a job spec (JSON, or YAML with `Content-Type: application/yaml`). It is queued at once, or
     waits while a `checkpoint: job:<id>` job still runs.
 
-    Unreadable dataset or checkpoint paths are rejected here (422 naming the field).
+    Paths outside the allowed roots, unreadable files, values above the server's caps and `job:<id>`
+    references of another architecture are rejected here (422 naming the field).
     """
-    spec = _resolve_paths(spec, settings)
-    errors = [field_error(f, r) for f, r in check_paths(spec)]
-    waits = _check_job_refs(s, spec, settings, errors)
+    spec, errors = _validated_spec(spec, settings)
+    waits = _check_job_refs(s, spec, settings, caller, errors) if not errors else []
     if isinstance(spec, StudySpec):
         try:
             check_study(spec)  # an incompatible teacher/student pair fails now, not after the teacher trains
@@ -121,15 +153,16 @@ def submit_job(
         queue=queue_for(spec),
         depends_on=waits,
         status="waiting" if waits else "queued",
+        owner=caller.name,
     )
     response.headers["Location"] = f"/jobs/{job.id}"
     if waits:
         released = q.settle_waiting(s, job.id)  # a dependency may have finished meanwhile
         if released is not None:
-            _dispatch(s, settings, released)
+            _dispatch_new(s, settings, released)
     else:
-        _dispatch(s, settings, job)
-    return JobDetail.model_validate(job_or_404(s, job.id))
+        _dispatch_new(s, settings, job)
+    return JobDetail.model_validate(job_or_404(s, job.id, caller))
 
 
 @router.get("", response_model=JobList)
@@ -139,16 +172,18 @@ def list_jobs(
         str | None, Query(alias="status", description="One status or several, comma-separated: queued,running")
     ] = None,
     kind: Annotated[str | None, Query(description="train | distill | evaluate | study")] = None,
-    name: str | None = None,
-    parent_id: int | None = None,
+    name: Annotated[str | None, Query(max_length=200)] = None,
+    parent_id: Annotated[int | None, Query(ge=1, le=DB_INT_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, description="Rows to skip (slow when deep: prefer cursor)")] = 0,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Rows to skip (slow when deep: prefer cursor)")] = 0,
     search: Annotated[str | None, Query(max_length=200, description="Name contains this (any case), or the id")] = None,
     cursor: Annotated[
-        str | None, Query(description="next_cursor of the previous page: the jobs after it, newest first")
+        str | None,
+        Query(max_length=200, description="next_cursor of the previous page: the jobs after it, newest first"),
     ] = None,
+    caller: Caller = Depends(get_caller),
 ) -> JobList:
-    """Jobs newest first, filtered, one page at a time.
+    """Jobs newest first, filtered, one page at a time; a non-admin token sees only its own jobs.
 
     Page by `cursor` (each page returns `next_cursor`, null on the last page): fast at any depth, and
     no job is repeated or skipped while new ones are submitted. `total` is exact up to 10,000 matches,
@@ -156,15 +191,16 @@ def list_jobs(
     """
     statuses = [x for x in (status_ or "").split(",") if x] or None
     if cursor and offset:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, detail="offset: use either cursor or offset, not both"
-        )
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            detail=[_query_error("offset", "offset: use either cursor or offset, not both")])
     try:
         page = page_jobs(
-            s, statuses, kind, name, parent_id, limit=limit, offset=offset, cursor=cursor, search=search
+            s, statuses, kind, name, parent_id, limit=limit, offset=offset, cursor=cursor, search=search,
+            owner=None if caller.admin else caller.name,
         )
     except ValueError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+        field = "cursor" if str(exc).startswith("cursor") else "status"
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=[_query_error(field, str(exc))]) from exc
     return JobList(
         items=[JobOut.model_validate(j) for j in page.items],
         total=page.total,
@@ -175,43 +211,49 @@ def list_jobs(
     )
 
 
+def _query_error(field: str, reason: str) -> dict[str, Any]:
+    """One 422 entry about a query parameter, in the array shape of every 422."""
+    return {"loc": ["query", field], "field": field, "msg": reason, "type": "value_error"}
+
+
 @router.get("/{job_id}", response_model=JobDetail, responses=_ERRORS)
 def get_job(
-    job_id: int, s: Session = Depends(get_session), settings: Settings = Depends(get_app_settings)
+    job_id: JobId, s: Session = Depends(get_session), settings: Settings = Depends(get_app_settings),
+    caller: Caller = Depends(get_caller),
 ) -> JobDetail:
     """Spec, status, attempt, progress, ETA, timestamps, worker, error and final metrics."""
-    job = job_or_404(s, job_id)
+    job = job_or_404(s, job_id, caller)
     detail = JobDetail.model_validate(job)
     detail.status_detail = status_detail(s, job, settings)
     return detail
 
 
 @router.post(
-    "/{job_id}/cancel", response_model=JobDetail, dependencies=[Depends(require_token)], responses=_ERRORS | _STATE
+    "/{job_id}/cancel", response_model=JobDetail, responses=_ERRORS | _STATE
 )
-def cancel_job(job_id: int, s: Session = Depends(get_session)) -> JobDetail:
+def cancel_job(job_id: JobId, s: Session = Depends(get_session), caller: Caller = Depends(get_caller)) -> JobDetail:
     """Queued or waiting jobs are canceled at once; a running one stops at its next step."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     try:
         job = q.request_cancel(s, job_id)
     except q.JobStateError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
     if job.status == "canceled":
         q.release_dependents(s, job_id)  # jobs waiting for it fail with a message saying so
-    return JobDetail.model_validate(job_or_404(s, job_id))
+    return JobDetail.model_validate(job_or_404(s, job_id, caller))
 
 
 @router.post(
     "/{job_id}/retry",
     response_model=JobDetail,
-    dependencies=[Depends(require_token)],
     responses=_ERRORS | _STATE | {503: {"model": ErrorOut, "description": "Broker unreachable"}},
 )
 def retry_job(
-    job_id: int, s: Session = Depends(get_session), settings: Settings = Depends(get_app_settings)
+    job_id: JobId, s: Session = Depends(get_session), settings: Settings = Depends(get_app_settings),
+    caller: Caller = Depends(get_caller),
 ) -> JobDetail:
     """Requeue a failed or canceled job; it resumes from its last checkpoint."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     try:
         job = q.retry_job(s, job_id)
     except q.JobStateError as exc:
@@ -222,20 +264,20 @@ def retry_job(
             _dispatch(s, settings, released)
     else:
         _dispatch(s, settings, job)
-    return JobDetail.model_validate(job_or_404(s, job_id))
+    return JobDetail.model_validate(job_or_404(s, job_id, caller))
 
 
 @router.delete(
     "/{job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    dependencies=[Depends(require_token)],
     responses=_ERRORS | _STATE,
 )
 def delete_job(
-    job_id: int, s: Session = Depends(get_session), artifacts: ArtifactStore = Depends(get_artifacts)
+    job_id: JobId, s: Session = Depends(get_session), artifacts: ArtifactStore = Depends(get_artifacts),
+    caller: Caller = Depends(get_caller),
 ) -> Response:
     """Delete a finished job, its results and its artifact folder (study children included)."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     children = [c.id for c in q.list_jobs(s, parent_id=job_id, limit=100_000)]
     try:
         q.delete_job(s, job_id)
@@ -248,10 +290,15 @@ def delete_job(
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut, responses=_ERRORS)
 def job_metrics(
-    job_id: int,
+    job_id: JobId,
     s: Session = Depends(get_session),
-    names: Annotated[str | None, Query(description="Comma-separated series names; all when omitted")] = None,
-    since_step: Annotated[int | None, Query(description="Only steps after this one (incremental polling)")] = None,
+    caller: Caller = Depends(get_caller),
+    names: Annotated[
+        str | None, Query(max_length=10_000, description="Comma-separated series names; all when omitted")
+    ] = None,
+    since_step: Annotated[
+        int | None, Query(ge=-DB_INT_MAX - 1, le=DB_INT_MAX, description="Only steps after this one (polling)")
+    ] = None,
     max_points: Annotated[
         int | None,
         Query(
@@ -263,9 +310,8 @@ def job_metrics(
     ] = None,
 ) -> MetricsOut | JSONResponse:
     """Training scalars by series name."""
-    job_or_404(s, job_id)
+    job = job_or_404(s, job_id, caller)
     wanted = [n for n in (names or "").split(",") if n] or None
-    job = job_or_404(s, job_id)
     series = get_metrics(s, job_id, wanted, since_step, max_points)
     last = max((pts[-1][0] for pts in series.values() if pts), default=None)
     current = next((a for a in job.attempts if a.number == job.attempt), None)
@@ -275,12 +321,15 @@ def job_metrics(
 
 @router.get("/{job_id}/evaluations", response_model=list[EvaluationOut], responses=_ERRORS)
 def job_evaluations(
-    job_id: int,
+    job_id: JobId,
     s: Session = Depends(get_session),
-    since_step: Annotated[int | None, Query(description="Only evaluations after this step (polling)")] = None,
+    caller: Caller = Depends(get_caller),
+    since_step: Annotated[
+        int | None, Query(ge=-DB_INT_MAX - 1, le=DB_INT_MAX, description="Only evaluations after this step (polling)")
+    ] = None,
 ) -> list[EvaluationOut]:
     """Every COCO evaluation: AP, AP50, AP75, APs/m/l (percent) and per-class AP, steps ascending."""
-    job_or_404(s, job_id)
+    job_or_404(s, job_id, caller)
     evals = list_evaluations(s, job_id)
     if since_step is not None:
         evals = [e for e in evals if e.step > since_step]

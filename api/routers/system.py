@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from api.auth import UNAUTHORIZED, get_caller
 from api.deps import get_app_settings, get_session
 from api.schemas import CheckResult, HealthOut, VersionOut, WorkerOut
 from store.db import current_revision
@@ -32,7 +33,7 @@ def _alive_window(settings: Settings) -> float:
     return 3 * settings.worker_heartbeat_s
 
 
-@router.get("/workers", response_model=list[WorkerOut])
+@router.get("/workers", response_model=list[WorkerOut], dependencies=[Depends(get_caller)], responses=UNAUTHORIZED)
 def workers(s: Session = Depends(get_session), settings: Settings = Depends(get_app_settings)) -> list[WorkerOut]:
     """Live workers: host, device, queues and the job each is running."""
     return [WorkerOut.model_validate(w) for w in list_workers(s, _alive_window(settings))]

@@ -35,10 +35,32 @@ def decode_rgb(path: str | Path) -> torch.Tensor:
         return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
 
 
+class ImageUnreadable(ValueError):
+    """An image of the dataset is missing, truncated or undecodable; the message names it and its id.
+
+    DataLoader worker processes re-raise a worker's exception as `type(traceback_text)`; the constructor
+    keeps only this class's own message, so a job's error stays one line, not a 23-frame traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 def load_coco(annotations_json: str | Path) -> COCO:
-    """Load a COCO annotation file without pycocotools' progress prints on stdout."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(annotations_json))
+    """Load a COCO annotation file without pycocotools' progress prints on stdout; a file that is not
+    COCO JSON is a ValueError naming it."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(annotations_json))
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as err:
+        # json.JSONDecodeError and UnicodeDecodeError are ValueErrors; the others come from wrong shapes
+        reason = f"{type(err).__name__}: {err}"
+        raise ValueError(
+            f"{annotations_json} is not a valid COCO annotation file ({reason}); fix or replace it"
+        ) from err
 
 
 class CocoDataset(Dataset):
@@ -149,7 +171,15 @@ class CocoDataset(Dataset):
         """Decode image `index` and build its target, optionally mirrored left-right."""
         img_id = self.image_ids[index]
         path = self.images_dir / self.coco.imgs[img_id]["file_name"]
-        image = decode_rgb(path).float().div_(255.0)
+        try:
+            image = decode_rgb(path).float().div_(255.0)
+        except (OSError, RuntimeError, ValueError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ImageUnreadable(
+                f"image {img_id} ({path}) in {self.annotations_json} cannot be read: {reason}; "
+                "replace the file or remove the image from the annotations"
+            ) from None
+
         h, w = image.shape[-2:]
         boxes = torch.from_numpy(self._boxes[index].copy())
         labels = torch.from_numpy(self._labels[index].copy())

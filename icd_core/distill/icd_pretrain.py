@@ -137,7 +137,7 @@ class FeatureSource:
             ckpt.atomic_save({"features": dict(tb.features), "targets": tb.targets, "image_sizes": tb.image_sizes,
                               "padded_size": list(tb.padded_size)}, path)
             return tb
-        saved = torch.load(path, map_location=self.device, weights_only=True)
+        saved = ckpt.load_checkpoint(path, map_location=self.device)  # the one reader (weights_only)
         return TeacherBatch(OrderedDict(saved["features"]), saved["targets"],
                             [tuple(s) for s in saved["image_sizes"]], tuple(saved["padded_size"]))
 

@@ -146,15 +146,25 @@ def prune_periodic(folder: Path, keep: int) -> None:
         p.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by `atomic_save`, with a message that names the file on failure."""
+class NotACheckpoint(ValueError):
+    """A file that `torch.load(weights_only=True)` refuses: garbage, truncated, or a pickle with code in it."""
+
+
+def not_a_checkpoint_message(path: Path | str) -> str:
+    return f"{path} is not a checkpoint written by this service (or by torch.save of a state dict)"
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The one reader of checkpoint files in the project: `weights_only=True`, so a file anyone names
+    (a teacher, a model to fine-tune, a checkpoint to evaluate) is data and never runs code on load."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # re-raised with the file name
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    except Exception as err:  # unpickling refused or failed: say what the file is not, then why
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise NotACheckpoint(f"{not_a_checkpoint_message(path)}: {type(err).__name__}: {reason}") from err
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not an icd checkpoint (expected a dict)")
+        raise NotACheckpoint(f"{not_a_checkpoint_message(path)}: it holds a {type(obj).__name__}, not a dict")
     return obj

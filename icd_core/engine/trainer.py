@@ -300,14 +300,15 @@ class Trainer:
         if log_due:
             self._log(loop.window, loop.window_time, loop.window_data)
             loop.window, loop.window_time, loop.window_data = [], 0.0, 0.0
-        if eval_due and self.evaluator is not None:
-            loop.last_eval = self._evaluate()
-            loop.evaluated_at = self.step
+        # The checkpoint before the evaluation: a failing evaluation never costs the training.
         if ckpt_due and self.spike_guard.suspect:
             log.warning("step %d: loss spiking, checkpoint skipped so the last one stays good", self.step)
         elif ckpt_due:
             self._save_periodic()
             loop.saved_at = self.step
+        if eval_due and self.evaluator is not None:
+            loop.last_eval = self._evaluate()
+            loop.evaluated_at = self.step
         self._stop_if_requested(loop)
 
     def _stop_if_requested(self, loop: _Loop) -> None:
@@ -325,13 +326,14 @@ class Trainer:
         return any(cb.should_stop() for cb in self.callbacks)
 
     def _after_train(self, loop: _Loop) -> TrainResult:
-        """The final evaluation (unless the last step had one) and the final checkpoint."""
+        """The final checkpoint, then the final evaluation (unless the last step had one): a bad
+        validation image must not cost the trained weights."""
         if loop.window and not loop.check_every_step:
             self._check_window(loop.window)
-        if self.evaluator is not None and loop.evaluated_at != self.step:
-            loop.last_eval = self._evaluate()
         final_path = self.checkpoint_dir / ckpt.FINAL_NAME
         self._save(final_path, final=True)
+        if self.evaluator is not None and loop.evaluated_at != self.step:
+            loop.last_eval = self._evaluate()
         final_metrics = self._final_metrics(loop.last_eval)
         for cb in self.callbacks:
             cb.on_end(self.step, final_metrics)

@@ -20,7 +20,7 @@ from store.settings import Settings
 
 PG_HOST = os.environ.get("ICD_TEST_PG_HOST", "127.0.0.1:5432")
 PG_USERS = ("postgres", "root")
-TABLES = ("metrics", "evaluations", "checkpoints", "attempts", "workers", "jobs")
+TABLES = ("metrics", "evaluations", "checkpoints", "attempts", "workers", "jobs", "api_tokens")
 
 
 def _pg_admin() -> tuple[Any, str]:
@@ -151,3 +151,26 @@ def drain_queue(broker_url: str, queue: str) -> list[tuple[str, list[Any]]]:
 def drain() -> Any:
     """drain_queue(broker_url, queue) as a fixture, so tests need not import conftest."""
     return drain_queue
+
+
+@pytest.fixture
+def api_and_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    """The API and the worker's task on one environment: ICD_* pointing at tmp_path."""
+    from api.main import create_app
+    from store.settings import get_settings
+    from worker import db
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("ICD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ICD_DATABASE_URL", f"sqlite:///{tmp_path / 'icd.db'}")
+    monkeypatch.setenv("ICD_BROKER_URL", f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+    monkeypatch.setenv("ICD_DATA_ROOTS", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    db.dispose()
+    upgrade_database(get_settings().database_url)
+    app = create_app(get_settings())
+    with TestClient(app) as c:
+        yield c
+    app.state.engine.dispose()
+    db.dispose()
+    get_settings.cache_clear()

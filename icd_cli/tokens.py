@@ -1,0 +1,84 @@
+"""`icd token create|list|revoke`: named API tokens, stored as the sha256 of their secret in the database.
+
+Run it where ICD_DATABASE_URL points at the service's database (on the embedded default, the SQLite
+file under ICD_HOME is created and migrated first). A secret is printed once, at creation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+@click.group("token")
+def token() -> None:
+    """Named API tokens (stored hashed in ICD_DATABASE_URL); each job records the token that submitted it."""
+
+
+def _token_session() -> Any:
+    """A session on the configured database, migrated if this is the embedded SQLite default."""
+    from store.db import make_engine, session_factory, upgrade_database
+    from store.settings import Settings
+
+    settings = Settings()  # from the environment as it is now
+    if settings.database_url.startswith("sqlite"):
+        settings.ensure_dirs()
+        upgrade_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    return engine, session_factory(engine)()
+
+
+@token.command("create")
+@click.option("--name", required=True, help="Who holds it; recorded as the owner of the jobs it submits.")
+@click.option("--admin", is_flag=True, help="Sees and manages every owner's jobs.")
+def token_create(name: str, admin: bool) -> None:
+    """Create a token and print its secret (shown once: only its sha256 is stored)."""
+    from store.tokens import TokenError, create_token
+
+    engine, s = _token_session()
+    try:
+        _, secret = create_token(s, name, admin=admin)
+    except TokenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        s.close()
+        engine.dispose()
+    click.echo(secret)
+    click.echo(f"token {name!r}{' (admin)' if admin else ''} created; send it as 'Authorization: Bearer <token>'. "
+               "It is not shown again.", err=True)
+
+
+@token.command("list")
+def token_list() -> None:
+    """Names, roles and creation times (never the secrets)."""
+    from store.tokens import list_tokens
+
+    engine, s = _token_session()
+    try:
+        rows = [(t.name, "admin" if t.admin else "user", t.created_at.isoformat(timespec="seconds"))
+                for t in list_tokens(s)]
+    finally:
+        s.close()
+        engine.dispose()
+    if not rows:
+        click.echo("no tokens (create one with `icd token create --name <you> [--admin]`)", err=True)
+    for row in rows:
+        click.echo("\t".join(row))
+
+
+@token.command("revoke")
+@click.argument("name")
+def token_revoke(name: str) -> None:
+    """Revoke a token at once; its jobs keep its name as their owner."""
+    from store.tokens import TokenError, revoke_token
+
+    engine, s = _token_session()
+    try:
+        revoke_token(s, name)
+    except TokenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        s.close()
+        engine.dispose()
+    click.echo(f"token {name!r} revoked")
