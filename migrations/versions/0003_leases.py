@@ -1,7 +1,7 @@
 """Leases: the worker that runs a job holds it until lease_expires_at; attempts record their resume step.
 
-Revision ID: 0002
-Revises: 0004 (re-chained after issue 14's rollups when merging main)
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-12-01
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002"
-down_revision: str | None = "0004"
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
