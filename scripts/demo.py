@@ -87,7 +87,7 @@ def main() -> None:
         final = [c["name"] for c in ckpts if c.get("final")]
         if final:
             print(f"\nstudent checkpoint: {args.url}/jobs/{student['id']}/checkpoints/{final[0]}")
-        print(f"docs UI: {args.url}/docs   dashboard: {args.url}/ui")
+        print(f"docs UI: {args.url}/docs   dashboard: {args.url}/")
         if any(j["status"] != "succeeded" for j in jobs.values()):
             sys.exit(1)
 

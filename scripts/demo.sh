@@ -17,11 +17,11 @@ if ! curl -sf "${URL}/version" >/dev/null 2>&1; then
   echo $! >.icd/serve.pid
 fi
 
-echo "== demo: teacher job -> ICD distill job (about 8 minutes on 2 CPU cores)"
+echo "== demo: teacher job -> ICD distill job (about 10 minutes on 2 CPU cores)"
 .venv/bin/python scripts/demo.py --url "${URL}"
 
 echo
 echo "The service is still running (pid $(cat .icd/serve.pid 2>/dev/null || echo '?')):"
 echo "  docs UI   ${URL}/docs"
-echo "  dashboard ${URL}/ui"
+echo "  dashboard ${URL}/"
 echo "  stop it:  kill \$(cat .icd/serve.pid)"
