@@ -89,8 +89,10 @@ class StartupRefused(RuntimeError):
 def check_exposure(settings: Settings, s: Session) -> None:
     """Refuse to listen beyond loopback without a token or without ICD_DATA_ROOTS; warn about ICD_API_TOKEN."""
     if settings.api_token:
-        log.warning("ICD_API_TOKEN is one shared admin token with no owner; create named tokens with "
-                    "`icd token create --name <you> [--admin]` and unset ICD_API_TOKEN")
+        log.warning(
+            "ICD_API_TOKEN is one shared admin token with no owner; create named tokens with "
+            "`icd token create --name <you> [--admin]` and unset ICD_API_TOKEN"
+        )
     if not settings.auth_required:
         return
     if not settings.api_token and not has_tokens(s):

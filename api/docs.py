@@ -24,10 +24,20 @@ _SHAPES_DATA: dict[str, Any] = {
     "max_size": 128,
     "workers": 0,
 }
-_SMALL_NECK: dict[str, Any] = {"fpn_channels": 64, "levels": ["p3", "p4", "p5"], "anchor_sizes": [16, 32, 64],
-                               "head_convs": 2}
-_SCHEDULE: dict[str, Any] = {"iterations": 300, "batch_size": 8, "lr": 0.01, "warmup_iters": 50, "eval_every": 100,
-                             "checkpoint_every": 100}
+_SMALL_NECK: dict[str, Any] = {
+    "fpn_channels": 64,
+    "levels": ["p3", "p4", "p5"],
+    "anchor_sizes": [16, 32, 64],
+    "head_convs": 2,
+}
+_SCHEDULE: dict[str, Any] = {
+    "iterations": 300,
+    "batch_size": 8,
+    "lr": 0.01,
+    "warmup_iters": 50,
+    "eval_every": 100,
+    "checkpoint_every": 100,
+}
 
 TRAIN_EXAMPLE: dict[str, Any] = {
     "name": "teacher-r34-shapes",

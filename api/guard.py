@@ -24,8 +24,14 @@ class RequestGuard:
             return
         where = _nul_in_url(scope)
         if where:
-            detail = [{"loc": [where], "field": where, "msg": f"NUL bytes are not allowed in the {where}",
-                       "type": "value_error"}]
+            detail = [
+                {
+                    "loc": [where],
+                    "field": where,
+                    "msg": f"NUL bytes are not allowed in the {where}",
+                    "type": "value_error",
+                }
+            ]
             await _send_json(send, status.HTTP_422_UNPROCESSABLE_CONTENT, {"detail": detail})
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
@@ -62,6 +68,11 @@ def _nul_in_url(scope: Scope) -> str | None:
 
 async def _send_json(send: Any, code: int, body: dict[str, Any]) -> None:
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": code,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": code,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})

@@ -18,8 +18,9 @@ class _Out(BaseModel):
 class AttemptOut(_Out):
     number: int
     worker: str | None
-    status: str = Field(description="running | succeeded | failed | canceled | lost (its worker stopped renewing "
-                                    "the lease)")
+    status: str = Field(
+        description="running | succeeded | failed | canceled | lost (its worker stopped renewing the lease)"
+    )
     error: str | None
     started_at: datetime
     finished_at: datetime | None
@@ -53,9 +54,11 @@ class JobOut(_Out):
     owner: str | None = Field(description="Name of the API token that submitted it; null: the local admin.")
     final_metrics: dict[str, Any] | None
 
-    @computed_field(description="What the finished run's model costs (and, for distill, its teacher): params_m, "
-                    "gflops at the evaluation size, peak_inference_mb, latency_ms (batch 1, warm, median; "
-                    "_torchscript / _onnxruntime on the CPU). From final_metrics' cost_* entries.")
+    @computed_field(
+        description="What the finished run's model costs (and, for distill, its teacher): params_m, "
+        "gflops at the evaluation size, peak_inference_mb, latency_ms (batch 1, warm, median; "
+        "_torchscript / _onnxruntime on the CPU). From final_metrics' cost_* entries."
+    )
     @property
     def model_cost(self) -> dict[str, dict[str, float]] | None:
         return cost_from_metrics(self.final_metrics)
@@ -68,8 +71,10 @@ class JobDetail(JobOut):
     attempts: list[AttemptOut]
     lease_expires_at: datetime | None = Field(None, description="A running job's worker holds it until then.")
     status_detail: str | None = Field(
-        None, description="Why a queued or running job is not progressing (no live worker for its queue, a lost "
-                          "worker), and what happens next.")
+        None,
+        description="Why a queued or running job is not progressing (no live worker for its queue, a lost "
+        "worker), and what happens next.",
+    )
 
 
 class JobList(BaseModel):
@@ -91,9 +96,12 @@ class MetricsOut(BaseModel):
     job_id: int
     series: dict[str, list[_Point]] = Field(description="name -> [[step, value], ...], steps ascending.")
     last_step: int | None = Field(description="Largest step returned; pass it as since_step to poll for more.")
-    attempt: int = Field(0, description="The job's current attempt. When it changes between two polls, the new "
-                                        "attempt resumed at `resumed_from_step` and replaced the points above it: "
-                                        "poll again with since_step=resumed_from_step.")
+    attempt: int = Field(
+        0,
+        description="The job's current attempt. When it changes between two polls, the new "
+        "attempt resumed at `resumed_from_step` and replaced the points above it: "
+        "poll again with since_step=resumed_from_step.",
+    )
     resumed_from_step: int | None = Field(None, description="The step the current attempt resumed from.")
 
 
@@ -148,8 +156,9 @@ class HealthOut(BaseModel):
     database: CheckResult
     broker: CheckResult
     workers: CheckResult
-    warnings: list[str] = Field(default_factory=list, description="Jobs that cannot start: no live worker "
-                                                                  "consumes their queue.")
+    warnings: list[str] = Field(
+        default_factory=list, description="Jobs that cannot start: no live worker consumes their queue."
+    )
 
 
 class VersionOut(BaseModel):

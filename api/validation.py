@@ -83,5 +83,7 @@ def reference_mismatch(field: str, expected: ModelSpec, dep: Job) -> str | None:
     diffs = architecture_mismatch(expected, saved)
     if not diffs:
         return None
-    return (f"job {dep.id} trained a different architecture ({'; '.join(diffs)}); "
-            f"make {field.rsplit('.', 1)[0]} match job {dep.id}'s spec or reference another job")
+    return (
+        f"job {dep.id} trained a different architecture ({'; '.join(diffs)}); "
+        f"make {field.rsplit('.', 1)[0]} match job {dep.id}'s spec or reference another job"
+    )

@@ -62,8 +62,24 @@ def seed(conn: psycopg.Connection) -> tuple[int, int]:
                 t = now - timedelta(seconds=N_JOBS - i)
                 st = statuses[i % len(statuses)]
                 fm = json.dumps({"AP": 30.0 + i % 10}) if st == "succeeded" else None
-                copy.write_row((i, f"exp-{i % 50}", "train" if i % 3 else "distill", st, spec, "any", 1, "[]",
-                                300, 300, t, t, False, fm))
+                copy.write_row(
+                    (
+                        i,
+                        f"exp-{i % 50}",
+                        "train" if i % 3 else "distill",
+                        st,
+                        spec,
+                        "any",
+                        1,
+                        "[]",
+                        300,
+                        300,
+                        t,
+                        t,
+                        False,
+                        fm,
+                    )
+                )
         cur.execute("SELECT setval('jobs_id_seq', %s)", (N_JOBS,))
         big = N_JOBS - 5
         with cur.copy("COPY metrics (job_id, name, step, attempt, value) FROM STDIN") as copy:
@@ -135,9 +151,21 @@ def main() -> None:
         home = tempfile.mkdtemp(prefix="icd-bench-")
         env = {**os.environ, "ICD_HOME": home, "ICD_DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning", "--no-access-log"],
-            cwd=ROOT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            env=env,
         )
         base_url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base_url, timeout=10) as client:
@@ -150,8 +178,10 @@ def main() -> None:
             else:
                 raise SystemExit("uvicorn did not start")
             n = args.requests
-            print(f"\n{n} requests each, uvicorn (1 process) + PostgreSQL, keep-alive httpx client; target p95 <= "
-                  f"{TARGET_MS:.0f} ms")
+            print(
+                f"\n{n} requests each, uvicorn (1 process) + PostgreSQL, keep-alive httpx client; target p95 <= "
+                f"{TARGET_MS:.0f} ms"
+            )
             p_list = report("GET /jobs?limit=50", measure(client, "/jobs?limit=50", n))
             report("GET /jobs?limit=50&status=running", measure(client, "/jobs?limit=50&status=running", n))
             p_metrics = report(

@@ -56,8 +56,11 @@ def seed(url: str, points: int) -> int:
         claim_job(s, job.id, "bench@localhost")
         batch: list[tuple[str, int, float]] = []
         for step in range(1, points + 1):
-            batch += [("loss", step, 2.0 / (1 + step / 5000) + (step % 97) / 500), ("classification", step, 1.0 / step),
-                      ("lr", step, 0.01 * (1 - step / (points + 10)))]
+            batch += [
+                ("loss", step, 2.0 / (1 + step / 5000) + (step % 97) / 500),
+                ("classification", step, 1.0 / step),
+                ("lr", step, 0.01 * (1 - step / (points + 10))),
+            ]
             if len(batch) >= 30_000:
                 add_metrics(s, job.id, 1, batch)
                 batch = []
@@ -87,8 +90,14 @@ def browser() -> Any:
 
     opts = Options()
     opts.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1600",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1600",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 
@@ -123,8 +132,11 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=100_000, help="steps per series (3 series)")
     ap.add_argument("--runs", type=int, default=5, help="page loads for time to first chart")
     ap.add_argument("--polls", type=int, default=10, help="live updates to measure")
-    ap.add_argument("--postgres", action="store_true",
-                    help="a fresh PostgreSQL database at 127.0.0.1:5432 (created, then dropped) instead of SQLite")
+    ap.add_argument(
+        "--postgres",
+        action="store_true",
+        help="a fresh PostgreSQL database at 127.0.0.1:5432 (created, then dropped) instead of SQLite",
+    )
     args = ap.parse_args()
     if not args.postgres:
         run(args, None)
@@ -154,16 +166,26 @@ def run(args: argparse.Namespace, database_url: str | None) -> None:
     upgrade_database(url)
     t0 = time.perf_counter()
     job_id = seed(url, args.points)
-    print(f"seeded job {job_id}: {len(SERIES)} series x {args.points:,} steps in {time.perf_counter() - t0:.1f} s "
-          f"({url.split(':')[0]})")
+    print(
+        f"seeded job {job_id}: {len(SERIES)} series x {args.points:,} steps in {time.perf_counter() - t0:.1f} s "
+        f"({url.split(':')[0]})"
+    )
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICD_")}
-    env.update(ICD_HOME=str(tmp / "home"), ICD_DATABASE_URL=url, ICD_BROKER_URL=f"sqla+sqlite:///{tmp / 'b.db'}",
-               PYTHONPATH=str(ROOT))
+    env.update(
+        ICD_HOME=str(tmp / "home"),
+        ICD_DATABASE_URL=url,
+        ICD_BROKER_URL=f"sqla+sqlite:///{tmp / 'b.db'}",
+        PYTHONPATH=str(ROOT),
+    )
     log = open(tmp / "api.log", "wb")  # noqa: SIM115 - closed at the end
-    api = subprocess.Popen([sys.executable, "-m", "icd_cli", "serve", "--no-worker",
-                            "--port", str(port), "--log-level", "warning"], env=env, stdout=log, stderr=log)
+    api = subprocess.Popen(
+        [sys.executable, "-m", "icd_cli", "serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
     base = f"http://127.0.0.1:{port}"
     driver = None
     stop = threading.Event()
@@ -188,22 +210,29 @@ def run(args: argparse.Namespace, database_url: str | None) -> None:
             times.append(wait_js(driver, "return window.icd && window.icd.firstChartMs"))
             fetches.append(driver.execute_script(FIRST_METRICS_MS))
             counts = driver.execute_script("return window.icd.charts.losses.pointCount()")
-        print(f"time to first chart: median {statistics.median(times):.0f} ms, max {max(times):.0f} ms "
-              f"over {args.runs} loads, of which the downsampled metrics request {statistics.median(fetches):.0f} ms "
-              f"(points drawn per series: {counts})")
+        print(
+            f"time to first chart: median {statistics.median(times):.0f} ms, max {max(times):.0f} ms "
+            f"over {args.runs} loads, of which the downsampled metrics request {statistics.median(fetches):.0f} ms "
+            f"(points drawn per series: {counts})"
+        )
 
         thread = threading.Thread(target=writer, args=(url, job_id, args.points, stop), daemon=True)
         thread.start()
         driver.execute_script("performance.setResourceTimingBufferSize(10000)")
-        wait_js(driver, f"return window.icd.jobPage && window.icd.jobPage.polls > {args.polls}",
-                timeout=args.polls * 4 + 30)
+        wait_js(
+            driver, f"return window.icd.jobPage && window.icd.jobPage.polls > {args.polls}", timeout=args.polls * 4 + 30
+        )
         res = driver.execute_script(POLL_BYTES, job_id)
         after = driver.execute_script("return window.icd.charts.losses.pointCount()")
         per = res["bytes"] / max(1, res["polls"])
-        print(f"live updates: {res['polls']} polls, {res['requests']} requests, {per:,.0f} bytes per poll "
-              f"(bodies {res['body'] / max(1, res['polls']):,.0f} B); chart now holds {after}")
-        print(f"for scale: the whole series is {full:,} bytes (refetching it each poll); "
-              f"the first, downsampled load is {first:,} bytes")
+        print(
+            f"live updates: {res['polls']} polls, {res['requests']} requests, {per:,.0f} bytes per poll "
+            f"(bodies {res['body'] / max(1, res['polls']):,.0f} B); chart now holds {after}"
+        )
+        print(
+            f"for scale: the whole series is {full:,} bytes (refetching it each poll); "
+            f"the first, downsampled load is {first:,} bytes"
+        )
     finally:
         stop.set()
         if driver is not None:

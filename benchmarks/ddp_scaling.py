@@ -28,16 +28,44 @@ WIDTHS = (8, 6, 14, 9, 9, 10, 12)
 
 
 def spec(device: str, steps: int, global_batch: int, gpus: int, image_size: int, backbone: str) -> dict[str, Any]:
-    shapes = {"format": "shapes", "image_size": image_size, "num_images": 64, "min_object": 8,
-              "max_object": image_size // 2, "max_objects": 4}
+    shapes = {
+        "format": "shapes",
+        "image_size": image_size,
+        "num_images": 64,
+        "min_object": 8,
+        "max_object": image_size // 2,
+        "max_objects": 4,
+    }
     return {
-        "kind": "train", "name": "ddp-scaling", "seed": 0, "device": device,
-        "data": {"train": {**shapes, "seed": 1}, "val": {**shapes, "num_images": 4, "seed": 2},
-                 "min_size": image_size, "max_size": image_size, "workers": 0},
-        "model": {"detector": "retinanet", "backbone": backbone, "norm": "gn", "fpn_channels": 64,
-                  "levels": ["p3", "p4", "p5"], "anchor_sizes": [16, 32, 64], "head_convs": 2},
-        "schedule": {"iterations": steps, "batch_size": global_batch, "lr": 0.01, "warmup_iters": 0,
-                     "eval_every": 0, "checkpoint_every": 0, "log_every": 5},
+        "kind": "train",
+        "name": "ddp-scaling",
+        "seed": 0,
+        "device": device,
+        "data": {
+            "train": {**shapes, "seed": 1},
+            "val": {**shapes, "num_images": 4, "seed": 2},
+            "min_size": image_size,
+            "max_size": image_size,
+            "workers": 0,
+        },
+        "model": {
+            "detector": "retinanet",
+            "backbone": backbone,
+            "norm": "gn",
+            "fpn_channels": 64,
+            "levels": ["p3", "p4", "p5"],
+            "anchor_sizes": [16, 32, 64],
+            "head_convs": 2,
+        },
+        "schedule": {
+            "iterations": steps,
+            "batch_size": global_batch,
+            "lr": 0.01,
+            "warmup_iters": 0,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "log_every": 5,
+        },
         "resources": {"gpus": gpus},
     }
 
@@ -73,8 +101,10 @@ def main() -> None:
         mk = lambda gb, n: spec(args.device, args.steps, gb, n, args.image_size, args.backbone)  # noqa: E731
         base = run(tmp, "one", mk(b, 1), 1, args.threads)
         base_weak = {n: run(tmp, f"one-b{b // n}", mk(b // n, 1), 1, args.threads) for n in sizes if b % n == 0}
-        print(f"device {args.device}, {args.steps} steps, image {args.image_size}px, {args.backbone}, "
-              f"{args.threads} thread(s) per process")
+        print(
+            f"device {args.device}, {args.steps} steps, image {args.image_size}px, {args.backbone}, "
+            f"{args.threads} thread(s) per process"
+        )
         header = ("regime", "ranks", "global batch", "step s", "img/s", "speed-up", "efficiency")
         print("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(header, WIDTHS))))
         print(f"{'base':<8}{1:>6}{b:>14}{base:>9.3f}{b / base:>9.2f}{1.0:>10.2f}{1.0:>12.2f}")

@@ -26,12 +26,23 @@ sys.path.insert(0, str(REPO))
 
 TARGET_S = 0.5
 SPEC = {
-    "kind": "train", "name": "dispatch-probe", "device": "cpu",
-    "data": {"train": {"format": "shapes", "num_images": 4, "image_size": 64, "max_object": 32},
-             "val": {"format": "shapes", "num_images": 2, "image_size": 64, "max_object": 32, "seed": 1},
-             "min_size": 64, "max_size": 64, "workers": 0},
-    "model": {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 16, "levels": ["p3", "p4", "p5"],
-              "head_convs": 1},
+    "kind": "train",
+    "name": "dispatch-probe",
+    "device": "cpu",
+    "data": {
+        "train": {"format": "shapes", "num_images": 4, "image_size": 64, "max_object": 32},
+        "val": {"format": "shapes", "num_images": 2, "image_size": 64, "max_object": 32, "seed": 1},
+        "min_size": 64,
+        "max_size": 64,
+        "workers": 0,
+    },
+    "model": {
+        "detector": "retinanet",
+        "backbone": "resnet18",
+        "fpn_channels": 16,
+        "levels": ["p3", "p4", "p5"],
+        "head_convs": 1,
+    },
     "schedule": {"iterations": 1, "batch_size": 1, "warmup_iters": 0, "eval_every": 0, "checkpoint_every": 0},
 }
 
@@ -61,17 +72,42 @@ def main() -> None:
     db_url = args.database_url or f"sqlite:///{tmp / 'icd.db'}"
     if args.broker_url.startswith("redis"):
         redis.Redis.from_url(args.broker_url).flushdb()
-    settings = Settings(home=tmp / "home", database_url=db_url, broker_url=args.broker_url, auto_migrate=True,
-                        worker_heartbeat_s=1.0)
+    settings = Settings(
+        home=tmp / "home", database_url=db_url, broker_url=args.broker_url, auto_migrate=True, worker_heartbeat_s=1.0
+    )
     app = create_app(settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICD_")}
-    env.update(ICD_HOME=str(tmp / "home"), ICD_DATABASE_URL=db_url, ICD_BROKER_URL=args.broker_url,
-               ICD_WORKER_HEARTBEAT_S="1", PYTHONPATH=str(REPO))
+    env.update(
+        ICD_HOME=str(tmp / "home"),
+        ICD_DATABASE_URL=db_url,
+        ICD_BROKER_URL=args.broker_url,
+        ICD_WORKER_HEARTBEAT_S="1",
+        PYTHONPATH=str(REPO),
+    )
     log = open(tmp / "worker.log", "wb")  # noqa: SIM115 - closed in finally
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo", "-Q", "cpu,any",
-         "-n", "bench@localhost", "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "--pool",
+            "solo",
+            "-Q",
+            "cpu,any",
+            "-n",
+            "bench@localhost",
+            "--loglevel",
+            "WARNING",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     engine = make_engine(db_url)
     sessions = session_factory(engine)
@@ -114,8 +150,10 @@ def main() -> None:
 
     p50, p95 = statistics.median(latencies), percentile(latencies, 0.95)
     print(f"broker {args.broker_url.split('://')[0]}, database {db_url.split(':')[0]}, {len(latencies)} jobs")
-    print(f"POST round trip: p50 {statistics.median(post_times) * 1000:.0f} ms (the worker often claims the job "
-          "before the 201 arrives, so latency is measured from sending the POST)")
+    print(
+        f"POST round trip: p50 {statistics.median(post_times) * 1000:.0f} ms (the worker often claims the job "
+        "before the 201 arrives, so latency is measured from sending the POST)"
+    )
     print(f"POST -> running: p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms")
     print(f"p50 / target ({TARGET_S} s) = {p50 / TARGET_S:.3f}  ({'OK' if p50 <= TARGET_S else 'OVER'})")
 

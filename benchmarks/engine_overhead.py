@@ -34,11 +34,18 @@ SKIP = 3  # warm-up steps dropped from each side
 
 
 def preload(root: Path, image_size: int, batch_size: int, num_batches: int) -> list:
-    images_dir, ann = make_shapes(root / "shapes", num_images=batch_size * num_batches, image_size=image_size,
-                                  seed=0, min_object=8, max_object=image_size // 2, max_objects=6)
+    images_dir, ann = make_shapes(
+        root / "shapes",
+        num_images=batch_size * num_batches,
+        image_size=image_size,
+        seed=0,
+        min_object=8,
+        max_object=image_size // 2,
+        max_objects=6,
+    )
     ds = CocoDataset(images_dir, ann, train=False)
     items = [ds.load(i) for i in range(len(ds))]
-    return [collate_detection(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    return [collate_detection(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
 class BareLoop:
@@ -83,25 +90,47 @@ def main() -> None:
     ap.add_argument("--fpn-channels", type=int, default=64)
     args = ap.parse_args()
 
-    spec = ModelSpec(detector="retinanet", backbone="resnet18", fpn_channels=args.fpn_channels,
-                     levels=["p3", "p4", "p5"], anchor_sizes=[16, 32, 64], head_convs=2)
+    spec = ModelSpec(
+        detector="retinanet",
+        backbone="resnet18",
+        fpn_channels=args.fpn_channels,
+        levels=["p3", "p4", "p5"],
+        anchor_sizes=[16, 32, 64],
+        head_convs=2,
+    )
     # log every 20 steps (a real run's cadence: one host sync per window)
-    schedule = ScheduleSpec(iterations=args.steps, batch_size=args.batch_size, lr=0.01, warmup_iters=5,
-                            eval_every=0, checkpoint_every=0, log_every=20, amp="off")
+    schedule = ScheduleSpec(
+        iterations=args.steps,
+        batch_size=args.batch_size,
+        lr=0.01,
+        warmup_iters=5,
+        eval_every=0,
+        checkpoint_every=0,
+        log_every=20,
+        amp="off",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         batches = preload(root, args.image_size, args.batch_size, num_batches=4)
         seed_everything(0)
         ours = build_detector(spec, 6, args.image_size, args.image_size)
         bare = BareLoop(copy.deepcopy(ours.model), schedule, batches)  # same torchvision RetinaNet, same init
-        trainer = Trainer(ours, schedule, lambda start: itertools.cycle(batches), root / "run", torch.device("cpu"),
-                          callbacks=[Interleave(bare)])
+        trainer = Trainer(
+            ours,
+            schedule,
+            lambda start: itertools.cycle(batches),
+            root / "run",
+            torch.device("cpu"),
+            callbacks=[Interleave(bare)],
+        )
         trainer.train()
         ours_times, bare_times = trainer._step_times[SKIP:], bare.times[SKIP:]
     pair_ratios = [o / b for o, b in zip(ours_times, bare_times, strict=True)]
     bare_s, ours_s = statistics.median(bare_times), statistics.median(ours_times)
-    print(f"retinanet resnet18 fpn{args.fpn_channels}, {args.image_size}px, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, {len(pair_ratios)} interleaved steady step pairs")
+    print(
+        f"retinanet resnet18 fpn{args.fpn_channels}, {args.image_size}px, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, {len(pair_ratios)} interleaved steady step pairs"
+    )
     print(f"bare torchvision loop : {bare_s * 1000:.1f} ms/step (median)")
     print(f"icd_core Trainer      : {ours_s * 1000:.1f} ms/step (median)")
     print(f"ratio of medians      : {ours_s / bare_s:.3f}")

@@ -82,15 +82,20 @@ class Bench:
         """One job, one fault of `kind` into the worker running it, followed to the job's end."""
         st, a = self.st, self.args
         device = "auto" if kind == "kill9_mid_checkpoint" else "cpu"
-        job_id = st.submit(tiny_train_spec(f"{kind}-{i}", iterations=a.iterations, checkpoint_every=a.checkpoint_every,
-                                           device=device))
+        job_id = st.submit(
+            tiny_train_spec(f"{kind}-{i}", iterations=a.iterations, checkpoint_every=a.checkpoint_every, device=device)
+        )
         before = self._fault_point(kind, job_id)
         victim = before["worker"].split("@")[0]
         t_fault = time.monotonic()
         self._inject(kind, victim)
         try:
-            back_s = wait_for(lambda: self._moved(kind, job_id, before) and time.monotonic() - t_fault,
-                              a.job_timeout, "running again", interval=0.1)
+            back_s = wait_for(
+                lambda: self._moved(kind, job_id, before) and time.monotonic() - t_fault,
+                a.job_timeout,
+                "running again",
+                interval=0.1,
+            )
         except AssertionError:
             back_s = None
         self._repair(kind, victim)
@@ -102,13 +107,19 @@ class Bench:
         steps = st.loss_steps(job_id)
         st.wait_workers_alive(*names, timeout=180)  # both idle again before the next injection
         return {
-            "kind": kind, "job": job_id, "status": job["status"], "attempts": job["attempt"],
-            "step_at_fault": before["progress_step"], "victim": victim, "stuck": stuck,
+            "kind": kind,
+            "job": job_id,
+            "status": job["status"],
+            "attempts": job["attempt"],
+            "step_at_fault": before["progress_step"],
+            "victim": victim,
+            "stuck": stuck,
             "lost": job["status"] != "succeeded",
             "run_twice": _overlapping(job["attempts"]) or job["attempt"] > before["attempt"] + 1,
             "duplicated": len(steps) - len(set(steps)),
             "missing": len(set(range(1, a.iterations + 1)) - set(steps)),
-            "back_s": back_s, "error": job.get("error"),
+            "back_s": back_s,
+            "error": job.get("error"),
         }
 
     def _fault_point(self, kind: str, job_id: int) -> dict[str, Any]:
@@ -116,11 +127,19 @@ class Bench:
         write that follows a complete checkpoint."""
         st, a = self.st, self.args
         if kind != "kill9_mid_checkpoint":
-            return st.wait_step(job_id, self.rng.randint(a.checkpoint_every + 1, a.iterations // 2),
-                                timeout=a.job_timeout)
+            return st.wait_step(
+                job_id, self.rng.randint(a.checkpoint_every + 1, a.iterations // 2), timeout=a.job_timeout
+            )
         folder = st.tmp / "home" / "artifacts" / "jobs" / str(job_id) / "checkpoints"
-        wait_for(lambda: st.job(job_id)["status"] == "running" and list(folder.glob("step_*.pt"))
-                 and list(folder.glob("*.paused")), a.job_timeout, "a checkpoint write after the first")
+        wait_for(
+            lambda: (
+                st.job(job_id)["status"] == "running"
+                and list(folder.glob("step_*.pt"))
+                and list(folder.glob("*.paused"))
+            ),
+            a.job_timeout,
+            "a checkpoint write after the first",
+        )
         return st.job(job_id)
 
     def _inject(self, kind: str, victim: str) -> None:
@@ -168,26 +187,37 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not rs:
             continue
         backs = [r["back_s"] for r in rs if r["back_s"] is not None]
-        rows.append({
-            "kind": kind, "runs": len(rs), "lost": sum(r["lost"] for r in rs),
-            "run_twice": sum(r["run_twice"] for r in rs), "stuck": sum(r["stuck"] for r in rs),
-            "steps_duplicated": sum(r["duplicated"] for r in rs), "steps_missing": sum(r["missing"] for r in rs),
-            "back_p50_s": round(statistics.median(backs), 1) if backs else None,
-            "back_max_s": round(max(backs), 1) if backs else None,
-            "never_back": len(rs) - len(backs),
-        })
+        rows.append(
+            {
+                "kind": kind,
+                "runs": len(rs),
+                "lost": sum(r["lost"] for r in rs),
+                "run_twice": sum(r["run_twice"] for r in rs),
+                "stuck": sum(r["stuck"] for r in rs),
+                "steps_duplicated": sum(r["duplicated"] for r in rs),
+                "steps_missing": sum(r["missing"] for r in rs),
+                "back_p50_s": round(statistics.median(backs), 1) if backs else None,
+                "back_max_s": round(max(backs), 1) if backs else None,
+                "never_back": len(rs) - len(backs),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| fault | runs | jobs lost | run twice | stuck | steps duplicated | steps missing "
-             "| fault → running again p50 / max |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| fault | runs | jobs lost | run twice | stuck | steps duplicated | steps missing "
+        "| fault → running again p50 / max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         back = f"{r['back_p50_s']} s / {r['back_max_s']} s" if r["back_p50_s"] is not None else "never"
         if r["never_back"]:
             back += f" ({r['never_back']} never)"
-        lines.append(f"| {r['kind']} | {r['runs']} | {r['lost']} | {r['run_twice']} | {r['stuck']} | "
-                     f"{r['steps_duplicated']} | {r['steps_missing']} | {back} |")
+        lines.append(
+            f"| {r['kind']} | {r['runs']} | {r['lost']} | {r['run_twice']} | {r['stuck']} | "
+            f"{r['steps_duplicated']} | {r['steps_missing']} | {back} |"
+        )
     return "\n".join(lines)
 
 
@@ -203,9 +233,13 @@ def main() -> None:
     p.add_argument("--broker-down-s", type=float, default=2.0)
     p.add_argument("--job-timeout", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop-after-min", type=float, default=None,
-                   help="start no new round of injections after this many minutes (the kinds interleave, so "
-                        "every kind has had the same number of rounds)")
+    p.add_argument(
+        "--stop-after-min",
+        type=float,
+        default=None,
+        help="start no new round of injections after this many minutes (the kinds interleave, so "
+        "every kind has had the same number of rounds)",
+    )
     p.add_argument("--out", type=Path, default=None, help="folder for runs.jsonl, summary.json and table.md")
     args = p.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
@@ -219,8 +253,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="icd-faults-") as tmp, pg_database() as db_url:
         redis = PrivateRedis(Path(tmp) / "redis")
         redis.start()
-        st = Stack(Path(tmp), db_url, redis.url, lease_s=args.lease_s, heartbeat_s=args.heartbeat_s,
-                   reaper_s=args.reaper_s)
+        st = Stack(
+            Path(tmp), db_url, redis.url, lease_s=args.lease_s, heartbeat_s=args.heartbeat_s, reaper_s=args.reaper_s
+        )
         try:
             st.start_api()
             bench = Bench(st, redis, args)
@@ -246,14 +281,17 @@ def main() -> None:
     rows = summarize(runs)
     text = table(rows)
     rounds = min((r["runs"] for r in rows), default=0)
-    header = (f"{rounds} injections per kind (asked {args.injections}), {args.iterations}-step jobs (checkpoint every "
-              f"{args.checkpoint_every}), lease {args.lease_s} s, heartbeat {args.heartbeat_s} s, reaper every "
-              f"{args.reaper_s} s, host {HOST}, {time.monotonic() - started:.0f} s in all")
+    header = (
+        f"{rounds} injections per kind (asked {args.injections}), {args.iterations}-step jobs (checkpoint every "
+        f"{args.checkpoint_every}), lease {args.lease_s} s, heartbeat {args.heartbeat_s} s, reaper every "
+        f"{args.reaper_s} s, host {HOST}, {time.monotonic() - started:.0f} s in all"
+    )
     print(header)
     print(text)
     if args.out:
-        (args.out / "summary.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                           "rows": rows}, indent=2))
+        (args.out / "summary.json").write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
+        )
         (args.out / "table.md").write_text(header + "\n\n" + text + "\n")
 
 

@@ -37,8 +37,11 @@ _ACCESS = re.compile(r'"[A-Z]+ [^"]*" (\d{3})')
 
 def admin_connect(url: str | None) -> tuple[psycopg.Connection, str]:
     """An autocommit connection to the server's maintenance database, and the role that worked."""
-    candidates = [url] if url else [f"postgresql://{u}@127.0.0.1:5432/{d}" for u in ("postgres", "root")
-                                    for d in ("postgres", "test")]
+    candidates = (
+        [url]
+        if url
+        else [f"postgresql://{u}@127.0.0.1:5432/{d}" for u in ("postgres", "root") for d in ("postgres", "test")]
+    )
     last: Exception | None = None
     for cand in candidates:
         try:
@@ -69,8 +72,14 @@ def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 60
     raise SystemExit("icd serve did not answer /health in time")
 
 
-def run_fuzz(max_examples: int, checks: str, admin_url: str | None, workers: int = 1,
-             database_url: str | None = None, require_token: bool = False) -> dict[str, object]:
+def run_fuzz(
+    max_examples: int,
+    checks: str,
+    admin_url: str | None,
+    workers: int = 1,
+    database_url: str | None = None,
+    require_token: bool = False,
+) -> dict[str, object]:
     """One schemathesis run against a fresh server; on `database_url` (empty) when given, else on a
     database created and dropped here. require_token: anonymous requests get 401 even on loopback
     (what a server beyond loopback does), so the auth checks of `--checks all` apply."""
@@ -82,9 +91,14 @@ def run_fuzz(max_examples: int, checks: str, admin_url: str | None, workers: int
         database_url = f"postgresql+psycopg://{user}@127.0.0.1:5432/{dbname}"
     try:
         with tempfile.TemporaryDirectory(prefix="icd-fuzz-") as tmp:
-            env = {**os.environ, "ICD_HOME": f"{tmp}/home", "ICD_DATA_ROOTS": f"{tmp}/data",
-                   "ICD_DATABASE_URL": database_url,
-                   "ICD_BROKER_URL": f"sqla+sqlite:///{tmp}/broker.db", "OMP_NUM_THREADS": "1"}
+            env = {
+                **os.environ,
+                "ICD_HOME": f"{tmp}/home",
+                "ICD_DATA_ROOTS": f"{tmp}/data",
+                "ICD_DATABASE_URL": database_url,
+                "ICD_BROKER_URL": f"sqla+sqlite:///{tmp}/broker.db",
+                "OMP_NUM_THREADS": "1",
+            }
             env.pop("ICD_API_TOKEN", None)
             env["ICD_REQUIRE_TOKEN"] = "1" if require_token else "0"
             Path(f"{tmp}/data").mkdir()
@@ -92,23 +106,46 @@ def run_fuzz(max_examples: int, checks: str, admin_url: str | None, workers: int
             config = Path(tmp) / "schemathesis.toml"
             config.write_text('[parameters]\n"query.follow" = false\n')
             subprocess.run([str(BIN / "icd"), "db", "upgrade"], env=env, check=True, capture_output=True)
-            made = subprocess.run([str(BIN / "icd"), "token", "create", "--name", "fuzz", "--admin"], env=env,
-                                  check=True, capture_output=True, text=True)
+            made = subprocess.run(
+                [str(BIN / "icd"), "token", "create", "--name", "fuzz", "--admin"],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             secret = made.stdout.strip().splitlines()[0]
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             log_path = Path(tmp) / "serve.log"
             with open(log_path, "wb") as log:
-                server = subprocess.Popen([str(BIN / "icd"), "serve", "--no-worker", "--host", "127.0.0.1",
-                                           "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+                server = subprocess.Popen(
+                    [str(BIN / "icd"), "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
                 try:
                     wait_healthy(base, server)
                     started = time.perf_counter()
                     command = [
-                        str(BIN / "st"), "--config-file", str(config), "run", f"{base}/openapi.json",
-                        "--max-examples", str(max_examples), "--checks", checks, "-w", str(workers),
-                        "-H", f"Authorization: Bearer {secret}", "--no-color",
-                        "--generation-database", "none", "--request-timeout", "60",
+                        str(BIN / "st"),
+                        "--config-file",
+                        str(config),
+                        "run",
+                        f"{base}/openapi.json",
+                        "--max-examples",
+                        str(max_examples),
+                        "--checks",
+                        checks,
+                        "-w",
+                        str(workers),
+                        "-H",
+                        f"Authorization: Bearer {secret}",
+                        "--no-color",
+                        "--generation-database",
+                        "none",
+                        "--request-timeout",
+                        "60",
                     ]
                     st = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp)
                     elapsed = time.perf_counter() - started
@@ -146,11 +183,13 @@ def main() -> None:
     ap.add_argument("--database-url", default=None, help="an empty database to use instead of a fresh one")
     ap.add_argument("--require-token", action="store_true", help="anonymous requests get 401 (ICD_REQUIRE_TOKEN)")
     args = ap.parse_args()
-    result = run_fuzz(args.max_examples, args.checks, args.admin_url, args.workers, args.database_url,
-                      args.require_token)
+    result = run_fuzz(
+        args.max_examples, args.checks, args.admin_url, args.workers, args.database_url, args.require_token
+    )
     print(json.dumps(result, indent=2))
-    sys.exit(0 if result["server_errors_5xx"] == 0 and not result["failed_checks"] and result["st_exit_code"] == 0
-             else 1)
+    sys.exit(
+        0 if result["server_errors_5xx"] == 0 and not result["failed_checks"] and result["st_exit_code"] == 0 else 1
+    )
 
 
 if __name__ == "__main__":

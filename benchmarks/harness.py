@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def admin_connect(url: str | None = None) -> tuple[psycopg.Connection, str]:
     """An autocommit connection to a maintenance database, and the libpq URL that worked."""
-    candidates = [url] if url else [f"postgresql://{u}@127.0.0.1:5432/{d}" for u in ("postgres", "root")
-                                    for d in ("postgres", "test")]
+    candidates = (
+        [url]
+        if url
+        else [f"postgresql://{u}@127.0.0.1:5432/{d}" for u in ("postgres", "root") for d in ("postgres", "test")]
+    )
     last: Exception | None = None
     for c in candidates:
         try:
@@ -62,11 +65,27 @@ def api_server(database_url: str, workers: int = 1, extra_env: dict[str, str] | 
     """`icd serve --no-worker --workers N` on a free loopback port; yields its base URL."""
     port = free_port()
     home = tempfile.mkdtemp(prefix="icd-bench-")
-    env = {**os.environ, "ICD_HOME": home, "ICD_DATABASE_URL": database_url, "PYTHONPATH": str(ROOT),
-           **(extra_env or {})}
+    env = {
+        **os.environ,
+        "ICD_HOME": home,
+        "ICD_DATABASE_URL": database_url,
+        "PYTHONPATH": str(ROOT),
+        **(extra_env or {}),
+    }
     icd = Path(sys.executable).with_name("icd")  # the console script, wherever the CLI lives
-    cmd = [str(icd), "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-           "--log-level", "warning"]
+    cmd = [
+        str(icd),
+        "serve",
+        "--no-worker",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:

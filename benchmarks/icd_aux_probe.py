@@ -65,8 +65,14 @@ def main() -> None:
         with torch.no_grad():
             image_list, targets = teacher.prepare(images, targets)
             feats = teacher.extract_features(image_list)
-        batch = DistillBatch(feats, feats, targets, [tuple(s) for s in image_list.image_sizes],
-                             tuple(image_list.tensors.shape[-2:]), step=step)
+        batch = DistillBatch(
+            feats,
+            feats,
+            targets,
+            [tuple(s) for s in image_list.image_sizes],
+            tuple(image_list.tensors.shape[-2:]),
+            step=step,
+        )
         out = icd.compute(batch)
         loss = out.losses["loss_icd_ident"] + out.losses["loss_icd_loc"]
         opt.zero_grad(set_to_none=True)
@@ -74,15 +80,22 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(trained, spec.distill.icd.grad_clip)
         opt.step()
         keys = sum(f.shape[-2] * f.shape[-1] for f in feats.values())
-        for name, value in {"ident_acc": out.stats["icd_ident_acc"], "ident": out.losses["loss_icd_ident"],
-                            "loc": out.losses["loss_icd_loc"], "entropy": out.stats["icd_attn_entropy"]}.items():
+        for name, value in {
+            "ident_acc": out.stats["icd_ident_acc"],
+            "ident": out.losses["loss_icd_ident"],
+            "loc": out.losses["loss_icd_loc"],
+            "entropy": out.stats["icd_attn_entropy"],
+        }.items():
             window[name] = window.get(name, 0.0) + float(value.detach())
         if step % args.every == 0 or step == args.steps:
             n = args.every if step % args.every == 0 else step % args.every
             means = {k: v / n for k, v in window.items()}
-            print(f"step {step:>5}: ident acc {means['ident_acc']:.3f}  loss ident {means['ident']:.3f}  "
-                  f"loss loc {means['loc']:.3f}  attention entropy {means['entropy']:.3f} "
-                  f"(uniform {math.log(keys):.3f})  {time.perf_counter() - start:.0f} s", flush=True)
+            print(
+                f"step {step:>5}: ident acc {means['ident_acc']:.3f}  loss ident {means['ident']:.3f}  "
+                f"loss loc {means['loc']:.3f}  attention entropy {means['entropy']:.3f} "
+                f"(uniform {math.log(keys):.3f})  {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
             window = {}
 
 

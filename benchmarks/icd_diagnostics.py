@@ -21,11 +21,25 @@ from pathlib import Path
 
 from icd_core.engine.metrics_log import read_metrics_log
 
-COLUMNS = ("icd_ident_auc", "icd_real_recall", "icd_inbox_mass", "icd_inbox_uniform", "icd_loc_error",
-           "icd_attn_entropy", "loss_icd_ident", "loss_icd_distill", "loss")
+COLUMNS = (
+    "icd_ident_auc",
+    "icd_real_recall",
+    "icd_inbox_mass",
+    "icd_inbox_uniform",
+    "icd_loc_error",
+    "icd_attn_entropy",
+    "loss_icd_ident",
+    "loss_icd_distill",
+    "loss",
+)
 WIDTH = 13
-HELDOUT = ("icd_heldout_auc", "icd_heldout_real_recall", "icd_heldout_inbox_mass", "icd_heldout_inbox_uniform",
-           "icd_heldout_loc_error")
+HELDOUT = (
+    "icd_heldout_auc",
+    "icd_heldout_real_recall",
+    "icd_heldout_inbox_mass",
+    "icd_heldout_inbox_uniform",
+    "icd_heldout_loc_error",
+)
 
 
 def _fmt(value: float | None) -> str:
@@ -50,8 +64,10 @@ def report(folder: Path, every: int) -> None:
     for r in records:
         if r["type"] == "eval":
             held = "  ".join(f"{k.removeprefix('icd_heldout_')} {_fmt(r.get(k))}" for k in HELDOUT if k in r)
-            print(f"eval step {r['step']}: AP {_fmt(r.get('AP'))}  AP50 {_fmt(r.get('AP50'))}"
-                  + (f"  | held-out batch: {held}" if held else ""))
+            print(
+                f"eval step {r['step']}: AP {_fmt(r.get('AP'))}  AP50 {_fmt(r.get('AP50'))}"
+                + (f"  | held-out batch: {held}" if held else "")
+            )
 
 
 def main() -> None:

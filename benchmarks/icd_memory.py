@@ -45,8 +45,12 @@ class Meter:
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated()
         else:
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                               record_shapes=True, with_stack=True)
+            self.prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU],
+                profile_memory=True,
+                record_shapes=True,
+                with_stack=True,
+            )
             self.prof.__enter__()
         return self
 
@@ -101,8 +105,12 @@ def make_inputs(n: int, c: int, boxes: int, device: torch.device):
     for _ in range(n):
         wh = torch.rand(boxes, 2, generator=g) * 300 + 10
         xy = torch.rand(boxes, 2, generator=g) * (torch.tensor([IMAGE[1], IMAGE[0]]) - wh)
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
-                        "labels": torch.randint(0, 80, (boxes,), generator=g).to(device)})
+        targets.append(
+            {
+                "boxes": torch.cat([xy, xy + wh], 1).to(device),
+                "labels": torch.randint(0, 80, (boxes,), generator=g).to(device),
+            }
+        )
     return student, teacher, targets
 
 
@@ -155,13 +163,19 @@ def main() -> None:
             f.grad = None
 
         logits = n * heads * k * s_total * 4
-        print(f"\nquery_chunk={chunk}  K={k}/image  (all logits at once would be {logits / MiB:.0f} MiB fp32; "
-              f"one chunk {n * heads * min(chunk, args.boxes) * s_total * 4 / MiB:.0f} MiB)")
-        print(f"  decoder fwd+aux bwd : peak +{dec.peak / MiB:8.1f} MiB   "
-              f"saved for backward {dec_saved.total / MiB:7.1f} MiB")
+        print(
+            f"\nquery_chunk={chunk}  K={k}/image  (all logits at once would be {logits / MiB:.0f} MiB fp32; "
+            f"one chunk {n * heads * min(chunk, args.boxes) * s_total * 4 / MiB:.0f} MiB)"
+        )
+        print(
+            f"  decoder fwd+aux bwd : peak +{dec.peak / MiB:8.1f} MiB   "
+            f"saved for backward {dec_saved.total / MiB:7.1f} MiB"
+        )
         print(f"  attention weights   : peak +{wts.peak / MiB:8.1f} MiB")
-        print(f"  full ICD loss + bwd : peak +{full.peak / MiB:8.1f} MiB   "
-              f"saved for backward {full_saved.total / MiB:7.1f} MiB")
+        print(
+            f"  full ICD loss + bwd : peak +{full.peak / MiB:8.1f} MiB   "
+            f"saved for backward {full_saved.total / MiB:7.1f} MiB"
+        )
         share = dec.peak / full.peak if full.peak > 0 else math.nan
         print(f"  decoder share of the ICD peak: {share:.0%}")
 

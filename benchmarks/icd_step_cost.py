@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -68,9 +69,16 @@ class Runner:
             losses = dict(out.losses)
             if self.method != "none":
                 t = self.teacher.teacher_features(out.image_list, source=self.student)
-                batch = DistillBatch(out.features, t, out.targets, [tuple(s) for s in out.image_list.image_sizes],
-                                     tuple(out.image_list.tensors.shape[-2:]), self.step_no, out.anchors,
-                                     out.anchors_per_level)
+                batch = DistillBatch(
+                    out.features,
+                    t,
+                    out.targets,
+                    [tuple(s) for s in out.image_list.image_sizes],
+                    tuple(out.image_list.tensors.shape[-2:]),
+                    self.step_no,
+                    out.anchors,
+                    out.anchors_per_level,
+                )
                 losses.update(self.distiller.losses(batch))
         total = sum(losses.values())
         self.sgd.zero_grad(set_to_none=True)
@@ -90,6 +98,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _model_spec(args: argparse.Namespace, backbone: str) -> ModelSpec:
+    return ModelSpec(detector=args.detector, backbone=backbone, fpn_channels=args.channels, head_convs=args.head_convs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--detector", default="retinanet", choices=["retinanet", "fcos", "faster_rcnn"])
@@ -105,8 +117,13 @@ def main() -> None:
     ap.add_argument("--methods", default="none,fitnet,icd")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 makes "
-                    "the CPU-time figures immune to other jobs on a shared machine")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 makes "
+        "the CPU-time figures immune to other jobs on a shared machine",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,8 +131,8 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     num_classes = 80
-    mk = lambda backbone: ModelSpec(detector=args.detector, backbone=backbone,  # noqa: E731
-                                    fpn_channels=args.channels, head_convs=args.head_convs)
+
+    mk = partial(_model_spec, args)
     size = (args.size, args.size * 4 // 3)
     teacher = build_detector(mk(args.teacher), num_classes, args.size, size[1]).to(device).eval()
     teacher.requires_grad_(False)
@@ -125,9 +142,11 @@ def main() -> None:
     runners = {m: Runner(m, teacher, student, amp, steps=1000) for m in methods}
     images, targets = make_batch(args.batch, args.size, num_classes, args.objects, 0, device)
 
-    print(f"device={device} threads={torch.get_num_threads()} amp={'bf16' if amp else 'off'} "
-          f"{args.detector} teacher={args.teacher} student={args.student} C={args.channels} "
-          f"head_convs={args.head_convs} batch={args.batch} image={size[0]}x{size[1]} objects/img={args.objects}")
+    print(
+        f"device={device} threads={torch.get_num_threads()} amp={'bf16' if amp else 'off'} "
+        f"{args.detector} teacher={args.teacher} student={args.student} C={args.channels} "
+        f"head_convs={args.head_convs} batch={args.batch} image={size[0]}x{size[1]} objects/img={args.objects}"
+    )
     for r in runners.values():
         for _ in range(args.warmup):
             r.step(images, targets)
@@ -149,13 +168,17 @@ def main() -> None:
         med = {m: statistics.median(v) for m, v in times.items()}
         print(f"-- {name} time (median of {args.reps})")
         for m in methods:
-            print(f"{m:>7}: {med[m]:.3f} s/step  ({args.batch / med[m]:.2f} img/s)  all: "
-                  + " ".join(f"{t:.3f}" for t in times[m]))
+            print(
+                f"{m:>7}: {med[m]:.3f} s/step  ({args.batch / med[m]:.2f} img/s)  all: "
+                + " ".join(f"{t:.3f}" for t in times[m])
+            )
         low = {m: min(v) for m, v in times.items()}  # least disturbed repetition
         for other, note in (("fitnet", "   (target <= 1.10)"), ("none", "")):
             if "icd" in med and other in med:
-                print(f"ICD / {other:<6} = {med['icd'] / med[other]:.3f} (median)  "
-                      f"{low['icd'] / low[other]:.3f} (min){note}")
+                print(
+                    f"ICD / {other:<6} = {med['icd'] / med[other]:.3f} (median)  "
+                    f"{low['icd'] / low[other]:.3f} (min){note}"
+                )
 
 
 if __name__ == "__main__":

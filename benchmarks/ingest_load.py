@@ -47,8 +47,16 @@ def run_workers(url: str, job_ids: list[int], args: dict[str, Any], start_at: fl
     sent: dict[int, int] = {}
 
     def train(job_id: int) -> None:
-        rep = DbReporter(sessions, job_id, 1, artifacts, flush_every=10**9, flush_interval_s=args["flush_s"],
-                         cancel_check_s=1.0, background=True)
+        rep = DbReporter(
+            sessions,
+            job_id,
+            1,
+            artifacts,
+            flush_every=10**9,
+            flush_interval_s=args["flush_s"],
+            cancel_check_s=1.0,
+            background=True,
+        )
         rng = random.Random(job_id)
         names = [f"loss_{i}" for i in range(args["series"])]
         total = int(args["duration"] * args["steps_per_s"])
@@ -122,9 +130,12 @@ def main() -> None:
     ap.add_argument("--admin-url", default=None)
     args = ap.parse_args()
     rate = args.workers * args.steps_per_s * args.series
-    print(f"{args.workers} workers x {args.steps_per_s:g} steps/s x {args.series} series = {rate:,.0f} points/s "
-          f"offered, flush every {args.flush_s:g} s, {args.duration:g} s; {args.readers} readers on "
-          f"{args.api_procs} API processes", flush=True)
+    print(
+        f"{args.workers} workers x {args.steps_per_s:g} steps/s x {args.series} series = {rate:,.0f} points/s "
+        f"offered, flush every {args.flush_s:g} s, {args.duration:g} s; {args.readers} readers on "
+        f"{args.api_procs} API processes",
+        flush=True,
+    )
 
     from store.db import make_engine, session_factory, upgrade_database
     from store.jobs import claim_job, create_job
@@ -172,11 +183,17 @@ def main() -> None:
         rates = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(windows, windows[1:], strict=False)]
         steady = rates[1:-2] or rates
         with psycopg.connect(libpq) as c:
-            rows = {r[0]: r[1:] for r in c.execute(
-                "SELECT job_id, count(*), count(DISTINCT (name, step)), max(step) FROM metrics GROUP BY job_id")}
+            rows = {
+                r[0]: r[1:]
+                for r in c.execute(
+                    "SELECT job_id, count(*), count(DISTINCT (name, step)), max(step) FROM metrics GROUP BY job_id"
+                )
+            }
             rollup = dict(c.execute("SELECT job_id, sum(n) FROM metric_rollups GROUP BY job_id").fetchall())
-            size = sum(c.execute("SELECT pg_total_relation_size(%s)", (t,)).fetchone()[0]  # type: ignore[index]
-                       for t in ("metrics", "metric_rollups"))
+            size = sum(
+                c.execute("SELECT pg_total_relation_size(%s)", (t,)).fetchone()[0]  # type: ignore[index]
+                for t in ("metrics", "metric_rollups")
+            )
         expected = {j: n * args.series for j, n in sent.items()}
         stored = sum(r[0] for r in rows.values())
         lost = sum(max(0, expected[j] - rows.get(j, (0, 0, 0))[1]) for j in expected)
@@ -184,15 +201,21 @@ def main() -> None:
         extra = sum(max(0, rows[j][1] - expected.get(j, 0)) for j in rows)
         bad_rollups = sum(1 for j in rows if rollup.get(j) != rows[j][0])
 
-        print(f"\nsent {sum(expected.values()):,} points, stored {stored:,}: lost {lost}, duplicated {duplicated}, "
-              f"unexpected {extra}; rollup counts disagree for {bad_rollups} jobs")
-        print(f"stored points/s: mean of steady 5 s windows {statistics.mean(steady):,.0f}, slowest {min(steady):,.0f}"
-              f" (offered {rate:,.0f})")
+        print(
+            f"\nsent {sum(expected.values()):,} points, stored {stored:,}: lost {lost}, duplicated {duplicated}, "
+            f"unexpected {extra}; rollup counts disagree for {bad_rollups} jobs"
+        )
+        print(
+            f"stored points/s: mean of steady 5 s windows {statistics.mean(steady):,.0f}, slowest {min(steady):,.0f}"
+            f" (offered {rate:,.0f})"
+        )
         print(f"database: {size / 2**20:,.1f} MiB for {stored:,} points = {size / max(1, stored):.1f} bytes/point")
         print("reads during ingestion:")
         for label, ms in lat.items():
-            print(f"  {label:<46} n={len(ms):5d}  p50 {statistics.median(ms):7.2f}  p95 {percentile(ms, 95):7.2f}  "
-                  f"p99 {percentile(ms, 99):7.2f} ms")
+            print(
+                f"  {label:<46} n={len(ms):5d}  p50 {statistics.median(ms):7.2f}  p95 {percentile(ms, 95):7.2f}  "
+                f"p99 {percentile(ms, 99):7.2f} ms"
+            )
 
 
 if __name__ == "__main__":

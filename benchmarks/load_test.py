@@ -73,9 +73,25 @@ def main() -> None:
             with api_server(url, workers=args.api_procs, extra_env={"ICD_BROKER_URL": args.broker}) as base:
                 ids = ",".join(str(BIG_JOB + 1 + i) for i in range(args.metric_jobs))
                 env = {**os.environ, "ICD_LOAD_JOB_IDS": ids, "ICD_LOAD_BIG_JOB": str(BIG_JOB)}
-                cmd = [str(Path(sys.executable).with_name("locust")), "-f", str(ROOT / "benchmarks" / "locustfile.py"),
-                       "--headless", "--host", base, "-u", str(args.users), "-r", str(args.spawn_rate),
-                       "--run-time", args.time, "--csv", str(out), "--only-summary", "--loglevel", "WARNING"]
+                cmd = [
+                    str(Path(sys.executable).with_name("locust")),
+                    "-f",
+                    str(ROOT / "benchmarks" / "locustfile.py"),
+                    "--headless",
+                    "--host",
+                    base,
+                    "-u",
+                    str(args.users),
+                    "-r",
+                    str(args.spawn_rate),
+                    "--run-time",
+                    args.time,
+                    "--csv",
+                    str(out),
+                    "--only-summary",
+                    "--loglevel",
+                    "WARNING",
+                ]
                 with open(f"{out}.log", "w") as log:
                     subprocess.run(cmd, check=False, env=env, stdout=log, stderr=subprocess.STDOUT)
         finally:
@@ -86,8 +102,10 @@ def main() -> None:
     print(f"\nlocust: {args.users} users, {args.time}, {args.api_procs} API processes (uvicorn workers)")
     print(f"{'endpoint':<52} {'requests':>8} {'fail':>5} {'req/s':>7} {'p50':>6} {'p95':>6} {'p99':>6} ms")
     for r in rows:
-        print(f"{r['Name'] if r['Name'] != 'Aggregated' else 'all':<52} {r['Request Count']:>8} "
-              f"{r['Failure Count']:>5} {float(r['Requests/s']):7.1f} {r['50%']:>6} {r['95%']:>6} {r['99%']:>6}")
+        print(
+            f"{r['Name'] if r['Name'] != 'Aggregated' else 'all':<52} {r['Request Count']:>8} "
+            f"{r['Failure Count']:>5} {float(r['Requests/s']):7.1f} {r['50%']:>6} {r['95%']:>6} {r['99%']:>6}"
+        )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,14 @@ from locust import HttpUser, between, task
 JOB_IDS = [int(x) for x in os.environ.get("ICD_LOAD_JOB_IDS", "1").split(",")]
 BIG_JOB = int(os.environ.get("ICD_LOAD_BIG_JOB", str(JOB_IDS[0])))
 SUBMIT = {
-    "name": "load-test", "kind": "train",
-    "data": {"train": {"format": "shapes", "num_images": 16, "image_size": 64},
-             "val": {"format": "shapes", "num_images": 8, "image_size": 64}, "min_size": 64, "max_size": 64},
+    "name": "load-test",
+    "kind": "train",
+    "data": {
+        "train": {"format": "shapes", "num_images": 16, "image_size": 64},
+        "val": {"format": "shapes", "num_images": 8, "image_size": 64},
+        "min_size": 64,
+        "max_size": 64,
+    },
     "model": {"detector": "retinanet", "backbone": "resnet18"},
     "schedule": {"iterations": 10, "batch_size": 2},
     "device": "cpu",
@@ -36,8 +41,9 @@ class DashboardUser(HttpUser):
         for _ in range(3):
             if not page.get("next_cursor"):
                 break
-            page = self.client.get(f"/jobs?limit=50&status=succeeded&cursor={page['next_cursor']}",
-                                   name="GET /jobs?cursor=…").json()
+            page = self.client.get(
+                f"/jobs?limit=50&status=succeeded&cursor={page['next_cursor']}", name="GET /jobs?cursor=…"
+            ).json()
 
     @task(3)
     def job_detail(self) -> None:
@@ -45,13 +51,16 @@ class DashboardUser(HttpUser):
 
     @task(4)
     def poll_metrics(self) -> None:
-        self.client.get(f"/jobs/{random.choice(JOB_IDS)}/metrics?since_step=1900",
-                        name="GET /jobs/{id}/metrics?since_step")
+        self.client.get(
+            f"/jobs/{random.choice(JOB_IDS)}/metrics?since_step=1900", name="GET /jobs/{id}/metrics?since_step"
+        )
 
     @task(2)
     def curves(self) -> None:
-        self.client.get(f"/jobs/{BIG_JOB}/metrics?names=loss&max_points=1000",
-                        name="GET /jobs/{id}/metrics?max_points=1000 (1M points)")
+        self.client.get(
+            f"/jobs/{BIG_JOB}/metrics?names=loss&max_points=1000",
+            name="GET /jobs/{id}/metrics?max_points=1000 (1M points)",
+        )
 
     @task(1)
     def submit(self) -> None:

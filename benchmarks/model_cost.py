@@ -74,8 +74,9 @@ def interleaved_ms(runners: dict[str, Callable], repeats: int, warmup: int, devi
 
 
 def row(name: str, c: ModelCost) -> str:
-    lat = " | ".join(f"{c.latency_ms[k]:.1f}" if k in c.latency_ms else "–" for k in ("eager", "torchscript",
-                                                                                      "onnxruntime"))
+    lat = " | ".join(
+        f"{c.latency_ms[k]:.1f}" if k in c.latency_ms else "–" for k in ("eager", "torchscript", "onnxruntime")
+    )
     return f"| {name} | {c.params_m:.2f} | {c.gflops:.2f} | {c.peak_inference_mb:.0f} | {lat} |"
 
 
@@ -112,24 +113,30 @@ def main() -> None:
         # so a load change on a shared machine hits all of them alike.
         s_cost = measure_cost(student.model.to(device), image, device, 1, 0, autocast=amp)
         t_cost = measure_cost(teacher.model.to(device), image, device, 1, 0, autocast=amp)
-        runners = {"teacher eager": eager_runner(teacher, image, device, amp),
-                   "student eager": eager_runner(student, image, device, amp),
-                   **{f"student {k}": (lambda run=run: run(image)) for k, run in exported.items()}}
+        runners = {
+            "teacher eager": eager_runner(teacher, image, device, amp),
+            "student eager": eager_runner(student, image, device, amp),
+            **{f"student {k}": (lambda run=run: run(image)) for k, run in exported.items()},
+        }
         times = interleaved_ms(runners, args.repeats, args.warmup, device)
     t_cost.latency_ms = {"eager": times["teacher eager"]}
     s_cost.latency_ms = {k.removeprefix("student "): v for k, v in times.items() if k.startswith("student ")}
     s_cost.repeats = t_cost.repeats = args.repeats
 
     t, s = f"{study.teacher.detector} {study.teacher.backbone}", f"{study.student.detector} {study.student.backbone}"
-    print(f"{args.study.name}: {size} px image, device {device}, {threads} thread(s), amp {'bf16' if amp else 'off'}, "
-          f"median of {args.repeats} interleaved forwards per runtime after {args.warmup} warm-up")
+    print(
+        f"{args.study.name}: {size} px image, device {device}, {threads} thread(s), amp {'bf16' if amp else 'off'}, "
+        f"median of {args.repeats} interleaved forwards per runtime after {args.warmup} warm-up"
+    )
     print("| model | params M | GFLOPs | peak infer MB | eager ms | TorchScript ms | ONNX Runtime ms |")
     print("|---|---|---|---|---|---|---|")
     print(row(f"teacher ({t})", t_cost))
     print(row(f"student ({s})", s_cost))
     te, se = t_cost.latency_ms["eager"], s_cost.latency_ms["eager"]
-    print(f"student vs teacher: {te / se:.2f}x the speed (eager), {s_cost.gflops / t_cost.gflops:.2f}x the FLOPs, "
-          f"{s_cost.params_m / t_cost.params_m:.2f}x the parameters")
+    print(
+        f"student vs teacher: {te / se:.2f}x the speed (eager), {s_cost.gflops / t_cost.gflops:.2f}x the FLOPs, "
+        f"{s_cost.params_m / t_cost.params_m:.2f}x the parameters"
+    )
     for name in ("torchscript", "onnxruntime"):
         if name in s_cost.latency_ms:
             print(f"student {name} vs eager: {se / s_cost.latency_ms[name]:.2f}x the speed")

@@ -27,14 +27,31 @@ TARGET = 1.01
 
 def spec(iterations: int) -> dict:
     return {
-        "kind": "train", "name": "overhead", "device": "cpu",
-        "data": {"train": {"format": "shapes", "num_images": 16, "image_size": 64, "max_object": 32},
-                 "val": {"format": "shapes", "num_images": 2, "image_size": 64, "max_object": 32, "seed": 1},
-                 "min_size": 64, "max_size": 64, "workers": 0},
-        "model": {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "levels": ["p3", "p4", "p5"],
-                  "head_convs": 1},
-        "schedule": {"iterations": iterations, "batch_size": 2, "warmup_iters": 0, "eval_every": 0,
-                     "checkpoint_every": 0, "log_every": 1},
+        "kind": "train",
+        "name": "overhead",
+        "device": "cpu",
+        "data": {
+            "train": {"format": "shapes", "num_images": 16, "image_size": 64, "max_object": 32},
+            "val": {"format": "shapes", "num_images": 2, "image_size": 64, "max_object": 32, "seed": 1},
+            "min_size": 64,
+            "max_size": 64,
+            "workers": 0,
+        },
+        "model": {
+            "detector": "retinanet",
+            "backbone": "resnet18",
+            "fpn_channels": 32,
+            "levels": ["p3", "p4", "p5"],
+            "head_convs": 1,
+        },
+        "schedule": {
+            "iterations": iterations,
+            "batch_size": 2,
+            "warmup_iters": 0,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "log_every": 1,
+        },
     }
 
 
@@ -72,15 +89,16 @@ def main() -> None:
     def run(with_reporter: bool) -> float:
         job_id = new_job()
         callbacks = [DbReporter(sessions, job_id, 1, artifacts)] if with_reporter else []
-        result = run_spec(the_spec, output_dir=artifacts.job_dir(job_id), callbacks=callbacks, resume=False,
-                          cache_dir=tmp / "cache")
+        result = run_spec(
+            the_spec, output_dir=artifacts.job_dir(job_id), callbacks=callbacks, resume=False, cache_dir=tmp / "cache"
+        )
         assert result.sec_per_step is not None
         return result.sec_per_step
 
     run(False)  # warm-up: dataset generation, allocator, first-call overheads
     plain, reported = [], []
     for rep in range(args.reps):  # ABBA order, so a drift in machine load hits both sides alike
-        for with_reporter in ((False, True) if rep % 2 == 0 else (True, False)):
+        for with_reporter in (False, True) if rep % 2 == 0 else (True, False):
             (reported if with_reporter else plain).append(run(with_reporter))
     step = statistics.median(plain)
     ratio = statistics.median(reported) / step
@@ -90,8 +108,15 @@ def main() -> None:
     job_id = new_job()
     reporter = DbReporter(sessions, job_id, 1, artifacts)
     reporter.on_start(0, 10**9)
-    metrics = {"loss": 1.0, "loss_cls": 0.5, "loss_box": 0.5, "lr": 0.01, "sec_per_step": step, "data_time": 0.001,
-               "peak_memory_mb": 500.0}
+    metrics = {
+        "loss": 1.0,
+        "loss_cls": 0.5,
+        "loss_box": 0.5,
+        "lr": 0.01,
+        "sec_per_step": step,
+        "data_time": 0.001,
+        "peak_memory_mb": 500.0,
+    }
     n, spent, t_end = 0, 0.0, time.perf_counter() + max(10.0, 3 * args.iterations * step)
     while time.perf_counter() < t_end:
         n += 1
@@ -106,8 +131,10 @@ def main() -> None:
     print(f"database {db_url.split(':')[0]}, tiny RetinaNet-R18 on CPU, log_every=1, {args.reps} runs each")
     print(f"median step: {step * 1000:.1f} ms without reporting, {statistics.median(reported) * 1000:.1f} ms with")
     print(f"end-to-end ratio (with / without): {ratio:.4f}  (target <= {TARGET}; machine noise included)")
-    print(f"reporter cost: {per_step * 1e6:.0f} us per step over {n} steps ({reporter.flushes} flushes) "
-          f"= {per_step / step * 100:.3f} % of a step -> ratio {1 + per_step / step:.4f}")
+    print(
+        f"reporter cost: {per_step * 1e6:.0f} us per step over {n} steps ({reporter.flushes} flushes) "
+        f"= {per_step / step * 100:.3f} % of a step -> ratio {1 + per_step / step:.4f}"
+    )
 
 
 if __name__ == "__main__":

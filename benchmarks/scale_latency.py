@@ -37,8 +37,15 @@ from store.paging import encode_cursor  # noqa: E402
 TARGET_LIST_MS, TARGET_METRICS_MS = 25.0, 50.0
 BIG_JOB, BIG_STEPS, BIG_SERIES = 500, 1_000_000, ("loss", "loss_cls", "loss_box", "lr")
 BULK_SERIES, BULK_STEPS = 5, 2_000  # each bulk job: 5 series x 2,000 steps = 10k points
-SPEC = json.dumps({"kind": "train", "name": "bench", "model": {"arch": "retinanet", "backbone": "resnet18"},
-                   "data": {"train": {"format": "shapes", "n_images": 512}}, "iterations": 2000})
+SPEC = json.dumps(
+    {
+        "kind": "train",
+        "name": "bench",
+        "model": {"arch": "retinanet", "backbone": "resnet18"},
+        "data": {"train": {"format": "shapes", "n_images": 512}},
+        "iterations": 2000,
+    }
+)
 
 JOBS_SQL = """
 INSERT INTO jobs (id, name, kind, status, spec, queue, attempt, depends_on, progress_step, progress_total,
@@ -96,8 +103,9 @@ def add_big_series(conn: psycopg.Connection) -> None:
             conn.commit()
     conn.execute(ROLLUP_SQL, {"lo": BIG_JOB, "hi": BIG_JOB})
     conn.commit()
-    print(f"  {len(BIG_SERIES)} x {BIG_STEPS:,} points for job {BIG_JOB} in {time.perf_counter() - t0:.0f} s",
-          flush=True)
+    print(
+        f"  {len(BIG_SERIES)} x {BIG_STEPS:,} points for job {BIG_JOB} in {time.perf_counter() - t0:.0f} s", flush=True
+    )
 
 
 def add_bulk_points(conn: psycopg.Connection, n_points: int, first_job: int) -> int:
@@ -156,8 +164,9 @@ def measure(base: str, n_jobs: int, n: int) -> dict[str, dict[str, float]]:
             "GET /jobs?limit=50&status=running": sample(c, "/jobs?limit=50&status=running", n),
             "GET /jobs?limit=50&status=queued,running": sample(c, "/jobs?limit=50&status=queued,running", n),
             "GET /jobs?limit=50&name=exp-7": sample(c, "/jobs?limit=50&name=exp-7", n),
-            f"GET /jobs?limit=50&offset={n_jobs // 2} (contrast)": sample(c, f"/jobs?limit=50&offset={n_jobs // 2}",
-                                                                          max(10, n // 10)),
+            f"GET /jobs?limit=50&offset={n_jobs // 2} (contrast)": sample(
+                c, f"/jobs?limit=50&offset={n_jobs // 2}", max(10, n // 10)
+            ),
             "metrics?names=loss&max_points=1000 (1 x 1M points)": sample(c, f"{big}?names=loss&max_points=1000", n),
             "metrics?max_points=1000 (4 x 1M points)": sample(c, f"{big}?max_points=1000", max(20, n // 4)),
             f"metrics?since_step={BIG_STEPS - 100} (4 series)": sample(c, f"{big}?since_step={BIG_STEPS - 100}", n),
@@ -166,15 +175,20 @@ def measure(base: str, n_jobs: int, n: int) -> dict[str, dict[str, float]]:
     print(f"  total={page['total']:,} (estimate: {page['total_is_estimate']})")
     for label, ms in cases.items():
         rows[label] = {"p50": statistics.median(ms), "p95": percentile(ms, 95), "p99": percentile(ms, 99)}
-        print(f"  {label:<56} p50 {rows[label]['p50']:7.2f}   p95 {rows[label]['p95']:7.2f}   "
-              f"p99 {rows[label]['p99']:7.2f} ms", flush=True)
+        print(
+            f"  {label:<56} p50 {rows[label]['p50']:7.2f}   p95 {rows[label]['p95']:7.2f}   "
+            f"p99 {rows[label]['p99']:7.2f} ms",
+            flush=True,
+        )
     return rows
 
 
 def table_bytes(libpq_url: str) -> dict[str, int]:
     with psycopg.connect(libpq_url) as c:
-        out = {t: c.execute("SELECT pg_total_relation_size(%s)", (t,)).fetchone()[0]  # type: ignore[index]
-               for t in ("jobs", "metrics", "metric_rollups")}
+        out = {
+            t: c.execute("SELECT pg_total_relation_size(%s)", (t,)).fetchone()[0]  # type: ignore[index]
+            for t in ("jobs", "metrics", "metric_rollups")
+        }
         out["points"] = c.execute("SELECT count(*) FROM metrics").fetchone()[0]  # type: ignore[index]
     return out
 
@@ -221,9 +235,11 @@ def main() -> None:
         results["bytes"] = sizes_now
         gib = sizes_now["metrics"] / 2**30
         rollup_gib = sizes_now["metric_rollups"] / 2**30
-        print(f"\nfinal: {sizes[-1]:,} jobs, {sizes_now['points']:,} points; metrics {gib:.2f} GiB + rollups "
-              f"{rollup_gib:.2f} GiB = "
-              f"{(sizes_now['metrics'] + sizes_now['metric_rollups']) / sizes_now['points']:.1f} bytes/point")
+        print(
+            f"\nfinal: {sizes[-1]:,} jobs, {sizes_now['points']:,} points; metrics {gib:.2f} GiB + rollups "
+            f"{rollup_gib:.2f} GiB = "
+            f"{(sizes_now['metrics'] + sizes_now['metric_rollups']) / sizes_now['points']:.1f} bytes/point"
+        )
         with api_server(url) as base:
             results["final"] = measure(base, sizes[-1], args.requests)
     if args.json:
@@ -232,10 +248,12 @@ def main() -> None:
     ok_list = final["GET /jobs?limit=50"]["p95"] <= TARGET_LIST_MS
     ok_cursor = final["GET /jobs?limit=50 cursor pages from the middle"]["p95"] <= TARGET_LIST_MS
     ok_metrics = final["metrics?names=loss&max_points=1000 (1 x 1M points)"]["p95"] <= TARGET_METRICS_MS
-    print(f"\nlist p95 {final['GET /jobs?limit=50']['p95']:.1f} ms (<= {TARGET_LIST_MS:.0f}: {ok_list}), "
-          f"cursor p95 (<= {TARGET_LIST_MS:.0f}: {ok_cursor}), metrics 1M p95 "
-          f"{final['metrics?names=loss&max_points=1000 (1 x 1M points)']['p95']:.1f} ms "
-          f"(<= {TARGET_METRICS_MS:.0f}: {ok_metrics})")
+    print(
+        f"\nlist p95 {final['GET /jobs?limit=50']['p95']:.1f} ms (<= {TARGET_LIST_MS:.0f}: {ok_list}), "
+        f"cursor p95 (<= {TARGET_LIST_MS:.0f}: {ok_cursor}), metrics 1M p95 "
+        f"{final['metrics?names=loss&max_points=1000 (1 x 1M points)']['p95']:.1f} ms "
+        f"(<= {TARGET_METRICS_MS:.0f}: {ok_metrics})"
+    )
     if ten_k:
         ratio = final["GET /jobs?limit=50"]["p95"] / ten_k["GET /jobs?limit=50"]["p95"]
         print(f"list p95 at {sizes[-1]:,} jobs / at 10,000 jobs: {ratio:.2f} (target <= 1.5)")

@@ -78,6 +78,7 @@ def main() -> None:
             opt.zero_grad()
             sum(out.losses.values()).backward()
             opt.step()
+
         return run
 
     total = study.schedule.total_iterations()
@@ -90,8 +91,14 @@ def main() -> None:
         student.train()
         out = student.forward_train(images, targets)
         feats = teacher.teacher_features(out.image_list, source=student)
-        batch = DistillBatch(out.features, feats, out.targets, [tuple(s) for s in out.image_list.image_sizes],
-                             tuple(out.image_list.tensors.shape[-2:]), step=10_000)
+        batch = DistillBatch(
+            out.features,
+            feats,
+            out.targets,
+            [tuple(s) for s in out.image_list.image_sizes],
+            tuple(out.image_list.tensors.shape[-2:]),
+            step=10_000,
+        )
         loss = sum(out.losses.values()) + sum(distiller.losses(batch).values())
         student_opt.zero_grad()
         icd_opt.zero_grad()
@@ -101,9 +108,12 @@ def main() -> None:
 
     with torch.no_grad():
         image_list, prepared = teacher.prepare(images, targets)
-        cached = TeacherBatch(teacher.extract_features(image_list), [{"boxes": t["boxes"], "labels": t["labels"]}
-                                                                      for t in prepared],
-                              [tuple(s) for s in image_list.image_sizes], tuple(image_list.tensors.shape[-2:]))
+        cached = TeacherBatch(
+            teacher.extract_features(image_list),
+            [{"boxes": t["boxes"], "labels": t["labels"]} for t in prepared],
+            [tuple(s) for s in image_list.image_sizes],
+            tuple(image_list.tensors.shape[-2:]),
+        )
     dec_opt = torch.optim.AdamW(distiller.decoder_parameters(), lr=1e-3)
 
     def pretrain_step() -> None:
@@ -125,8 +135,10 @@ def main() -> None:
         "eval_image": median_seconds(infer, args.steps) / bs,
     }
     load = os.getloadavg()[0]
-    print(f"{args.study}: {size} px, batch {bs}, {args.threads} thread(s), load average {load:.1f} "
-          f"on {os.cpu_count()} cores (a busy machine inflates every figure)")
+    print(
+        f"{args.study}: {size} px, batch {bs}, {args.threads} thread(s), load average {load:.1f} "
+        f"on {os.cpu_count()} cores (a busy machine inflates every figure)"
+    )
     for kind, seconds in cost.items():
         print(f"  {kind:>10}: {seconds:.3f} s/{'image' if kind == 'eval_image' else 'step'}")
 
@@ -142,9 +154,11 @@ def main() -> None:
     pretrain_s = pre.steps * cost["pretrain"] if "icd_pretrained" in methods else 0.0
     children_s = seeds * sum(child.values())
     whole = teacher_s + pretrain_s + children_s
-    print(f"  estimate: teacher {teacher_s / 60:.0f} min + decoder pre-training (≤ {pre.steps} steps) "
-          f"{pretrain_s / 60:.0f} min + {seeds} seeds × {len(methods)} children {children_s / 60:.0f} min "
-          f"= {whole / 3600:.2f} h (distill children costed at ICD's step, an upper bound)")
+    print(
+        f"  estimate: teacher {teacher_s / 60:.0f} min + decoder pre-training (≤ {pre.steps} steps) "
+        f"{pretrain_s / 60:.0f} min + {seeds} seeds × {len(methods)} children {children_s / 60:.0f} min "
+        f"= {whole / 3600:.2f} h (distill children costed at ICD's step, an upper bound)"
+    )
 
 
 if __name__ == "__main__":

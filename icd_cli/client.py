@@ -35,8 +35,10 @@ class ApiError(click.ClickException):
             detail: Any = response.json().get("detail")
         except (ValueError, AttributeError):
             detail = response.text.strip() or response.reason_phrase
-        super().__init__(f"{response.request.method} {response.request.url.path}: HTTP {response.status_code}\n"
-                         + format_detail(detail))
+        super().__init__(
+            f"{response.request.method} {response.request.url.path}: HTTP {response.status_code}\n"
+            + format_detail(detail)
+        )
 
 
 def format_detail(detail: Any) -> str:
@@ -82,10 +84,17 @@ class Client:
 
 def server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--server / ICD_SERVER and --token / ICD_TOKEN on every command that talks to the service."""
-    fn = click.option("--token", envvar="ICD_TOKEN", default=None, show_envvar=True,
-                      help="Bearer token, sent with every request.")(fn)
-    return click.option("--server", envvar="ICD_SERVER", default=DEFAULT_SERVER, show_default=True, show_envvar=True,
-                        help="The service's base URL.")(fn)
+    fn = click.option(
+        "--token", envvar="ICD_TOKEN", default=None, show_envvar=True, help="Bearer token, sent with every request."
+    )(fn)
+    return click.option(
+        "--server",
+        envvar="ICD_SERVER",
+        default=DEFAULT_SERVER,
+        show_default=True,
+        show_envvar=True,
+        help="The service's base URL.",
+    )(fn)
 
 
 def _connect(server: str, token: str | None) -> Client:
@@ -103,8 +112,19 @@ def _job_line(job: dict[str, Any]) -> str:
     pct = f"{job['percent']:.0f}%" if job.get("percent") is not None else ""
     eta = f"ETA {_duration(job['eta_s'])}" if job.get("status") == "running" and job.get("eta_s") else ""
     ap = (job.get("final_metrics") or {}).get("AP")
-    return "  ".join(x for x in (f"{job['id']:>5}", f"{job['status']:<9}", f"{job['kind']:<8}", job["name"], pct, eta,
-                                  f"AP {ap:.2f}" if isinstance(ap, int | float) else "") if x)
+    return "  ".join(
+        x
+        for x in (
+            f"{job['id']:>5}",
+            f"{job['status']:<9}",
+            f"{job['kind']:<8}",
+            job["name"],
+            pct,
+            eta,
+            f"AP {ap:.2f}" if isinstance(ap, int | float) else "",
+        )
+        if x
+    )
 
 
 def _duration(s: float | None) -> str:
@@ -139,11 +159,20 @@ def submit_cmd(spec: Path, wait_: bool, server: str, token: str | None) -> None:
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500))
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 @server_options
-def jobs_cmd(status: str | None, kind: str | None, search: str | None, parent_id: int | None, limit: int,
-             as_json: bool, server: str, token: str | None) -> None:
+def jobs_cmd(
+    status: str | None,
+    kind: str | None,
+    search: str | None,
+    parent_id: int | None,
+    limit: int,
+    as_json: bool,
+    server: str,
+    token: str | None,
+) -> None:
     """List jobs, newest first."""
-    data = _connect(server, token).get("/jobs", status=status, kind=kind, search=search, parent_id=parent_id,
-                                       limit=limit)
+    data = _connect(server, token).get(
+        "/jobs", status=status, kind=kind, search=search, parent_id=parent_id, limit=limit
+    )
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -165,15 +194,20 @@ def status_cmd(job_id: int, as_json: bool, server: str, token: str | None) -> No
         return
     click.echo(_job_line(job))
     total = job.get("progress_total")
-    click.echo(f"  step {job['progress_step']}{'/' + str(total) if total else ''}, attempt {job['attempt']}, "
-               f"worker {job.get('worker') or '-'}")
+    click.echo(
+        f"  step {job['progress_step']}{'/' + str(total) if total else ''}, attempt {job['attempt']}, "
+        f"worker {job.get('worker') or '-'}"
+    )
     if job.get("error"):
         click.echo(f"  error: {job['error']}")
     evals = c.get(f"/jobs/{job_id}/evaluations")
     if evals:
         e = evals[-1]
-        aps = "  ".join(f"{k} {e[key]:.2f}" for k, key in (("AP", "ap"), ("AP50", "ap50"), ("AP75", "ap75"))
-                        if e.get(key) is not None)
+        aps = "  ".join(
+            f"{k} {e[key]:.2f}"
+            for k, key in (("AP", "ap"), ("AP50", "ap50"), ("AP75", "ap75"))
+            if e.get(key) is not None
+        )
         click.echo(f"  last evaluation (step {e['step']}): {aps}")
     if job.get("final_metrics"):
         click.echo("  final: " + json.dumps(job["final_metrics"]))
@@ -250,8 +284,13 @@ def _wait(c: Client, job_id: int, timeout: float | None, interval: float) -> int
 @click.command("download")
 @click.argument("job_id", type=int)
 @click.argument("checkpoint", required=False)
-@click.option("-o", "--output", type=click.Path(dir_okay=True, path_type=Path), default=None,
-              help="File or folder to write to (default: the checkpoint's name here).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=True, path_type=Path),
+    default=None,
+    help="File or folder to write to (default: the checkpoint's name here).",
+)
 @server_options
 def download_cmd(job_id: int, checkpoint: str | None, output: Path | None, server: str, token: str | None) -> None:
     """Download a checkpoint (default: the final one), resuming a partial download with HTTP ranges and
@@ -265,8 +304,9 @@ def download_cmd(job_id: int, checkpoint: str | None, output: Path | None, serve
     else:
         ck = next((k for k in cks if k["name"] == checkpoint), None)
         if ck is None:
-            raise click.ClickException(f"job {job_id} has no checkpoint {checkpoint!r}; it has: "
-                                       + ", ".join(k["name"] for k in cks))
+            raise click.ClickException(
+                f"job {job_id} has no checkpoint {checkpoint!r}; it has: " + ", ".join(k["name"] for k in cks)
+            )
     dest = (output / ck["name"]) if output is not None and output.is_dir() else (output or Path(ck["name"]))
     fetch_checkpoint(c, f"/jobs/{job_id}/checkpoints/{ck['name']}", dest, ck["sha256"], ck["size_bytes"])
     click.echo(f"{dest}  {ck['size_bytes']} bytes  sha256 {ck['sha256']} (verified)")
@@ -301,8 +341,10 @@ def fetch_checkpoint(c: Client, path: str, dest: Path, sha256: str, size: int) -
             digest.update(block)
     if digest.hexdigest() != sha256:
         part.unlink()
-        raise click.ClickException(f"sha256 mismatch for {dest.name}: got {digest.hexdigest()}, the service recorded "
-                                   f"{sha256}; the partial file was removed, download again")
+        raise click.ClickException(
+            f"sha256 mismatch for {dest.name}: got {digest.hexdigest()}, the service recorded "
+            f"{sha256}; the partial file was removed, download again"
+        )
     os.replace(part, dest)
 
 
@@ -360,5 +402,13 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 
 CLIENT_COMMANDS: list[click.Command] = [
-    submit_cmd, jobs_cmd, status_cmd, logs_cmd, wait_cmd, download_cmd, cancel_cmd, retry_cmd, validate_cmd,
+    submit_cmd,
+    jobs_cmd,
+    status_cmd,
+    logs_cmd,
+    wait_cmd,
+    download_cmd,
+    cancel_cmd,
+    retry_cmd,
+    validate_cmd,
 ]

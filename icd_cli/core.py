@@ -52,8 +52,12 @@ class ProgressBar(Callback):
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.bar is None:
             return
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                             s_step=f"{metrics['sec_per_step']:.3f}", refresh=False)
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            lr=f"{metrics['lr']:.2e}",
+            s_step=f"{metrics['sec_per_step']:.3f}",
+            refresh=False,
+        )
         self.bar.update(step - self.bar.n)
 
     def on_evaluation(self, result: EvalResult) -> None:
@@ -137,17 +141,37 @@ def _run_group(spec: Any, output: Path, resume: bool, cache_dir: Path) -> None:
     spec_file = output / "group-spec.json"
     spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
     gpus = spec.resources.gpus
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
-           "--max-restarts", "0", "-m", "icd_core.ddp_main", str(spec_file), str(output),
-           "--cache-dir", str(cache_dir), *(["--resume"] if resume else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(gpus),
+        "--max-restarts",
+        "0",
+        "-m",
+        "icd_core.ddp_main",
+        str(spec_file),
+        str(output),
+        "--cache-dir",
+        str(cache_dir),
+        *(["--resume"] if resume else []),
+    ]
     click.echo(f"{gpus} ranks: {' '.join(cmd[1:])}")
     code = subprocess.call(cmd)
     if code != 0:
-        raise click.ClickException(f"the {gpus}-rank group failed (exit code {code}); the ranks' errors are "
-                                   f"above; continue with: icd train <spec> --output {output} --resume")
+        raise click.ClickException(
+            f"the {gpus}-rank group failed (exit code {code}); the ranks' errors are "
+            f"above; continue with: icd train <spec> --output {output} --resume"
+        )
     summary = json.loads((output / "summary.json").read_text())
-    click.echo(summary_table(summary["final_metrics"], {"ranks": gpus, "checkpoint": summary["final_checkpoint"],
-                                                        "sec_per_step": summary.get("sec_per_step")}))
+    click.echo(
+        summary_table(
+            summary["final_metrics"],
+            {"ranks": gpus, "checkpoint": summary["final_checkpoint"], "sec_per_step": summary.get("sec_per_step")},
+        )
+    )
 
 
 def _default_output(name: str) -> Path:
@@ -161,19 +185,30 @@ def _latest_run(name: str) -> Path | None:
 
 @click.command("train")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Run folder (default: runs/<name>-<timestamp>).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run folder (default: runs/<name>-<timestamp>).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the run folder.")
 @click.option("--device", default=None, help="Override the spec's device (auto, cpu, cuda, cuda:N).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Generated datasets and class priors (default: $ICD_CACHE_DIR or .icd/cache).")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Generated datasets and class priors (default: $ICD_CACHE_DIR or .icd/cache).",
+)
 def train_cmd(spec_path: Path, output: Path | None, resume: bool, device: str | None, cache_dir: Path | None) -> None:
     """Run a train or distill SPEC (YAML or JSON)."""
     _setup_logging()
     spec = _load(spec_path)
     if isinstance(spec, (EvaluateSpec, StudySpec)):
-        raise click.ClickException(f"{spec_path}: icd train runs train or distill specs (this is kind "
-                                   f"{spec.kind}; use icd eval for evaluate specs)")
+        raise click.ClickException(
+            f"{spec_path}: icd train runs train or distill specs (this is kind "
+            f"{spec.kind}; use icd eval for evaluate specs)"
+        )
     if device:
         spec = parse_spec({**spec.model_dump(mode="json"), "device": device})
     if output is None:
@@ -198,7 +233,11 @@ def train_cmd(spec_path: Path, output: Path | None, resume: bool, device: str | 
 
 
 def _eval_spec_from_checkpoint(
-    checkpoint: Path, images: Path | None, annotations: Path | None, data_spec: Path | None, device: str,
+    checkpoint: Path,
+    images: Path | None,
+    annotations: Path | None,
+    data_spec: Path | None,
+    device: str,
     batch_size: int,
 ) -> EvaluateSpec:
     """Build an evaluate spec for a checkpoint: data from the flags, another spec, or the checkpoint's own run."""
@@ -219,33 +258,52 @@ def _eval_spec_from_checkpoint(
     elif run_spec_dict.get("data"):
         data = dict(run_spec_dict["data"])
     else:
-        raise click.ClickException(f"{checkpoint} records no dataset; give --data-val-images and "
-                                   "--data-val-annotations, or --spec")
+        raise click.ClickException(
+            f"{checkpoint} records no dataset; give --data-val-images and --data-val-annotations, or --spec"
+        )
     data["train"] = data["val"]  # an evaluate run reads only data.val
-    return parse_spec({
-        "kind": "evaluate",
-        "name": f"eval-{checkpoint.stem}",
-        "data": data,
-        "model": {**saved["model_spec"], "checkpoint": str(checkpoint)},
-        "schedule": {"batch_size": batch_size},
-        "device": device,
-    })
+    return parse_spec(
+        {
+            "kind": "evaluate",
+            "name": f"eval-{checkpoint.stem}",
+            "data": data,
+            "model": {**saved["model_spec"], "checkpoint": str(checkpoint)},
+            "schedule": {"batch_size": batch_size},
+            "device": device,
+        }
+    )
 
 
 @click.command("eval")
 @click.argument("target", metavar="SPEC|CHECKPOINT", type=click.Path(path_type=Path))
 @click.option("--data-val-images", type=click.Path(path_type=Path), default=None, help="COCO images folder.")
 @click.option("--data-val-annotations", type=click.Path(path_type=Path), default=None, help="COCO instances JSON.")
-@click.option("--spec", "data_spec", type=click.Path(path_type=Path), default=None,
-              help="Take data.val (and sizes) from this spec.")
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Folder for summary.json (default: runs/<name>-<timestamp>).")
+@click.option(
+    "--spec",
+    "data_spec",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Take data.val (and sizes) from this spec.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder for summary.json (default: runs/<name>-<timestamp>).",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=4, show_default=True, type=int)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
 def eval_cmd(
-    target: Path, data_val_images: Path | None, data_val_annotations: Path | None, data_spec: Path | None,
-    output: Path | None, device: str, batch_size: int, cache_dir: Path | None,
+    target: Path,
+    data_val_images: Path | None,
+    data_val_annotations: Path | None,
+    data_spec: Path | None,
+    output: Path | None,
+    device: str,
+    batch_size: int,
+    cache_dir: Path | None,
 ) -> None:
     """COCO-evaluate a CHECKPOINT (on the given data, or the data it was trained with) or an evaluate SPEC."""
     _setup_logging()
@@ -256,8 +314,7 @@ def eval_cmd(
         if device != "auto":
             spec = parse_spec({**spec.model_dump(mode="json"), "device": device})
     else:
-        spec = _eval_spec_from_checkpoint(target, data_val_images, data_val_annotations, data_spec, device,
-                                          batch_size)
+        spec = _eval_spec_from_checkpoint(target, data_val_images, data_val_annotations, data_spec, device, batch_size)
     output = output or _default_output(spec.name)
     result = _run(spec, output, False, cache_dir or default_cache_dir(), ProgressBar())
     click.echo(summary_table(result.final_metrics))
@@ -280,15 +337,30 @@ def shapes_group() -> None:
 @click.option("--min-object", default=8, show_default=True, type=int)
 @click.option("--max-object", default=96, show_default=True, type=int)
 @click.option("--max-objects", default=8, show_default=True, type=int)
-def shapes_make(out_dir: Path, num_images: int, image_size: int, seed: int, num_classes: int, min_object: int,
-                max_object: int, max_objects: int) -> None:
+def shapes_make(
+    out_dir: Path,
+    num_images: int,
+    image_size: int,
+    seed: int,
+    num_classes: int,
+    min_object: int,
+    max_object: int,
+    max_objects: int,
+) -> None:
     """Generate a COCO-format shapes dataset into DIR (images/ + instances JSON)."""
     from icd_core.data import make_shapes
 
     try:
-        images, annotations = make_shapes(out_dir, num_images=num_images, image_size=image_size, seed=seed,
-                                          num_classes=num_classes, min_object=min_object, max_object=max_object,
-                                          max_objects=max_objects)
+        images, annotations = make_shapes(
+            out_dir,
+            num_images=num_images,
+            image_size=image_size,
+            seed=seed,
+            num_classes=num_classes,
+            min_object=min_object,
+            max_object=max_object,
+            max_objects=max_objects,
+        )
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"images: {images}\nannotations: {annotations}")

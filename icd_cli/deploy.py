@@ -13,40 +13,75 @@ from .core import _setup_logging, default_cache_dir
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="File (.onnx/.ts) or folder (default: exports/ in the checkpoint's run folder).")
-@click.option("--verify-images", default=4, show_default=True, type=click.IntRange(1, 100),
-              help="Validation images whose detections must match the eager model's.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="File (.onnx/.ts) or folder (default: exports/ in the checkpoint's run folder).",
+)
+@click.option(
+    "--verify-images",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Validation images whose detections must match the eager model's.",
+)
 @click.option("--eval-images", default=None, type=click.IntRange(1), help="Limit the AP check (default: all).")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (>= 11).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Generated datasets (default: $ICD_CACHE_DIR or the service's cache).")
-def export_cmd(checkpoint: Path, fmt: str, output: Path | None, verify_images: int, eval_images: int | None,
-               opset: int, cache_dir: Path | None) -> None:
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Generated datasets (default: $ICD_CACHE_DIR or the service's cache).",
+)
+def export_cmd(
+    checkpoint: Path,
+    fmt: str,
+    output: Path | None,
+    verify_images: int,
+    eval_images: int | None,
+    opset: int,
+    cache_dir: Path | None,
+) -> None:
     """Export a train/distill CHECKPOINT's model (the student only) and verify it against the eager model."""
     _setup_logging()
     from icd_core.export import ExportError, export_checkpoint
 
     output = output or checkpoint.resolve().parent.parent / "exports"
     try:
-        result = export_checkpoint(checkpoint, fmt, output, cache_dir or default_cache_dir(), verify_images,
-                                   eval_images, opset)
+        result = export_checkpoint(
+            checkpoint, fmt, output, cache_dir or default_cache_dir(), verify_images, eval_images, opset
+        )
     except (ExportError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
     v = result.verification
     click.echo(f"exported {fmt}: {result.path}")
     diff = "–" if v.max_box_diff_px is None else f"{v.max_box_diff_px:.2g} px"
-    click.echo(f"verified: detections on {v.images} images match (max box difference {diff}); "
-               f"COCO AP {v.exported_AP:.2f} exported vs {v.eager_AP:.2f} eager on {v.eval_images} images")
+    click.echo(
+        f"verified: detections on {v.images} images match (max box difference {diff}); "
+        f"COCO AP {v.exported_AP:.2f} exported vs {v.eager_AP:.2f} eager on {v.eval_images} images"
+    )
 
 
 @click.command("predict")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder for detections.json (COCO format) and one annotated PNG per image.")
-@click.option("--score-min", default=0.3, show_default=True, type=click.FloatRange(0, 1),
-              help="Draw boxes scoring at least this (the JSON keeps all).")
+@click.option(
+    "--out",
+    "-o",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for detections.json (COCO format) and one annotated PNG per image.",
+)
+@click.option(
+    "--score-min",
+    default=0.3,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Draw boxes scoring at least this (the JSON keeps all).",
+)
 @click.option("--device", default="cpu", show_default=True, help="For a checkpoint (exports run on the CPU).")
 def predict_cmd(model: Path, images: tuple[Path, ...], out_dir: Path, score_min: float, device: str) -> None:
     """Detect objects in IMAGES with MODEL (a checkpoint, or a .onnx/.ts export)."""

@@ -35,11 +35,22 @@ def _setup_logging(level: str = "INFO") -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--no-worker", is_flag=True, help="API only (production: workers run on GPU hosts via `icd worker`).")
-@click.option("--stop-grace", default=30.0, show_default=True, type=float,
-              help="Seconds the local worker gets to checkpoint its job on shutdown.")
+@click.option(
+    "--stop-grace",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Seconds the local worker gets to checkpoint its job on shutdown.",
+)
 @click.option("--log-level", default="info", show_default=True)
-@click.option("--workers", "api_processes", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="API processes sharing the port (uvicorn workers); periodic work runs in exactly one.")
+@click.option(
+    "--workers",
+    "api_processes",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="API processes sharing the port (uvicorn workers); periodic work runs in exactly one.",
+)
 def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: str, api_processes: int) -> None:
     """Run the API; without --no-worker also one local worker (the zero-setup embedded mode:
     SQLite database and SQLite broker under ICD_HOME, migrated automatically). SIGTERM, SIGINT and
@@ -73,8 +84,10 @@ def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: s
     if not no_worker:
         local = _start_local_worker(settings)
     click.echo(f"ICD service on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
-    click.echo(f"database {_safe_url(settings.database_url)}, broker {_safe_url(settings.broker_url)}, "
-               f"artifacts {settings.artifact_root}")
+    click.echo(
+        f"database {_safe_url(settings.database_url)}, broker {_safe_url(settings.broker_url)}, "
+        f"artifacts {settings.artifact_root}"
+    )
     try:
         if api_processes == 1:
             run_server_until_signal(app, host, port, log_level.lower())
@@ -82,8 +95,14 @@ def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: s
             app.state.engine.dispose()  # the N processes build their own app; migrated already
             os.environ["ICD_AUTO_MIGRATE"] = "0"
             # uvicorn's process supervisor stops on SIGTERM/SIGINT and returns here (SIGHUP reloads its workers).
-            uvicorn.run("api.main:create_app", factory=True, workers=api_processes, host=host, port=port,
-                        log_level=log_level.lower())
+            uvicorn.run(
+                "api.main:create_app",
+                factory=True,
+                workers=api_processes,
+                host=host,
+                port=port,
+                log_level=log_level.lower(),
+            )
     finally:
         if local is not None:
             _stop_local_worker(local, settings, stop_grace)
@@ -166,38 +185,66 @@ def _safe_url(url: str) -> str:
 @click.command("worker")
 @click.option("--gpus", default=None, help="GPU indices, e.g. 0,1: one worker process per GPU.")
 @click.option("--cpu", "cpu_only", is_flag=True, help="A CPU-only worker (GPUs hidden; queues cpu,any).")
-@click.option("--queues", "-Q", default=None,
-              help="Queues to consume (default: cuda,any on GPU workers, cpu,any on CPU workers).")
+@click.option(
+    "--queues", "-Q", default=None, help="Queues to consume (default: cuda,any on GPU workers, cpu,any on CPU workers)."
+)
 @click.option("--name", default=None, help="Worker name prefix (default gpu<N>, cpu or worker); @host is added.")
-@click.option("--group", is_flag=True,
-              help="One worker owning all of --gpus: it runs jobs of resources.gpus up to that many (torchrun). "
-                   "On a CPU worker, ICD_WORKER_GPUS=N gives N-process gloo groups.")
-@click.option("--stop-grace", default=60.0, show_default=True, type=float,
-              help="Seconds a running job gets to checkpoint on shutdown before the worker is killed.")
+@click.option(
+    "--group",
+    is_flag=True,
+    help="One worker owning all of --gpus: it runs jobs of resources.gpus up to that many (torchrun). "
+    "On a CPU worker, ICD_WORKER_GPUS=N gives N-process gloo groups.",
+)
+@click.option(
+    "--stop-grace",
+    default=60.0,
+    show_default=True,
+    type=float,
+    help="Seconds a running job gets to checkpoint on shutdown before the worker is killed.",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker_cmd(gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, group: bool,
-               stop_grace: float, loglevel: str) -> None:
+def worker_cmd(
+    gpus: str | None,
+    cpu_only: bool,
+    queues: str | None,
+    name: str | None,
+    group: bool,
+    stop_grace: float,
+    loglevel: str,
+) -> None:
     """Start Celery workers against ICD_BROKER_URL / ICD_DATABASE_URL (add a GPU machine: run this
     on it with the shared settings)."""
     from worker.supervisor import WorkerProcess, wait_for_signal
 
     _setup_logging(loglevel)
-    specs = plan_workers(gpus, cpu_only, queues, name, socket.gethostname(), loglevel, group=group,
-                         worker_gpus=_settings().worker_gpus)
+    specs = plan_workers(
+        gpus, cpu_only, queues, name, socket.gethostname(), loglevel, group=group, worker_gpus=_settings().worker_gpus
+    )
     settings = _settings()
     click.echo(f"broker {_safe_url(settings.broker_url)}, database {_safe_url(settings.database_url)}")
     procs = [WorkerProcess(spec) for spec in specs]
     for p, spec in zip(procs, specs, strict=True):
-        click.echo(f"worker {spec.name}: queues {spec.queues}"
-                   + (f", CUDA_VISIBLE_DEVICES={spec.env['CUDA_VISIBLE_DEVICES']}"
-                      if "CUDA_VISIBLE_DEVICES" in spec.env else ""))
+        click.echo(
+            f"worker {spec.name}: queues {spec.queues}"
+            + (
+                f", CUDA_VISIBLE_DEVICES={spec.env['CUDA_VISIBLE_DEVICES']}"
+                if "CUDA_VISIBLE_DEVICES" in spec.env
+                else ""
+            )
+        )
         p.start()
     wait_for_signal(procs, stop_grace)
 
 
 def plan_workers(
-    gpus: str | None, cpu_only: bool, queues: str | None, name: str | None, host: str, loglevel: str = "INFO",
-    group: bool = False, worker_gpus: int | None = None,
+    gpus: str | None,
+    cpu_only: bool,
+    queues: str | None,
+    name: str | None,
+    host: str,
+    loglevel: str = "INFO",
+    group: bool = False,
+    worker_gpus: int | None = None,
 ) -> list[Any]:
     """The worker processes `icd worker` starts (pure: tested without starting anything).
 
@@ -220,16 +267,24 @@ def plan_workers(
         prefix = name or "gpu"
         if group:
             env = {"CUDA_VISIBLE_DEVICES": ",".join(ids), "ICD_WORKER_GPUS": str(len(ids))}
-            return [WorkerSpec(f"{prefix}{'-'.join(ids)}@{host}", group_queues(queues or "cuda,any", len(ids)),
-                               env, loglevel)]
+            return [
+                WorkerSpec(
+                    f"{prefix}{'-'.join(ids)}@{host}", group_queues(queues or "cuda,any", len(ids)), env, loglevel
+                )
+            ]
         return [
-            WorkerSpec(f"{prefix}{g}@{host}", queues or "cuda,any", {"CUDA_VISIBLE_DEVICES": g}, loglevel)
-            for g in ids
+            WorkerSpec(f"{prefix}{g}@{host}", queues or "cuda,any", {"CUDA_VISIBLE_DEVICES": g}, loglevel) for g in ids
         ]
     ranks = worker_gpus or 1
     if cpu_only:
-        return [WorkerSpec(f"{name or 'cpu'}@{host}", group_queues(queues or "cpu,any", ranks),
-                           {"CUDA_VISIBLE_DEVICES": ""}, loglevel)]
+        return [
+            WorkerSpec(
+                f"{name or 'cpu'}@{host}",
+                group_queues(queues or "cpu,any", ranks),
+                {"CUDA_VISIBLE_DEVICES": ""},
+                loglevel,
+            )
+        ]
     default_queues = "cuda,any" if visible_gpu_count() else "cpu,any"
     return [WorkerSpec(f"{name or 'worker'}@{host}", group_queues(queues or default_queues, ranks), {}, loglevel)]
 
@@ -248,8 +303,11 @@ def check_worker(host: str | None, name: str | None) -> None:
     engine = make_engine(settings.database_url)
     try:
         with session_factory(engine)() as s:
-            alive = [w for w in list_workers(s, alive_within_s=3 * settings.worker_heartbeat_s)
-                     if (w.name == name if name else w.hostname == host)]
+            alive = [
+                w
+                for w in list_workers(s, alive_within_s=3 * settings.worker_heartbeat_s)
+                if (w.name == name if name else w.hostname == host)
+            ]
     finally:
         engine.dispose()
     if not alive:

@@ -15,10 +15,19 @@ from .core import ProgressBar, data_roots, default_cache_dir
 
 @click.command("study")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
-@click.option("--output", "output", type=click.Path(file_okay=False), default=None,
-              help="Result folder (default: runs/<study name>). Rerunning into it resumes.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Generated datasets and class priors (default: $ICD_CACHE_DIR or .icd/cache).")
+@click.option(
+    "--output",
+    "output",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Result folder (default: runs/<study name>). Rerunning into it resumes.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Generated datasets and class priors (default: $ICD_CACHE_DIR or .icd/cache).",
+)
 def study_command(spec_path: str, output: str | None, cache_dir: str | None) -> None:
     """Run a `kind: study` spec locally: teacher check, every (method, seed) child in turn, a leaderboard."""
     from icd_core.leaderboard import leaderboard_markdown

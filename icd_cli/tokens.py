@@ -45,8 +45,11 @@ def token_create(name: str, admin: bool) -> None:
         s.close()
         engine.dispose()
     click.echo(secret)
-    click.echo(f"token {name!r}{' (admin)' if admin else ''} created; send it as 'Authorization: Bearer <token>'. "
-               "It is not shown again.", err=True)
+    click.echo(
+        f"token {name!r}{' (admin)' if admin else ''} created; send it as 'Authorization: Bearer <token>'. "
+        "It is not shown again.",
+        err=True,
+    )
 
 
 @token.command("list")
@@ -56,8 +59,9 @@ def token_list() -> None:
 
     engine, s = _token_session()
     try:
-        rows = [(t.name, "admin" if t.admin else "user", t.created_at.isoformat(timespec="seconds"))
-                for t in list_tokens(s)]
+        rows = [
+            (t.name, "admin" if t.admin else "user", t.created_at.isoformat(timespec="seconds")) for t in list_tokens(s)
+        ]
     finally:
         s.close()
         engine.dispose()

@@ -52,8 +52,10 @@ def resolve_in_roots(p: str, roots: Sequence[str | Path]) -> Path:
     inside = [c for c in candidates if any(c.is_relative_to(r) for r in allowed)]
     if not inside:
         where = candidates[0] if path.is_absolute() else path
-        raise PathNotAllowed(f"{p} resolves to {where}, outside the allowed roots: {_listed(allowed)} "
-                             "(set ICD_DATA_ROOTS to the folders that hold your data)")
+        raise PathNotAllowed(
+            f"{p} resolves to {where}, outside the allowed roots: {_listed(allowed)} "
+            "(set ICD_DATA_ROOTS to the folders that hold your data)"
+        )
     for c in inside:
         if c.exists():
             return c

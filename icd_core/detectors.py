@@ -133,8 +133,10 @@ class ExtraLevels(ExtraFPNBlock):
         super().__init__()
         self.names = names
         self.maxpool = maxpool
-        self.convs = nn.ModuleList() if maxpool else nn.ModuleList(
-            nn.Conv2d(channels, channels, 3, stride=2, padding=1) for _ in names
+        self.convs = (
+            nn.ModuleList()
+            if maxpool
+            else nn.ModuleList(nn.Conv2d(channels, channels, 3, stride=2, padding=1) for _ in names)
         )
         for conv in self.convs:
             nn.init.kaiming_uniform_(conv.weight, a=1)
@@ -287,16 +289,28 @@ def build_detector(
 
     sizes = _anchor_sizes(spec)
     sizes_tuple = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
-    common: dict[str, Any] = dict(min_size=tuple(sorted(sizes_tuple)), max_size=max_size,
-                                  image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    common: dict[str, Any] = dict(
+        min_size=tuple(sorted(sizes_tuple)), max_size=max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    )
     if spec.detector == "retinanet":
         anchors = AnchorGenerator(
             tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels)
         )
-        head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes,
-                             norm_layer=partial(nn.GroupNorm, 32) if spec.head_norm == "gn" else None)
-        model = RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head,
-                          fg_iou_thresh=spec.fg_iou_thresh, bg_iou_thresh=spec.bg_iou_thresh, **common)
+        head = RetinaNetHead(
+            backbone.out_channels,
+            anchors.num_anchors_per_location()[0],
+            num_classes,
+            norm_layer=partial(nn.GroupNorm, 32) if spec.head_norm == "gn" else None,
+        )
+        model = RetinaNet(
+            backbone,
+            num_classes,
+            anchor_generator=anchors,
+            head=head,
+            fg_iou_thresh=spec.fg_iou_thresh,
+            bg_iou_thresh=spec.bg_iou_thresh,
+            **common,
+        )
         _trim_head(model.head.classification_head, model.head.regression_head, spec.head_convs)
     elif spec.detector == "fcos":
         anchors = AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(levels))
@@ -306,8 +320,11 @@ def build_detector(
         anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels))
         roi_levels = [lv for lv in levels if lv != "p6"]
         model = FasterRCNN(
-            backbone, num_classes + 1, rpn_anchor_generator=anchors,
-            box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2), **common,
+            backbone,
+            num_classes + 1,
+            rpn_anchor_generator=anchors,
+            box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
+            **common,
         )
     return Detector(model, spec, num_classes)
 
@@ -334,6 +351,7 @@ def load_weights(detector: Detector, state: dict[str, Tensor], source: str = "ch
     unexpected = sorted(set(state) - set(own))
     shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shape:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
 
@@ -343,10 +361,13 @@ def load_weights(detector: Detector, state: dict[str, Tensor], source: str = "ch
         if unexpected:
             parts.append(f"unexpected keys: {show(unexpected)}")
         if shape:
-            parts.append("shape mismatch: " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                                                     for k in shape]))
-        raise ValueError(f"{source} does not match the model spec ({'; '.join(parts)}); "
-                         "check detector, backbone, levels, fpn_channels, head_convs and norm")
+            parts.append(
+                "shape mismatch: " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shape])
+            )
+        raise ValueError(
+            f"{source} does not match the model spec ({'; '.join(parts)}); "
+            "check detector, backbone, levels, fpn_channels, head_convs and norm"
+        )
     detector.load_state_dict(state, strict=True)
 
 

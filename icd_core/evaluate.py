@@ -40,16 +40,25 @@ def detections_to_coco(detections: Sequence[dict], label_to_cat_id: Sequence[int
         labels = _as_numpy(det["labels"]).reshape(-1).astype(np.int64)
         image_id = int(det["image_id"])
         for (x1, y1, x2, y2), s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True):
-            records.append({"image_id": image_id, "category_id": int(label_to_cat_id[lab]),
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s})
+            records.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(label_to_cat_id[lab]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": s,
+                }
+            )
     return records
 
 
 def _empty_results(coco_gt: COCO) -> COCO:
     """A results COCO with no detections (pycocotools' loadRes cannot take an empty list)."""
     res = COCO()
-    res.dataset = {"images": list(coco_gt.dataset["images"]),
-                   "categories": copy.deepcopy(coco_gt.dataset["categories"]), "annotations": []}
+    res.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
     res.createIndex()
     return res
 
@@ -116,7 +125,7 @@ def same_size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list
     for index, size in enumerate(sizes):
         groups.setdefault((int(size[0]), int(size[1])), []).append(index)
     step = max(1, int(batch_size))
-    return [members[i:i + step] for members in groups.values() for i in range(0, len(members), step)]
+    return [members[i : i + step] for members in groups.values() for i in range(0, len(members), step)]
 
 
 def evaluate_model(
@@ -144,8 +153,14 @@ def evaluate_model(
             for images, targets in loader:
                 outputs = detector.predict([img.to(device, non_blocking=True) for img in images])
                 for target, out in zip(targets, outputs, strict=True):
-                    detections.append({"image_id": target["image_id"], "boxes": out["boxes"].float().cpu(),
-                                       "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()})
+                    detections.append(
+                        {
+                            "image_id": target["image_id"],
+                            "boxes": out["boxes"].float().cpu(),
+                            "scores": out["scores"].float().cpu(),
+                            "labels": out["labels"].cpu(),
+                        }
+                    )
                 if progress is not None:
                     progress(len(detections), len(dataset))
     finally:

@@ -74,8 +74,11 @@ def export_meta(detector: Detector, checkpoint: dict[str, Any], fmt: str, source
         "min_size": int(max(transform.min_size)),
         "max_size": int(transform.max_size),
         "input": "image: float32 [3, H, W], RGB in 0..1, any H and W (resized and normalized inside)",
-        "outputs": ["boxes: float32 [N, 4] xyxy in input pixels", "scores: float32 [N]",
-                    "labels: int64 [N], 0-based; category id = label_to_cat_id[label]"],
+        "outputs": [
+            "boxes: float32 [N, 4] xyxy in input pixels",
+            "scores: float32 [N]",
+            "labels: int64 [N], 0-based; category id = label_to_cat_id[label]",
+        ],
         "model_spec": detector.spec.model_dump(mode="json"),
         "source_spec": checkpoint.get("spec"),
         "source_checkpoint": source,
@@ -97,28 +100,43 @@ def _save_torchscript(wrapper: SingleImageDetector, path: Path, meta: dict[str, 
 
 def _save_onnx(wrapper: SingleImageDetector, path: Path, meta: dict[str, Any], opset: int, example: Tensor) -> None:
     if opset < MIN_ONNX_OPSET:
-        raise ExportError(f"opset {opset}: torchvision's detectors need ONNX opset >= {MIN_ONNX_OPSET} "
-                          "(RoIAlign, NonMaxSuppression, Resize with scales)")
+        raise ExportError(
+            f"opset {opset}: torchvision's detectors need ONNX opset >= {MIN_ONNX_OPSET} "
+            "(RoIAlign, NonMaxSuppression, Resize with scales)"
+        )
     import onnx
 
     try:
         with torch.inference_mode():
             wrapper(example)
     except Exception as err:  # not the exporter's fault: say so instead of blaming ONNX
-        raise ExportError(f"{meta['detector']} fails in eager PyTorch on the {example.shape[1]}x{example.shape[2]} "
-                          f"example image the ONNX tracer needs: {_first_line(err)}") from err
+        raise ExportError(
+            f"{meta['detector']} fails in eager PyTorch on the {example.shape[1]}x{example.shape[2]} "
+            f"example image the ONNX tracer needs: {_first_line(err)}"
+        ) from err
     try:
         with warnings.catch_warnings():  # the tracer warns about every Python-side shape computation
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                wrapper, (example,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
-                input_names=["image"], output_names=["boxes", "scores", "labels"],
-                dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
-                              "scores": {0: "detections"}, "labels": {0: "detections"}},
+                wrapper,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                do_constant_folding=True,
+                input_names=["image"],
+                output_names=["boxes", "scores", "labels"],
+                dynamic_axes={
+                    "image": {1: "height", 2: "width"},
+                    "boxes": {0: "detections"},
+                    "scores": {0: "detections"},
+                    "labels": {0: "detections"},
+                },
             )
     except Exception as err:
-        raise ExportError(f"{meta['detector']} cannot be exported to ONNX opset {opset} with "
-                          f"{ONNX_EXPORTER}: {_first_line(err)}") from err
+        raise ExportError(
+            f"{meta['detector']} cannot be exported to ONNX opset {opset} with {ONNX_EXPORTER}: {_first_line(err)}"
+        ) from err
     write_onnx_meta(path, meta)
     onnx.checker.check_model(str(path))
 
@@ -257,8 +275,11 @@ def _unmatched(src: dict[str, Tensor], dst: dict[str, Tensor], tol: Tolerance, f
         return int(boxes.shape[0]), 0.0
     iou = _box_iou(boxes, dst["boxes"])
     corner = (boxes[:, None, :] - dst["boxes"].float()[None, :, :]).abs().amax(-1)
-    ok = ((labels[:, None] == dst["labels"][None, :]) & ((scores[:, None] - dst["scores"][None, :]).abs() <= tol.score)
-          & ((iou >= tol.iou) | (corner <= tol.box_px)))
+    ok = (
+        (labels[:, None] == dst["labels"][None, :])
+        & ((scores[:, None] - dst["scores"][None, :]).abs() <= tol.score)
+        & ((iou >= tol.iou) | (corner <= tol.box_px))
+    )
     matched = ok.any(1)
     offsets = corner.masked_fill(~ok, float("inf")).amin(1)[matched]
     return int((~matched).sum()), float(offsets.max()) if offsets.numel() else 0.0
@@ -289,8 +310,10 @@ def compare_detections(
     (lost, _), (extra, _) = _unmatched(a, b, tol, floor), _unmatched(b, a, tol, floor)
     if lost or extra:
         n_a, n_b = int((a["scores"] >= floor).sum()), int((b["scores"] >= floor).sum())
-        return (f"{lost} of {n_a} eager detections (score >= {floor:.3f}) have no exported match and {extra} of "
-                f"{n_b} exported ones have no eager match")
+        return (
+            f"{lost} of {n_a} eager detections (score >= {floor:.3f}) have no exported match and {extra} of "
+            f"{n_b} exported ones have no eager match"
+        )
     return None
 
 
@@ -349,15 +372,18 @@ def verify_export(
         exported_ap = evaluate_model(exported, val_dataset, batch_size=1).metrics["AP"]  # type: ignore[arg-type]
         report.eager_AP, report.exported_AP, report.eval_images = eager_ap, exported_ap, len(val_dataset)
         if abs(eager_ap - exported_ap) > tol.ap:
-            report.mismatches.append(f"COCO AP {exported_ap:.3f} exported vs {eager_ap:.3f} eager on "
-                                     f"{len(val_dataset)} images (tolerance {tol.ap})")
+            report.mismatches.append(
+                f"COCO AP {exported_ap:.3f} exported vs {eager_ap:.3f} eager on "
+                f"{len(val_dataset)} images (tolerance {tol.ap})"
+            )
     return report
 
 
 def _check_verification(report: Verification, path: Path) -> None:
     if not report.ok:
-        raise ExportError(f"{path}: the exported model does not reproduce the eager one: "
-                          + "; ".join(report.mismatches[:5]))
+        raise ExportError(
+            f"{path}: the exported model does not reproduce the eager one: " + "; ".join(report.mismatches[:5])
+        )
 
 
 # --- the whole step ----------------------------------------------------------------------------------
@@ -443,8 +469,10 @@ def readable_checkpoint(path: Path, read: Any) -> dict[str, Any]:
     except (FileNotFoundError, ValueError):
         raise
     except Exception as err:  # torch.load's pickle / zip errors say nothing about which file
-        raise ValueError(f"{path} is not a readable checkpoint ({_first_line(err)}); give the final.pt "
-                         "of a finished train or distill run") from err
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({_first_line(err)}); give the final.pt "
+            "of a finished train or distill run"
+        ) from err
 
 
 def export_checkpoint(
@@ -480,5 +508,14 @@ def export_checkpoint(
     images = [(val.image_ids[i], val.load(i)[0]) for i in range(min(verify_images, len(val)))]
     out = Path(out)
     path = out if out.suffix in SUFFIX.values() else out / f"model{SUFFIX[fmt]}"
-    return export_detector(detector, saved, fmt, path, images, validation_subset(val, eval_images), tol,
-                           source=str(checkpoint), opset=opset)
+    return export_detector(
+        detector,
+        saved,
+        fmt,
+        path,
+        images,
+        validation_subset(val, eval_images),
+        tol,
+        source=str(checkpoint),
+        opset=opset,
+    )

@@ -25,11 +25,24 @@ from .json_numbers import finite_or_none
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 BASELINE = "none"
 # Deployment cost of a row's model: `cost_<key>` (and `teacher_cost_<key>`) in its metrics, from run_report.
-COST_KEYS = ("params_m", "gflops", "peak_inference_mb", "latency_ms", "latency_ms_torchscript",
-             "latency_ms_onnxruntime")
+COST_KEYS = (
+    "params_m",
+    "gflops",
+    "peak_inference_mb",
+    "latency_ms",
+    "latency_ms_torchscript",
+    "latency_ms_onnxruntime",
+)
 # ICD's decoder readiness at the end of a child (icd_core.distill.icd_diagnostics): mean over seeds.
-ICD_DIAGNOSTICS = ("icd_ident_auc", "icd_real_recall", "icd_inbox_mass", "icd_inbox_uniform", "icd_loc_error",
-                   "icd_pretrain_steps", "icd_pretrain_seconds")
+ICD_DIAGNOSTICS = (
+    "icd_ident_auc",
+    "icd_real_recall",
+    "icd_inbox_mass",
+    "icd_inbox_uniform",
+    "icd_loc_error",
+    "icd_pretrain_steps",
+    "icd_pretrain_seconds",
+)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -189,7 +202,7 @@ def _vs_teacher(entry: Mapping[str, Any], teacher: Mapping[str, Any]) -> dict[st
 
 
 def vs_teacher_text(vs: Mapping[str, float | None] | None) -> str:
-    """"2.9× faster, 1/4 the FLOPs, 94 % of the teacher's AP" (parts without figures left out)."""
+    """ "2.9× faster, 1/4 the FLOPs, 94 % of the teacher's AP" (parts without figures left out)."""
     if not vs:
         return "–"
     parts = []
@@ -248,8 +261,18 @@ def leaderboard_markdown(report: Mapping[str, Any]) -> str:
     teacher = report.get("teacher")
     if teacher:
         label = "teacher" + (f" ({teacher['name']})" if teacher.get("name") else "")
-        cells = [label, "–", *(_fmt(teacher[m]) for m in AP_METRICS), "–", "–", "–", "–", "–",
-                 *_cost_cells(teacher.get("model_cost")), "–"]
+        cells = [
+            label,
+            "–",
+            *(_fmt(teacher[m]) for m in AP_METRICS),
+            "–",
+            "–",
+            "–",
+            "–",
+            "–",
+            *_cost_cells(teacher.get("model_cost")),
+            "–",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     for m in report["methods"]:
         pct = m.get("extra_sec_per_step_pct")
@@ -257,16 +280,26 @@ def leaderboard_markdown(report: Mapping[str, Any]) -> str:
         if pct is not None:
             extra += f" ({pct:+.0f}%)"
         n = f"{m['n']}" + (f" (+{m['failed']} failed)" if m.get("failed") else "")
-        cells = [m["method"], n, *(_pm(m[k]) for k in AP_METRICS), _fmt(m.get("delta_AP"), signed=True),
-                 _fmt(m.get("sec_per_step"), 3), extra, _fmt(m.get("peak_memory_mb"), 0),
-                 _fmt(m.get("extra_peak_memory_mb"), 0, signed=True), *_cost_cells(m.get("model_cost")),
-                 vs_teacher_text(m.get("vs_teacher"))]
+        cells = [
+            m["method"],
+            n,
+            *(_pm(m[k]) for k in AP_METRICS),
+            _fmt(m.get("delta_AP"), signed=True),
+            _fmt(m.get("sec_per_step"), 3),
+            extra,
+            _fmt(m.get("peak_memory_mb"), 0),
+            _fmt(m.get("extra_peak_memory_mb"), 0, signed=True),
+            *_cost_cells(m.get("model_cost")),
+            vs_teacher_text(m.get("vs_teacher")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.extend(icd_diagnostics_markdown(report))
     lines.append("")
     lines.append("AP metrics: mean ± sample std over seeds; Δ and costs against the `none` mean.")
-    lines.append("Model cost: parameters, GFLOPs and peak inference memory at the evaluation size; latency = batch 1, "
-                 "warm, median, eager (ts = TorchScript, ort = ONNX Runtime, on the CPU).")
+    lines.append(
+        "Model cost: parameters, GFLOPs and peak inference memory at the evaluation size; latency = batch 1, "
+        "warm, median, eager (ts = TorchScript, ort = ONNX Runtime, on the CPU)."
+    )
     lines.extend(f"Note: {note}" for note in report.get("notes", []))
     return "\n".join(lines) + "\n"
 
@@ -324,16 +357,33 @@ def icd_diagnostics_markdown(report: Mapping[str, Any]) -> list[str]:
     rows = [m for m in report["methods"] if m.get("icd_diagnostics")]
     if not rows:
         return []
-    head = ["method", "ident AUC", "real recall", "in-box mass", "uniform", "× uniform", "loc error",
-            "pre-train steps", "pre-train s (once per teacher)"]
+    head = [
+        "method",
+        "ident AUC",
+        "real recall",
+        "in-box mass",
+        "uniform",
+        "× uniform",
+        "loc error",
+        "pre-train steps",
+        "pre-train s (once per teacher)",
+    ]
     lines = ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for m in rows:
         d = m["icd_diagnostics"]
         mass, uniform = d.get("icd_inbox_mass"), d.get("icd_inbox_uniform")
         ratio = mass / uniform if mass is not None and uniform else None
-        cells = [m["method"], _fmt(d.get("icd_ident_auc"), 3), _fmt(d.get("icd_real_recall"), 3), _fmt(mass, 3),
-                 _fmt(uniform, 3), _fmt(ratio, 1), _fmt(d.get("icd_loc_error"), 3),
-                 _fmt(d.get("icd_pretrain_steps"), 0), _fmt(d.get("icd_pretrain_seconds"), 0)]
+        cells = [
+            m["method"],
+            _fmt(d.get("icd_ident_auc"), 3),
+            _fmt(d.get("icd_real_recall"), 3),
+            _fmt(mass, 3),
+            _fmt(uniform, 3),
+            _fmt(ratio, 1),
+            _fmt(d.get("icd_loc_error"), 3),
+            _fmt(d.get("icd_pretrain_steps"), 0),
+            _fmt(d.get("icd_pretrain_seconds"), 0),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -349,8 +399,10 @@ def leaderboard_png(report: Mapping[str, Any], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(methods) + 2.0), 3.6), dpi=100)
     try:
         xs = list(range(len(methods)))
-        colors = ["#7f7f7f" if m["method"] == BASELINE else "#e4572e" if m["method"].startswith("icd") else "#4c78a8"
-                  for m in methods]
+        colors = [
+            "#7f7f7f" if m["method"] == BASELINE else "#e4572e" if m["method"].startswith("icd") else "#4c78a8"
+            for m in methods
+        ]
         means, stds = [m["AP"]["mean"] for m in methods], [m["AP"]["std"] or 0.0 for m in methods]
         bars = ax.bar(xs, means, yerr=stds, color=colors, capsize=4)
         ax.bar_label(bars, labels=[f"{v:.1f}" for v in means], label_type="center", color="white", fontsize=8)
@@ -360,8 +412,13 @@ def leaderboard_png(report: Mapping[str, Any], path: str | Path) -> Path:
             ax.axhline(teacher["AP"], color="black", linewidth=1.2, label=f"teacher {teacher['AP']:.1f}")
         base = next((m for m in methods if m["method"] == BASELINE), None)
         if base:
-            ax.axhline(base["AP"]["mean"], color="#7f7f7f", linestyle="--", linewidth=1.0,
-                       label=f"none {base['AP']['mean']:.1f}")
+            ax.axhline(
+                base["AP"]["mean"],
+                color="#7f7f7f",
+                linestyle="--",
+                linewidth=1.0,
+                label=f"none {base['AP']['mean']:.1f}",
+            )
         if teacher or base:
             ax.legend(loc="best", fontsize=8)
         ax.set_ylabel("COCO AP (%)")

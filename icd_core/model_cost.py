@@ -154,7 +154,12 @@ def measure_cost(
     finally:
         model.train(was_training)
     return ModelCost(
-        params_m=count_params(model) / 1e6, gflops=gflops, peak_inference_mb=memory, latency_ms=latency,
-        image_size=[int(image.shape[-2]), int(image.shape[-1])], device=str(device),
-        threads=torch.get_num_threads(), repeats=repeats,
+        params_m=count_params(model) / 1e6,
+        gflops=gflops,
+        peak_inference_mb=memory,
+        latency_ms=latency,
+        image_size=[int(image.shape[-2]), int(image.shape[-1])],
+        device=str(device),
+        threads=torch.get_num_threads(),
+        repeats=repeats,
     )

@@ -19,8 +19,24 @@ from torch import Tensor
 
 from .data.coco import decode_rgb
 
-PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
-           "#fabed4", "#469990", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075", "#ffd8b1"]
+PALETTE = [
+    "#e6194b",
+    "#3cb44b",
+    "#4363d8",
+    "#f58231",
+    "#911eb4",
+    "#42d4f4",
+    "#f032e6",
+    "#bfef45",
+    "#fabed4",
+    "#469990",
+    "#9a6324",
+    "#800000",
+    "#aaffc3",
+    "#808000",
+    "#000075",
+    "#ffd8b1",
+]
 DEFAULT_SCORE_MIN = 0.3  # drawn boxes; the JSON keeps every detection the model returns
 
 
@@ -98,19 +114,30 @@ def draw_detections(
 
 
 def coco_detections(
-    images: Sequence[dict[str, Any]], detections: Sequence[dict[str, Tensor]], class_names: Sequence[str],
+    images: Sequence[dict[str, Any]],
+    detections: Sequence[dict[str, Tensor]],
+    class_names: Sequence[str],
     label_to_cat_id: Sequence[int],
 ) -> dict[str, Any]:
     """A COCO file (images, categories, annotations with `score`): `pycocotools.coco.COCO(path)` opens it,
     and its `annotations` list is a results list for `COCO.loadRes`."""
     annotations = []
     for info, det in zip(images, detections, strict=True):
-        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
-                                     strict=True):
+        for box, score, label in zip(
+            det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
+        ):
             x1, y1, x2, y2 = box
-            annotations.append({"id": len(annotations) + 1, "image_id": info["id"],
-                                "category_id": int(label_to_cat_id[label]), "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "area": (x2 - x1) * (y2 - y1), "score": float(score), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": info["id"],
+                    "category_id": int(label_to_cat_id[label]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "score": float(score),
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": int(c), "name": n} for c, n in zip(label_to_cat_id, class_names, strict=True)]
     return {"images": list(images), "categories": categories, "annotations": annotations}
 
@@ -127,8 +154,9 @@ def write_predictions(
     infos, dets, pngs = [], [], []
     for image_id, file_name, image in images:
         det = run_model(loaded.model, image)
-        infos.append({"id": int(image_id), "file_name": file_name, "height": int(image.shape[-2]),
-                      "width": int(image.shape[-1])})
+        infos.append(
+            {"id": int(image_id), "file_name": file_name, "height": int(image.shape[-2]), "width": int(image.shape[-1])}
+        )
         dets.append(det)
         png = out / f"{Path(file_name).stem}.png"
         draw_detections(image, det, loaded.class_names, score_min).save(png)
@@ -141,7 +169,10 @@ def write_predictions(
 
 
 def predict_files(
-    model_path: str | Path, image_paths: Sequence[str | Path], out_dir: str | Path, device: str = "cpu",
+    model_path: str | Path,
+    image_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    device: str = "cpu",
     score_min: float = DEFAULT_SCORE_MIN,
 ) -> tuple[Path, list[Path]]:
     """`icd predict`: image files (ids 1..n in the order given) through a checkpoint or an export."""

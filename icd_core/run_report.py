@@ -52,8 +52,9 @@ def model_cost(detector: Detector, image: torch.Tensor, device: torch.device, de
             runners, errors = ({}, {})
             if deploy.exported_latency:
                 runners, errors = _exported_runners(detector, Path(tmp), torch.get_num_threads())
-            cost = measure_cost(detector.model, image, device, deploy.latency_repeats, deploy.latency_warmup,
-                                exported=runners).as_dict()
+            cost = measure_cost(
+                detector.model, image, device, deploy.latency_repeats, deploy.latency_warmup, exported=runners
+            ).as_dict()
     finally:
         detector.train(was_training)
     cost["exported_device"] = "cpu"
@@ -64,8 +65,11 @@ def model_cost(detector: Detector, image: torch.Tensor, device: torch.device, de
 
 def flat_cost(cost: dict[str, Any], prefix: str = "cost_") -> dict[str, float]:
     """`cost_params_m`, `cost_gflops`, `cost_peak_inference_mb`, `cost_latency_ms[_torchscript|_onnxruntime]`."""
-    out = {f"{prefix}params_m": cost["params_m"], f"{prefix}gflops": cost["gflops"],
-           f"{prefix}peak_inference_mb": cost["peak_inference_mb"]}
+    out = {
+        f"{prefix}params_m": cost["params_m"],
+        f"{prefix}gflops": cost["gflops"],
+        f"{prefix}peak_inference_mb": cost["peak_inference_mb"],
+    }
     for runtime, ms in cost["latency_ms"].items():
         out[f"{prefix}latency_ms" + ("" if runtime == "eager" else f"_{runtime}")] = ms
     return {k: float(v) for k, v in out.items()}

@@ -104,20 +104,27 @@ def _open_datasets(spec: TrainSpec | DistillJobSpec, cache_dir: Path) -> tuple[C
 
 def _check_class_count(field: str, path: Path, ckpt_classes: int, dataset: CocoDataset, split: str) -> None:
     if ckpt_classes != dataset.num_classes:
-        raise ValueError(f"{field}: {path} was trained on {ckpt_classes} classes but {split} has "
-                         f"{dataset.num_classes}; use a checkpoint trained on this dataset")
+        raise ValueError(
+            f"{field}: {path} was trained on {ckpt_classes} classes but {split} has "
+            f"{dataset.num_classes}; use a checkpoint trained on this dataset"
+        )
 
 
 def _check_teacher_spec(spec_teacher: ModelSpec, ckpt_spec: dict[str, Any], path: Path) -> None:
     """The spec's teacher fields drive validation (levels, inherit); they must describe the checkpoint."""
     saved = ModelSpec.model_validate({**ckpt_spec, "checkpoint": None})
-    diffs = [f"{f}: spec {getattr(spec_teacher, f)} vs checkpoint {getattr(saved, f)}" for f in _TEACHER_FIELDS
-             if getattr(spec_teacher, f) != getattr(saved, f)]
+    diffs = [
+        f"{f}: spec {getattr(spec_teacher, f)} vs checkpoint {getattr(saved, f)}"
+        for f in _TEACHER_FIELDS
+        if getattr(spec_teacher, f) != getattr(saved, f)
+    ]
     if spec_teacher.resolved_levels != saved.resolved_levels:
         diffs.append(f"levels: spec {spec_teacher.resolved_levels} vs checkpoint {saved.resolved_levels}")
     if diffs:
-        raise ValueError(f"teacher: does not describe teacher.checkpoint {path} ({'; '.join(diffs)}); "
-                         "make the teacher fields match the checkpoint")
+        raise ValueError(
+            f"teacher: does not describe teacher.checkpoint {path} ({'; '.join(diffs)}); "
+            "make the teacher fields match the checkpoint"
+        )
 
 
 def _write_summary(output_dir: Path, spec: AnySpec, result: RunResult, extra: dict[str, Any]) -> None:
@@ -144,8 +151,10 @@ def _find_resume_point(output_dir: Path, resume: bool) -> Path | None:
             log.info("no checkpoint in %s: starting from step 0", output_dir)
         return latest
     if latest is not None:
-        raise ValueError(f"{output_dir} already holds checkpoints ({latest.name}); resume it (--resume) "
-                         "or choose another output folder")
+        raise ValueError(
+            f"{output_dir} already holds checkpoints ({latest.name}); resume it (--resume) "
+            "or choose another output folder"
+        )
     return None
 
 
@@ -211,8 +220,9 @@ def build_trainer(
     def batches(start_step: int):
         return iter(make_train_loader(train_ds, bs, workers, spec.seed, start_step=start_step))
 
-    icd_heldout = (heldout_diagnostics(distiller, teacher, val_ds, bs, device)
-                   if isinstance(distiller, ICDDistiller) else None)
+    icd_heldout = (
+        heldout_diagnostics(distiller, teacher, val_ds, bs, device) if isinstance(distiller, ICDDistiller) else None
+    )
 
     def evaluator(det: Detector) -> EvalResult:
         result = evaluate_model(det, val_ds, batch_size=bs, device=device, workers=min(workers, 2))
@@ -221,7 +231,10 @@ def build_trainer(
         return result
 
     kwargs: dict[str, Any] = dict(
-        teacher=teacher, distiller=distiller, evaluator=evaluator, callbacks=callbacks,
+        teacher=teacher,
+        distiller=distiller,
+        evaluator=evaluator,
+        callbacks=callbacks,
         meta=detector_meta(student, train_ds.class_names, train_ds.label_to_cat_id),
         spec=spec.model_dump(mode="json"),
     )
@@ -230,8 +243,9 @@ def build_trainer(
 
         student = distributed.prepare_student(student, group)
         batches, kwargs["evaluator"] = _rank_batches_and_evaluator(train_ds, val_ds, spec, group, icd_heldout)
-        trainer: Trainer = distributed.DistributedTrainer(student, spec.schedule, batches, output_dir, device,
-                                                          group=group, **kwargs)
+        trainer: Trainer = distributed.DistributedTrainer(
+            student, spec.schedule, batches, output_dir, device, group=group, **kwargs
+        )
         group.reseed(spec.seed)
     else:
         trainer = Trainer(student, spec.schedule, batches, output_dir, device, **kwargs)
@@ -239,7 +253,10 @@ def build_trainer(
 
 
 def _rank_batches_and_evaluator(
-    train_ds: CocoDataset, val_ds: CocoDataset, spec: TrainSpec | DistillJobSpec, group: RankGroup,
+    train_ds: CocoDataset,
+    val_ds: CocoDataset,
+    spec: TrainSpec | DistillJobSpec,
+    group: RankGroup,
     icd_heldout: Callable[[], dict[str, float]] | None,
 ) -> tuple[Callable[[int], Any], Callable[[Detector], EvalResult]]:
     """One rank's slice of every global batch, and evaluation sharded over the group (the ICD decoder's
@@ -277,27 +294,39 @@ def _run_training(
         metrics_log.path.unlink(missing_ok=True)  # a fresh run's curves start empty
     callbacks = [*callbacks, metrics_log] if writes else list(callbacks)
     with group.main_first() if group is not None else contextlib.nullcontext():  # rank 0 fills the caches
-        trainer, extra = build_trainer(spec, output_dir, callbacks, resolve, cache_dir,
-                                       load_initial_weights=resume_from is None, group=group)
+        trainer, extra = build_trainer(
+            spec, output_dir, callbacks, resolve, cache_dir, load_initial_weights=resume_from is None, group=group
+        )
     out = trainer.train(resume_from=resume_from)
-    counts = {k: extra[k] for k in ("inherit_copied", "inherit_skipped", "icd_pretrain_steps",
-                                    "icd_pretrain_seconds") if k in extra}
+    counts = {
+        k: extra[k]
+        for k in ("inherit_copied", "inherit_skipped", "icd_pretrain_steps", "icd_pretrain_seconds")
+        if k in extra
+    }
     if not writes:  # in a group, rank 0 alone measures the model and writes the summary
-        return RunResult({**out.final_metrics, **counts}, out.evaluation, out.final_checkpoint, out.sec_per_step,
-                         out.peak_memory_mb)
+        return RunResult(
+            {**out.final_metrics, **counts}, out.evaluation, out.final_checkpoint, out.sec_per_step, out.peak_memory_mb
+        )
     try:  # the trained model is kept whatever happens here: a failed measurement is reported, not fatal
         val = build_dataset(spec.data.val, cache_dir, train=False)
-        deploy, cost_metrics = deploy_report(trainer.student, trainer.teacher, val, spec.deploy, trainer.device,
-                                             output_dir)
+        deploy, cost_metrics = deploy_report(
+            trainer.student, trainer.teacher, val, spec.deploy, trainer.device, output_dir
+        )
     except Exception as exc:
         log.warning("model cost / predictions failed: %s", exc, exc_info=True)
         deploy, cost_metrics = {"deploy_error": f"{type(exc).__name__}: {exc}"}, {}
     extra.update(deploy)
-    result = RunResult({**out.final_metrics, **counts, **cost_metrics}, out.evaluation, out.final_checkpoint,
-                       out.sec_per_step, out.peak_memory_mb)
+    result = RunResult(
+        {**out.final_metrics, **counts, **cost_metrics},
+        out.evaluation,
+        out.final_checkpoint,
+        out.sec_per_step,
+        out.peak_memory_mb,
+    )
     extra = {**extra, "ranks": group.world} if group is not None else extra
-    _write_summary(output_dir, spec, result, {"step": out.step, "device": str(trainer.device),
-                                              "amp": trainer.amp.name, **extra})
+    _write_summary(
+        output_dir, spec, result, {"step": out.step, "device": str(trainer.device), "amp": trainer.amp.name, **extra}
+    )
     return result
 
 
@@ -317,13 +346,16 @@ def _run_evaluate(
     _check_class_count("model.checkpoint", path, int(meta["num_classes"]), val, "data.val")
     saved_cats = meta.get("label_to_cat_id")
     if saved_cats is not None and list(saved_cats) != list(val.label_to_cat_id):
-        raise ValueError(f"data.val: its category ids differ from the ones {path} was trained with; "
-                         "evaluate on a split of the training dataset")
+        raise ValueError(
+            f"data.val: its category ids differ from the ones {path} was trained with; "
+            "evaluate on a split of the training dataset"
+        )
     detector.to(device)
     for cb in callbacks:
         cb.on_start(0, 0)
-    evaluation = evaluate_model(detector, val, batch_size=spec.schedule.batch_size, device=device,
-                                workers=min(spec.data.workers, 2))
+    evaluation = evaluate_model(
+        detector, val, batch_size=spec.schedule.batch_size, device=device, workers=min(spec.data.workers, 2)
+    )
     evaluation.step = int(meta.get("step", 0))
     for cb in callbacks:
         cb.on_evaluation(evaluation)

@@ -150,8 +150,9 @@ class ModelSpec(StrictModel):
         if self.detector == "fcos" and self.fpn_channels % 32:
             raise ValueError("fpn_channels: fcos heads use GroupNorm(32), so use a multiple of 32")
         if self.head_norm == "gn" and self.detector != "retinanet":
-            raise ValueError(f"head_norm: only retinanet has the choice ({self.detector}'s head is fixed); "
-                             "leave it none")
+            raise ValueError(
+                f"head_norm: only retinanet has the choice ({self.detector}'s head is fixed); leave it none"
+            )
         if self.head_norm == "gn" and self.fpn_channels % 32:
             raise ValueError("fpn_channels: head_norm gn uses GroupNorm(32), so use a multiple of 32")
         return self
@@ -179,7 +180,9 @@ class ICDPretrainSpec(StrictModel):
         0.9, gt=0.5, le=1.0, description="Ready when held-out identification AUC ≥ this (null: steps only)."
     )
     min_inbox_ratio: float | None = Field(
-        3.0, gt=1.0, le=1000.0,
+        3.0,
+        gt=1.0,
+        le=1000.0,
         description="... and held-out in-box attention mass ≥ this × uniform's (null: AUC only).",
     )
     check_every: int = Field(100, ge=1, description="Held-out readiness check every this many steps.")
@@ -195,7 +198,8 @@ class ICDOptions(StrictModel):
     max_queries: int | None = Field(None, ge=1, le=2000, description="null: 300 (100 for faster_rcnn).")
     jitter: float = Field(0.3, ge=0.0, lt=1.0)
     bypass_iters: int | None = Field(
-        None, ge=0,
+        None,
+        ge=0,
         description="Student features detached for this many steps; null: the paper's 1,000, capped at a third of "
         "the schedule (see icd_core.distill.icd.bypass_steps). An integer is taken as given.",
     )
@@ -289,7 +293,9 @@ class ResourcesSpec(StrictModel):
     """What one job needs from the worker that runs it."""
 
     gpus: int = Field(
-        1, ge=1, le=MAX_GPUS_PER_JOB,
+        1,
+        ge=1,
+        le=MAX_GPUS_PER_JOB,
         description="Devices of one data-parallel group (torchrun ranks); on CPU, gloo processes. "
         "schedule.batch_size is the global batch: each rank takes batch_size / gpus.",
     )
@@ -325,8 +331,10 @@ class _JobBase(StrictModel):
         if getattr(self, "kind", None) not in ("train", "distill"):
             raise ValueError(f"resources.gpus: a {getattr(self, 'kind', '?')} job runs on one device; use gpus: 1")
         if self.schedule.batch_size % gpus:
-            raise ValueError(f"resources.gpus: schedule.batch_size {self.schedule.batch_size} is the global batch "
-                             f"and must divide evenly over {gpus} ranks; use a multiple of {gpus}")
+            raise ValueError(
+                f"resources.gpus: schedule.batch_size {self.schedule.batch_size} is the global batch "
+                f"and must divide evenly over {gpus} ranks; use a multiple of {gpus}"
+            )
         if self.device.startswith("cuda:"):
             raise ValueError(f"device: {self.device} names one GPU but resources.gpus is {gpus}; use cuda or auto")
         return self
@@ -386,8 +394,10 @@ class DistillJobSpec(_JobBase):
         if self.distill.inherit:
             problems = inherit_incompatibility(self.teacher, self.student)
             if problems:
-                raise ValueError(f"distill.inherit: teacher and student necks/heads differ ({problems}); "
-                                 "set inherit: false or match them")
+                raise ValueError(
+                    f"distill.inherit: teacher and student necks/heads differ ({problems}); "
+                    "set inherit: false or match them"
+                )
         return self
 
 
@@ -424,9 +434,7 @@ class StudySpec(_JobBase):
         return self
 
 
-JobSpec = Annotated[
-    TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec, Field(discriminator="kind")
-]
+JobSpec = Annotated[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec, Field(discriminator="kind")]
 
 
 _SPEC_ADAPTER: TypeAdapter[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec] = TypeAdapter(JobSpec)
@@ -454,8 +462,11 @@ def architecture_mismatch(expected: ModelSpec, saved: dict[str, Any]) -> list[st
         other = ModelSpec.model_validate({**saved, "checkpoint": None})
     except ValueError as exc:
         return [f"its model spec is invalid ({exc.__class__.__name__})"]
-    diffs = [f"{f}: spec {getattr(expected, f)} vs checkpoint {getattr(other, f)}" for f in ARCHITECTURE_FIELDS
-             if getattr(expected, f) != getattr(other, f)]
+    diffs = [
+        f"{f}: spec {getattr(expected, f)} vs checkpoint {getattr(other, f)}"
+        for f in ARCHITECTURE_FIELDS
+        if getattr(expected, f) != getattr(other, f)
+    ]
     if expected.resolved_levels != other.resolved_levels:
         diffs.append(f"levels: spec {expected.resolved_levels} vs checkpoint {other.resolved_levels}")
     return diffs

@@ -66,8 +66,10 @@ def _check_same_spec(folder: Path, spec: Any) -> None:
     """A resumed folder must hold the same job; otherwise stale results would enter the leaderboard."""
     saved = _read_json(folder / "spec.json")
     if saved is not None and saved != spec.model_dump(mode="json"):
-        raise ValueError(f"{folder} holds a run of a different spec; choose another --output folder "
-                         "(or delete that folder to rerun it)")
+        raise ValueError(
+            f"{folder} holds a run of a different spec; choose another --output folder "
+            "(or delete that folder to rerun it)"
+        )
 
 
 # --- running a study locally ----------------------------------------------------------------------------
@@ -112,18 +114,29 @@ def run_study_local(
     teacher_path = teacher_path.resolve()
 
     # 2. Pre-flight on the checkpoint the children will load.
-    teacher_eval = evaluate_checkpoint(teacher_path, study.data, cache, model=study.teacher,
-                                       output_dir=out / "teacher-eval", device=study.device,
-                                       batch_size=study.schedule.batch_size)
-    teacher_row = {"name": f"{study.teacher.detector} {study.teacher.backbone}", "checkpoint": str(teacher_path),
-                   "metrics": teacher_eval.metrics}
+    teacher_eval = evaluate_checkpoint(
+        teacher_path,
+        study.data,
+        cache,
+        model=study.teacher,
+        output_dir=out / "teacher-eval",
+        device=study.device,
+        batch_size=study.schedule.batch_size,
+    )
+    teacher_row = {
+        "name": f"{study.teacher.detector} {study.teacher.backbone}",
+        "checkpoint": str(teacher_path),
+        "metrics": teacher_eval.metrics,
+    }
     preflight(teacher_eval, None, study.teacher_min_ap)
 
     notes = []
     eval_device = (_read_json(out / "teacher-eval" / "summary.json") or {}).get("device")
     if eval_device == "cpu":
-        notes.append("on the CPU, peak memory is the process's resident-set high-water mark and the children run "
-                     "one after another in one process, so it only grows: compare memory on a GPU run")
+        notes.append(
+            "on the CPU, peak memory is the process's resident-set high-water mark and the children run "
+            "one after another in one process, so it only grows: compare memory on a GPU run"
+        )
 
     # 3. The children, `none` of the first seed first so a useless teacher stops the study early.
     results: list[dict[str, Any]] = []
@@ -147,12 +160,15 @@ def run_study_local(
         write_report(results, out, teacher=teacher_row, name=study.name, notes=notes)
         if method == BASELINE and not checked_baseline:
             checked_baseline = True
-            preflight(teacher_eval, float(row["metrics"]["AP"]), study.teacher_min_ap,
-                      require_better=study.require_teacher_better)
+            preflight(
+                teacher_eval,
+                float(row["metrics"]["AP"]),
+                study.teacher_min_ap,
+                require_better=study.require_teacher_better,
+            )
 
     write_report(results, out, teacher=teacher_row, name=study.name, notes=notes)
     return build_leaderboard(results, teacher_row, name=study.name, notes=notes)
 
 
 __all__ = ["evaluate_checkpoint", "run_study_local"]
-

@@ -82,8 +82,11 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
                 "deploy": study.deploy.model_dump(mode="json"),
                 "teacher": teacher.model_dump(mode="json"),
                 "student": study.student.model_dump(mode="json"),
-                "distill": {**distill.model_dump(mode="json"), "method": "icd" if method == ICD_PRETRAINED else method,
-                            "icd": (pretrained_icd if method == ICD_PRETRAINED else joint_icd).model_dump(mode="json")},
+                "distill": {
+                    **distill.model_dump(mode="json"),
+                    "method": "icd" if method == ICD_PRETRAINED else method,
+                    "icd": (pretrained_icd if method == ICD_PRETRAINED else joint_icd).model_dump(mode="json"),
+                },
             }
             children.append((method, seed, DistillJobSpec.model_validate(data)))
     return children
@@ -102,16 +105,18 @@ def teacher_train_spec(study: StudySpec) -> TrainSpec | None:
     """The train job for the study's teacher, or None when the teacher already has a checkpoint."""
     if study.teacher.checkpoint or study.teacher_schedule is None:
         return None
-    return TrainSpec.model_validate({
-        "name": f"{study.name}/teacher"[-200:],
-        "kind": "train",
-        "seed": study.seed,
-        "data": study.data.model_dump(mode="json"),
-        "schedule": study.teacher_schedule.model_dump(mode="json"),
-        "device": study.device,
-        "deploy": study.deploy.model_dump(mode="json"),
-        "model": study.teacher.model_dump(mode="json"),
-    })
+    return TrainSpec.model_validate(
+        {
+            "name": f"{study.name}/teacher"[-200:],
+            "kind": "train",
+            "seed": study.seed,
+            "data": study.data.model_dump(mode="json"),
+            "schedule": study.teacher_schedule.model_dump(mode="json"),
+            "device": study.device,
+            "deploy": study.deploy.model_dump(mode="json"),
+            "model": study.teacher.model_dump(mode="json"),
+        }
+    )
 
 
 # --- the teacher pre-flight -----------------------------------------------------------------------------

@@ -72,8 +72,10 @@ def main() -> None:
         teacher = submit(client, teacher_spec)
         student_spec["teacher"]["checkpoint"] = f"job:{teacher['id']}"
         student = submit(client, student_spec)
-        print(f"submitted teacher job {teacher['id']} and ICD student job {student['id']} "
-              f"(waits for the teacher's checkpoint)")
+        print(
+            f"submitted teacher job {teacher['id']} and ICD student job {student['id']} "
+            f"(waits for the teacher's checkpoint)"
+        )
         jobs = watch(client, [teacher["id"], student["id"]])
 
         print(f"\n{'job':<28} {'status':<10} {'AP':>6} {'AP50':>6} {'AP75':>6}")

@@ -18,8 +18,8 @@ JOB_REF_PREFIX = "job:"
 
 def parse_job_ref(ref: str) -> int | None:
     """The job id of a `job:<id>` reference, None for a path (or a malformed reference)."""
-    if ref.startswith(JOB_REF_PREFIX) and ref[len(JOB_REF_PREFIX):].isdigit():
-        return int(ref[len(JOB_REF_PREFIX):])
+    if ref.startswith(JOB_REF_PREFIX) and ref[len(JOB_REF_PREFIX) :].isdigit():
+        return int(ref[len(JOB_REF_PREFIX) :])
     return None
 
 

@@ -110,9 +110,7 @@ def _points(s: Session, sql: str, params: dict[str, object]) -> list[tuple[int, 
     return [(int(step), float(value)) for step, value in s.execute(text(sql), params)]
 
 
-def downsample(
-    s: Session, job_id: int, names: Sequence[str] | None, since_step: int | None, max_points: int
-) -> Series:
+def downsample(s: Session, job_id: int, names: Sequence[str] | None, since_step: int | None, max_points: int) -> Series:
     """Each series after since_step in at most max_points points: every bucket's min and max, and the last."""
     if max_points < MIN_POINTS:
         raise ValueError(f"max_points: at least {MIN_POINTS}")

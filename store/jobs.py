@@ -92,7 +92,10 @@ def _require(s: Session, job_id: int) -> Job:
 
 
 def _filters(
-    status: str | Iterable[str] | None, kind: str | None, name: str | None, parent_id: int | None,
+    status: str | Iterable[str] | None,
+    kind: str | None,
+    name: str | None,
+    parent_id: int | None,
     search: str | None = None,
     owner: str | None = None,
 ) -> list[Any]:
@@ -169,9 +172,20 @@ def claim_job(s: Session, job_id: int, worker: str, lease_s: float = DEFAULT_LEA
     finished or canceled claims nothing.
     """
     now = utcnow()
-    job = _transition(s, job_id, ("queued",), "running", attempt=Job.attempt + 1, started_at=now, finished_at=None,
-                      worker=worker, error=None, eta_s=None, lease_expires_at=now + timedelta(seconds=lease_s),
-                      commit=False)
+    job = _transition(
+        s,
+        job_id,
+        ("queued",),
+        "running",
+        attempt=Job.attempt + 1,
+        started_at=now,
+        finished_at=None,
+        worker=worker,
+        error=None,
+        eta_s=None,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+        commit=False,
+    )
     if job is None:
         return None
     s.add(Attempt(job_id=job_id, number=job.attempt, worker=worker, status="running", started_at=now))
@@ -247,7 +261,12 @@ def _transition(
 
 
 def _end(
-    s: Session, job_id: int, from_states: Sequence[str], status: str, error: str | None = None, *conditions: Any,
+    s: Session,
+    job_id: int,
+    from_states: Sequence[str],
+    status: str,
+    error: str | None = None,
+    *conditions: Any,
     **extra: Any,
 ) -> Job | None:
     """A terminal transition: finished now, the cancel flag cleared, the open attempt closed alike."""
@@ -305,8 +324,16 @@ def park_study(s: Session, job_id: int, children: int) -> Job | None:
 
     The study is closed by `finish_study` or `fail_job` when its children end, not by its own task.
     """
-    return _transition(s, job_id, ("running",), "waiting", close_attempt="succeeded", depends_on=[],
-                       progress_step=0, progress_total=children)
+    return _transition(
+        s,
+        job_id,
+        ("running",),
+        "waiting",
+        close_attempt="succeeded",
+        depends_on=[],
+        progress_step=0,
+        progress_total=children,
+    )
 
 
 def finish_study(s: Session, job_id: int, final_metrics: dict[str, Any]) -> Job | None:
@@ -377,8 +404,16 @@ def retry_job(s: Session, job_id: int) -> Job:
     problem, ready = _dependency_problem(s, job.depends_on or [])
     if problem:
         raise JobStateError(problem)
-    retried = _transition(s, job_id, ("failed", "canceled"), "queued" if ready else "waiting",
-                          cancel_requested=False, error=None, finished_at=None, eta_s=None)
+    retried = _transition(
+        s,
+        job_id,
+        ("failed", "canceled"),
+        "queued" if ready else "waiting",
+        cancel_requested=False,
+        error=None,
+        finished_at=None,
+        eta_s=None,
+    )
     if retried is None:
         raise JobStateError(f"job {job_id} changed status meanwhile; reload it and try again")
     return retried
@@ -434,10 +469,14 @@ def undelivered_queued(s: Session, queues: Sequence[str], older_than_s: float, l
     from datetime import timedelta
 
     cutoff = utcnow() - timedelta(seconds=older_than_s)
-    jobs = list(s.scalars(
-        select(Job).where(Job.status == "queued", Job.queue.in_(list(queues)), Job.updated_at < cutoff)
-        .order_by(Job.id).limit(limit)
-    ))
+    jobs = list(
+        s.scalars(
+            select(Job)
+            .where(Job.status == "queued", Job.queue.in_(list(queues)), Job.updated_at < cutoff)
+            .order_by(Job.id)
+            .limit(limit)
+        )
+    )
     for job in jobs:
         job.updated_at = utcnow()
     s.commit()
@@ -475,8 +514,10 @@ def renew_lease(s: Session, job_id: int, worker: str, attempt: int, lease_s: flo
 
 def lost_message(worker: str | None, step: int, attempts: int) -> str:
     """The reason a job failed because its workers kept disappearing."""
-    return (f"worker {worker or '?'} lost at step {step}; {attempts} attempt{'s' if attempts != 1 else ''} used "
-            "(max_attempts); retry to resume from the last checkpoint")
+    return (
+        f"worker {worker or '?'} lost at step {step}; {attempts} attempt{'s' if attempts != 1 else ''} used "
+        "(max_attempts); retry to resume from the last checkpoint"
+    )
 
 
 @dataclass
@@ -490,8 +531,17 @@ class Reaped:
 def _take_back(s: Session, job_id: int, attempt: int, now: datetime, to: str, lost: str, **values: Any) -> Job | None:
     """running under an expired lease → `to` (guarded by the attempt and the expiry), the attempt closed
     as 'lost' with the reason, in one commit."""
-    job = _transition(s, job_id, ("running",), to, Job.attempt == attempt, _lease_expired(now), commit=False,
-                      lease_expires_at=None, **values)
+    job = _transition(
+        s,
+        job_id,
+        ("running",),
+        to,
+        Job.attempt == attempt,
+        _lease_expired(now),
+        commit=False,
+        lease_expires_at=None,
+        **values,
+    )
     if job is None:
         return None  # renewed, ended or reaped by someone else meanwhile
     _close_attempt(s, job_id, "lost", lost)
@@ -515,8 +565,9 @@ def reap_expired_leases(s: Session, now: datetime | None = None, max_attempts: i
         if cancel:
             job = _take_back(s, job_id, attempt, now, "canceled", lost, finished_at=now, cancel_requested=False)
         elif attempt >= limit:
-            job = _take_back(s, job_id, attempt, now, "failed", lost, finished_at=now,
-                             error=lost_message(worker, step, attempt))
+            job = _take_back(
+                s, job_id, attempt, now, "failed", lost, finished_at=now, error=lost_message(worker, step, attempt)
+            )
         else:
             job = _take_back(s, job_id, attempt, now, "queued", lost, worker=None, eta_s=None)
         if job is not None:
@@ -545,8 +596,16 @@ def _cancel_if_worker_lost(s: Session, job_id: int) -> None:
     s.rollback()
     if row is not None:
         attempt, worker, step = row
-        _take_back(s, job_id, attempt, now, "canceled", f"worker {worker or '?'} lost at step {step}; canceled",
-                   finished_at=now, cancel_requested=False)
+        _take_back(
+            s,
+            job_id,
+            attempt,
+            now,
+            "canceled",
+            f"worker {worker or '?'} lost at step {step}; canceled",
+            finished_at=now,
+            cancel_requested=False,
+        )
 
 
 def unservable_queued(s: Session, live_queues: Iterable[str]) -> list[Job]:
@@ -563,16 +622,27 @@ def fail_unservable(s: Session, live_queues: Iterable[str], wait_s: float, now: 
     for job in unservable_queued(s, live_queues):
         if job.updated_at > now - timedelta(seconds=wait_s):
             continue
-        if _transition(s, job.id, ("queued",), "failed", Job.updated_at == job.updated_at, finished_at=now,
-                       error=unservable_message(job.queue, wait_s)) is not None:
+        if (
+            _transition(
+                s,
+                job.id,
+                ("queued",),
+                "failed",
+                Job.updated_at == job.updated_at,
+                finished_at=now,
+                error=unservable_message(job.queue, wait_s),
+            )
+            is not None
+        ):
             failed.append(job.id)
     return failed
 
 
 def unservable_message(queue: str, waited_s: float | None = None) -> str:
     """Why a queued job is not starting, and what to do about it."""
-    how = {"cuda": "start a GPU worker (`icd worker --gpus 0`) or submit with device: cpu",
-           "cpu": "start a CPU worker (`icd worker --cpu`) or submit with device: auto"}.get(
-        queue, f"start a worker that consumes queue {queue!r} (`icd worker -Q {queue}`)")
+    how = {
+        "cuda": "start a GPU worker (`icd worker --gpus 0`) or submit with device: cpu",
+        "cpu": "start a CPU worker (`icd worker --cpu`) or submit with device: auto",
+    }.get(queue, f"start a worker that consumes queue {queue!r} (`icd worker -Q {queue}`)")
     waited = f" for {waited_s:.0f} s" if waited_s is not None else ""
     return f"no live worker consumes queue {queue!r}{waited}: {how}"

@@ -95,7 +95,15 @@ def page_jobs(
     None: every owner's jobs."""
     before = decode_cursor(cursor) if cursor else None
     rows = list_jobs(
-        s, status, kind, name, parent_id, limit=limit + 1, offset=offset, search=search, before_id=before,
+        s,
+        status,
+        kind,
+        name,
+        parent_id,
+        limit=limit + 1,
+        offset=offset,
+        search=search,
+        before_id=before,
         owner=owner,
     )
     items = rows[:limit]

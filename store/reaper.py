@@ -54,8 +54,10 @@ def status_detail(s: Session, job: Job, settings: Settings) -> str | None:
         left = max(0.0, settings.unservable_timeout_s - waited)
         return f"{unservable_message(job.queue, waited)}; it fails in {left:.0f} s unless one starts"
     if job.status == "running" and job.lease_expires_at is not None and job.lease_expires_at < now:
-        return (f"worker {job.worker} stopped renewing its lease {(now - job.lease_expires_at).total_seconds():.0f} s "
-                "ago; the reaper re-queues the job to resume from its last checkpoint")
+        return (
+            f"worker {job.worker} stopped renewing its lease {(now - job.lease_expires_at).total_seconds():.0f} s "
+            "ago; the reaper re-queues the job to resume from its last checkpoint"
+        )
     return None
 
 
@@ -64,8 +66,10 @@ def unservable_warnings(s: Session, settings: Settings) -> list[str]:
     by_queue: dict[str, list[int]] = {}
     for job in unservable_queued(s, live_queues(s, _alive_window(settings))):
         by_queue.setdefault(job.queue, []).append(job.id)
-    return [f"jobs {ids[:10]}{' ...' if len(ids) > 10 else ''} cannot start: {unservable_message(queue)}"
-            for queue, ids in sorted(by_queue.items())]
+    return [
+        f"jobs {ids[:10]}{' ...' if len(ids) > 10 else ''} cannot start: {unservable_message(queue)}"
+        for queue, ids in sorted(by_queue.items())
+    ]
 
 
 def reap_and_send(s: Session, settings: Settings, send: Callable[[int, str], None]) -> Reaped:

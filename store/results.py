@@ -151,9 +151,7 @@ def start_attempt_series(s: Session, job_id: int, attempt: int, resumed_from_ste
     than left mixed with the new ones. The attempt records its resume step, so a `since_step` poller
     that sees the attempt change knows to refetch from there."""
     for table in (Metric, Evaluation):
-        s.execute(
-            delete(table).where(table.job_id == job_id, table.step > resumed_from_step, table.attempt < attempt)
-        )
+        s.execute(delete(table).where(table.job_id == job_id, table.step > resumed_from_step, table.attempt < attempt))
     refresh_after_delete(s, job_id, resumed_from_step)  # the downsampled curves must not keep the dropped points
     s.execute(
         update(Attempt)

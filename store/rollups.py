@@ -145,18 +145,18 @@ def refresh_rollups(s: Session, job_id: int, ranges: dict[str, tuple[int, int]])
             Metric.name,
             block,
             func.count().over(partition_by=part).label("n"),
-            func.first_value(Metric.step).over(partition_by=part, order_by=(Metric.value, Metric.step)).label(
-                "min_step"
-            ),
-            func.first_value(Metric.value).over(partition_by=part, order_by=(Metric.value, Metric.step)).label(
-                "min_value"
-            ),
-            func.first_value(Metric.step).over(partition_by=part, order_by=(Metric.value.desc(), Metric.step)).label(
-                "max_step"
-            ),
-            func.first_value(Metric.value).over(partition_by=part, order_by=(Metric.value.desc(), Metric.step)).label(
-                "max_value"
-            ),
+            func.first_value(Metric.step)
+            .over(partition_by=part, order_by=(Metric.value, Metric.step))
+            .label("min_step"),
+            func.first_value(Metric.value)
+            .over(partition_by=part, order_by=(Metric.value, Metric.step))
+            .label("min_value"),
+            func.first_value(Metric.step)
+            .over(partition_by=part, order_by=(Metric.value.desc(), Metric.step))
+            .label("max_step"),
+            func.first_value(Metric.value)
+            .over(partition_by=part, order_by=(Metric.value.desc(), Metric.step))
+            .label("max_value"),
             func.first_value(Metric.step).over(partition_by=part, order_by=Metric.step.desc()).label("last_step"),
             func.first_value(Metric.value).over(partition_by=part, order_by=Metric.step.desc()).label("last_value"),
             func.row_number().over(partition_by=part, order_by=Metric.step).label("rn"),

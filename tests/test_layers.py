@@ -61,8 +61,11 @@ def _violations() -> list[str]:
     for prefix, banned in FORBIDDEN.items():
         for path in sorted((REPO / prefix.replace(".", "/")).rglob("*.py")):
             for line, name in _imports(path):
-                out += [f"{path.relative_to(REPO)}:{line} imports {name} ({prefix} must not import {b})"
-                        for b in banned if _violates(name, b)]
+                out += [
+                    f"{path.relative_to(REPO)}:{line} imports {name} ({prefix} must not import {b})"
+                    for b in banned
+                    if _violates(name, b)
+                ]
     return out
 
 

@@ -76,8 +76,15 @@ def run_rank(job_id: int, attempt: int, job_dir: Path) -> dict[str, Any]:
             reporter = DbReporter(sessions(), job_id, attempt, ArtifactStore(settings.artifact_root))
             callbacks = [reporter, StopFile(group_dir / STOP_FILE)]
         try:
-            result = run_spec(spec, job_dir, callbacks=callbacks, resume=True, resolve_checkpoint=resolve_checkpoint,
-                              cache_dir=settings.cache_dir, group=group)
+            result = run_spec(
+                spec,
+                job_dir,
+                callbacks=callbacks,
+                resume=True,
+                resolve_checkpoint=resolve_checkpoint,
+                cache_dir=settings.cache_dir,
+                group=group,
+            )
         finally:
             if reporter is not None:
                 reporter.close()
@@ -91,13 +98,20 @@ def run_rank(job_id: int, attempt: int, job_dir: Path) -> dict[str, Any]:
             "peak_memory_mb": result.peak_memory_mb,
         }
     except TrainingStopped as exc:
-        return {"status": "stopped", "step": exc.step,
-                "canceled": bool(reporter is not None and reporter.cancel_requested)}
+        return {
+            "status": "stopped",
+            "step": exc.step,
+            "canceled": bool(reporter is not None and reporter.cancel_requested),
+        }
     except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome the parent can map
         log.error("rank %s failed:\n%s", os.environ.get("RANK"), "".join(traceback.format_exception(exc)))
         step = reporter.step + 1 if reporter is not None and reporter.step else None
-        return {"status": "failed", "type": type(exc).__name__, "error": str(exc) or type(exc).__name__,
-                "message": failure_message(job_id, exc, step)}
+        return {
+            "status": "failed",
+            "type": type(exc).__name__,
+            "error": str(exc) or type(exc).__name__,
+            "message": failure_message(job_id, exc, step),
+        }
     finally:
         if group is not None:
             group.close()
@@ -111,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(TORCHRUN)
     job_id, attempt, job_dir = int(args[0]), int(args[1]), Path(args[2])
     rank = int(os.environ["RANK"])
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s"
+    )
     group_dir = job_dir / GROUP_DIR
     pid_path(group_dir, rank).write_text(str(os.getpid()))
     outcome = run_rank(job_id, attempt, job_dir)

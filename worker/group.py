@@ -34,7 +34,9 @@ POLL_S = 0.5
 KILL_WAIT_S = 10.0
 # Exceptions a rank may report that keep their meaning (and the user-facing message) in the parent.
 _USER_ERRORS: dict[str, type[Exception]] = {
-    "ValueError": ValueError, "FileNotFoundError": FileNotFoundError, "NotImplementedError": NotImplementedError,
+    "ValueError": ValueError,
+    "FileNotFoundError": FileNotFoundError,
+    "NotImplementedError": NotImplementedError,
 }
 
 
@@ -52,9 +54,21 @@ class GroupResult:
 def torchrun_command(gpus: int, job_id: int, attempt: int, job_dir: Path) -> list[str]:
     """`torchrun --standalone --nproc-per-node N` (a free local port) running worker.ddp_rank."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
-        "--max-restarts", "0", "--monitor-interval", "0.5",
-        "-m", "worker.ddp_rank", str(job_id), str(attempt), str(job_dir),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(gpus),
+        "--max-restarts",
+        "0",
+        "--monitor-interval",
+        "0.5",
+        "-m",
+        "worker.ddp_rank",
+        str(job_id),
+        str(attempt),
+        str(job_dir),
     ]
 
 
@@ -80,8 +94,12 @@ def run_group(
     log_path = job_dir / "job.log"
     log.info("job %s: starting a %d-rank torchrun group", job_id, gpus)
     with open(log_path, "ab") as job_log:  # the ranks' log lines join the job's log
-        proc = subprocess.Popen(torchrun_command(gpus, job_id, attempt, job_dir), stdout=job_log,
-                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent)  # noqa: PLW1509
+        proc = subprocess.Popen(
+            torchrun_command(gpus, job_id, attempt, job_dir),
+            stdout=job_log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )  # noqa: PLW1509
     try:
         _supervise(proc, group_dir / STOP_FILE, should_stop, on_tick, stop_grace_s)
     finally:
@@ -89,8 +107,13 @@ def run_group(
     return read_outcome(group_dir, gpus, proc.returncode, log_path)
 
 
-def _supervise(proc: subprocess.Popen[bytes], stop_file: Path, should_stop: Callable[[], bool],
-               on_tick: Callable[[], None] | None, stop_grace_s: float) -> None:
+def _supervise(
+    proc: subprocess.Popen[bytes],
+    stop_file: Path,
+    should_stop: Callable[[], bool],
+    on_tick: Callable[[], None] | None,
+    stop_grace_s: float,
+) -> None:
     """Wait for torchrun, beating and relaying a stop request; kill a group that ignores one."""
     stop_since: float | None = None
     while proc.poll() is None:
@@ -135,15 +158,21 @@ def _rank_pid(group_dir: Path, rank: int) -> int | None:
     return pid if b"worker.ddp_rank" in cmdline and str(group_dir.parent).encode() in cmdline else None
 
 
-def read_outcome(group_dir: Path, gpus: int, returncode: int | None,
-                 log_path: Path) -> tuple[GroupResult, dict[str, Any]]:
+def read_outcome(
+    group_dir: Path, gpus: int, returncode: int | None, log_path: Path
+) -> tuple[GroupResult, dict[str, Any]]:
     """Map the ranks' outcome files and torchrun's exit code to a result or an exception."""
     outcomes = {r: json.loads(p.read_text()) for r in range(gpus) if (p := outcome_path(group_dir, r)).is_file()}
     main = outcomes.get(0, {})
     if returncode == 0 and main.get("status") == "succeeded":
         ev = main.get("evaluation")
-        result = GroupResult(main["final_metrics"], EvalResult(**ev) if ev else None, None,
-                             main.get("sec_per_step"), main.get("peak_memory_mb"))
+        result = GroupResult(
+            main["final_metrics"],
+            EvalResult(**ev) if ev else None,
+            None,
+            main.get("sec_per_step"),
+            main.get("peak_memory_mb"),
+        )
         return result, main
     if returncode == 0 and main.get("status") == "stopped":
         stop = TrainingStopped(int(main["step"]))
@@ -160,8 +189,10 @@ def read_outcome(group_dir: Path, gpus: int, returncode: int | None,
         raise RuntimeError(f"rank {culprit} of {gpus} failed: {first['type']}: {first['error'][:500]}")
     how = cause.get("traceback") or f"exit code {cause.get('exitcode', returncode)}"
     who = f"rank {culprit} of {gpus}" if culprit is not None else f"a rank of the {gpus}-rank group"
-    raise RuntimeError(f"{who} died before reporting ({how}); torchrun stopped the group (exit code "
-                       f"{returncode}); retry to resume from the last checkpoint")
+    raise RuntimeError(
+        f"{who} died before reporting ({how}); torchrun stopped the group (exit code "
+        f"{returncode}); retry to resume from the last checkpoint"
+    )
 
 
 def _root_cause(log_path: Path) -> dict[str, Any]:
@@ -171,7 +202,7 @@ def _root_cause(log_path: Path) -> dict[str, Any]:
         tail = log_path.read_bytes()[-20000:].decode("utf-8", "replace")
     except OSError:
         return {}
-    tail = tail[tail.rfind("Root Cause"):] if "Root Cause" in tail else ""
+    tail = tail[tail.rfind("Root Cause") :] if "Root Cause" in tail else ""
     cause: dict[str, Any] = {}
     for key in ("rank", "exitcode", "traceback"):
         found = re.search(rf"^\s*{key}\s*:\s*(.+)$", tail, flags=re.MULTILINE)

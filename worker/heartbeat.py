@@ -41,8 +41,14 @@ def describe_device() -> str:
 class Heartbeat:
     """Upserts this worker's row; `current_job_id` is set by the task while it runs."""
 
-    def __init__(self, name: str, queues: str, interval_s: float | None = None, device: str | None = None,
-                 on_beat: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        queues: str,
+        interval_s: float | None = None,
+        device: str | None = None,
+        on_beat: Callable[[], None] | None = None,
+    ) -> None:
         self.name = name
         self.queues = queues
         self.interval_s = float(interval_s or get_settings().worker_heartbeat_s)

@@ -117,8 +117,11 @@ class DbReporter(Callback):
             self.flush()
 
     def on_evaluation(self, result: EvalResult) -> None:
-        aps = " ".join(f"{k}={v:.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")
-                       if (v := result.metrics.get(k)) is not None)
+        aps = " ".join(
+            f"{k}={v:.2f}"
+            for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+            if (v := result.metrics.get(k)) is not None
+        )
         log.info("evaluation at step %s: %s", result.step, aps)
         self.flush()
         self._retry(
@@ -232,8 +235,9 @@ class DbReporter(Callback):
                     update_progress(s, self.job_id, self.step, self.total, eta, sec_per_step=self._sec_per_step)
                 self.flushes += 1
             except Exception as exc:
-                log.warning("job %s: metrics flush failed (%s); keeping %d rows for the next flush", self.job_id,
-                            exc, len(rows))
+                log.warning(
+                    "job %s: metrics flush failed (%s); keeping %d rows for the next flush", self.job_id, exc, len(rows)
+                )
                 with self._rows_lock:
                     self._rows = (rows + self._rows)[-100_000:]
                 if final:

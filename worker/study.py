@@ -58,15 +58,15 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
     if study.teacher.checkpoint:
         teacher_ref = study.teacher.checkpoint
         path = resolve_checkpoint(teacher_ref)
-        result = evaluate_checkpoint(path, study.data, settings.cache_dir, model=study.teacher,
-                                     device=study.device)
+        result = evaluate_checkpoint(path, study.data, settings.cache_dir, model=study.teacher, device=study.device)
         _save_teacher(artifacts, job.id, result.metrics)
         preflight(result, None, study.teacher_min_ap)
     else:
         tspec = teacher_train_spec(study)
         assert tspec is not None
-        teacher_job = create_job(s, tspec.model_dump(mode="json"), "train", tspec.name, queue_for(tspec),
-                                 parent_id=job.id, owner=job.owner)
+        teacher_job = create_job(
+            s, tspec.model_dump(mode="json"), "train", tspec.name, queue_for(tspec), parent_id=job.id, owner=job.owner
+        )
         teacher_ref = f"job:{teacher_job.id}"
 
     created = [teacher_job] if teacher_job else []
@@ -75,9 +75,19 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
         waits = [teacher_job.id] if teacher_job else []
         if method == ICD_PRETRAINED and first_pretrained is not None:
             waits.append(first_pretrained.id)  # same artifact key: wait, then load it from the cache
-        created.append(create_job(s, child.model_dump(mode="json"), "distill", child.name, queue_for(child),
-                                  depends_on=waits, parent_id=job.id, status="waiting" if waits else "queued",
-                                  owner=job.owner))
+        created.append(
+            create_job(
+                s,
+                child.model_dump(mode="json"),
+                "distill",
+                child.name,
+                queue_for(child),
+                depends_on=waits,
+                parent_id=job.id,
+                status="waiting" if waits else "queued",
+                owner=job.owner,
+            )
+        )
         if method == ICD_PRETRAINED and first_pretrained is None:
             first_pretrained = created[-1]
     park_study(s, job.id, len(created))
@@ -139,12 +149,14 @@ def _log_to_study(artifacts: ArtifactStore, study_id: int, message: str) -> None
         log.warning("study %s: cannot append to its log: %s", study_id, exc)
 
 
-def write_study_report(s: Session, study_id: int, study: StudySpec, children: list[Job],
-                       artifacts: ArtifactStore) -> dict[str, Path]:
+def write_study_report(
+    s: Session, study_id: int, study: StudySpec, children: list[Job], artifacts: ArtifactStore
+) -> dict[str, Path]:
     """Leaderboard from the children's database rows, written next to the study's artifacts."""
     rows = [
         result_from_job(c.spec, c.status, c.final_metrics, c.sec_per_step, c.peak_memory_mb, c.error, c.id)
-        for c in children if c.kind == "distill"
+        for c in children
+        if c.kind == "distill"
     ]
     teacher = _load_teacher(artifacts, study_id)
     return write_report(rows, artifacts.report_dir(study_id), teacher=teacher, name=study.name)
@@ -163,8 +175,12 @@ def _preflight_problem(study: StudySpec, child: Job, artifacts: ArtifactStore, s
             return str(exc)
         return None
     spec = child.spec or {}
-    if (spec.get("distill", {}).get("method") == BASELINE and child.status == "succeeded"
-            and study.require_teacher_better and int(spec.get("seed", -1)) == study.seeds[0]):
+    if (
+        spec.get("distill", {}).get("method") == BASELINE
+        and child.status == "succeeded"
+        and study.require_teacher_better
+        and int(spec.get("seed", -1)) == study.seeds[0]
+    ):
         teacher = _load_teacher(artifacts, study_id)
         if teacher is not None:
             try:

@@ -35,10 +35,24 @@ class WorkerSpec:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-            "--pool", "solo", "--concurrency", "1",
-            "-Q", self.queues, "-n", self.name, "--loglevel", self.loglevel,
-            "--without-mingle", "--without-gossip",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "--pool",
+            "solo",
+            "--concurrency",
+            "1",
+            "-Q",
+            self.queues,
+            "-n",
+            self.name,
+            "--loglevel",
+            self.loglevel,
+            "--without-mingle",
+            "--without-gossip",
         ]
 
 

@@ -216,13 +216,15 @@ def _remove_stale_temporaries(job_dir: Path) -> None:
         log.info("removed %d stale temporary file(s): %s", len(removed), [p.name for p in removed])
 
 
-def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: Path,
-                    artifacts: ArtifactStore) -> str:
+def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: Path, artifacts: ArtifactStore) -> str:
     """Run the job and write its outcome; every exception becomes a status and a message."""
     job_id = job.id
     factory = sessions()
     reporter = DbReporter(
-        factory, job_id, attempt, artifacts,
+        factory,
+        job_id,
+        attempt,
+        artifacts,
         on_flush=_heartbeat.beat_if_due if _heartbeat is not None else None,
         stop_event=shutdown_requested,
         lease_lost=_heartbeat.lease_lost if _heartbeat is not None else None,
@@ -242,8 +244,13 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
         return status
     with factory() as s:
         update_progress(
-            s, job_id, reporter.step or (reporter.total or 0), reporter.total, 0.0,
-            sec_per_step=result.sec_per_step, peak_memory_mb=result.peak_memory_mb,
+            s,
+            job_id,
+            reporter.step or (reporter.total or 0),
+            reporter.total,
+            0.0,
+            sec_per_step=result.sec_per_step,
+            peak_memory_mb=result.peak_memory_mb,
         )
         if result.evaluation is not None:  # idempotent: the reporter usually recorded it already
             from store.results import add_evaluation
@@ -275,9 +282,7 @@ def _confined(spec_dict: dict[str, Any], settings: Any) -> dict[str, Any]:
     """The spec's paths checked again against this worker's roots (a symlink may have moved since submit)."""
     from icd_core.data_roots import PathNotAllowed, confine_spec_paths
 
-    confined, errors = confine_spec_paths(
-        spec_dict, settings.allowed_data_roots(), settings.allowed_checkpoint_roots()
-    )
+    confined, errors = confine_spec_paths(spec_dict, settings.allowed_data_roots(), settings.allowed_checkpoint_roots())
     if errors:
         raise PathNotAllowed("; ".join(f"{field}: {reason}" for field, reason in errors))
     return confined
@@ -293,7 +298,11 @@ def _run_group(spec_dict: dict[str, Any], gpus: int, job_dir: Path, reporter: Db
     parse_spec(spec_dict)  # a spec error fails the job here, before any rank starts
     try:
         result, main = run_group(
-            reporter.job_id, reporter.attempt, spec_dict, gpus, job_dir,
+            reporter.job_id,
+            reporter.attempt,
+            spec_dict,
+            gpus,
+            job_dir,
             should_stop=lambda: shutdown_requested.is_set() or _lease_lost(reporter),
             on_tick=_heartbeat.beat_if_due if _heartbeat is not None else None,
             stop_grace_s=get_settings().ddp_stop_grace_s,
@@ -391,8 +400,7 @@ def _record_failure(job_id: int, attempt: int, exc: BaseException, reporter: DbR
             log.info("job %s canceled at step %s", job_id, exc.step)
             return "canceled"
         log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(exc)))
-        fail_job(s, job_id, failure_message(job_id, exc, reporter.step + 1 if reporter.step else None),
-                 attempt=attempt)
+        fail_job(s, job_id, failure_message(job_id, exc, reporter.step + 1 if reporter.step else None), attempt=attempt)
         return "failed"
 
 
@@ -400,9 +408,14 @@ def _never_left_running(job_id: int, worker: str, attempt: int) -> None:
     """Last line of defence: if recording the outcome itself failed, fail the job (this attempt only)."""
     try:
         with sessions()() as s:
-            fail_if_running_on(s, job_id, worker, f"the worker stopped before recording the result; see "
-                                                  f"/jobs/{job_id}/logs; retry to resume from the last checkpoint",
-                               attempt)
+            fail_if_running_on(
+                s,
+                job_id,
+                worker,
+                f"the worker stopped before recording the result; see "
+                f"/jobs/{job_id}/logs; retry to resume from the last checkpoint",
+                attempt,
+            )
     except Exception:
         log.exception("job %s: could not record the final state", job_id)
 
@@ -433,8 +446,13 @@ def _send(job_id: int, queue: str) -> None:
         log.info("job %s sent to queue %s", job_id, queue)
     except Exception as exc:
         # The job stays 'queued' in the database; the message says how to get it going.
-        log.error("job %s is queued but could not be sent to the broker (%s); POST /jobs/%s/retry "
-                  "after cancel, or restart the API", job_id, exc, job_id)
+        log.error(
+            "job %s is queued but could not be sent to the broker (%s); POST /jobs/%s/retry "
+            "after cancel, or restart the API",
+            job_id,
+            exc,
+            job_id,
+        )
 
 
 def _not_claimed(s: Any, job_id: int, worker: str) -> str:
@@ -474,4 +492,3 @@ def job_log(path: Path) -> Iterator[None]:
         for lg, level in zip(ours, old_levels, strict=True):
             lg.setLevel(level)
         handler.close()
-

@@ -22,8 +22,12 @@ from store.db import session_scope
 from store.models import TERMINAL_STATUSES
 from store.results import get_checkpoint, list_checkpoints
 
-router = APIRouter(prefix="/jobs", tags=["artifacts"], dependencies=[Depends(get_caller)],
-                   responses=UNAUTHORIZED | {404: json_error("No such job or file")})
+router = APIRouter(
+    prefix="/jobs",
+    tags=["artifacts"],
+    dependencies=[Depends(get_caller)],
+    responses=UNAUTHORIZED | {404: json_error("No such job or file")},
+)
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
@@ -79,7 +83,10 @@ def download_checkpoint(
 # HEAD (size and sha256 before a ranged download) is the same handler, kept out of the schema so that
 # each operation id stays unique.
 router.add_api_route(
-    "/{job_id}/checkpoints/{name}", download_checkpoint, methods=["HEAD"], include_in_schema=False,
+    "/{job_id}/checkpoints/{name}",
+    download_checkpoint,
+    methods=["HEAD"],
+    include_in_schema=False,
     response_class=FileResponse,
 )
 

@@ -63,7 +63,9 @@ def _pngs(folder: Path, url: str) -> list[PredictionImage]:
 
 @router.get("/{job_id}/predictions", response_model=PredictionsOut, responses={404: {"model": ErrorOut}})
 def job_predictions(
-    job_id: JobId, s: Session = Depends(get_session), caller: Caller = Depends(get_caller),
+    job_id: JobId,
+    s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> PredictionsOut:
     """The rendered predictions of a finished train/distill job (empty lists before it finishes)."""
@@ -71,8 +73,11 @@ def job_predictions(
     folder = artifacts.job_dir(job_id) / "predictions"
     base = f"/jobs/{job_id}/predictions"
     has_json = (folder / "detections.json").is_file()
-    return PredictionsOut(model=_pngs(folder, base), teacher=_pngs(folder / "teacher", f"{base}/teacher"),
-                          detections_url=f"{base}/detections.json" if has_json else None)
+    return PredictionsOut(
+        model=_pngs(folder, base),
+        teacher=_pngs(folder / "teacher", f"{base}/teacher"),
+        detections_url=f"{base}/detections.json" if has_json else None,
+    )
 
 
 def _prediction_file(artifacts: ArtifactStore, job_id: int, parts: list[str]) -> FileResponse:
@@ -80,9 +85,11 @@ def _prediction_file(artifacts: ArtifactStore, job_id: int, parts: list[str]) ->
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no prediction file {'/'.join(parts)!r}")
     path = artifacts.job_dir(job_id) / "predictions" / Path(*parts)
     if not path.is_file() or path.suffix not in (".png", ".json"):
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            detail=f"job {job_id} has no prediction file {'/'.join(parts)!r} (it renders them "
-                                   "when it finishes; see GET /jobs/{id}/predictions)")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail=f"job {job_id} has no prediction file {'/'.join(parts)!r} (it renders them "
+            "when it finishes; see GET /jobs/{id}/predictions)",
+        )
     return FileResponse(path, media_type="image/png" if path.suffix == ".png" else "application/json")
 
 
@@ -94,7 +101,10 @@ _FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.get("/{job_id}/predictions/teacher/{name}", response_class=FileResponse, responses=_FILE_RESPONSES)
 def teacher_prediction_file(
-    job_id: JobId, name: str, s: Session = Depends(get_session), caller: Caller = Depends(get_caller),
+    job_id: JobId,
+    name: str,
+    s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> FileResponse:
     """One of the teacher's rendered validation images (distill jobs)."""
@@ -104,7 +114,10 @@ def teacher_prediction_file(
 
 @router.get("/{job_id}/predictions/{name}", response_class=FileResponse, responses=_FILE_RESPONSES)
 def prediction_file(
-    job_id: JobId, name: str, s: Session = Depends(get_session), caller: Caller = Depends(get_caller),
+    job_id: JobId,
+    name: str,
+    s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> FileResponse:
     """One rendered validation image (PNG), or `detections.json`."""
@@ -172,19 +185,41 @@ def _still_running(state: dict[str, Any], job_id: int, fmt: str) -> bool:
 def _run_export(job_id: int, req: ExportRequest, checkpoint: Path, folder: Path, cache_dir: Path, state: dict) -> None:
     """The child process, then the final state (with the verification the export embedded)."""
     target = folder / f"model{_SUFFIX[req.format]}"
-    cmd = [sys.executable, "-m", "icd_cli", "export", str(checkpoint), "--format", req.format, "-o", str(target),
-           "--verify-images", str(req.verify_images), "--cache-dir", str(cache_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "icd_cli",
+        "export",
+        str(checkpoint),
+        "--format",
+        req.format,
+        "-o",
+        str(target),
+        "--verify-images",
+        str(req.verify_images),
+        "--cache-dir",
+        str(cache_dir),
+    ]
     if req.eval_images:
         cmd += ["--eval-images", str(req.eval_images)]
     state_path = folder / f"{req.format}.json"
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT_S,
-                              env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT_S,
+            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+        )
         if proc.returncode == 0 and target.is_file():
             sidecar = target.with_name(target.name + ".json")  # icd_core.export.meta_sidecar
             meta = json.loads(sidecar.read_text()) if sidecar.is_file() else None
-            state.update(status="succeeded", sha256=ArtifactStore.sha256_file(target),
-                         size_bytes=target.stat().st_size, meta=meta)
+            state.update(
+                status="succeeded",
+                sha256=ArtifactStore.sha256_file(target),
+                size_bytes=target.stat().st_size,
+                meta=meta,
+            )
         else:
             state.update(status="failed", error=_error_line(proc.stderr) or f"icd export exited {proc.returncode}")
     except subprocess.TimeoutExpired:
@@ -203,17 +238,20 @@ def _error_line(stderr: str) -> str | None:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if ln.startswith("Error: "):
-            return ln[len("Error: "):]
+            return ln[len("Error: ") :]
     return lines[-1] if lines else None
 
 
 def _exportable_checkpoint(s: Session, job: Job, settings: Settings) -> Path:
     if job.kind not in ("train", "distill"):
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job.id} is a {job.kind} job: only train and "
-                            "distill jobs have a model to export")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"job {job.id} is a {job.kind} job: only train and distill jobs have a model to export",
+        )
     if job.status != "succeeded":
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            detail=f"job {job.id} is {job.status}: export it once it has succeeded")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, detail=f"job {job.id} is {job.status}: export it once it has succeeded"
+        )
     path = final_checkpoint_path(s, settings.artifact_root or "", job.id)
     if path is None or not Path(path).is_file():
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job.id} has no final checkpoint file to export")
@@ -249,11 +287,20 @@ def create_export(
         if (job_id, req.format) in _RUNNING or (current is not None and current.status == "running"):
             raise HTTPException(status.HTTP_409_CONFLICT, detail=f"a {req.format} export of job {job_id} is running")
         _RUNNING.add((job_id, req.format))
-        state = {"format": req.format, "status": "running", "started_at": time.time(), "pid": os.getpid(),
-                 "host": socket.gethostname()}
+        state = {
+            "format": req.format,
+            "status": "running",
+            "started_at": time.time(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
         _write_state(folder / f"{req.format}.json", state)
-    thread = threading.Thread(target=_run_export, name=f"export-{job_id}-{req.format}", daemon=True,
-                              args=(job_id, req, checkpoint, folder, Path(settings.cache_dir), dict(state)))
+    thread = threading.Thread(
+        target=_run_export,
+        name=f"export-{job_id}-{req.format}",
+        daemon=True,
+        args=(job_id, req, checkpoint, folder, Path(settings.cache_dir), dict(state)),
+    )
     thread.start()
     out = _read_state(artifacts, job_id, req.format)
     assert out is not None
@@ -262,7 +309,9 @@ def create_export(
 
 @router.get("/{job_id}/exports", response_model=list[ExportOut], responses={404: {"model": ErrorOut}})
 def list_exports(
-    job_id: JobId, s: Session = Depends(get_session), caller: Caller = Depends(get_caller),
+    job_id: JobId,
+    s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> list[ExportOut]:
     """The job's exports, one per format that was requested."""
@@ -272,7 +321,9 @@ def list_exports(
 
 @router.get("/{job_id}/exports/{fmt}", response_model=ExportOut, responses={404: {"model": ErrorOut}})
 def get_export(
-    job_id: JobId, fmt: Literal["onnx", "torchscript"], s: Session = Depends(get_session),
+    job_id: JobId,
+    fmt: Literal["onnx", "torchscript"],
+    s: Session = Depends(get_session),
     caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> ExportOut:
@@ -290,7 +341,9 @@ def get_export(
     responses={200: {"content": {"application/octet-stream": {}}}, 404: json_error("No such job or export")},
 )
 def download_export(
-    job_id: JobId, fmt: Literal["onnx", "torchscript"], s: Session = Depends(get_session),
+    job_id: JobId,
+    fmt: Literal["onnx", "torchscript"],
+    s: Session = Depends(get_session),
     caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> FileResponse:
@@ -300,12 +353,19 @@ def download_export(
     path = _export_dir(artifacts, job_id) / f"model{_SUFFIX[fmt]}"
     if out is None or out.status != "succeeded" or not path.is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no finished {fmt} export")
-    return FileResponse(path, media_type="application/octet-stream", filename=f"job{job_id}{_SUFFIX[fmt]}",
-                        headers={"X-Export-SHA256": out.sha256 or "", "ETag": f'"{out.sha256}"'})
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"job{job_id}{_SUFFIX[fmt]}",
+        headers={"X-Export-SHA256": out.sha256 or "", "ETag": f'"{out.sha256}"'},
+    )
 
 
 # HEAD (size and sha256 first) is the same handler, kept out of the schema so operation ids stay unique.
 router.add_api_route(
-    "/{job_id}/exports/{fmt}/file", download_export, methods=["HEAD"], include_in_schema=False,
+    "/{job_id}/exports/{fmt}/file",
+    download_export,
+    methods=["HEAD"],
+    include_in_schema=False,
     response_class=FileResponse,
 )

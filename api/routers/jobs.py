@@ -34,8 +34,13 @@ from store.results import get_metrics, list_evaluations
 from store.settings import Settings
 
 _UNPROCESSABLE = {422: {"model": ValidationErrorOut, "description": "Invalid parameters: each entry names the field"}}
-router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=YamlBodyRoute, dependencies=[Depends(get_caller)],
-                   responses=UNAUTHORIZED | _UNPROCESSABLE)
+router = APIRouter(
+    prefix="/jobs",
+    tags=["jobs"],
+    route_class=YamlBodyRoute,
+    dependencies=[Depends(get_caller)],
+    responses=UNAUTHORIZED | _UNPROCESSABLE,
+)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
 _STATE: dict[int | str, dict[str, Any]] = {409: {"model": ErrorOut, "description": "Not allowed in the job's status"}}
@@ -191,11 +196,21 @@ def list_jobs(
     """
     statuses = [x for x in (status_ or "").split(",") if x] or None
     if cursor and offset:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            detail=[_query_error("offset", "offset: use either cursor or offset, not both")])
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=[_query_error("offset", "offset: use either cursor or offset, not both")],
+        )
     try:
         page = page_jobs(
-            s, statuses, kind, name, parent_id, limit=limit, offset=offset, cursor=cursor, search=search,
+            s,
+            statuses,
+            kind,
+            name,
+            parent_id,
+            limit=limit,
+            offset=offset,
+            cursor=cursor,
+            search=search,
             owner=None if caller.admin else caller.name,
         )
     except ValueError as exc:
@@ -218,7 +233,9 @@ def _query_error(field: str, reason: str) -> dict[str, Any]:
 
 @router.get("/{job_id}", response_model=JobDetail, responses=_ERRORS)
 def get_job(
-    job_id: JobId, s: Session = Depends(get_session), settings: Settings = Depends(get_app_settings),
+    job_id: JobId,
+    s: Session = Depends(get_session),
+    settings: Settings = Depends(get_app_settings),
     caller: Caller = Depends(get_caller),
 ) -> JobDetail:
     """Spec, status, attempt, progress, ETA, timestamps, worker, error and final metrics."""
@@ -228,9 +245,7 @@ def get_job(
     return detail
 
 
-@router.post(
-    "/{job_id}/cancel", response_model=JobDetail, responses=_ERRORS | _STATE
-)
+@router.post("/{job_id}/cancel", response_model=JobDetail, responses=_ERRORS | _STATE)
 def cancel_job(job_id: JobId, s: Session = Depends(get_session), caller: Caller = Depends(get_caller)) -> JobDetail:
     """Queued or waiting jobs are canceled at once; a running one stops at its next step."""
     job_or_404(s, job_id, caller)
@@ -249,7 +264,9 @@ def cancel_job(job_id: JobId, s: Session = Depends(get_session), caller: Caller 
     responses=_ERRORS | _STATE | {503: {"model": ErrorOut, "description": "Broker unreachable"}},
 )
 def retry_job(
-    job_id: JobId, s: Session = Depends(get_session), settings: Settings = Depends(get_app_settings),
+    job_id: JobId,
+    s: Session = Depends(get_session),
+    settings: Settings = Depends(get_app_settings),
     caller: Caller = Depends(get_caller),
 ) -> JobDetail:
     """Requeue a failed or canceled job; it resumes from its last checkpoint."""
@@ -273,7 +290,9 @@ def retry_job(
     responses=_ERRORS | _STATE,
 )
 def delete_job(
-    job_id: JobId, s: Session = Depends(get_session), artifacts: ArtifactStore = Depends(get_artifacts),
+    job_id: JobId,
+    s: Session = Depends(get_session),
+    artifacts: ArtifactStore = Depends(get_artifacts),
     caller: Caller = Depends(get_caller),
 ) -> Response:
     """Delete a finished job, its results and its artifact folder (study children included)."""
@@ -315,8 +334,13 @@ def job_metrics(
     series = get_metrics(s, job_id, wanted, since_step, max_points)
     last = max((pts[-1][0] for pts in series.values() if pts), default=None)
     current = next((a for a in job.attempts if a.number == job.attempt), None)
-    return MetricsOut(job_id=job_id, series=series, last_step=last, attempt=job.attempt,
-                      resumed_from_step=current.resumed_from_step if current is not None else None)
+    return MetricsOut(
+        job_id=job_id,
+        series=series,
+        last_step=last,
+        attempt=job.attempt,
+        resumed_from_step=current.resumed_from_step if current is not None else None,
+    )
 
 
 @router.get("/{job_id}/evaluations", response_model=list[EvaluationOut], responses=_ERRORS)

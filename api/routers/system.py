@@ -54,8 +54,13 @@ def health(s: Session = Depends(get_session), settings: Settings = Depends(get_a
         warnings = []
     ok, detail = check_broker(settings.broker_url)
     broker = CheckResult(ok=ok, detail=detail)
-    body = HealthOut(status="ok" if db.ok and broker.ok and wk.ok and not warnings else "degraded", database=db,
-                     broker=broker, workers=wk, warnings=warnings)
+    body = HealthOut(
+        status="ok" if db.ok and broker.ok and wk.ok and not warnings else "degraded",
+        database=db,
+        broker=broker,
+        workers=wk,
+        warnings=warnings,
+    )
     return JSONResponse(body.model_dump(), status_code=200 if db.ok else 503)
 
 

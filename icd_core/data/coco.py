@@ -112,11 +112,20 @@ class CocoDataset(Dataset):
         if not self.image_ids:
             raise ValueError(f"{self.annotations_json}: no image has a usable box to train on")
         if self.num_degenerate:
-            log.warning("%s: dropped %d degenerate boxes (< 1 px wide or high after clipping)",
-                        self.annotations_json, self.num_degenerate)
-        log.info("%s: %d images (%d without boxes skipped), %d boxes, %d classes, %d crowd boxes ignored",
-                 self.annotations_json, len(self.image_ids), self.num_empty_skipped, self.num_boxes,
-                 self.num_classes, self.num_crowd)
+            log.warning(
+                "%s: dropped %d degenerate boxes (< 1 px wide or high after clipping)",
+                self.annotations_json,
+                self.num_degenerate,
+            )
+        log.info(
+            "%s: %d images (%d without boxes skipped), %d boxes, %d classes, %d crowd boxes ignored",
+            self.annotations_json,
+            len(self.image_ids),
+            self.num_empty_skipped,
+            self.num_boxes,
+            self.num_classes,
+            self.num_crowd,
+        )
 
     def _parse_annotations(self, img_id: int) -> tuple[np.ndarray, np.ndarray]:
         info = self.coco.imgs[img_id]

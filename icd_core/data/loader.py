@@ -110,8 +110,13 @@ def make_loader(
     pin_memory: bool = False,
 ) -> DataLoader:
     """A finite, seeded loader (evaluation, or epoch-based use). Yields (images list, targets list)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      **_loader_kwargs(workers, seed, pin_memory))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        **_loader_kwargs(workers, seed, pin_memory),
+    )
 
 
 def make_batched_loader(dataset: Dataset, batches: Sequence[Sequence[int]], workers: int = 0) -> DataLoader:
@@ -130,8 +135,9 @@ def make_train_loader(
 ) -> DataLoader:
     """An endless training loader whose first batch is the one of global step `start_step`."""
     sampler = ResumableSampler(len(dataset), seed, start_index=start_step * batch_size, shuffle=shuffle)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
-                      **_loader_kwargs(workers, seed, pin_memory))
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=False, **_loader_kwargs(workers, seed, pin_memory)
+    )
 
 
 def infinite_batches(loader: DataLoader) -> Iterator[Any]:
@@ -181,5 +187,10 @@ def make_rank_train_loader(
     """`make_train_loader` for one rank of a data-parallel group: batches of global_batch / world."""
     stream = ResumableSampler(len(dataset), seed, start_index=start_step * global_batch)
     sampler = RankSlice(stream, global_batch, rank, world)
-    return DataLoader(dataset, batch_size=global_batch // world, sampler=sampler, drop_last=False,
-                      **_loader_kwargs(workers, seed, pin_memory))
+    return DataLoader(
+        dataset,
+        batch_size=global_batch // world,
+        sampler=sampler,
+        drop_last=False,
+        **_loader_kwargs(workers, seed, pin_memory),
+    )

@@ -43,8 +43,12 @@ class ClassPriors:
         return ClassPriors(self.freq.to(device), self.wh_mean.to(device), self.wh_std.to(device), self.class_names)
 
     def to_dict(self) -> dict:
-        return {"freq": self.freq.tolist(), "wh_mean": self.wh_mean.tolist(), "wh_std": self.wh_std.tolist(),
-                "class_names": list(self.class_names)}
+        return {
+            "freq": self.freq.tolist(),
+            "wh_mean": self.wh_mean.tolist(),
+            "wh_std": self.wh_std.tolist(),
+            "class_names": list(self.class_names),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> ClassPriors:

@@ -22,8 +22,18 @@ from PIL import Image, ImageDraw
 
 GENERATOR_VERSION = 1
 CLASS_NAMES = (
-    "circle", "square", "triangle", "ring", "cross", "star",
-    "diamond", "hexagon", "crescent", "pentagon", "semicircle", "arrow",
+    "circle",
+    "square",
+    "triangle",
+    "ring",
+    "cross",
+    "star",
+    "diamond",
+    "hexagon",
+    "crescent",
+    "pentagon",
+    "semicircle",
+    "arrow",
 )
 MAX_OCCLUDED = 0.6  # an object with more than this fraction hidden is not annotated
 MANIFEST = "manifest.json"
@@ -53,8 +63,10 @@ class ShapesParams:
 
 
 def _regular_polygon(n: int, radius: float, phase: float) -> list[tuple[float, float]]:
-    return [(0.5 + radius * math.cos(phase + 2 * math.pi * i / n), 0.5 + radius * math.sin(phase + 2 * math.pi * i / n))
-            for i in range(n)]
+    return [
+        (0.5 + radius * math.cos(phase + 2 * math.pi * i / n), 0.5 + radius * math.sin(phase + 2 * math.pi * i / n))
+        for i in range(n)
+    ]
 
 
 def _star(points: int = 5) -> list[tuple[float, float]]:
@@ -70,8 +82,20 @@ def _star(points: int = 5) -> list[tuple[float, float]]:
 _POLYGONS = {
     "square": [(0, 0), (1, 0), (1, 1), (0, 1)],
     "triangle": [(0.5, 0), (1, 1), (0, 1)],
-    "cross": [(0.35, 0), (0.65, 0), (0.65, 0.35), (1, 0.35), (1, 0.65), (0.65, 0.65), (0.65, 1), (0.35, 1),
-              (0.35, 0.65), (0, 0.65), (0, 0.35), (0.35, 0.35)],
+    "cross": [
+        (0.35, 0),
+        (0.65, 0),
+        (0.65, 0.35),
+        (1, 0.35),
+        (1, 0.65),
+        (0.65, 0.65),
+        (0.65, 1),
+        (0.35, 1),
+        (0.35, 0.65),
+        (0, 0.65),
+        (0, 0.35),
+        (0.35, 0.35),
+    ],
     "star": _star(),
     "diamond": [(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)],
     "hexagon": _regular_polygon(6, 0.5, 0.0),
@@ -136,13 +160,21 @@ def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int
         x, y = rng.uniform(0, size, size=2)
         if kind == 0:
             length, angle = rng.uniform(0.1, 0.6) * size, rng.uniform(0, math.pi)
-            draw.line((x, y, x + length * math.cos(angle), y + length * math.sin(angle)), fill=colour,
-                      width=int(rng.integers(1, 4)))
+            draw.line(
+                (x, y, x + length * math.cos(angle), y + length * math.sin(angle)),
+                fill=colour,
+                width=int(rng.integers(1, 4)),
+            )
         elif kind == 1:
             r = rng.uniform(0.05, 0.3) * size
             start = float(rng.uniform(0, 360))
-            draw.arc((x - r, y - r, x + r, y + r), start, start + float(rng.uniform(40, 200)), fill=colour,
-                     width=int(rng.integers(1, 4)))
+            draw.arc(
+                (x - r, y - r, x + r, y + r),
+                start,
+                start + float(rng.uniform(40, 200)),
+                fill=colour,
+                width=int(rng.integers(1, 4)),
+            )
         elif kind == 2:
             length, width = rng.uniform(0.06, 0.25) * size, rng.uniform(0.01, 0.04) * size
             angle = rng.uniform(0, math.pi)
@@ -185,10 +217,10 @@ def _render_image(params: ShapesParams, index: int) -> tuple[np.ndarray, list[di
         colour = np.array(_random_colour(rng, local_bg), dtype=np.float32)
         lo, hi = rng.uniform(0.75, 1.0), rng.uniform(0.95, 1.2)
         shade = np.linspace(lo, hi, w, dtype=np.float32)[None, :]  # a mild left-right shading gradient
-        region = pixels[y0:y0 + h, x0:x0 + w]
+        region = pixels[y0 : y0 + h, x0 : x0 + w]
         painted = np.clip(colour[None, None, :] * shade[..., None], 0, 255).astype(np.uint8)
         region[mask] = np.broadcast_to(painted, (h, w, 3))[mask]
-        owner[y0:y0 + h, x0:x0 + w][mask] = k
+        owner[y0 : y0 + h, x0 : x0 + w][mask] = k
         objects.append((k, label, x0, y0, w, h, int(mask.sum())))
 
     _draw_clutter(ImageDraw.Draw(canvas := Image.fromarray(pixels)), rng, size, int(rng.integers(0, 3)))
@@ -198,7 +230,7 @@ def _render_image(params: ShapesParams, index: int) -> tuple[np.ndarray, list[di
 
     anns, dropped = [], 0
     for k, label, x0, y0, w, h, total in objects:
-        ys, xs = np.nonzero(owner[y0:y0 + h, x0:x0 + w] == k)
+        ys, xs = np.nonzero(owner[y0 : y0 + h, x0 : x0 + w] == k)
         if total == 0 or len(ys) < (1.0 - MAX_OCCLUDED) * total:
             dropped += 1
             continue
@@ -213,8 +245,12 @@ def _is_complete(out_dir: Path, params: ShapesParams) -> bool:
         manifest = json.loads((out_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return (manifest.get("complete") is True and manifest.get("generator_version") == GENERATOR_VERSION
-            and manifest.get("params") == asdict(params) and (out_dir / ANNOTATIONS).is_file())
+    return (
+        manifest.get("complete") is True
+        and manifest.get("generator_version") == GENERATOR_VERSION
+        and manifest.get("params") == asdict(params)
+        and (out_dir / ANNOTATIONS).is_file()
+    )
 
 
 def _generate(out_dir: Path, params: ShapesParams) -> None:
@@ -222,27 +258,39 @@ def _generate(out_dir: Path, params: ShapesParams) -> None:
     images_dir.mkdir(parents=True)
     coco: dict = {
         "info": {"description": f"icd_core synthetic shapes v{GENERATOR_VERSION}", **asdict(params)},
-        "images": [], "annotations": [],
-        "categories": [{"id": i + 1, "name": CLASS_NAMES[i], "supercategory": "shape"}
-                       for i in range(params.num_classes)],
+        "images": [],
+        "annotations": [],
+        "categories": [
+            {"id": i + 1, "name": CLASS_NAMES[i], "supercategory": "shape"} for i in range(params.num_classes)
+        ],
     }
     ann_id = 1
     for i in range(params.num_images):
         image, anns, _ = _render_image(params, i)
         name = f"{i:06d}.jpg"
         Image.fromarray(image).save(images_dir / name, format="JPEG", quality=92)
-        coco["images"].append({"id": i + 1, "file_name": name, "width": params.image_size,
-                               "height": params.image_size})
+        coco["images"].append({"id": i + 1, "file_name": name, "width": params.image_size, "height": params.image_size})
         for a in anns:
             x, y, w, h = a["bbox"]
-            coco["annotations"].append({
-                "id": ann_id, "image_id": i + 1, "category_id": a["label"] + 1, "bbox": a["bbox"],
-                "area": a["area"], "iscrowd": 0, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
-            })
+            coco["annotations"].append(
+                {
+                    "id": ann_id,
+                    "image_id": i + 1,
+                    "category_id": a["label"] + 1,
+                    "bbox": a["bbox"],
+                    "area": a["area"],
+                    "iscrowd": 0,
+                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+                }
+            )
             ann_id += 1
     (out_dir / ANNOTATIONS).write_text(json.dumps(coco))
-    manifest = {"complete": True, "generator_version": GENERATOR_VERSION, "params": asdict(params),
-                "num_annotations": ann_id - 1}
+    manifest = {
+        "complete": True,
+        "generator_version": GENERATOR_VERSION,
+        "params": asdict(params),
+        "num_annotations": ann_id - 1,
+    }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 

@@ -81,8 +81,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 class ICDOutputs:
     """Everything one ICD step computed; `losses` is what the trainer sees, the rest is for tests/logging."""
 
-    def __init__(self, losses: dict[str, Tensor], weights: Tensor, queries: InstanceQueries,
-                 layout: KeyLayout, stats: dict[str, Tensor]):
+    def __init__(
+        self,
+        losses: dict[str, Tensor],
+        weights: Tensor,
+        queries: InstanceQueries,
+        layout: KeyLayout,
+        stats: dict[str, Tensor],
+    ):
         self.losses = losses
         self.weights = weights  # [N, heads, S]
         self.queries = queries
@@ -169,8 +175,16 @@ class ICDDistiller(Distiller):
     def queries_for(self, batch: DistillBatch) -> InstanceQueries:
         gen = step_generator(self.sample_seed, batch.step)
         priors = ClassPriorTensors(self.prior_freq, self.prior_wh_mean, self.prior_wh_std)
-        return build_queries(batch.targets, batch.image_sizes, priors, self.num_classes, self.opts.neg_per_pos,
-                             self.max_queries, self.opts.jitter, gen)
+        return build_queries(
+            batch.targets,
+            batch.image_sizes,
+            priors,
+            self.num_classes,
+            self.opts.neg_per_pos,
+            self.max_queries,
+            self.opts.jitter,
+            gen,
+        )
 
     def aux_step(self, batch: DistillBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The decoder side alone on teacher features (no student): aux losses and readiness diagnostics.
@@ -214,8 +228,13 @@ class ICDDistiller(Distiller):
 
         n_real = [int(t["labels"].numel()) for t in batch.targets]
         weights, entropy = instance_weights(
-            proj.q.detach(), proj.k.detach(), layout.valid, queries.real,
-            self.opts.temperature, self.opts.query_chunk, max_real=max(n_real, default=0),
+            proj.q.detach(),
+            proj.k.detach(),
+            layout.valid,
+            queries.real,
+            self.opts.temperature,
+            self.opts.query_chunk,
+            max_real=max(n_real, default=0),
         )
         loss_distill = self._distill_loss(student, proj.v.detach(), weights)
 
@@ -237,8 +256,14 @@ class ICDDistiller(Distiller):
 
     @torch.no_grad()
     def diagnostics(
-        self, batch: DistillBatch, shapes: list[tuple[int, int]], layout: KeyLayout, queries: InstanceQueries,
-        z: Tensor, proj: Projections, max_real: int,
+        self,
+        batch: DistillBatch,
+        shapes: list[tuple[int, int]],
+        layout: KeyLayout,
+        queries: InstanceQueries,
+        z: Tensor,
+        proj: Projections,
+        max_real: int,
     ) -> dict[str, Tensor]:
         """Readiness of the decoder on this batch, measured before this step's update (icd_diagnostics).
 
@@ -248,11 +273,13 @@ class ICDDistiller(Distiller):
         """
         real, boxes = queries.real[:, :max_real], queries.boxes[:, :max_real]
         centres = key_centres(batch.image_sizes, batch.padded_size, shapes, layout.valid.device)
-        mass, uniform, pairs = in_box_mass(proj.q[:, :, :max_real], proj.k, layout.valid, real,
-                                           inside_boxes(centres, boxes), self.opts.temperature)
+        mass, uniform, pairs = in_box_mass(
+            proj.q[:, :, :max_real], proj.k, layout.valid, real, inside_boxes(centres, boxes), self.opts.temperature
+        )
         hits, n_real = real_recall(z[..., 0], queries.real)
-        loc_sum, _ = localization_error(z[..., 1:5], edge_distances(queries.ref_points, queries.boxes),
-                                        queries.boxes, queries.real)
+        loc_sum, _ = localization_error(
+            z[..., 1:5], edge_distances(queries.ref_points, queries.boxes), queries.boxes, queries.real
+        )
         return {
             "icd_ident_auc": identification_auc(z[..., 0], queries.real, queries.valid),
             "icd_real_recall": hits / n_real,
@@ -298,9 +325,7 @@ class ICDDistiller(Distiller):
         return (num / den).mean()
 
     # --- optimisation --------------------------------------------------------------------------
-    def make_optimizer(
-        self, total_steps: int
-    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    def make_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """AdamW over every ICD module (encoder, decoder, aux head, adapter), cosine decay to 0."""
         total = max(1, int(total_steps))
         opt = torch.optim.AdamW(self.parameters(), lr=self.opts.lr, weight_decay=self.opts.weight_decay)

@@ -74,8 +74,11 @@ class KeyLayout:
 
 
 def key_layout(
-    image_sizes: list[tuple[int, int]], padded_size: tuple[int, int], shapes: list[tuple[int, int]],
-    channels: int, device: torch.device,
+    image_sizes: list[tuple[int, int]],
+    padded_size: tuple[int, int],
+    shapes: list[tuple[int, int]],
+    channels: int,
+    device: torch.device,
 ) -> KeyLayout:
     masks = level_valid_masks(image_sizes, padded_size, shapes, device)
     valid = torch.cat([m.flatten(1) for m in masks], dim=1)
@@ -118,8 +121,9 @@ class DecoderLayer(nn.Module):
         self.v_proj = nn.Linear(channels, channels)
         self.out_proj = nn.Linear(channels, channels)
         self.norm1 = nn.LayerNorm(channels)
-        self.ffn = nn.Sequential(nn.Linear(channels, 4 * channels), nn.ReLU(inplace=True),
-                                 nn.Linear(4 * channels, channels))
+        self.ffn = nn.Sequential(
+            nn.Linear(channels, 4 * channels), nn.ReLU(inplace=True), nn.Linear(4 * channels, channels)
+        )
         self.norm2 = nn.LayerNorm(channels)
         release_attention_init(self.q_proj, self.k_proj, self.v_proj, self.out_proj)  # FFN keeps the default
 
@@ -157,7 +161,12 @@ class ConditionalDecoder(nn.Module):
 
 @torch.no_grad()
 def instance_weights(
-    q: Tensor, k: Tensor, key_valid: Tensor, real: Tensor, temperature: float = 1.0, chunk: int = 64,
+    q: Tensor,
+    k: Tensor,
+    key_valid: Tensor,
+    real: Tensor,
+    temperature: float = 1.0,
+    chunk: int = 64,
     max_real: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """w[n,h,s] = Σ_{real i} softmax_s(q_i·k_s / √d / τ), built chunk by chunk over queries.
@@ -197,8 +206,10 @@ class AuxHead(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(channels, channels), nn.ReLU(inplace=True),
-            nn.Linear(channels, channels), nn.ReLU(inplace=True),
+            nn.Linear(channels, channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels, channels),
+            nn.ReLU(inplace=True),
             nn.Linear(channels, 5),
         )
 

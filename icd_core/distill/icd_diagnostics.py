@@ -53,7 +53,9 @@ def real_recall(logits: Tensor, real: Tensor, threshold: float = 0.0) -> tuple[T
 
 
 def key_centres(
-    image_sizes: list[tuple[int, int]], padded_size: tuple[int, int], shapes: list[tuple[int, int]],
+    image_sizes: list[tuple[int, int]],
+    padded_size: tuple[int, int],
+    shapes: list[tuple[int, int]],
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """[N, S, 2] (x, y) centre of every flattened key cell, normalized by each image's own (w, h)."""
@@ -79,7 +81,12 @@ def inside_boxes(centres: Tensor, boxes: Tensor) -> Tensor:
 
 @torch.no_grad()
 def in_box_mass(
-    q: Tensor, k: Tensor, key_valid: Tensor, real: Tensor, inside: Tensor, temperature: float = 1.0,
+    q: Tensor,
+    k: Tensor,
+    key_valid: Tensor,
+    real: Tensor,
+    inside: Tensor,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(Σ attention mass inside the own box, Σ uniform share of the box, number of real query-heads).
 

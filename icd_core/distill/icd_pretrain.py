@@ -82,8 +82,10 @@ def load_decoder(distiller: ICDDistiller, path: Path) -> dict[str, Any]:
         raise ValueError(f"distill.icd.decoder: {path} holds neither a pre-trained ICD decoder nor an ICD run")
     own = decoder_state(distiller)
     if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
-        raise ValueError(f"distill.icd.decoder: {path} was trained with other ICD settings (heads, layers, "
-                         "FPN width or classes differ); pre-train one for this teacher")
+        raise ValueError(
+            f"distill.icd.decoder: {path} was trained with other ICD settings (heads, layers, "
+            "FPN width or classes differ); pre-train one for this teacher"
+        )
     distiller.load_state_dict(weights, strict=False)
     return record
 
@@ -109,16 +111,20 @@ def teacher_batch(teacher: Detector, batch: Batch, device: torch.device) -> Teac
     targets = [{k: v.to(device) for k, v in t.items() if isinstance(v, Tensor)} for t in targets]
     image_list, prepared = teacher.prepare(images, targets)
     features = teacher.extract_features(image_list)
-    return TeacherBatch(OrderedDict((k, v.detach()) for k, v in features.items()),
-                        [{"boxes": t["boxes"], "labels": t["labels"]} for t in prepared],
-                        [tuple(s) for s in image_list.image_sizes], tuple(image_list.tensors.shape[-2:]))
+    return TeacherBatch(
+        OrderedDict((k, v.detach()) for k, v in features.items()),
+        [{"boxes": t["boxes"], "labels": t["labels"]} for t in prepared],
+        [tuple(s) for s in image_list.image_sizes],
+        tuple(image_list.tensors.shape[-2:]),
+    )
 
 
 class FeatureSource:
     """The i-th training batch's teacher features: computed live, or once and then read from `cache_dir`."""
 
-    def __init__(self, teacher: Detector, batches: Sequence[Batch], device: torch.device,
-                 cache_dir: Path | None = None):
+    def __init__(
+        self, teacher: Detector, batches: Sequence[Batch], device: torch.device, cache_dir: Path | None = None
+    ):
         self.teacher, self.batches, self.device = teacher, batches, device
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.computed = 0  # teacher forward passes, for tests and cost reports
@@ -134,12 +140,23 @@ class FeatureSource:
         if not path.is_file():
             self.computed += 1
             tb = teacher_batch(self.teacher, self.batches[index], self.device)
-            ckpt.atomic_save({"features": dict(tb.features), "targets": tb.targets, "image_sizes": tb.image_sizes,
-                              "padded_size": list(tb.padded_size)}, path)
+            ckpt.atomic_save(
+                {
+                    "features": dict(tb.features),
+                    "targets": tb.targets,
+                    "image_sizes": tb.image_sizes,
+                    "padded_size": list(tb.padded_size),
+                },
+                path,
+            )
             return tb
         saved = ckpt.load_checkpoint(path, map_location=self.device)  # the one reader (weights_only)
-        return TeacherBatch(OrderedDict(saved["features"]), saved["targets"],
-                            [tuple(s) for s in saved["image_sizes"]], tuple(saved["padded_size"]))
+        return TeacherBatch(
+            OrderedDict(saved["features"]),
+            saved["targets"],
+            [tuple(s) for s in saved["image_sizes"]],
+            tuple(saved["padded_size"]),
+        )
 
 
 # --- the loop --------------------------------------------------------------------------------------------
@@ -168,10 +185,15 @@ class PretrainResult:
 
     def record(self) -> dict[str, Any]:
         last = self.checks[-1] if self.checks else None
-        return {"steps": self.steps, "seconds": self.seconds, "ready": self.ready, "stopped": self.stopped,
-                "teacher_forwards": self.teacher_forwards,
-                "final": {**asdict(last), "inbox_ratio": last.inbox_ratio} if last else None,
-                "checks": [asdict(c) for c in self.checks]}
+        return {
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "ready": self.ready,
+            "stopped": self.stopped,
+            "teacher_forwards": self.teacher_forwards,
+            "final": {**asdict(last), "inbox_ratio": last.inbox_ratio} if last else None,
+            "checks": [asdict(c) for c in self.checks],
+        }
 
 
 @torch.no_grad()
@@ -197,8 +219,9 @@ def check_readiness(distiller: ICDDistiller, holdout: Sequence[TeacherBatch], st
         distiller.train(was_training)
     auc = float(identification_auc(torch.cat(logits), torch.cat(real), torch.cat(valid)))
     mean = {k: v / n_real if n_real else math.nan for k, v in sums.items()}
-    return Readiness(step, auc, mean["icd_inbox_mass"], mean["icd_inbox_uniform"], mean["icd_real_recall"],
-                     mean["icd_loc_error"])
+    return Readiness(
+        step, auc, mean["icd_inbox_mass"], mean["icd_inbox_uniform"], mean["icd_real_recall"], mean["icd_loc_error"]
+    )
 
 
 def is_ready(r: Readiness, opts: ICDPretrainSpec) -> bool:
@@ -243,8 +266,10 @@ def pretrain_decoder(
             losses, _ = distiller.aux_step(train.get(index).as_distill_batch(step))
             loss = sum(losses.values())
             if not bool(torch.isfinite(loss)):
-                raise ValueError(f"distill.icd.pretrain diverged at step {step + 1} (loss {float(loss)}); "
-                                 "lower distill.icd.pretrain.lr")
+                raise ValueError(
+                    f"distill.icd.pretrain diverged at step {step + 1} (loss {float(loss)}); "
+                    "lower distill.icd.pretrain.lr"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, distiller.opts.grad_clip)
@@ -260,11 +285,13 @@ def pretrain_decoder(
                     break
     finally:
         distiller.sample_seed = saved_seed
-    return PretrainResult(step, time.perf_counter() - start, ready, "ready" if ready else "step budget", checks,
-                          train.computed)
+    return PretrainResult(
+        step, time.perf_counter() - start, ready, "ready" if ready else "step budget", checks, train.computed
+    )
 
 
 def save_artifact(path: Path, distiller: ICDDistiller, key: str, record: dict[str, Any]) -> None:
-    ckpt.atomic_save({"format": ARTIFACT_FORMAT, "key": key, "decoder_state": decoder_state(distiller),
-                      "record": record}, path)
+    ckpt.atomic_save(
+        {"format": ARTIFACT_FORMAT, "key": key, "decoder_state": decoder_state(distiller), "record": record}, path
+    )
     path.with_suffix(".json").write_text(json.dumps({"key": key, **record}, indent=2, default=str) + "\n")

@@ -178,8 +178,10 @@ class InstanceEncoder(nn.Module):
     def __init__(self, in_dims: int, channels: int):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(in_dims, channels), nn.ReLU(inplace=True),
-            nn.Linear(channels, channels), nn.ReLU(inplace=True),
+            nn.Linear(in_dims, channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels, channels),
+            nn.ReLU(inplace=True),
             nn.Linear(channels, channels),
         )
 

@@ -211,8 +211,11 @@ def fgd_masks(boxes: Tensor, grid_size: Sequence[int], padded_size: Sequence[int
         area = 1.0 / ((y2 - y1 + 1) * (x2 - x1 + 1))
         ys = _cells(h, device)[None, :, None].float()
         xs = _cells(w, device)[None, None, :].float()
-        inside = (ys >= y1[:, None, None]) & (ys <= y2[:, None, None]) & (xs >= x1[:, None, None]) & (
-            xs <= x2[:, None, None]
+        inside = (
+            (ys >= y1[:, None, None])
+            & (ys <= y2[:, None, None])
+            & (xs >= x1[:, None, None])
+            & (xs <= x2[:, None, None])
         )
         fg = (inside.float() * area[:, None, None].float()).amax(dim=0)
     bg = (fg == 0).float()

@@ -39,8 +39,13 @@ def capture_rng() -> dict[str, Any]:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -51,8 +56,9 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
-    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
-                         npst["gauss"]))
+    np.random.set_state(
+        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
+    )
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
@@ -114,8 +120,9 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 
 def describe(path: Path, step: int, final: bool) -> CheckpointInfo:
     path = Path(path)
-    return CheckpointInfo(name=path.name, path=path, step=step, size_bytes=path.stat().st_size,
-                          sha256=sha256_file(path), final=final)
+    return CheckpointInfo(
+        name=path.name, path=path, step=step, size_bytes=path.stat().st_size, sha256=sha256_file(path), final=final
+    )
 
 
 def periodic_checkpoints(folder: Path) -> list[tuple[int, Path]]:

@@ -95,8 +95,10 @@ class RankGroup:
         device = resolve_device(device_request)
         if device.type == "cuda":
             if torch.cuda.device_count() <= local:
-                raise ValueError(f"resources.gpus: local rank {local} has no GPU (this host shows "
-                                 f"{torch.cuda.device_count()}); ask for fewer gpus")
+                raise ValueError(
+                    f"resources.gpus: local rank {local} has no GPU (this host shows "
+                    f"{torch.cuda.device_count()}); ask for fewer gpus"
+                )
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -184,8 +186,10 @@ class DistributedTrainer(Trainer):
         stacked = torch.stack([torch.stack([lo[k].float() for k in names] + [t.float()]) for _, lo, t in window])
         dist.all_reduce(stacked)
         stacked /= self.group.world
-        return [(step, dict(zip(names, row[:-1], strict=True)), row[-1])
-                for (step, _, _), row in zip(window, stacked, strict=True)]
+        return [
+            (step, dict(zip(names, row[:-1], strict=True)), row[-1])
+            for (step, _, _), row in zip(window, stacked, strict=True)
+        ]
 
     def _check_spike(self, step: int, losses: dict[str, Tensor], total: Tensor | float) -> None:
         """The spike guard sees the global batch's loss, so every rank reaches the same verdict (and
@@ -233,8 +237,11 @@ class DistributedTrainer(Trainer):
         if rngs is not None and len(rngs) == self.group.world:
             ckpt.restore_rng(rngs[self.group.rank])
         elif self.group.rank > 0:
-            log.warning("%s was written by another group size: rank %d draws fresh RNG from (seed, rank, step)",
-                        path, self.group.rank)
+            log.warning(
+                "%s was written by another group size: rank %d draws fresh RNG from (seed, rank, step)",
+                path,
+                self.group.rank,
+            )
             ckpt.seed_everything(derive_seed(int((self.spec or {}).get("seed", 0)), self.group.rank, self.step))
 
 
@@ -258,8 +265,14 @@ def evaluate_sharded(
             for images, targets in make_batched_loader(shard, batches, workers=workers):
                 outputs = detector.predict([img.to(group.device, non_blocking=True) for img in images])
                 for target, out in zip(targets, outputs, strict=True):
-                    detections.append({"image_id": target["image_id"], "boxes": out["boxes"].float().cpu(),
-                                       "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()})
+                    detections.append(
+                        {
+                            "image_id": target["image_id"],
+                            "boxes": out["boxes"].float().cpu(),
+                            "scores": out["scores"].float().cpu(),
+                            "labels": out["labels"].cpu(),
+                        }
+                    )
     finally:
         detector.train(was_training)
     gathered: list[Any] = [None] * group.world

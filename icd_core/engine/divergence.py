@@ -49,8 +49,10 @@ class LossSpikeGuard:
                 self.first_spike = step
             self.streak += 1
             if self.streak >= self.patience:
-                return (f"loss {loss:.4g} above {self.factor:g}× the running median {median:.4g} for {self.streak} "
-                        f"steps (since step {self.first_spike})")
+                return (
+                    f"loss {loss:.4g} above {self.factor:g}× the running median {median:.4g} for {self.streak} "
+                    f"steps (since step {self.first_spike})"
+                )
             return None
         self.streak = 0
         self.first_spike = None

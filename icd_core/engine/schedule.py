@@ -14,9 +14,7 @@ from torch import nn
 from ..spec import ScheduleSpec
 
 
-def warmup_multistep(
-    warmup_iters: int, warmup_factor: float, steps: list[int], gamma: float
-) -> Callable[[int], float]:
+def warmup_multistep(warmup_iters: int, warmup_factor: float, steps: list[int], gamma: float) -> Callable[[int], float]:
     """LR multiplier at iteration i: linear from warmup_factor to 1 over warmup_iters, times gamma per passed step."""
 
     milestones = sorted(steps)
@@ -38,6 +36,5 @@ def make_sgd(params: Iterable[nn.Parameter], schedule: ScheduleSpec, lr: float) 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleSpec) -> torch.optim.lr_scheduler.LambdaLR:
     """Warm-up + multi-step LambdaLR stepped once per iteration."""
-    fn = warmup_multistep(schedule.resolved_warmup(), schedule.warmup_factor, schedule.resolved_steps(),
-                          schedule.gamma)
+    fn = warmup_multistep(schedule.resolved_warmup(), schedule.warmup_factor, schedule.resolved_steps(), schedule.gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

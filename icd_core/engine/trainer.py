@@ -87,8 +87,9 @@ def peak_memory_mb(device: torch.device) -> float:
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     images, targets = batch
     images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()}
-               for t in targets]
+    targets = [
+        {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets
+    ]
     return images, targets
 
 
@@ -337,8 +338,9 @@ class Trainer:
         final_metrics = self._final_metrics(loop.last_eval)
         for cb in self.callbacks:
             cb.on_end(self.step, final_metrics)
-        return TrainResult(self.step, final_metrics, loop.last_eval, final_path, self.sec_per_step(),
-                           peak_memory_mb(self.device))
+        return TrainResult(
+            self.step, final_metrics, loop.last_eval, final_path, self.sec_per_step(), peak_memory_mb(self.device)
+        )
 
     # --- guards, logging, evaluation ---------------------------------------------------------------
     def _diverged(self, step: int, losses: dict[str, Tensor]) -> None:
@@ -454,11 +456,15 @@ class Trainer:
             if key not in state:
                 raise ValueError(f"{path} has no '{key}': not a resumable training checkpoint")
         if state.get("batch_size", self.batch_size) != self.batch_size:
-            raise ValueError(f"schedule.batch_size is {self.batch_size} but {path} was trained with "
-                             f"{state['batch_size']}; resume with the same batch size")
+            raise ValueError(
+                f"schedule.batch_size is {self.batch_size} but {path} was trained with "
+                f"{state['batch_size']}; resume with the same batch size"
+            )
         if (self.distiller is not None) != ("distiller" in state):
-            raise ValueError(f"{path} was written by a {'distill' if 'distiller' in state else 'train'} run; "
-                             "resume it with the same kind of spec")
+            raise ValueError(
+                f"{path} was written by a {'distill' if 'distiller' in state else 'train'} run; "
+                "resume it with the same kind of spec"
+            )
         load_weights(self.student, state["model"], source=f"resume checkpoint {path}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -469,8 +475,10 @@ class Trainer:
             prefixes = tuple(self._distiller_excluded_prefixes())
             missing = [k for k in missing if not (prefixes and k.startswith(prefixes))]
             if missing or unexpected:
-                raise ValueError(f"{path}: distiller state does not match distill.method "
-                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+                raise ValueError(
+                    f"{path}: distiller state does not match distill.method "
+                    f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+                )
             if self.distill_optimizer is not None:
                 self.distill_optimizer.load_state_dict(state["distill_optimizer"])
                 self.distill_scheduler.load_state_dict(state["distill_scheduler"])

@@ -23,5 +23,6 @@ def coco_mini() -> tuple[Path, Path]:
 def shapes_tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(images_dir, annotations_json) of 24 generated 96 px shapes images (4 classes)."""
     out = tmp_path_factory.mktemp("shapes") / "tiny"
-    return make_shapes(out, num_images=24, image_size=96, seed=0, num_classes=4, min_object=8, max_object=40,
-                       max_objects=5)
+    return make_shapes(
+        out, num_images=24, image_size=96, seed=0, num_classes=4, min_object=8, max_object=40, max_objects=5
+    )

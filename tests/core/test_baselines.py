@@ -210,8 +210,9 @@ def test_fgd_defaults_options_levels_and_adapter() -> None:
         make("fgd", options={"alhpa": 2.0})
     assert len(make("fgd").adapters) == 0 and len(make("fgd", c_s=16, c_t=32).adapters) == 2
     levels = ["p2", "p3", "p4", "p5", "p6"]
-    faster = FGDDistiller(DistillSpec(method="fgd"), StandIn(16, "faster_rcnn", levels), StandIn(16, "faster_rcnn",
-                          levels), total_steps=1)
+    faster = FGDDistiller(
+        DistillSpec(method="fgd"), StandIn(16, "faster_rcnn", levels), StandIn(16, "faster_rcnn", levels), total_steps=1
+    )
     assert faster.levels == ["p2", "p3", "p4", "p5"] and faster.alpha == 5e-5
 
 

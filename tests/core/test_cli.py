@@ -15,8 +15,18 @@ from trainer_specs import TINY_MODEL, tiny_schedule
 from icd_cli.main import main as cli
 from icd_core.data.shapes import ANNOTATIONS, IMAGES
 
-SHAPES_ARGS = ["--num-images", "16", "--image-size", "64", "--min-object", "6", "--max-object", "32",
-               "--max-objects", "4"]
+SHAPES_ARGS = [
+    "--num-images",
+    "16",
+    "--image-size",
+    "64",
+    "--min-object",
+    "6",
+    "--max-object",
+    "32",
+    "--max-objects",
+    "4",
+]
 
 
 def _invoke(args: list[str]) -> str:
@@ -39,12 +49,20 @@ def test_shapes_make_and_user_errors(tmp_path: Path) -> None:
     bad = CliRunner().invoke(cli, ["shapes", "make", str(tmp_path / "t"), "--image-size", "64"])
     assert bad.exit_code != 0 and "max_object" in bad.output
     spec = tmp_path / "d.yaml"
-    spec.write_text(yaml.safe_dump({
-        "kind": "distill", "data": {"train": {"format": "shapes"}, "val": {"format": "shapes"}},
-        "teacher": {**TINY_MODEL, "checkpoint": "job:3"}, "student": TINY_MODEL, "device": "cpu",
-    }))
-    res = CliRunner().invoke(cli, ["train", str(spec), "--output", str(tmp_path / "run"),
-                                   "--cache-dir", str(tmp_path / "cache")])
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "distill",
+                "data": {"train": {"format": "shapes"}, "val": {"format": "shapes"}},
+                "teacher": {**TINY_MODEL, "checkpoint": "job:3"},
+                "student": TINY_MODEL,
+                "device": "cpu",
+            }
+        )
+    )
+    res = CliRunner().invoke(
+        cli, ["train", str(spec), "--output", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    )
     assert res.exit_code != 0 and "job:<id> references need the service" in res.output
     res = CliRunner().invoke(cli, ["train", str(tmp_path / "missing.yaml")])
     assert res.exit_code != 0 and "not found" in res.output
@@ -61,21 +79,37 @@ def test_end_to_end_teacher_then_icd_student(tmp_path: Path) -> None:
 
     data = {"train": coco(train_dir), "val": coco(val_dir), "min_size": 64, "max_size": 64, "workers": 0}
     teacher_spec = tmp_path / "teacher.yaml"
-    teacher_spec.write_text(yaml.safe_dump({
-        "kind": "train", "name": "teacher", "data": data, "model": TINY_MODEL, "device": "cpu",
-        "schedule": tiny_schedule(4, eval_every=2, checkpoint_every=2),
-    }))
+    teacher_spec.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "train",
+                "name": "teacher",
+                "data": data,
+                "model": TINY_MODEL,
+                "device": "cpu",
+                "schedule": tiny_schedule(4, eval_every=2, checkpoint_every=2),
+            }
+        )
+    )
     out = _invoke(["train", str(teacher_spec), "--output", str(tmp_path / "teacher")])
     teacher_ckpt = tmp_path / "teacher" / "checkpoints" / "final.pt"
     assert teacher_ckpt.is_file() and "AP50" in out and "checkpoint" in out
 
     student_spec = tmp_path / "student.yaml"
-    student_spec.write_text(yaml.safe_dump({
-        "kind": "distill", "name": "student", "data": data, "device": "cpu",
-        "teacher": {**TINY_MODEL, "checkpoint": str(teacher_ckpt)}, "student": TINY_MODEL,
-        "distill": {"method": "icd", "icd": {"bypass_iters": 1}},
-        "schedule": tiny_schedule(3, grad_clip=1.0),
-    }))
+    student_spec.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "distill",
+                "name": "student",
+                "data": data,
+                "device": "cpu",
+                "teacher": {**TINY_MODEL, "checkpoint": str(teacher_ckpt)},
+                "student": TINY_MODEL,
+                "distill": {"method": "icd", "icd": {"bypass_iters": 1}},
+                "schedule": tiny_schedule(3, grad_clip=1.0),
+            }
+        )
+    )
     out = _invoke(["train", str(student_spec), "--output", str(tmp_path / "student")])
     student_ckpt = tmp_path / "student" / "checkpoints" / "final.pt"
     assert student_ckpt.is_file() and "inherit_copied" in out
@@ -86,15 +120,31 @@ def test_end_to_end_teacher_then_icd_student(tmp_path: Path) -> None:
     out = _invoke(["train", str(student_spec), "--output", str(tmp_path / "student"), "--resume"])
     assert "AP" in out
 
-    out = _invoke(["eval", str(teacher_ckpt), "--data-val-images", data["val"]["images"],
-                   "--data-val-annotations", data["val"]["annotations"], "--output", str(tmp_path / "ev1")])
+    out = _invoke(
+        [
+            "eval",
+            str(teacher_ckpt),
+            "--data-val-images",
+            data["val"]["images"],
+            "--data-val-annotations",
+            data["val"]["annotations"],
+            "--output",
+            str(tmp_path / "ev1"),
+        ]
+    )
     assert "AP75" in out and "per-class AP" in out
     out = _invoke(["eval", str(student_ckpt), "--output", str(tmp_path / "ev2")])  # data from the run's spec
     assert "AP75" in out
     eval_spec = tmp_path / "eval.yaml"
-    eval_spec.write_text(yaml.safe_dump({
-        "kind": "evaluate", "data": data, "device": "cpu",
-        "model": {**TINY_MODEL, "checkpoint": str(student_ckpt)},
-    }))
+    eval_spec.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "evaluate",
+                "data": data,
+                "device": "cpu",
+                "model": {**TINY_MODEL, "checkpoint": str(student_ckpt)},
+            }
+        )
+    )
     out = _invoke(["eval", str(eval_spec), "--output", str(tmp_path / "ev3")])
     assert json.loads((tmp_path / "ev3" / "summary.json").read_text())["final_metrics"].keys() >= {"AP", "AP50"}

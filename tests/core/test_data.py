@@ -175,8 +175,8 @@ def test_sampler_epochs_and_resume():
     n = 7
     full = list(islice(iter(ResumableSampler(n, seed=3)), 5 * n))
     for e in range(5):
-        assert sorted(i for i, _ in full[e * n:(e + 1) * n]) == list(range(n))
-    assert [i for i, _ in full[:n]] != [i for i, _ in full[n:2 * n]]  # reshuffled per epoch
+        assert sorted(i for i, _ in full[e * n : (e + 1) * n]) == list(range(n))
+    assert [i for i, _ in full[:n]] != [i for i, _ in full[n : 2 * n]]  # reshuffled per epoch
     for k in (0, 1, 6, 7, 13, 20):
         tail = list(islice(iter(ResumableSampler(n, seed=3, start_index=k)), 5 * n - k))
         assert tail == full[k:]
@@ -195,8 +195,9 @@ def test_train_loader_resumes_exactly(shapes_tiny):
     ds = CocoDataset(*shapes_tiny, train=True, hflip=0.5)
     bs, steps, k = 5, 12, 7  # 60 samples: crosses two epoch boundaries (24 images)
     full = [_batch_key(b) for b in islice(iter(make_train_loader(ds, bs, workers=0, seed=11)), steps)]
-    resumed = [_batch_key(b) for b in islice(iter(make_train_loader(ds, bs, workers=0, seed=11, start_step=k)),
-                                             steps - k)]
+    resumed = [
+        _batch_key(b) for b in islice(iter(make_train_loader(ds, bs, workers=0, seed=11, start_step=k)), steps - k)
+    ]
     assert resumed == full[k:]
     # Some samples were flipped and some not: the same image appears with both orientations.
     sums: dict[int, set] = {}

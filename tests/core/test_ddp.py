@@ -42,8 +42,21 @@ def torchrun(spec: dict[str, Any], out: Path, cache: Path, nproc: int = 2, *extr
     """Run icd_core.ddp_main under torchrun; fail the test with its output if the group fails."""
     spec_path = out.parent / f"{out.name}.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "icd_core.ddp_main", str(spec_path), str(out), "--cache-dir", str(cache), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "icd_core.ddp_main",
+        str(spec_path),
+        str(out),
+        "--cache-dir",
+        str(cache),
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -116,7 +129,8 @@ def test_two_ranks_of_batch_2_match_one_process_of_batch_4(
     sharded, whole = summary["evaluation"], json.loads((single / "summary.json").read_text())["evaluation"]
     coco = set(METRIC_NAMES)  # beside them ICD runs report decoder diagnostics, which follow ICD's weights
     assert {k: v for k, v in sharded["metrics"].items() if k in coco} == pytest.approx(
-        {k: v for k, v in whole["metrics"].items() if k in coco}, abs=1e-3)
+        {k: v for k, v in whole["metrics"].items() if k in coco}, abs=1e-3
+    )
     assert sharded["per_class"] == pytest.approx(whole["per_class"], abs=1e-3)
 
 
@@ -149,8 +163,9 @@ def test_icd_train_runs_a_group_spec_as_torchrun_ranks(tmp_path: Path, cache: Pa
     spec_path.write_text(json.dumps(grouped(gn(train_spec(iterations=2, batch_size=4)), 2)))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "icd_cli", "train", str(spec_path), "--output", str(out), "--cache-dir", str(cache)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=TORCHRUN_TIMEOUT_S)
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "2 ranks" in proc.stdout and "ranks" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())

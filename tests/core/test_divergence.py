@@ -46,8 +46,10 @@ def test_early_steps_only_fill_the_history() -> None:
         LossSpikeGuard(factor=1.0)
 
 
-def test_finite_explosion_stops_the_run_and_keeps_the_last_good_checkpoint(cache_dir: Path,  # noqa: F811
-                                                                           tmp_path: Path) -> None:
+def test_finite_explosion_stops_the_run_and_keeps_the_last_good_checkpoint(
+    cache_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     spec = parse_spec(train_spec(12, checkpoint_every=1))
     trainer, _ = build_trainer(spec, tmp_path, cache_dir=cache_dir)
     trainer.spike_guard = LossSpikeGuard(factor=10, window=5, patience=2, min_history=3)

@@ -41,8 +41,9 @@ class Recording(torch.nn.Module):
 def confident_detector(coco_mini) -> torch.nn.Module:
     """A small random RetinaNet whose class prior is 0.5, so every image gets many detections."""
     torch.manual_seed(0)
-    spec = ModelSpec(detector="retinanet", backbone="mobilenet_v2", fpn_channels=32, levels=["p3", "p4", "p5"],
-                     head_convs=1)
+    spec = ModelSpec(
+        detector="retinanet", backbone="mobilenet_v2", fpn_channels=32, levels=["p3", "p4", "p5"], head_convs=1
+    )
     det = build_detector(spec, CocoDataset(*coco_mini, train=False).num_classes, min_size=320, max_size=640)
     torch.nn.init.zeros_(det.model.head.classification_head.cls_logits.bias)
     return det.eval()

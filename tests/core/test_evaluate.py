@@ -21,8 +21,16 @@ def _gt(boxes_per_image: dict[int, list[tuple[list[float], int]]], cats=((1, "a"
     anns = []
     for image_id, boxes in boxes_per_image.items():
         for box, cat in boxes:
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": box,
-                         "area": box[2] * box[3], "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
     coco = COCO()
     coco.dataset = {"images": images, "annotations": anns, "categories": [{"id": c, "name": n} for c, n in cats]}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -34,8 +42,12 @@ LABEL_TO_CAT = [1, 2, 3]
 
 
 def _det(image_id: int, boxes_xyxy: list[list[float]], labels: list[int], scores: list[float] | None = None) -> dict:
-    return {"image_id": image_id, "boxes": torch.tensor(boxes_xyxy, dtype=torch.float32).reshape(-1, 4),
-            "scores": torch.tensor(scores or [0.9] * len(labels)), "labels": torch.tensor(labels, dtype=torch.int64)}
+    return {
+        "image_id": image_id,
+        "boxes": torch.tensor(boxes_xyxy, dtype=torch.float32).reshape(-1, 4),
+        "scores": torch.tensor(scores or [0.9] * len(labels)),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+    }
 
 
 def test_ground_truth_scores_100_on_coco_mini(coco_mini, capsys):
@@ -44,10 +56,16 @@ def test_ground_truth_scores_100_on_coco_mini(coco_mini, capsys):
     dets = []
     for img_id in gt.getImgIds():
         anns = [a for a in gt.imgToAnns[img_id] if not a["iscrowd"]]
-        dets.append({"image_id": img_id,
-                     "boxes": [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                               for a in anns],
-                     "scores": [1.0] * len(anns), "labels": [cat_ids.index(a["category_id"]) for a in anns]})
+        dets.append(
+            {
+                "image_id": img_id,
+                "boxes": [
+                    [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns
+                ],
+                "scores": [1.0] * len(anns),
+                "labels": [cat_ids.index(a["category_id"]) for a in anns],
+            }
+        )
     result = coco_evaluate(gt, dets, cat_ids)
     assert capsys.readouterr().out == ""  # pycocotools' prints are captured
     assert isinstance(result, EvalResult) and set(result.metrics) == set(METRIC_NAMES)
@@ -130,8 +148,9 @@ class GroundTruthDetector(nn.Module):
         out = []
         for image in images:
             t = self.truth[self._key(image)]
-            out.append({"boxes": t["boxes"] * self.scale, "scores": torch.ones(len(t["labels"])),
-                        "labels": t["labels"]})
+            out.append(
+                {"boxes": t["boxes"] * self.scale, "scores": torch.ones(len(t["labels"])), "labels": t["labels"]}
+            )
         return out
 
 

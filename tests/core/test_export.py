@@ -33,11 +33,19 @@ from icd_core.spec import ModelSpec, parse_spec
 DETECTORS = {
     "retinanet": {**TINY_MODEL},
     "fcos": {**TINY_MODEL, "detector": "fcos"},
-    "faster_rcnn": {**TINY_MODEL, "detector": "faster_rcnn", "levels": ["p2", "p3", "p4", "p5"],
-                    "anchor_sizes": [8, 16, 32, 64]},
+    "faster_rcnn": {
+        **TINY_MODEL,
+        "detector": "faster_rcnn",
+        "levels": ["p2", "p3", "p4", "p5"],
+        "anchor_sizes": [8, 16, 32, 64],
+    },
 }
-CHECKPOINT_META = {"class_names": ["a", "b", "c", "d"], "label_to_cat_id": [1, 2, 5, 7],
-                   "spec": {"name": "tiny"}, "step": 3}
+CHECKPOINT_META = {
+    "class_names": ["a", "b", "c", "d"],
+    "label_to_cat_id": [1, 2, 5, 7],
+    "spec": {"name": "tiny"},
+    "step": 3,
+}
 
 
 def tiny_detector(kind: str) -> Detector:
@@ -124,8 +132,14 @@ def test_unsupported_opset_and_format_are_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_metadata_round_trips(fmt: str, images, tmp_path: Path) -> None:
     det = tiny_detector("retinanet")
-    result = export_detector(det, CHECKPOINT_META, fmt, tmp_path / f"m.{'ts' if fmt == 'torchscript' else 'onnx'}",
-                             images[:1], source="ckpt.pt")
+    result = export_detector(
+        det,
+        CHECKPOINT_META,
+        fmt,
+        tmp_path / f"m.{'ts' if fmt == 'torchscript' else 'onnx'}",
+        images[:1],
+        source="ckpt.pt",
+    )
     meta = read_export_meta(result.path)
     assert meta == json.loads(json.dumps(result.meta))
     assert meta["format"] == fmt and meta["class_names"] == ["a", "b", "c", "d"]

@@ -27,8 +27,7 @@ PADDED = (128, 128)
 
 
 def fake_detector(detector: str = "retinanet", num_classes: int = 3) -> SimpleNamespace:
-    return SimpleNamespace(num_classes=num_classes, channels=C,
-                           spec=ModelSpec(detector=detector, fpn_channels=C))
+    return SimpleNamespace(num_classes=num_classes, channels=C, spec=ModelSpec(detector=detector, fpn_channels=C))
 
 
 def make_distiller(**icd: object) -> ICDDistiller:
@@ -46,8 +45,10 @@ def features(seed: int, n: int = 2, grad: bool = False) -> OrderedDict[str, torc
 
 
 def target(boxes: list[list[float]], labels: list[int]) -> dict[str, torch.Tensor]:
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(labels, dtype=torch.long)}
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
 
 
 EMPTY = target([], [])
@@ -57,8 +58,14 @@ ONE = target([[5, 5, 40, 30]], [1])
 
 def batch(targets, sizes, step: int = 5000, student=None, teacher=None) -> DistillBatch:
     n = len(targets)
-    return DistillBatch(student if student is not None else features(1, n, grad=True),
-                        teacher if teacher is not None else features(2, n), targets, sizes, PADDED, step)
+    return DistillBatch(
+        student if student is not None else features(1, n, grad=True),
+        teacher if teacher is not None else features(2, n),
+        targets,
+        sizes,
+        PADDED,
+        step,
+    )
 
 
 def test_weights_sum_to_real_count_per_image_and_head() -> None:
@@ -188,8 +195,16 @@ def test_key_position_encoding_matches_hand_computation() -> None:
         y = (row + 1) / 2 * 2 * math.pi
         x = (col + 1) / 3 * 2 * math.pi
         # 4 channels per axis: frequencies 10000^(-2·floor(k/2)/4) = 1, 1, 1/100, 1/100; sin/cos interleaved
-        return [math.sin(y), math.cos(y), math.sin(y / 100), math.cos(y / 100),
-                math.sin(x), math.cos(x), math.sin(x / 100), math.cos(x / 100)]
+        return [
+            math.sin(y),
+            math.cos(y),
+            math.sin(y / 100),
+            math.cos(y / 100),
+            math.sin(x),
+            math.cos(x),
+            math.sin(x / 100),
+            math.cos(x / 100),
+        ]
 
     for row, col in [(0, 0), (1, 2), (0, 1)]:
         torch.testing.assert_close(pe[0, row, col], torch.tensor(expected(row, col)), atol=1e-5, rtol=0)
@@ -207,8 +222,16 @@ def test_scale_bins_match_spec_table() -> None:
 
 @pytest.mark.parametrize(
     "n_real, rho, max_q, k",
-    [(0, 5, 300, 1), (1, 5, 300, 6), (10, 5, 300, 60), (60, 5, 300, 300), (400, 5, 300, 400),
-     (30, 5, 100, 100), (3, 0, 300, 3), (7, 0.5, 300, 10)],
+    [
+        (0, 5, 300, 1),
+        (1, 5, 300, 6),
+        (10, 5, 300, 60),
+        (60, 5, 300, 300),
+        (400, 5, 300, 400),
+        (30, 5, 100, 100),
+        (3, 0, 300, 3),
+        (7, 0.5, 300, 10),
+    ],
 )
 def test_query_count_formula(n_real: int, rho: float, max_q: int, k: int) -> None:
     assert query_count(n_real, rho, max_q) == k
@@ -230,8 +253,9 @@ def test_fake_sampling_uses_numeric_class_priors_and_clips() -> None:
     mean[10] = torch.tensor([0.05, 0.3])
     std[10] = torch.tensor([0.01, 0.5])
     priors = ClassPriorTensors(freq, mean, std)
-    q = build_queries([EMPTY] * 2 + [TWO], [(128, 128)] * 3, priors, num_classes, 50.0, 300, 0.3,
-                      torch.Generator().manual_seed(0))
+    q = build_queries(
+        [EMPTY] * 2 + [TWO], [(128, 128)] * 3, priors, num_classes, 50.0, 300, 0.3, torch.Generator().manual_seed(0)
+    )
     fake = q.valid & ~q.real
     assert (q.labels[fake] == 10).all()
     w, h = q.boxes[fake][:, 2], q.boxes[fake][:, 3]
@@ -253,7 +277,7 @@ def test_scale_bins_use_each_images_own_size() -> None:
     priors = ClassPriorTensors(torch.ones(3), torch.full((3, 2), 0.2), torch.full((3, 2), 0.1))
     q = build_queries([box, big], [(128, 128), (512, 512)], priors, 3, 0.0, 300, 0.0, torch.Generator())
     torch.testing.assert_close(q.boxes[0, 0], q.boxes[1, 0])
-    w_bins = q.descriptors[:, 0, 3 + 256: 3 + 261].argmax(-1)
+    w_bins = q.descriptors[:, 0, 3 + 256 : 3 + 261].argmax(-1)
     assert w_bins.tolist() == [int(scale_bin(torch.tensor(100.0))), int(scale_bin(torch.tensor(400.0)))] == [1, 3]
 
 
@@ -302,16 +326,18 @@ def test_one_step_with_real_detectors() -> None:
     torch.manual_seed(0)
     spec = ModelSpec(detector="retinanet", backbone="resnet18", fpn_channels=C, head_convs=1)
     student = build_detector(spec, num_classes=3, min_size=96, max_size=128)
-    teacher = build_detector(spec.model_copy(update={"backbone": "resnet34"}), num_classes=3, min_size=96,
-                             max_size=128).eval()
+    teacher = build_detector(
+        spec.model_copy(update={"backbone": "resnet34"}), num_classes=3, min_size=96, max_size=128
+    ).eval()
     d = ICDDistiller(DistillSpec(icd=ICDOptions(bypass_iters=0)), teacher, student, total_steps=10, seed=0)
     opt, sched = d.make_optimizer(10)
     images = [torch.rand(3, 96, 128), torch.rand(3, 80, 96)]
     targets = [target([[10, 10, 60, 50]], [2]), EMPTY]
     out = student.forward_train(images, targets)
     t_feats = teacher.teacher_features(out.image_list)
-    b = DistillBatch(out.features, t_feats, out.targets, out.image_list.image_sizes,
-                     tuple(out.image_list.tensors.shape[-2:]), step=0)
+    b = DistillBatch(
+        out.features, t_feats, out.targets, out.image_list.image_sizes, tuple(out.image_list.tensors.shape[-2:]), step=0
+    )
     result = d.compute(b)
     assert len(t_feats) == 5 and result.weights.shape[-1] == sum(f.shape[-2] * f.shape[-1] for f in t_feats.values())
     torch.testing.assert_close(result.weights.sum(-1), torch.tensor([[1.0] * 8, [0.0] * 8]), atol=1e-4, rtol=0)

@@ -63,8 +63,16 @@ def test_clamp_to_image_cuts_only_what_sticks_out() -> None:
 
 @pytest.mark.parametrize(
     ("requested", "total", "expected"),
-    [(None, 90_000, PAPER_BYPASS_ITERS), (None, 3_000, 1000), (None, 1_200, 400), (None, 600, 200),
-     (None, 2, 0), (50, 600, 50), (0, 90_000, 0), (5000, 600, 5000)],
+    [
+        (None, 90_000, PAPER_BYPASS_ITERS),
+        (None, 3_000, 1000),
+        (None, 1_200, 400),
+        (None, 600, 200),
+        (None, 2, 0),
+        (50, 600, 50),
+        (0, 90_000, 0),
+        (5000, 600, 5000),
+    ],
 )
 def test_bypass_rule(requested: int | None, total: int, expected: int) -> None:
     assert bypass_steps(requested, total) == expected

@@ -41,7 +41,7 @@ def planted_batch(seed: int, n: int = 4) -> TeacherBatch:
             x1, y1 = (torch.randint(0, SIDE - 40, (2,), generator=g)).tolist()
             w, h = (torch.randint(24, 40, (2,), generator=g)).tolist()
             boxes.append([x1, y1, x1 + w, y1 + h])
-            feats[i, :8, y1 // 8:(y1 + h) // 8, x1 // 8:(x1 + w) // 8] += 2.0
+            feats[i, :8, y1 // 8 : (y1 + h) // 8, x1 // 8 : (x1 + w) // 8] += 2.0
         targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.zeros(3, dtype=torch.long)})
     return TeacherBatch(OrderedDict(p3=feats), targets, [(SIDE, SIDE)] * n, (SIDE, SIDE))
 
@@ -80,8 +80,9 @@ def test_pretraining_stops_once_ready_on_a_planted_signal() -> None:
 
     # a pure step budget never stops early
     d2 = planted_distiller()
-    budget = pretrain_decoder(d2, train, holdout, ICDPretrainSpec(steps=30, min_auc=None, min_inbox_ratio=None,
-                                                                  check_every=10))
+    budget = pretrain_decoder(
+        d2, train, holdout, ICDPretrainSpec(steps=30, min_auc=None, min_inbox_ratio=None, check_every=10)
+    )
     assert (budget.steps, budget.ready, budget.stopped, len(budget.checks)) == (30, False, "step budget", 3)
 
 
@@ -119,8 +120,14 @@ def test_split_holds_out_images_and_spec_refuses_two_decoder_sources() -> None:
 
 def _pretrain_spec(teacher: Path, **pretrain: object):
     raw = distill_spec(str(teacher), "icd", iterations=2)
-    raw["distill"]["icd"]["pretrain"] = {"steps": 4, "check_every": 2, "holdout_images": 4, "min_auc": None,
-                                         "min_inbox_ratio": None, **pretrain}
+    raw["distill"]["icd"]["pretrain"] = {
+        "steps": 4,
+        "check_every": 2,
+        "holdout_images": 4,
+        "min_auc": None,
+        "min_inbox_ratio": None,
+        **pretrain,
+    }
     return parse_spec(raw)
 
 
@@ -130,9 +137,17 @@ def test_cached_features_and_live_teacher_give_the_same_decoder(teacher_run, cac
     states = {}
     for cached in (True, False):
         spec = _pretrain_spec(teacher_path, cache_features=cached, steps=8)
-        trainer, _ = build_trainer(spec.model_copy(update={"distill": spec.distill.model_copy(
-            update={"icd": spec.distill.icd.model_copy(update={"pretrain": None})})}), tmp_path / f"r{cached}",
-            cache_dir=cache_dir)
+        trainer, _ = build_trainer(
+            spec.model_copy(
+                update={
+                    "distill": spec.distill.model_copy(
+                        update={"icd": spec.distill.icd.model_copy(update={"pretrain": None})}
+                    )
+                }
+            ),
+            tmp_path / f"r{cached}",
+            cache_dir=cache_dir,
+        )
         train_ds, _ = _open_datasets(spec, cache_dir)
         teacher, _ = load_detector(teacher_path, spec.data.train_sizes, spec.data.max_size)
         torch.manual_seed(0)
@@ -153,8 +168,7 @@ def test_cached_features_and_live_teacher_give_the_same_decoder(teacher_run, cac
         assert torch.equal(value, states[False][key]), key
 
 
-def test_artifact_reused_for_the_same_teacher_and_retrained_for_another(teacher_run, cache_dir,  # noqa: F811
-                                                                       tmp_path):
+def test_artifact_reused_for_the_same_teacher_and_retrained_for_another(teacher_run, cache_dir, tmp_path):  # noqa: F811
     teacher_dir, _ = teacher_run
     teacher_path = teacher_dir / "checkpoints" / "final.pt"
     cache = tmp_path / "cache"

@@ -61,13 +61,17 @@ def test_faster_rcnn_copies_rpn_and_roi_heads() -> None:
     for prefix in ("model.backbone.fpn.", "model.rpn.", "model.roi_heads."):
         assert any(k.startswith(prefix) for k in report.copied), prefix
     s_state, t_state = student.state_dict(), teacher.state_dict()
-    assert torch.equal(s_state["model.roi_heads.box_predictor.cls_score.weight"],
-                       t_state["model.roi_heads.box_predictor.cls_score.weight"])
+    assert torch.equal(
+        s_state["model.roi_heads.box_predictor.cls_score.weight"],
+        t_state["model.roi_heads.box_predictor.cls_score.weight"],
+    )
 
 
 def test_gn_head_is_built_and_inherited_and_mismatch_refused() -> None:
-    specs = [ModelSpec(detector="retinanet", backbone=b, fpn_channels=32, head_convs=2, head_norm="gn")
-             for b in ("resnet34", "resnet18")]
+    specs = [
+        ModelSpec(detector="retinanet", backbone=b, fpn_channels=32, head_convs=2, head_norm="gn")
+        for b in ("resnet34", "resnet18")
+    ]
     teacher, student = (build_detector(s, num_classes=3, min_size=64, max_size=64) for s in specs)
     norms = [m for m in student.model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert len(norms) == 4 and all(m.num_groups == 32 for m in norms)  # 2 convs × 2 branches

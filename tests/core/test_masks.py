@@ -52,10 +52,14 @@ def test_virtual_anchor_sizes() -> None:
 def two_level_anchors() -> tuple[torch.Tensor, list[tuple[int, int]], list[int]]:
     """Level A: 2x2 grid, 2 anchors per position; level B: 1x1, one big anchor."""
     level_a = [
-        [0, 0, 10, 10], [0, 0, 20, 20],  # (0,0): IoU with g1 1.0, 0.25
-        [10, 0, 20, 10], [5, 0, 15, 10],  # (0,1): 0, 1/3
-        [0, 5, 10, 15], [0, 10, 10, 20],  # (1,0): 1/3, 0
-        [5, 5, 15, 15], [20, 20, 30, 30],  # (1,1): 1/7, 0
+        [0, 0, 10, 10],
+        [0, 0, 20, 20],  # (0,0): IoU with g1 1.0, 0.25
+        [10, 0, 20, 10],
+        [5, 0, 15, 10],  # (0,1): 0, 1/3
+        [0, 5, 10, 15],
+        [0, 10, 10, 20],  # (1,0): 1/3, 0
+        [5, 5, 15, 15],
+        [20, 20, 30, 30],  # (1,1): 1/7, 0
     ]
     level_b = [[0, 0, 40, 40]]  # IoU with g1 1/16, with g2 1.0
     anchors = torch.tensor(level_a + level_b, dtype=torch.float32)

@@ -38,8 +38,9 @@ def test_flops_scale_with_pixels_and_memory_covers_the_weights() -> None:
 def test_measure_cost_reports_every_runtime_given() -> None:
     model = tiny_model()
     calls = []
-    cost = measure_cost(model, torch.rand(3, 64, 64), repeats=3, warmup=1,
-                        exported={"other": lambda image: calls.append(image.shape)})
+    cost = measure_cost(
+        model, torch.rand(3, 64, 64), repeats=3, warmup=1, exported={"other": lambda image: calls.append(image.shape)}
+    )
     assert cost.params_m == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
     assert set(cost.latency_ms) == {"eager", "other"} and all(v > 0 for v in cost.latency_ms.values())
     assert len(calls) == 4 and cost.image_size == [64, 64] and cost.repeats == 3 and not model.training
@@ -79,9 +80,19 @@ def test_cost_off_leaves_the_summary_without_it(tmp_path: Path) -> None:
 
 # --- the leaderboard ---------------------------------------------------------------------------------
 def _row(method: str, seed: int, ap: float, ms: float, gflops: float) -> dict:
-    return {"method": method, "seed": seed,
-            "metrics": {"AP": ap, "cost_latency_ms": ms, "cost_gflops": gflops, "cost_params_m": 5.0,
-                        "teacher_cost_latency_ms": 29.0, "teacher_cost_gflops": 40.0, "teacher_cost_params_m": 20.0}}
+    return {
+        "method": method,
+        "seed": seed,
+        "metrics": {
+            "AP": ap,
+            "cost_latency_ms": ms,
+            "cost_gflops": gflops,
+            "cost_params_m": 5.0,
+            "teacher_cost_latency_ms": 29.0,
+            "teacher_cost_gflops": 40.0,
+            "teacher_cost_params_m": 20.0,
+        },
+    }
 
 
 ROWS = [_row("none", 0, 30.0, 10.0, 10.0), _row("icd", 0, 37.0, 9.0, 10.0), _row("icd", 1, 38.2, 11.0, 10.0)]

@@ -51,15 +51,30 @@ def test_icd_predict_with_a_checkpoint_and_with_an_export(hot_checkpoint: Path, 
     images = sorted(coco_mini[0].iterdir())[:2]
     names = read_checkpoint(hot_checkpoint)["class_names"]
     runner = CliRunner()
-    res = runner.invoke(cli, ["predict", str(hot_checkpoint), *map(str, images), "--out", str(tmp_path / "ckpt"),
-                              "--score-min", "0.5"])
+    res = runner.invoke(
+        cli, ["predict", str(hot_checkpoint), *map(str, images), "--out", str(tmp_path / "ckpt"), "--score-min", "0.5"]
+    )
     assert res.exit_code == 0, res.output
     assert "detections:" in res.output
     _check_outputs(tmp_path / "ckpt", images, names)
 
-    res = runner.invoke(cli, ["export", str(hot_checkpoint), "--format", "onnx", "-o", str(tmp_path / "m.onnx"),
-                              "--verify-images", "2", "--eval-images", "2",
-                              "--cache-dir", str(hot_checkpoint.parent / "cache")])
+    res = runner.invoke(
+        cli,
+        [
+            "export",
+            str(hot_checkpoint),
+            "--format",
+            "onnx",
+            "-o",
+            str(tmp_path / "m.onnx"),
+            "--verify-images",
+            "2",
+            "--eval-images",
+            "2",
+            "--cache-dir",
+            str(hot_checkpoint.parent / "cache"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "verified: detections on 2 images match" in res.output
     res = runner.invoke(cli, ["predict", str(tmp_path / "m.onnx"), *map(str, images), "-o", str(tmp_path / "onnx")])
@@ -82,8 +97,11 @@ def test_icd_predict_names_a_missing_or_broken_input(hot_checkpoint: Path, tmp_p
 
 def test_draw_detections_draws_boxes_above_the_score() -> None:
     image = torch.zeros(3, 40, 60)
-    det = {"boxes": torch.tensor([[5.0, 20.0, 30.0, 35.0], [35.0, 5.0, 55.0, 30.0]]),
-           "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([0, 1])}
+    det = {
+        "boxes": torch.tensor([[5.0, 20.0, 30.0, 35.0], [35.0, 5.0, 55.0, 30.0]]),
+        "scores": torch.tensor([0.9, 0.1]),
+        "labels": torch.tensor([0, 1]),
+    }
     canvas = draw_detections(image, det, ["cat", "dog"], score_min=0.5)
     pixels = torch.tensor(list(canvas.getdata())).reshape(40, 60, 3)
     assert pixels[35, 15].sum() > 0  # the kept box's bottom edge (y2 = 35)

@@ -78,8 +78,9 @@ def test_annotations_are_sound(tmp_path):
 def test_occluded_objects_lose_their_annotation():
     # Many large objects in a small image: occlusion is certain, so some objects must be dropped,
     # and every kept object shows at least 40% of its pixels.
-    params = ShapesParams(num_images=1, image_size=64, seed=0, num_classes=6, min_object=24, max_object=48,
-                          max_objects=20)
+    params = ShapesParams(
+        num_images=1, image_size=64, seed=0, num_classes=6, min_object=24, max_object=48, max_objects=20
+    )
     kept = dropped = 0
     for index in range(10):
         _, anns, n_dropped = _render_image(params, index)

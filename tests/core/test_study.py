@@ -23,28 +23,56 @@ from icd_core.study_plan import (
     teacher_train_spec,
 )
 
-SHAPES = {"format": "shapes", "num_images": 16, "image_size": 64, "num_classes": 3, "min_object": 8,
-          "max_object": 32, "max_objects": 3}
-TINY_MODEL = {"detector": "retinanet", "fpn_channels": 32, "levels": ["p3", "p4", "p5"],
-              "anchor_sizes": [8, 16, 32], "head_convs": 1}
+SHAPES = {
+    "format": "shapes",
+    "num_images": 16,
+    "image_size": 64,
+    "num_classes": 3,
+    "min_object": 8,
+    "max_object": 32,
+    "max_objects": 3,
+}
+TINY_MODEL = {
+    "detector": "retinanet",
+    "fpn_channels": 32,
+    "levels": ["p3", "p4", "p5"],
+    "anchor_sizes": [8, 16, 32],
+    "head_convs": 1,
+}
 
 
 def tiny_study(**overrides) -> StudySpec:
     data = {
         "name": "tiny",
         "kind": "study",
-        "data": {"train": {**SHAPES, "seed": 1}, "val": {**SHAPES, "seed": 2, "num_images": 8}, "min_size": 64,
-                 "max_size": 64,
-                 "workers": 0},
+        "data": {
+            "train": {**SHAPES, "seed": 1},
+            "val": {**SHAPES, "seed": 2, "num_images": 8},
+            "min_size": 64,
+            "max_size": 64,
+            "workers": 0,
+        },
         "teacher": {**TINY_MODEL, "backbone": "resnet18"},
         "student": {**TINY_MODEL, "backbone": "resnet18"},
         "methods": ["icd"],
         "seeds": [0],
         "distill": {"inherit": True, "weight": 2.0},
-        "teacher_schedule": {"iterations": 4, "batch_size": 2, "lr": 0.01, "eval_every": 0,
-                             "checkpoint_every": 0, "log_every": 2},
-        "schedule": {"iterations": 2, "batch_size": 2, "lr": 0.01, "eval_every": 0, "checkpoint_every": 0,
-                     "log_every": 1},
+        "teacher_schedule": {
+            "iterations": 4,
+            "batch_size": 2,
+            "lr": 0.01,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "log_every": 2,
+        },
+        "schedule": {
+            "iterations": 2,
+            "batch_size": 2,
+            "lr": 0.01,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "log_every": 1,
+        },
         "teacher_min_ap": 0.0,
         "require_teacher_better": False,
         "device": "cpu",
@@ -60,7 +88,15 @@ def test_child_specs_one_per_method_and_seed_none_first() -> None:
     study = tiny_study(methods=["icd", "fitnet", "fgd"], seeds=[3, 7])
     children = child_specs(study, "/ckpt/teacher.pt")
     assert [(m, s) for m, s, _ in children] == [
-        ("none", 3), ("icd", 3), ("fitnet", 3), ("fgd", 3), ("none", 7), ("icd", 7), ("fitnet", 7), ("fgd", 7)]
+        ("none", 3),
+        ("icd", 3),
+        ("fitnet", 3),
+        ("fgd", 3),
+        ("none", 7),
+        ("icd", 7),
+        ("fitnet", 7),
+        ("fgd", 7),
+    ]
     assert [c.name for _, _, c in children][:2] == ["tiny/none/seed3", "tiny/icd/seed3"]
     assert child_folder("icd", 3) == "icd-seed3"
 
@@ -92,8 +128,9 @@ def test_scaling_rule_for_warmup_bypass_and_steps() -> None:
     assert spec.schedule.steps == [1200, 1600]
 
     # Explicit values are kept; scale_iterations: false keeps the paper's numbers.
-    study = tiny_study(schedule={"iterations": 1800, "warmup_iters": 50, "steps": [900]},
-                       distill={"icd": {"bypass_iters": 300}})
+    study = tiny_study(
+        schedule={"iterations": 1800, "warmup_iters": 50, "steps": [900]}, distill={"icd": {"bypass_iters": 300}}
+    )
     _, _, spec = child_specs(study, "t.pt")[1]
     assert (spec.schedule.warmup_iters, spec.distill.icd.bypass_iters, spec.schedule.steps) == (50, 300, [900])
     study = tiny_study(schedule={"iterations": 1800}, scale_iterations=False)
@@ -136,8 +173,11 @@ def _eval(ap: float) -> EvalResult:
 def test_preflight_refuses_weak_teacher_with_its_ap() -> None:
     with pytest.raises(ValueError, match=r"teacher AP 0\.4 is below teacher_min_ap 1\.0"):
         preflight(_eval(0.4), None, 1.0)
-    with pytest.raises(ValueError, match=r"teacher AP 3\.1 is not above the student baseline 4\.0: check "
-                                         r"teacher\.checkpoint"):
+    with pytest.raises(
+        ValueError,
+        match=r"teacher AP 3\.1 is not above the student baseline 4\.0: check "
+        r"teacher\.checkpoint",
+    ):
         preflight(_eval(3.1), 4.0, 1.0)
     with pytest.raises(ValueError, match="not above"):
         preflight({"AP": 4.0}, 4.0, 0.0)  # equal is not better; plain dicts are accepted
@@ -152,19 +192,29 @@ def test_preflight_passes() -> None:
 
 # --- leaderboard ------------------------------------------------------------------------------------------
 def _row(method: str, seed: int, ap: float, sps: float, mem: float) -> dict:
-    return {"method": method, "seed": seed, "sec_per_step": sps, "peak_memory_mb": mem,
-            "metrics": {"AP": ap, "AP50": ap + 20, "AP75": ap - 1, "APs": ap / 2, "APm": ap, "APl": ap * 2}}
+    return {
+        "method": method,
+        "seed": seed,
+        "sec_per_step": sps,
+        "peak_memory_mb": mem,
+        "metrics": {"AP": ap, "AP50": ap + 20, "AP75": ap - 1, "APs": ap / 2, "APm": ap, "APl": ap * 2},
+    }
 
 
 HAND_MADE = [
-    _row("none", 0, 10.0, 1.0, 100.0), _row("none", 1, 12.0, 1.0, 100.0),
-    _row("icd", 0, 14.0, 1.1, 130.0), _row("icd", 1, 16.0, 1.3, 130.0),
-    _row("fitnet", 0, 13.0, 1.0, 110.0), _row("fitnet", 1, 11.0, 1.0, 110.0),
+    _row("none", 0, 10.0, 1.0, 100.0),
+    _row("none", 1, 12.0, 1.0, 100.0),
+    _row("icd", 0, 14.0, 1.1, 130.0),
+    _row("icd", 1, 16.0, 1.3, 130.0),
+    _row("fitnet", 0, 13.0, 1.0, 110.0),
+    _row("fitnet", 1, 11.0, 1.0, 110.0),
     _row("fgd", 0, 20.0, 2.0, 200.0),
     {"method": "defeat", "seed": 0, "metrics": None, "status": "failed", "error": "diverged"},
 ]
-TEACHER = {"name": "retinanet mobilenet_v2", "metrics": {"AP": 40.0, "AP50": 60.0, "AP75": 42.0, "APs": 30.0,
-                                                         "APm": 45.0, "APl": 50.0}}
+TEACHER = {
+    "name": "retinanet mobilenet_v2",
+    "metrics": {"AP": 40.0, "AP50": 60.0, "AP75": 42.0, "APs": 30.0, "APm": 45.0, "APl": 50.0},
+}
 
 
 def test_mean_and_sample_std() -> None:
@@ -203,7 +253,13 @@ def test_markdown_has_teacher_first_and_every_method() -> None:
     md = leaderboard_markdown(build_leaderboard(HAND_MADE, TEACHER))
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split("|")[1].strip() for r in rows] == [
-        "teacher (retinanet mobilenet_v2)", "fgd", "icd", "fitnet", "none", "defeat"]
+        "teacher (retinanet mobilenet_v2)",
+        "fgd",
+        "icd",
+        "fitnet",
+        "none",
+        "defeat",
+    ]
     assert "15.0 ± 1.4" in md and "+4.0" in md and "(+20%)" in md and "(+1 failed)" in md
 
 
@@ -216,8 +272,12 @@ def test_write_report_files(tmp_path: Path) -> None:
 
 
 def test_child_result_from_summary() -> None:
-    summary = {"evaluation": {"step": 3, "metrics": {"AP": 1.5}}, "final_metrics": {"AP": 1.5, "loss": 2.0},
-               "sec_per_step": 0.5, "peak_memory_mb": 300.0}
+    summary = {
+        "evaluation": {"step": 3, "metrics": {"AP": 1.5}},
+        "final_metrics": {"AP": 1.5, "loss": 2.0},
+        "sec_per_step": 0.5,
+        "peak_memory_mb": 300.0,
+    }
     row = child_result("icd", 0, summary)
     assert row["metrics"] == {"AP": 1.5} and row["sec_per_step"] == 0.5 and row["status"] == "succeeded"
     assert child_result("icd", 1, None, error="boom")["metrics"] is None
@@ -227,8 +287,9 @@ def test_rows_from_service_jobs_feed_the_leaderboard() -> None:
     study = tiny_study(methods=["icd"], seeds=[0])
     (_, _, none), (_, _, icd) = child_specs(study, "job:1")
     rows = [
-        result_from_job(none.model_dump(mode="json"), "succeeded", {"AP": 4.0, "step": 2.0, "loss": 1.0}, 1.0, 50.0,
-                        job_id=2),
+        result_from_job(
+            none.model_dump(mode="json"), "succeeded", {"AP": 4.0, "step": 2.0, "loss": 1.0}, 1.0, 50.0, job_id=2
+        ),
         result_from_job(icd.model_dump(mode="json"), "failed", None, error="diverged", job_id=3),
     ]
     report = build_leaderboard(rows, {"AP": 9.0}, notes=["measured on a test"])
@@ -248,8 +309,14 @@ def test_tiny_study_end_to_end(tmp_path: Path) -> None:
     report = run_study_local(study, out, tmp_path / "cache")
     assert {m["method"] for m in report["methods"]} == {"none", "icd"}
     assert all(m["n"] == 1 for m in report["methods"]) and report["teacher"] is not None
-    for name in ("report.json", "report.md", "report.png", "teacher/summary.json", "none-seed0/summary.json",
-                 "icd-seed0/summary.json"):
+    for name in (
+        "report.json",
+        "report.md",
+        "report.png",
+        "teacher/summary.json",
+        "none-seed0/summary.json",
+        "icd-seed0/summary.json",
+    ):
         assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
     assert "| teacher" in md and "| none |" in md and "| icd |" in md and "resident-set" in md
@@ -283,13 +350,19 @@ def test_check_study_rejects_an_incompatible_pair_before_any_work() -> None:
 
 
 def test_leaderboard_shows_icd_diagnostics_from_cli_and_service_rows() -> None:
-    summary = {"evaluation": {"step": 3, "metrics": {"AP": 2.0}}, "sec_per_step": 0.5,
-               "final_metrics": {"AP": 2.0, "icd_ident_auc": 0.9, "icd_inbox_mass": 0.3, "icd_inbox_uniform": 0.05}}
+    summary = {
+        "evaluation": {"step": 3, "metrics": {"AP": 2.0}},
+        "sec_per_step": 0.5,
+        "final_metrics": {"AP": 2.0, "icd_ident_auc": 0.9, "icd_inbox_mass": 0.3, "icd_inbox_uniform": 0.05},
+    }
     cli_row = child_result("icd", 0, summary)
     study = tiny_study(methods=["icd"], seeds=[0])
     _, (_, _, icd) = child_specs(study, "job:1")
-    service_row = result_from_job(icd.model_dump(mode="json") | {"seed": 1}, "succeeded",
-                                  {"AP": 4.0, "icd_ident_auc": 0.7, "icd_inbox_mass": 0.1, "icd_inbox_uniform": 0.05})
+    service_row = result_from_job(
+        icd.model_dump(mode="json") | {"seed": 1},
+        "succeeded",
+        {"AP": 4.0, "icd_ident_auc": 0.7, "icd_inbox_mass": 0.1, "icd_inbox_uniform": 0.05},
+    )
     report = build_leaderboard([cli_row, service_row, _row("none", 0, 1.0, 0.4, 10.0)])
     icd_entry = next(m for m in report["methods"] if m["method"] == "icd")
     assert icd_entry["icd_diagnostics"]["icd_ident_auc"] == pytest.approx(0.8)
@@ -300,8 +373,9 @@ def test_leaderboard_shows_icd_diagnostics_from_cli_and_service_rows() -> None:
 
 
 def test_pretrained_icd_is_its_own_row_and_plain_icd_stays_joint() -> None:
-    study = tiny_study(methods=["icd", "icd_pretrained"], seeds=[0, 1],
-                       distill={"icd": {"pretrain": {"steps": 500, "lr": 2e-3}}})
+    study = tiny_study(
+        methods=["icd", "icd_pretrained"], seeds=[0, 1], distill={"icd": {"pretrain": {"steps": 500, "lr": 2e-3}}}
+    )
     children = {(m, s): spec for m, s, spec in child_specs(study, "job:1")}
     joint, pre = children[("icd", 0)], children[("icd_pretrained", 0)]
     assert joint.distill.method == pre.distill.method == "icd"
@@ -319,8 +393,11 @@ def test_pretrained_icd_is_its_own_row_and_plain_icd_stays_joint() -> None:
 def test_tiny_study_pretrains_the_decoder_once_for_both_seeds(tmp_path: Path) -> None:
     from icd_core.study import run_study_local
 
-    study = tiny_study(methods=["icd_pretrained"], seeds=[0, 1],
-                       distill={"icd": {"pretrain": {"steps": 4, "check_every": 2, "holdout_images": 4}}})
+    study = tiny_study(
+        methods=["icd_pretrained"],
+        seeds=[0, 1],
+        distill={"icd": {"pretrain": {"steps": 4, "check_every": 2, "holdout_images": 4}}},
+    )
     out = tmp_path / "study"
     report = run_study_local(study, out, tmp_path / "cache")
     first = json.loads((out / "icd_pretrained-seed0" / "summary.json").read_text())["icd_decoder"]

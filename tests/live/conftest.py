@@ -27,14 +27,38 @@ REPO = Path(__file__).resolve().parents[2]
 REDIS_DB = int(os.environ.get("ICD_TEST_REDIS_DB", "7"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-MODEL = {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "levels": ["p3", "p4", "p5"],
-         "anchor_sizes": [16, 32, 64], "head_convs": 1}
+MODEL = {
+    "detector": "retinanet",
+    "backbone": "resnet18",
+    "fpn_channels": 32,
+    "levels": ["p3", "p4", "p5"],
+    "anchor_sizes": [16, 32, 64],
+    "head_convs": 1,
+}
 DATA = {
-    "train": {"format": "shapes", "num_images": 16, "image_size": 64, "seed": 1, "num_classes": 3,
-              "min_object": 8, "max_object": 32, "max_objects": 3},
-    "val": {"format": "shapes", "num_images": 8, "image_size": 64, "seed": 2, "num_classes": 3,
-            "min_object": 8, "max_object": 32, "max_objects": 3},
-    "min_size": 64, "max_size": 64, "workers": 0,
+    "train": {
+        "format": "shapes",
+        "num_images": 16,
+        "image_size": 64,
+        "seed": 1,
+        "num_classes": 3,
+        "min_object": 8,
+        "max_object": 32,
+        "max_objects": 3,
+    },
+    "val": {
+        "format": "shapes",
+        "num_images": 8,
+        "image_size": 64,
+        "seed": 2,
+        "num_classes": 3,
+        "min_object": 8,
+        "max_object": 32,
+        "max_objects": 3,
+    },
+    "min_size": 64,
+    "max_size": 64,
+    "workers": 0,
 }
 
 
@@ -42,19 +66,43 @@ def train_spec(name: str, iterations: int, eval_every: int | None = None, lr: fl
     """A tiny RetinaNet on 64 px shapes; `iterations` sets how long it runs (about 0.1-0.3 s a step). Long runs
     take a smaller lr: at 0.01 this model can diverge after about 50 steps, which would fail the job."""
     every = eval_every or iterations
-    sched = {"iterations": iterations, "batch_size": 2, "lr": lr, "warmup_iters": 0, "eval_every": every,
-             "checkpoint_every": every, "log_every": 1}
+    sched = {
+        "iterations": iterations,
+        "batch_size": 2,
+        "lr": lr,
+        "warmup_iters": 0,
+        "eval_every": every,
+        "checkpoint_every": every,
+        "log_every": 1,
+    }
     return {"kind": "train", "name": name, "device": "cpu", "data": DATA, "model": dict(MODEL), "schedule": sched}
 
 
 def study_spec(name: str = "tiny-study") -> dict[str, Any]:
     """The service trains the teacher as a child, then one `none` and one `icd` student."""
-    sched = {"iterations": 4, "batch_size": 2, "lr": 0.01, "warmup_iters": 0, "eval_every": 4,
-             "checkpoint_every": 4, "log_every": 1}
+    sched = {
+        "iterations": 4,
+        "batch_size": 2,
+        "lr": 0.01,
+        "warmup_iters": 0,
+        "eval_every": 4,
+        "checkpoint_every": 4,
+        "log_every": 1,
+    }
     return {
-        "kind": "study", "name": name, "device": "cpu", "data": DATA, "teacher": dict(MODEL), "student": dict(MODEL),
-        "teacher_schedule": sched, "schedule": sched, "methods": ["none", "icd"], "seeds": [0],
-        "teacher_min_ap": 0.0, "require_teacher_better": False, "distill": {"icd": {"bypass_iters": 0}},
+        "kind": "study",
+        "name": name,
+        "device": "cpu",
+        "data": DATA,
+        "teacher": dict(MODEL),
+        "student": dict(MODEL),
+        "teacher_schedule": sched,
+        "schedule": sched,
+        "methods": ["none", "icd"],
+        "seeds": [0],
+        "teacher_min_ap": 0.0,
+        "require_teacher_better": False,
+        "distill": {"icd": {"bypass_iters": 0}},
     }
 
 
@@ -118,8 +166,11 @@ class LiveService:
         return r.json()
 
     def wait_status(self, job_id: int, statuses: set[str], timeout: float = 300) -> dict[str, Any]:
-        return wait_for(lambda: (j := self.job(job_id))["status"] in statuses and j, timeout,
-                        f"job {job_id} to reach {sorted(statuses)}")
+        return wait_for(
+            lambda: (j := self.job(job_id))["status"] in statuses and j,
+            timeout,
+            f"job {job_id} to reach {sorted(statuses)}",
+        )
 
     def tail(self) -> str:
         logs = sorted(self.logs.glob("*.log"))
@@ -134,22 +185,53 @@ def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServi
     db_url = f"sqlite:///{tmp / 'icd.db'}"
     upgrade_database(db_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICD_")}
-    env.update(ICD_HOME=str(tmp / "home"), ICD_DATABASE_URL=db_url, ICD_BROKER_URL=_redis_url(),
-               ICD_WORKER_HEARTBEAT_S="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.update(
+        ICD_HOME=str(tmp / "home"),
+        ICD_DATABASE_URL=db_url,
+        ICD_BROKER_URL=_redis_url(),
+        ICD_WORKER_HEARTBEAT_S="1",
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     icd = [sys.executable, "-m", "icd_cli"]
     with open(tmp / "api.log", "wb") as api_log, open(tmp / "worker.log", "wb") as worker_log:
-        api = subprocess.Popen([*icd, "serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
-                               cwd=tmp, env=env, stdout=api_log, stderr=subprocess.STDOUT)
+        api = subprocess.Popen(
+            [*icd, "serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
+            cwd=tmp,
+            env=env,
+            stdout=api_log,
+            stderr=subprocess.STDOUT,
+        )
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo", "-Q", "cpu,any",
-             "-n", "live@localhost", "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
-            cwd=REPO, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--pool",
+                "solo",
+                "-Q",
+                "cpu,any",
+                "-n",
+                "live@localhost",
+                "--loglevel",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
         )
     http = httpx.Client(base_url=url, timeout=30)
     service = LiveService(url, http, {**env, "ICD_SERVER": url}, tmp)
     try:
+
         def up() -> bool:
             if api.poll() is not None or worker.poll() is not None:
                 raise AssertionError(f"the service exited:\n{service.tail()}")
@@ -196,8 +278,15 @@ def browser(request: pytest.FixtureRequest) -> Iterator[Any]:
 
     opts = Options()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1600",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--no-proxy-server"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1600",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--no-proxy-server",
+    ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)

@@ -16,8 +16,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(600)]
 
 
 def icd(service: LiveService, *args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "icd_cli", *args], env=service.env,
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "icd_cli", *args],
+        env=service.env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_submit_wait_logs_download(live_service: LiveService, tmp_path: Path) -> None:
@@ -67,8 +73,13 @@ def test_follow_a_running_job_then_cancel_and_retry(live_service: LiveService, t
     sub = icd(live_service, "submit", str(spec))
     assert sub.returncode == 0, sub.stderr
     job_id = int(sub.stdout.split()[1])
-    follow = subprocess.Popen([sys.executable, "-m", "icd_cli", "logs", str(job_id), "-f"],
-                              env=live_service.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "icd_cli", "logs", str(job_id), "-f"],
+        env=live_service.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: live_service.job(job_id)["progress_step"] >= 3, 240, f"job {job_id} to train a few steps")
         cancel = icd(live_service, "cancel", str(job_id))
@@ -104,7 +115,11 @@ def test_api_errors_print_field_and_reason(live_service: LiveService, tmp_path: 
     assert "schedule.batchsize: Extra inputs are not permitted" in r.stderr
     missing = icd(live_service, "status", "999999")
     assert missing.returncode == 1 and "HTTP 404" in missing.stderr and "job 999999 not found" in missing.stderr
-    unreachable = subprocess.run([sys.executable, "-m", "icd_cli", "jobs",
-                                  "--server", "http://127.0.0.1:9"], env=live_service.env, capture_output=True,
-                                 text=True, timeout=60)
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "icd_cli", "jobs", "--server", "http://127.0.0.1:9"],
+        env=live_service.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert unreachable.returncode == 1 and "cannot reach the service at http://127.0.0.1:9" in unreachable.stderr

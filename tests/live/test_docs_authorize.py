@@ -36,12 +36,21 @@ def token_server() -> Iterator[str]:
     db_url = f"sqlite:///{tmp / 'icd.db'}"
     upgrade_database(db_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICD_")}
-    env.update(ICD_HOME=str(tmp / "home"), ICD_DATABASE_URL=db_url, ICD_BROKER_URL=f"sqla+sqlite:///{tmp / 'b.db'}",
-               ICD_API_TOKEN=TOKEN, PYTHONPATH=str(REPO))
+    env.update(
+        ICD_HOME=str(tmp / "home"),
+        ICD_DATABASE_URL=db_url,
+        ICD_BROKER_URL=f"sqla+sqlite:///{tmp / 'b.db'}",
+        ICD_API_TOKEN=TOKEN,
+        PYTHONPATH=str(REPO),
+    )
     port = free_port()
     with open(tmp / "api.log", "wb") as log:
-        api = subprocess.Popen([sys.executable, "-m", "icd_cli", "serve", "--no-worker", "--port", str(port)],
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
+        api = subprocess.Popen(
+            [sys.executable, "-m", "icd_cli", "serve", "--no-worker", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -65,8 +74,11 @@ def _try_submit(browser: Any) -> int:
     browser.find_element(By.CSS_SELECTOR, f"{OP} .opblock-summary").click()
     wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f"{OP} .try-out__btn"))).click()
     wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f"{OP} .execute"))).click()
-    cell = wait.until(ec.presence_of_element_located(
-        (By.CSS_SELECTOR, f"{OP} .live-responses-table tr.response .response-col_status")))
+    cell = wait.until(
+        ec.presence_of_element_located(
+            (By.CSS_SELECTOR, f"{OP} .live-responses-table tr.response .response-col_status")
+        )
+    )
     return int(cell.text.strip().split()[0])
 
 

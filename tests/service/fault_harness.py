@@ -26,24 +26,61 @@ REPO = Path(__file__).resolve().parents[2]
 PG_HOST = os.environ.get("ICD_TEST_PG_HOST", "127.0.0.1:5432")
 HOST = socket.gethostname()
 
-MODEL = {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "levels": ["p3", "p4", "p5"],
-         "anchor_sizes": [16, 32, 64], "head_convs": 1}
+MODEL = {
+    "detector": "retinanet",
+    "backbone": "resnet18",
+    "fpn_channels": 32,
+    "levels": ["p3", "p4", "p5"],
+    "anchor_sizes": [16, 32, 64],
+    "head_convs": 1,
+}
 DATA = {
-    "train": {"format": "shapes", "num_images": 16, "image_size": 64, "seed": 1, "num_classes": 3,
-              "min_object": 8, "max_object": 32, "max_objects": 3},
-    "val": {"format": "shapes", "num_images": 4, "image_size": 64, "seed": 2, "num_classes": 3,
-            "min_object": 8, "max_object": 32, "max_objects": 3},
-    "min_size": 64, "max_size": 64, "workers": 0,
+    "train": {
+        "format": "shapes",
+        "num_images": 16,
+        "image_size": 64,
+        "seed": 1,
+        "num_classes": 3,
+        "min_object": 8,
+        "max_object": 32,
+        "max_objects": 3,
+    },
+    "val": {
+        "format": "shapes",
+        "num_images": 4,
+        "image_size": 64,
+        "seed": 2,
+        "num_classes": 3,
+        "min_object": 8,
+        "max_object": 32,
+        "max_objects": 3,
+    },
+    "min_size": 64,
+    "max_size": 64,
+    "workers": 0,
 }
 
 
 def tiny_train_spec(name: str, iterations: int = 60, checkpoint_every: int = 10, **extra: Any) -> dict[str, Any]:
     """A CPU training job of a few seconds that logs every step and checkpoints every few."""
-    return {"kind": "train", "name": name, "device": "cpu", "data": DATA, "model": dict(MODEL),
-            "schedule": {"iterations": iterations, "batch_size": 2, "lr": 0.005, "grad_clip": 1.0, "warmup_iters": 0,
-                         "eval_every": 0,
-                         "checkpoint_every": checkpoint_every, "log_every": 1},
-            **extra}
+    return {
+        "kind": "train",
+        "name": name,
+        "device": "cpu",
+        "data": DATA,
+        "model": dict(MODEL),
+        "schedule": {
+            "iterations": iterations,
+            "batch_size": 2,
+            "lr": 0.005,
+            "grad_clip": 1.0,
+            "warmup_iters": 0,
+            "eval_every": 0,
+            "checkpoint_every": checkpoint_every,
+            "log_every": 1,
+        },
+        **extra,
+    }
 
 
 def free_port() -> int:
@@ -141,9 +178,21 @@ class PrivateRedis:
             raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         import redis
 
@@ -185,10 +234,17 @@ class Stack:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ICD_")}
         env.update(
-            ICD_HOME=str(self.tmp / "home"), ICD_DATABASE_URL=self.database_url, ICD_BROKER_URL=self.broker_url,
-            ICD_WORKER_HEARTBEAT_S=str(self.heartbeat_s), ICD_LEASE_TIMEOUT_S=str(self.lease_s),
-            ICD_REAPER_INTERVAL_S=str(self.reaper_s), ICD_REDELIVER_AFTER_S="3", OMP_NUM_THREADS="1",
-            PYTHONPATH=str(REPO), **self.extra_env, **extra,
+            ICD_HOME=str(self.tmp / "home"),
+            ICD_DATABASE_URL=self.database_url,
+            ICD_BROKER_URL=self.broker_url,
+            ICD_WORKER_HEARTBEAT_S=str(self.heartbeat_s),
+            ICD_LEASE_TIMEOUT_S=str(self.lease_s),
+            ICD_REAPER_INTERVAL_S=str(self.reaper_s),
+            ICD_REDELIVER_AFTER_S="3",
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=str(REPO),
+            **self.extra_env,
+            **extra,
         )
         return env
 
@@ -198,9 +254,15 @@ class Stack:
         from api.main import create_app
         from store.settings import Settings
 
-        settings = Settings(home=self.tmp / "home", database_url=self.database_url, broker_url=self.broker_url,
-                            worker_heartbeat_s=self.heartbeat_s, lease_timeout_s=self.lease_s,
-                            reaper_interval_s=self.reaper_s, auto_migrate=True)
+        settings = Settings(
+            home=self.tmp / "home",
+            database_url=self.database_url,
+            broker_url=self.broker_url,
+            worker_heartbeat_s=self.heartbeat_s,
+            lease_timeout_s=self.lease_s,
+            reaper_interval_s=self.reaper_s,
+            auto_migrate=True,
+        )
         self._app = create_app(settings)
         self._client_cm = TestClient(self._app)
         self.client = self._client_cm.__enter__()
@@ -212,7 +274,11 @@ class Stack:
         queue_args = ["-Q", queues] if queues else []
         proc = subprocess.Popen(
             [*icd_command(), "worker", "--cpu", "--name", name, "--stop-grace", "30", *queue_args],
-            cwd=REPO, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO,
+            env=self.env(**env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         self.workers[name] = proc
@@ -260,8 +326,12 @@ class Stack:
         return self.client.get(f"/jobs/{job_id}").json()
 
     def loss_steps(self, job_id: int) -> list[int]:
-        return [st for st, _ in self.client.get(f"/jobs/{job_id}/metrics", params={"names": "loss"}).json()
-                ["series"].get("loss", [])]
+        return [
+            st
+            for st, _ in self.client.get(f"/jobs/{job_id}/metrics", params={"names": "loss"})
+            .json()["series"]
+            .get("loss", [])
+        ]
 
     def wait_step(self, job_id: int, at_least: int, timeout: float = 120) -> dict[str, Any]:
         def far() -> dict[str, Any] | None:
@@ -273,8 +343,11 @@ class Stack:
         return wait_for(far, timeout, f"job {job_id} to pass step {at_least}")
 
     def wait_end(self, job_id: int, timeout: float = 180) -> dict[str, Any]:
-        return wait_for(lambda: (j := self.job(job_id))["status"] in ("succeeded", "failed", "canceled") and j,
-                        timeout, f"job {job_id} to end")
+        return wait_for(
+            lambda: (j := self.job(job_id))["status"] in ("succeeded", "failed", "canceled") and j,
+            timeout,
+            f"job {job_id} to end",
+        )
 
     def stop_worker(self, name: str) -> None:
         """Stop one worker this stack started (by pid): SIGTERM, then SIGKILL for what is left."""

@@ -210,11 +210,16 @@ def test_metrics_evaluations_logs(client: TestClient, db: DB, settings: Settings
     m = client.get(f"/jobs/{jid}/metrics", params={"max_points": 20, "names": "loss"}).json()
     assert 2 <= len(m["series"]["loss"]) <= 21 and m["series"]["loss"][-1][0] == 200
     assert client.get(f"/jobs/{jid}/metrics", params={"since_step": 500}).json() == {
-        "job_id": jid, "series": {}, "last_step": None, "attempt": 1, "resumed_from_step": None
+        "job_id": jid,
+        "series": {},
+        "last_step": None,
+        "attempt": 1,
+        "resumed_from_step": None,
     }
 
-    add_evaluation(db.s, jid, 1, 100, {"AP": 21.5, "AP50": 40.0, "AP75": 20.0, "APs": 5, "APm": 20, "APl": 30},
-                   {"circle": 25.0})
+    add_evaluation(
+        db.s, jid, 1, 100, {"AP": 21.5, "AP50": 40.0, "AP75": 20.0, "APs": 5, "APm": 20, "APl": 30}, {"circle": 25.0}
+    )
     ev = client.get(f"/jobs/{jid}/evaluations").json()
     assert ev[0]["ap"] == 21.5 and ev[0]["apl"] == 30 and ev[0]["per_class"] == {"circle": 25.0}
 

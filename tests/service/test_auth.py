@@ -83,7 +83,9 @@ def test_refuses_to_listen_beyond_loopback_unguarded(settings: Settings) -> None
 def test_anonymous_gets_401_on_every_non_public_endpoint(public: TestClient) -> None:
     spec = public.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["token"] == {
-        "type": "http", "scheme": "bearer", "description": spec["components"]["securitySchemes"]["token"]["description"]
+        "type": "http",
+        "scheme": "bearer",
+        "description": spec["components"]["securitySchemes"]["token"]["description"],
     }
     checked = 0
     for path, ops in spec["paths"].items():
@@ -131,10 +133,17 @@ def test_another_owner_gets_404_and_admins_see_all(
     b = _job_with_checkpoint(public, settings, secrets_by_name["bob"])
     assert public.get(f"/jobs/{a}", headers=alice).json()["owner"] == "alice"
 
-    for method, url in [("get", f"/jobs/{a}"), ("post", f"/jobs/{a}/cancel"), ("post", f"/jobs/{a}/retry"),
-                        ("delete", f"/jobs/{a}"), ("get", f"/jobs/{a}/checkpoints"),
-                        ("get", f"/jobs/{a}/checkpoints/final.pt"), ("get", f"/jobs/{a}/metrics"),
-                        ("get", f"/jobs/{a}/evaluations"), ("get", f"/jobs/{a}/logs")]:
+    for method, url in [
+        ("get", f"/jobs/{a}"),
+        ("post", f"/jobs/{a}/cancel"),
+        ("post", f"/jobs/{a}/retry"),
+        ("delete", f"/jobs/{a}"),
+        ("get", f"/jobs/{a}/checkpoints"),
+        ("get", f"/jobs/{a}/checkpoints/final.pt"),
+        ("get", f"/jobs/{a}/metrics"),
+        ("get", f"/jobs/{a}/evaluations"),
+        ("get", f"/jobs/{a}/logs"),
+    ]:
         r = public.request(method, url, headers=bob)
         assert r.status_code == 404 and r.json()["detail"] == f"job {a} not found", (method, url, r.text)
     # bob cannot name alice's job as a teacher either: it does not exist for him

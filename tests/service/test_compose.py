@@ -39,9 +39,20 @@ HEALTHCHECK = {
     "additionalProperties": False,
     "required": ["test"],
     "properties": {
-        "test": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 2, "items": {"type": "string"},
-                                                "prefixItems": [{"enum": ["CMD", "CMD-SHELL", "NONE"]}]}]},
-        "interval": DURATION, "timeout": DURATION, "start_period": DURATION,
+        "test": {
+            "oneOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "minItems": 2,
+                    "items": {"type": "string"},
+                    "prefixItems": [{"enum": ["CMD", "CMD-SHELL", "NONE"]}],
+                },
+            ]
+        },
+        "interval": DURATION,
+        "timeout": DURATION,
+        "start_period": DURATION,
         "retries": {"type": "integer", "minimum": 1},
     },
 }
@@ -53,9 +64,12 @@ SERVICE = {
         "image": {"type": "string"},
         "build": {"oneOf": [{"type": "string"}, {"type": "object"}]},
         "command": {"oneOf": [{"type": "string"}, STR_LIST]},
-        "environment": {"oneOf": [{"type": "object", "additionalProperties": {"type": ["string", "number",
-                                                                                        "boolean", "null"]}},
-                                  STR_LIST]},
+        "environment": {
+            "oneOf": [
+                {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
+                STR_LIST,
+            ]
+        },
         "ports": STR_LIST,
         "volumes": STR_LIST,
         "shm_size": {"type": ["string", "integer"]},
@@ -64,26 +78,46 @@ SERVICE = {
         "depends_on": {
             "type": "object",
             "additionalProperties": {
-                "type": "object", "additionalProperties": False, "required": ["condition"],
-                "properties": {"condition": {"enum": ["service_started", "service_healthy",
-                                                      "service_completed_successfully"]}},
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["condition"],
+                "properties": {
+                    "condition": {"enum": ["service_started", "service_healthy", "service_completed_successfully"]}
+                },
             },
         },
         "healthcheck": HEALTHCHECK,
         "deploy": {
-            "type": "object", "additionalProperties": False,
-            "properties": {"resources": {
-                "type": "object", "additionalProperties": False,
-                "properties": {"reservations": {
-                    "type": "object", "additionalProperties": False,
-                    "properties": {"devices": {"type": "array", "items": {
-                        "type": "object", "additionalProperties": False, "required": ["capabilities"],
-                        "properties": {"driver": {"type": "string"},
-                                       "count": {"oneOf": [{"type": "integer", "minimum": 1}, {"const": "all"}]},
-                                       "device_ids": STR_LIST, "capabilities": STR_LIST},
-                    }}},
-                }},
-            }},
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "resources": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "reservations": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "devices": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "required": ["capabilities"],
+                                        "properties": {
+                                            "driver": {"type": "string"},
+                                            "count": {"oneOf": [{"type": "integer", "minimum": 1}, {"const": "all"}]},
+                                            "device_ids": STR_LIST,
+                                            "capabilities": STR_LIST,
+                                        },
+                                    },
+                                }
+                            },
+                        }
+                    },
+                }
+            },
         },
     },
 }
@@ -121,8 +155,9 @@ def test_valid_for_docker_compose() -> None:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose); the schema tests still ran")
-    out = subprocess.run([exe, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True,
-                         timeout=60, cwd=REPO)
+    out = subprocess.run(
+        [exe, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -216,8 +251,9 @@ def test_every_icd_variable_is_a_setting(compose: dict[str, Any]) -> None:
     assert names <= fields, f"not Settings fields: {sorted(names - fields)}"
 
 
-def test_the_compose_environment_gives_production_settings(compose: dict[str, Any],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_compose_environment_gives_production_settings(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for key in [k for k in os.environ if k.startswith("ICD_")]:
         monkeypatch.delenv(key)
     monkeypatch.delenv("ICD_API_TOKEN", raising=False)

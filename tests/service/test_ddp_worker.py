@@ -22,22 +22,60 @@ from tests.service.test_worker_e2e import REPO, redis_url, service_env, stop_pro
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(900)]
 
-MODEL = {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "levels": ["p3", "p4", "p5"],
-         "anchor_sizes": [16, 32, 64], "head_convs": 1, "norm": "gn"}
+MODEL = {
+    "detector": "retinanet",
+    "backbone": "resnet18",
+    "fpn_channels": 32,
+    "levels": ["p3", "p4", "p5"],
+    "anchor_sizes": [16, 32, 64],
+    "head_convs": 1,
+    "norm": "gn",
+}
 DATA = {
-    "train": {"format": "shapes", "num_images": 16, "image_size": 64, "seed": 1, "num_classes": 3,
-              "min_object": 8, "max_object": 32, "max_objects": 3},
-    "val": {"format": "shapes", "num_images": 8, "image_size": 64, "seed": 2, "num_classes": 3,
-            "min_object": 8, "max_object": 32, "max_objects": 3},
-    "min_size": 64, "max_size": 64, "workers": 0,
+    "train": {
+        "format": "shapes",
+        "num_images": 16,
+        "image_size": 64,
+        "seed": 1,
+        "num_classes": 3,
+        "min_object": 8,
+        "max_object": 32,
+        "max_objects": 3,
+    },
+    "val": {
+        "format": "shapes",
+        "num_images": 8,
+        "image_size": 64,
+        "seed": 2,
+        "num_classes": 3,
+        "min_object": 8,
+        "max_object": 32,
+        "max_objects": 3,
+    },
+    "min_size": 64,
+    "max_size": 64,
+    "workers": 0,
 }
 
 
 def group_spec(iterations: int = 4, gpus: int = 2) -> dict[str, Any]:
-    return {"kind": "train", "name": f"ddp-{gpus}", "device": "cpu", "data": DATA, "model": dict(MODEL),
-            "resources": {"gpus": gpus},
-            "schedule": {"iterations": iterations, "batch_size": 4, "lr": 0.01, "warmup_iters": 0,
-                         "eval_every": 0, "checkpoint_every": 2, "log_every": 1}}
+    return {
+        "kind": "train",
+        "name": f"ddp-{gpus}",
+        "device": "cpu",
+        "data": DATA,
+        "model": dict(MODEL),
+        "resources": {"gpus": gpus},
+        "schedule": {
+            "iterations": iterations,
+            "batch_size": 4,
+            "lr": 0.01,
+            "warmup_iters": 0,
+            "eval_every": 0,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        },
+    }
 
 
 class Stack:
@@ -56,15 +94,36 @@ class Stack:
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the process's life
         env = {**self.env, "ICD_WORKER_GPUS": str(gpus), "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo",
-             "-Q", group_queues("cpu,any", gpus), "-n", f"{name}@localhost", "--loglevel", "INFO",
-             "--without-mingle", "--without-gossip"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--pool",
+                "solo",
+                "-Q",
+                group_queues("cpu,any", gpus),
+                "-n",
+                f"{name}@localhost",
+                "--loglevel",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         self.procs.append(proc)
         self.by_name[name] = proc
-        wait_for(lambda: any(w["name"] == f"{name}@localhost" for w in self.client.get("/workers").json()),
-                 120, f"worker {name}")
+        wait_for(
+            lambda: any(w["name"] == f"{name}@localhost" for w in self.client.get("/workers").json()),
+            120,
+            f"worker {name}",
+        )
 
     def ensure_worker(self, name: str, gpus: int) -> None:
         proc = self.by_name.get(name)
@@ -86,10 +145,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
     tmp = tmp_path_factory.mktemp("ddp_redis")
     broker = redis_url()
-    env = service_env(tmp, ICD_DATABASE_URL=f"sqlite:///{tmp / 'icd.db'}", ICD_BROKER_URL=broker,
-                      ICD_REDELIVER_AFTER_S="2")
-    settings = Settings(home=tmp / "home", database_url=env["ICD_DATABASE_URL"], broker_url=broker,
-                        worker_heartbeat_s=1.0, auto_migrate=True)
+    env = service_env(
+        tmp, ICD_DATABASE_URL=f"sqlite:///{tmp / 'icd.db'}", ICD_BROKER_URL=broker, ICD_REDELIVER_AFTER_S="2"
+    )
+    settings = Settings(
+        home=tmp / "home",
+        database_url=env["ICD_DATABASE_URL"],
+        broker_url=broker,
+        worker_heartbeat_s=1.0,
+        auto_migrate=True,
+    )
     app = create_app(settings)
     procs: list[subprocess.Popen[bytes]] = []
     try:

@@ -21,14 +21,30 @@ from store.jobs import claim_job, create_job, finish_job
 from store.results import add_checkpoint
 from store.settings import Settings
 
-MODEL = {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "levels": ["p3", "p4", "p5"],
-         "anchor_sizes": [8, 16, 32], "head_convs": 1}
+MODEL = {
+    "detector": "retinanet",
+    "backbone": "resnet18",
+    "fpn_channels": 32,
+    "levels": ["p3", "p4", "p5"],
+    "anchor_sizes": [8, 16, 32],
+    "head_convs": 1,
+}
 SHAPES = {"format": "shapes", "image_size": 64, "min_object": 6, "max_object": 32, "max_objects": 4}
-SPEC = {"kind": "train", "name": "deploy", "device": "cpu", "model": MODEL,
-        "data": {"train": {**SHAPES, "num_images": 8, "seed": 1}, "val": {**SHAPES, "num_images": 3, "seed": 2},
-                 "min_size": 64, "max_size": 64, "workers": 0},
-        "schedule": {"iterations": 2, "batch_size": 2, "eval_every": 0, "checkpoint_every": 0},
-        "deploy": {"latency_repeats": 2, "latency_warmup": 0, "exported_latency": False, "prediction_images": 2}}
+SPEC = {
+    "kind": "train",
+    "name": "deploy",
+    "device": "cpu",
+    "model": MODEL,
+    "data": {
+        "train": {**SHAPES, "num_images": 8, "seed": 1},
+        "val": {**SHAPES, "num_images": 3, "seed": 2},
+        "min_size": 64,
+        "max_size": 64,
+        "workers": 0,
+    },
+    "schedule": {"iterations": 2, "batch_size": 2, "eval_every": 0, "checkpoint_every": 0},
+    "deploy": {"latency_repeats": 2, "latency_warmup": 0, "exported_latency": False, "prediction_images": 2},
+}
 
 
 def _finished_job(settings: Settings) -> int:
@@ -42,8 +58,17 @@ def _finished_job(settings: Settings) -> int:
             folder = artifacts.job_dir(job.id)
             result = run_spec(parse_spec(SPEC), folder, cache_dir=settings.cache_dir)
             ck = Path(result.final_checkpoint)
-            add_checkpoint(s, job.id, 1, 2, ck.name, artifacts.relative(ck), ck.stat().st_size,
-                           ArtifactStore.sha256_file(ck), final=True)
+            add_checkpoint(
+                s,
+                job.id,
+                1,
+                2,
+                ck.name,
+                artifacts.relative(ck),
+                ck.stat().st_size,
+                ArtifactStore.sha256_file(ck),
+                final=True,
+            )
             finish_job(s, job.id, result.final_metrics)
             return job.id
     finally:
@@ -140,8 +165,13 @@ def test_a_failed_or_interrupted_export_reads_as_failed_with_the_reason(client: 
     import json as _json
     import socket
 
-    state = {"format": "onnx", "status": "running", "started_at": time.time(), "pid": 2**22 + 17,
-             "host": socket.gethostname()}
+    state = {
+        "format": "onnx",
+        "status": "running",
+        "started_at": time.time(),
+        "pid": 2**22 + 17,
+        "host": socket.gethostname(),
+    }
     (folder / "exports" / "onnx.json").write_text(_json.dumps(state))
     lost = client.get(f"/jobs/{job_id}/exports/onnx").json()
     assert lost["status"] == "failed" and lost["error"].startswith("interrupted")

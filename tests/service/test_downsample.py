@@ -147,8 +147,12 @@ def test_rollups_equal_a_rebuild_after_appends_rewrites_and_out_of_order_writes(
 
     def rollups() -> list[tuple[object, ...]]:
         cols = ", ".join(("name", "block", *ROLLUP_COLUMNS))
-        return [tuple(r) for r in session.execute(
-            text(f"SELECT {cols} FROM metric_rollups WHERE job_id = :j ORDER BY name, block"), {"j": jid})]
+        return [
+            tuple(r)
+            for r in session.execute(
+                text(f"SELECT {cols} FROM metric_rollups WHERE job_id = :j ORDER BY name, block"), {"j": jid}
+            )
+        ]
 
     kept = rollups()
     session.execute(delete(MetricRollup).where(MetricRollup.job_id == jid))

@@ -203,11 +203,18 @@ def test_serve_stops_its_whole_tree(tmp_path: Path, sig: int) -> None:
     env.update(ICD_HOME=str(tmp_path / "home"), ICD_WORKER_HEARTBEAT_S="1", OMP_NUM_THREADS="1")
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        serve = subprocess.Popen([*icd_command(), "serve", "--port", str(port), "--stop-grace", "20"], cwd=tmp_path,
-                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        serve = subprocess.Popen(
+            [*icd_command(), "serve", "--port", str(port), "--stop-grace", "20"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     tree: list[int] = []
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+
             def healthy() -> bool:
                 assert serve.poll() is None, log.read_text()[-3000:]
                 try:

@@ -18,8 +18,12 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.postgres
 def test_fuzzing_the_openapi_document_finds_no_5xx_and_nothing_undocumented(pg_database: Any) -> None:
     with pg_database() as url:
-        run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fuzz_api.py"), "--max-examples", "5",
-                              "--database-url", url], capture_output=True, text=True, timeout=900)
+        run = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "fuzz_api.py"), "--max-examples", "5", "--database-url", url],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     assert run.stdout.strip(), run.stderr[-3000:]
     result = json.loads(run.stdout)
     assert result["cases_generated"] and result["requests_served"] >= result["cases_generated"] // 2

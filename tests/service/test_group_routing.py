@@ -14,15 +14,23 @@ from store.dispatch import gpus_served, group_queues, queue_for
 from worker.ddp_rank import outcome_path
 from worker.group import read_outcome
 
-TRAIN = {"kind": "train", "data": {"train": {"format": "shapes"}, "val": {"format": "shapes"}},
-         "model": {"backbone": "resnet18"}, "schedule": {"batch_size": 4}}
+TRAIN = {
+    "kind": "train",
+    "data": {"train": {"format": "shapes"}, "val": {"format": "shapes"}},
+    "model": {"backbone": "resnet18"},
+    "schedule": {"batch_size": 4},
+}
 
 
 def test_gpus_default_one_and_must_divide_the_global_batch() -> None:
     assert parse_spec(TRAIN).resources.gpus == 1
     assert parse_spec({**TRAIN, "resources": {"gpus": 4}}).resources.gpus == 4
-    for bad, words in (({"gpus": 3}, "divide evenly over 3"), ({"gpus": 0}, "greater than or equal"),
-                       ({"gpus": 65}, "less than or equal"), ({"cpus": 2}, "Extra inputs")):
+    for bad, words in (
+        ({"gpus": 3}, "divide evenly over 3"),
+        ({"gpus": 0}, "greater than or equal"),
+        ({"gpus": 65}, "less than or equal"),
+        ({"cpus": 2}, "Extra inputs"),
+    ):
         with pytest.raises(ValueError, match=words):
             parse_spec({**TRAIN, "resources": bad})
     with pytest.raises(ValueError, match="names one GPU"):
@@ -63,8 +71,15 @@ def _outcomes(folder: Path, log: str, **by_rank: dict) -> tuple[Path, Path]:
 
 
 def test_outcomes_map_to_result_stop_user_error_or_the_rank_that_died(tmp_path: Path) -> None:
-    ok = {"status": "succeeded", "step": 4, "total": 4, "final_metrics": {"loss": 1.0}, "sec_per_step": 0.1,
-          "evaluation": {"step": 4, "metrics": {"AP": 1.0}, "per_class": {}}, "peak_memory_mb": 1.0}
+    ok = {
+        "status": "succeeded",
+        "step": 4,
+        "total": 4,
+        "final_metrics": {"loss": 1.0},
+        "sec_per_step": 0.1,
+        "evaluation": {"step": 4, "metrics": {"AP": 1.0}, "per_class": {}},
+        "peak_memory_mb": 1.0,
+    }
     group, log = _outcomes(tmp_path / "a", "", r0=ok)
     result, main = read_outcome(group, 2, 0, log)
     assert result.evaluation.metrics == {"AP": 1.0} and main["step"] == 4
@@ -79,8 +94,10 @@ def test_outcomes_map_to_result_stop_user_error_or_the_rank_that_died(tmp_path: 
     with pytest.raises(ValueError, match="data.train: no such file"):
         read_outcome(group, 2, 1, log)
 
-    torchrun_summary = ("Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n"
-                        "  exitcode  : -9 (pid: 42)\n  traceback : Signal 9 (SIGKILL) received by PID 42\n")
+    torchrun_summary = (
+        "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n"
+        "  exitcode  : -9 (pid: 42)\n  traceback : Signal 9 (SIGKILL) received by PID 42\n"
+    )
     peer_lost = {"status": "failed", "type": "RuntimeError", "error": "gloo: Connection reset by peer"}
     group, log = _outcomes(tmp_path / "d", torchrun_summary, r0=peer_lost)
     with pytest.raises(RuntimeError, match=r"rank 1 of 2 died before reporting \(Signal 9 \(SIGKILL\)"):

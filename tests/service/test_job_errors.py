@@ -15,16 +15,28 @@ from store.models import Metric
 from store.settings import get_settings
 
 MINI = Path(__file__).resolve().parents[1] / "fixtures" / "coco_mini"
-MODEL = {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "levels": ["p3", "p4", "p5"],
-         "head_convs": 1}
+MODEL = {
+    "detector": "retinanet",
+    "backbone": "resnet18",
+    "fpn_channels": 32,
+    "levels": ["p3", "p4", "p5"],
+    "head_convs": 1,
+}
 
 
 def _coco_job(train: str, val: str, iterations: int = 2) -> dict[str, Any]:
     return {
-        "kind": "train", "name": "coco-errors", "device": "cpu", "model": MODEL,
-        "data": {"train": {"format": "coco", "images": f"{train}/images", "annotations": f"{train}/instances.json"},
-                 "val": {"format": "coco", "images": f"{val}/images", "annotations": f"{val}/instances.json"},
-                 "min_size": 64, "max_size": 96, "workers": 1},
+        "kind": "train",
+        "name": "coco-errors",
+        "device": "cpu",
+        "model": MODEL,
+        "data": {
+            "train": {"format": "coco", "images": f"{train}/images", "annotations": f"{train}/instances.json"},
+            "val": {"format": "coco", "images": f"{val}/images", "annotations": f"{val}/instances.json"},
+            "min_size": 64,
+            "max_size": 96,
+            "workers": 1,
+        },
         "schedule": {"iterations": iterations, "batch_size": 2, "eval_every": 0, "checkpoint_every": 0},
     }
 

@@ -168,7 +168,8 @@ def test_pruned_checkpoints_leave_the_list(session: Session, tmp_path: Path) -> 
     folder.mkdir(parents=True)
     for step in (5, 10):
         (folder / f"step_{step}.pt").write_bytes(b"x")
-        add_checkpoint(session, jid, 1, step, f"step_{step}.pt", f"jobs/{jid}/checkpoints/step_{step}.pt", 1, "0" * 64,
-                       False)
+        add_checkpoint(
+            session, jid, 1, step, f"step_{step}.pt", f"jobs/{jid}/checkpoints/step_{step}.pt", 1, "0" * 64, False
+        )
     (folder / "step_5.pt").unlink()
     assert forget_missing_checkpoints(session, jid, tmp_path) == ["step_5.pt"]

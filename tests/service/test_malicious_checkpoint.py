@@ -10,9 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 MODEL = {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "levels": ["p3", "p4", "p5"]}
-DATA = {"train": {"format": "shapes", "num_images": 4, "image_size": 64, "max_object": 32},
-        "val": {"format": "shapes", "num_images": 2, "image_size": 64, "seed": 1, "max_object": 32},
-        "min_size": 64, "max_size": 64, "workers": 0}
+DATA = {
+    "train": {"format": "shapes", "num_images": 4, "image_size": 64, "max_object": 32},
+    "val": {"format": "shapes", "num_images": 2, "image_size": 64, "seed": 1, "max_object": 32},
+    "min_size": 64,
+    "max_size": 64,
+    "workers": 0,
+}
 
 
 @pytest.mark.parametrize("field", ["teacher", "model"])
@@ -23,8 +27,12 @@ def test_a_malicious_checkpoint_runs_nothing_through_api_and_worker(
 
     marker = tmp_path / "pwned"
     malicious_checkpoint(tmp_path / "data" / "evil.pt", marker)
-    spec: dict[str, Any] = {"name": "evil", "device": "cpu", "data": DATA,
-                            "schedule": {"iterations": 1, "batch_size": 2}}
+    spec: dict[str, Any] = {
+        "name": "evil",
+        "device": "cpu",
+        "data": DATA,
+        "schedule": {"iterations": 1, "batch_size": 2},
+    }
     if field == "teacher":
         spec.update(kind="distill", teacher={**MODEL, "checkpoint": "evil.pt"}, student=MODEL)
     else:

@@ -67,16 +67,34 @@ def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def test_periodic_task_runs_in_one_of_two_api_processes(shared_url: str, tmp_path: Path) -> None:
     ticks = tmp_path / "ticks"
-    env = {**os.environ, "ICD_DATABASE_URL": shared_url, "ICD_HOME": str(tmp_path / "home"),
-           "ICD_TEST_TICKS": str(ticks), "ICD_TEST_TICK_S": "0.1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "ICD_DATABASE_URL": shared_url,
+        "ICD_HOME": str(tmp_path / "home"),
+        "ICD_TEST_TICKS": str(ticks),
+        "ICD_TEST_TICK_S": "0.1",
+        "PYTHONPATH": str(ROOT),
+    }
     procs = []
     try:
         for _ in range(2):
             port = _free_port()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "tests.service.periodic_app:make", "--factory",
-                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                cwd=ROOT, env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "tests.service.periodic_app:make",
+                    "--factory",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                env=env,
             )
             procs.append(proc)
             _wait_http(port, proc)
@@ -121,8 +139,11 @@ def test_serve_with_two_api_processes(tmp_path: Path) -> None:
     env = {**os.environ, "ICD_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
     env.pop("ICD_DATABASE_URL", None)
     icd = Path(sys.executable).with_name("icd")
-    proc = subprocess.Popen([str(icd), "serve", "--no-worker", "--workers", "2", "--port", str(port),
-                             "--log-level", "warning"], cwd=tmp_path, env={**env, "ICD_AUTO_MIGRATE": "1"})
+    proc = subprocess.Popen(
+        [str(icd), "serve", "--no-worker", "--workers", "2", "--port", str(port), "--log-level", "warning"],
+        cwd=tmp_path,
+        env={**env, "ICD_AUTO_MIGRATE": "1"},
+    )
     try:
         _wait_http(port, proc)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:

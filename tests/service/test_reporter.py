@@ -53,10 +53,25 @@ def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
         claim_job(s, job.id, "w@h")
     clock = Clock()
     artifacts = ArtifactStore(tmp_path / "artifacts")
-    reporter = DbReporter(sessions, job.id, 1, artifacts, flush_every=5, flush_interval_s=2.0,
-                          cancel_check_s=1.0, clock=clock, background=False)
-    yield {"sessions": sessions, "job_id": job.id, "clock": clock, "reporter": reporter, "log": StatementLog(engine),
-           "artifacts": artifacts}
+    reporter = DbReporter(
+        sessions,
+        job.id,
+        1,
+        artifacts,
+        flush_every=5,
+        flush_interval_s=2.0,
+        cancel_check_s=1.0,
+        clock=clock,
+        background=False,
+    )
+    yield {
+        "sessions": sessions,
+        "job_id": job.id,
+        "clock": clock,
+        "reporter": reporter,
+        "log": StatementLog(engine),
+        "artifacts": artifacts,
+    }
     engine.dispose()
 
 
@@ -124,8 +139,13 @@ def test_cancel_is_read_at_most_once_per_interval(env: dict[str, Any]) -> None:
 def test_evaluation_and_checkpoint_rows(env: dict[str, Any]) -> None:
     rep, sessions, job_id, artifacts = env["reporter"], env["sessions"], env["job_id"], env["artifacts"]
     rep.on_metrics(4, {"loss": 0.5})
-    rep.on_evaluation(EvalResult(step=4, metrics={"AP": 12.5, "AP50": 30.0, "AP75": 10.0, "APs": 1.0, "APm": 2.0,
-                                                   "APl": 3.0}, per_class={"circle": 20.0}))
+    rep.on_evaluation(
+        EvalResult(
+            step=4,
+            metrics={"AP": 12.5, "AP50": 30.0, "AP75": 10.0, "APs": 1.0, "APm": 2.0, "APl": 3.0},
+            per_class={"circle": 20.0},
+        )
+    )
     path = artifacts.job_dir(job_id) / "checkpoints" / "final.pt"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"weights")

@@ -14,10 +14,19 @@ def test_icd_pretrained_children_wait_for_the_first_one(sessions: Any) -> None: 
     from worker.study import start_study
 
     base = _spec("train")
-    study = {"kind": "study", "name": "st", "device": "cpu", "data": base["data"], "teacher": base["model"],
-             "student": base["model"], "methods": ["icd", "icd_pretrained"], "seeds": [0, 1],
-             "teacher_schedule": {"iterations": 2, "batch_size": 2}, "schedule": {"iterations": 2, "batch_size": 2},
-             "distill": {"icd": {"heads": 8, "pretrain": {"steps": 5}}}}
+    study = {
+        "kind": "study",
+        "name": "st",
+        "device": "cpu",
+        "data": base["data"],
+        "teacher": base["model"],
+        "student": base["model"],
+        "methods": ["icd", "icd_pretrained"],
+        "seeds": [0, 1],
+        "teacher_schedule": {"iterations": 2, "batch_size": 2},
+        "schedule": {"iterations": 2, "batch_size": 2},
+        "distill": {"icd": {"heads": 8, "pretrain": {"steps": 5}}},
+    }
     with sessions() as s:
         job = create_job(s, study, "study", "st", "cpu", [])
         job.status = "running"

@@ -60,9 +60,7 @@ def dataset(tmp_path: Path) -> Path:
         "/proc/self/environ",
     ],
 )
-def test_path_escapes_are_422_naming_the_field_and_roots(
-    client: TestClient, dataset: Path, annotations: str
-) -> None:
+def test_path_escapes_are_422_naming_the_field_and_roots(client: TestClient, dataset: Path, annotations: str) -> None:
     msg = _only(client.post("/jobs", json=_coco("coco/images", annotations)), "data.train.annotations")
     assert "outside the allowed roots" in msg and str(dataset) in msg
 
@@ -124,8 +122,16 @@ def test_bad_values_are_refused_at_submit(
 
 @pytest.mark.parametrize(
     "url",
-    ["/jobs/2147483648", "/jobs/0", "/jobs?offset=9999999999999999999", "/jobs/1/metrics?since_step=99999999999",
-     "/jobs?parent_id=2147483648", "/jobs?name=a%00b", "/jobs/1/checkpoints/a%00b", "/jobs?status=bogus"],
+    [
+        "/jobs/2147483648",
+        "/jobs/0",
+        "/jobs?offset=9999999999999999999",
+        "/jobs/1/metrics?since_step=99999999999",
+        "/jobs?parent_id=2147483648",
+        "/jobs?name=a%00b",
+        "/jobs/1/checkpoints/a%00b",
+        "/jobs?status=bogus",
+    ],
 )
 def test_out_of_range_and_nul_parameters_are_422_arrays(client: TestClient, url: str) -> None:
     r = client.get(url)

@@ -29,30 +29,73 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-MODEL = {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "levels": ["p3", "p4", "p5"],
-         "anchor_sizes": [16, 32, 64], "head_convs": 1}
+MODEL = {
+    "detector": "retinanet",
+    "backbone": "resnet18",
+    "fpn_channels": 32,
+    "levels": ["p3", "p4", "p5"],
+    "anchor_sizes": [16, 32, 64],
+    "head_convs": 1,
+}
 DATA = {
-    "train": {"format": "shapes", "num_images": 16, "image_size": 64, "seed": 1, "num_classes": 3,
-              "min_object": 8, "max_object": 32, "max_objects": 3},
-    "val": {"format": "shapes", "num_images": 8, "image_size": 64, "seed": 2, "num_classes": 3,
-            "min_object": 8, "max_object": 32, "max_objects": 3},
-    "min_size": 64, "max_size": 64, "workers": 0,
+    "train": {
+        "format": "shapes",
+        "num_images": 16,
+        "image_size": 64,
+        "seed": 1,
+        "num_classes": 3,
+        "min_object": 8,
+        "max_object": 32,
+        "max_objects": 3,
+    },
+    "val": {
+        "format": "shapes",
+        "num_images": 8,
+        "image_size": 64,
+        "seed": 2,
+        "num_classes": 3,
+        "min_object": 8,
+        "max_object": 32,
+        "max_objects": 3,
+    },
+    "min_size": 64,
+    "max_size": 64,
+    "workers": 0,
 }
 
 
 def train_spec(name: str = "teacher", iterations: int = 4, **schedule: Any) -> dict[str, Any]:
-    sched = {"iterations": iterations, "batch_size": 2, "lr": 0.01, "warmup_iters": 0,
-             "eval_every": 4, "checkpoint_every": 4, "log_every": 1, **schedule}
+    sched = {
+        "iterations": iterations,
+        "batch_size": 2,
+        "lr": 0.01,
+        "warmup_iters": 0,
+        "eval_every": 4,
+        "checkpoint_every": 4,
+        "log_every": 1,
+        **schedule,
+    }
     return {"kind": "train", "name": name, "device": "cpu", "data": DATA, "model": dict(MODEL), "schedule": sched}
 
 
 def distill_spec(teacher_ref: str) -> dict[str, Any]:
     return {
-        "kind": "distill", "name": "student", "device": "cpu", "data": DATA,
-        "teacher": {**MODEL, "checkpoint": teacher_ref}, "student": dict(MODEL),
+        "kind": "distill",
+        "name": "student",
+        "device": "cpu",
+        "data": DATA,
+        "teacher": {**MODEL, "checkpoint": teacher_ref},
+        "student": dict(MODEL),
         "distill": {"method": "icd", "icd": {"bypass_iters": 0, "heads": 8}},
-        "schedule": {"iterations": 4, "batch_size": 2, "lr": 0.01, "warmup_iters": 0,
-                     "eval_every": 4, "checkpoint_every": 4, "log_every": 1},
+        "schedule": {
+            "iterations": 4,
+            "batch_size": 2,
+            "lr": 0.01,
+            "warmup_iters": 0,
+            "eval_every": 4,
+            "checkpoint_every": 4,
+            "log_every": 1,
+        },
     }
 
 
@@ -145,17 +188,42 @@ def redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
 
     tmp = tmp_path_factory.mktemp("e2e_redis")
     broker = redis_url()
-    env = service_env(tmp, ICD_DATABASE_URL=f"sqlite:///{tmp / 'icd.db'}", ICD_BROKER_URL=broker,
-                      ICD_REDELIVER_AFTER_S="3")
-    settings = Settings(home=tmp / "home", database_url=env["ICD_DATABASE_URL"], broker_url=broker,
-                        worker_heartbeat_s=1.0, auto_migrate=True)
+    env = service_env(
+        tmp, ICD_DATABASE_URL=f"sqlite:///{tmp / 'icd.db'}", ICD_BROKER_URL=broker, ICD_REDELIVER_AFTER_S="3"
+    )
+    settings = Settings(
+        home=tmp / "home",
+        database_url=env["ICD_DATABASE_URL"],
+        broker_url=broker,
+        worker_heartbeat_s=1.0,
+        auto_migrate=True,
+    )
     app = create_app(settings)  # migrates the database before the worker starts
     log_path = tmp / "worker.log"
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo", "-Q", "cpu,any",
-             "-n", "e2e@localhost", "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--pool",
+                "solo",
+                "-Q",
+                "cpu,any",
+                "-n",
+                "e2e@localhost",
+                "--loglevel",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         with TestClient(app) as client:
@@ -238,8 +306,13 @@ def start_serve(home_dir: Path, port: int, log_path: Path) -> subprocess.Popen[b
     """`icd serve --port PORT` with ICD_HOME under home_dir and nothing else configured."""
     icd = [sys.executable, "-c", "from icd_cli.main import main; main()"]
     with open(log_path, "ab") as log:
-        return subprocess.Popen([*icd, "serve", "--port", str(port), "--stop-grace", "30"], cwd=home_dir,
-                                env=service_env(home_dir), stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [*icd, "serve", "--port", str(port), "--stop-grace", "30"],
+            cwd=home_dir,
+            env=service_env(home_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def wait_healthy(client: httpx.Client, serve: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -290,8 +363,11 @@ def test_icd_serve_stop_requeues_the_running_job_and_the_next_start_resumes_it(t
         serve = start_serve(tmp_path, port, log_path)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             wait_healthy(client, serve, log_path)
-            job = wait_for(lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] == "running"
-                           and j["attempt"] >= 2 and j, 120, "the job to run again")
+            job = wait_for(
+                lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] == "running" and j["attempt"] >= 2 and j,
+                120,
+                "the job to run again",
+            )
             first = job["attempts"][0]
             assert first["status"] == "failed" and "re-queued to resume" in first["error"]
             wait_for(lambda: "resumed from" in client.get(f"/jobs/{job_id}/logs").text, 120, "the resume in the log")
@@ -307,12 +383,28 @@ def test_icd_serve_stop_requeues_the_running_job_and_the_next_start_resumes_it(t
 
 def study_spec() -> dict[str, Any]:
     """A tiny study: the service trains the teacher as a child job, then runs none and icd children."""
-    sched = {"iterations": 4, "batch_size": 2, "lr": 0.01, "warmup_iters": 0,
-             "eval_every": 4, "checkpoint_every": 4, "log_every": 1}
+    sched = {
+        "iterations": 4,
+        "batch_size": 2,
+        "lr": 0.01,
+        "warmup_iters": 0,
+        "eval_every": 4,
+        "checkpoint_every": 4,
+        "log_every": 1,
+    }
     return {
-        "kind": "study", "name": "tiny-study", "device": "cpu", "data": DATA,
-        "teacher": dict(MODEL), "student": dict(MODEL), "teacher_schedule": sched, "schedule": sched,
-        "methods": ["none", "icd"], "seeds": [0], "teacher_min_ap": 0.0, "require_teacher_better": False,
+        "kind": "study",
+        "name": "tiny-study",
+        "device": "cpu",
+        "data": DATA,
+        "teacher": dict(MODEL),
+        "student": dict(MODEL),
+        "teacher_schedule": sched,
+        "schedule": sched,
+        "methods": ["none", "icd"],
+        "seeds": [0],
+        "teacher_min_ap": 0.0,
+        "require_teacher_better": False,
         "distill": {"icd": {"bypass_iters": 0}},
     }
 
@@ -366,7 +458,12 @@ def test_a_queued_job_whose_message_was_lost_still_runs(redis_stack: tuple[Any, 
 
     client, _ = redis_stack
     with client.app.state.sessions() as s:  # queued in the database, but no message is ever published
-        job = create_job(s, train_spec("lost-message", iterations=1, eval_every=0, checkpoint_every=0),
-                         "train", "lost-message", "any")
+        job = create_job(
+            s,
+            train_spec("lost-message", iterations=1, eval_every=0, checkpoint_every=0),
+            "train",
+            "lost-message",
+            "any",
+        )
     done = wait_status(client, job.id, {"succeeded", "failed"}, timeout=120)
     assert done["status"] == "succeeded", done["error"]

@@ -37,11 +37,20 @@ def sessions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 def _spec(kind: str, **extra: Any) -> dict[str, Any]:
     model = {"detector": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "levels": ["p3", "p4", "p5"]}
-    data = {"train": {"format": "shapes", "num_images": 4, "image_size": 64, "max_object": 32},
-            "val": {"format": "shapes", "num_images": 2, "image_size": 64, "seed": 1, "max_object": 32},
-            "min_size": 64, "max_size": 64, "workers": 0}
-    spec: dict[str, Any] = {"kind": kind, "name": kind, "device": "cpu", "data": data,
-                            "schedule": {"iterations": 2, "batch_size": 2}}
+    data = {
+        "train": {"format": "shapes", "num_images": 4, "image_size": 64, "max_object": 32},
+        "val": {"format": "shapes", "num_images": 2, "image_size": 64, "seed": 1, "max_object": 32},
+        "min_size": 64,
+        "max_size": 64,
+        "workers": 0,
+    }
+    spec: dict[str, Any] = {
+        "kind": kind,
+        "name": kind,
+        "device": "cpu",
+        "data": data,
+        "schedule": {"iterations": 2, "batch_size": 2},
+    }
     if kind == "distill":
         spec.update(teacher={**model, "checkpoint": extra.pop("teacher_ref")}, student=model)
     else:
@@ -58,8 +67,9 @@ def test_missing_teacher_checkpoint_fails_the_job_and_its_dependents(sessions: A
         teacher.status = "succeeded"  # succeeded, but without a final checkpoint on record
         s.commit()
         student = create_job(s, _spec("distill", teacher_ref=f"job:{teacher.id}"), "distill", "s", "cpu", [])
-        waiting = create_job(s, _spec("distill", teacher_ref=f"job:{student.id}"), "distill", "w", "cpu",
-                             [student.id], status="waiting")
+        waiting = create_job(
+            s, _spec("distill", teacher_ref=f"job:{student.id}"), "distill", "w", "cpu", [student.id], status="waiting"
+        )
 
     assert execute_job(student.id, "w@h") == "failed"
     with sessions() as s:
@@ -181,7 +191,13 @@ def test_icd_db_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_a_worker_refuses_an_unmigrated_database(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "ICD_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "WARNING"],
-                         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "WARNING"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert out.returncode != 0
     assert "run: icd db upgrade" in out.stdout + out.stderr
