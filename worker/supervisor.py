@@ -4,11 +4,13 @@ The parent never imports torch (so it can never initialise CUDA before a fork): 
 fresh `python -m celery ... worker --pool solo` process whose only GPU is chosen with
 CUDA_VISIBLE_DEVICES. Workers run in their own session, so a terminal's Ctrl-C reaches only this
 parent, which then stops them in order: SIGTERM (the running job checkpoints and goes back to the
-queue), SIGQUIT after a grace period, SIGKILL last.
+queue), SIGQUIT after a grace period, SIGKILL last. A parent killed outright (kill -9, OOM) takes its
+workers along (PR_SET_PDEATHSIG), so no orphaned worker keeps taking jobs; the reaper resumes theirs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -22,6 +24,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 HEALTHY_RUN_S = 30.0  # a worker that ran this long before dying restarts after 1 s again (no back-off)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec (Linux): SIGKILL it when the thread that started it dies."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a SIGKILLed parent may leave its worker running
+        pass
 
 
 @dataclass
@@ -97,7 +107,9 @@ class WorkerProcess:
         # Make `worker.app` importable even when the project is not installed (a source checkout).
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        self.proc = subprocess.Popen(self.spec.command(), env=env, cwd=self.cwd, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.spec.command(), env=env, cwd=self.cwd, start_new_session=True, preexec_fn=_die_with_parent
+        )
         log.info("started worker %s (pid %s, queues %s)", self.spec.name, self.proc.pid, self.spec.queues)
 
     def _watchdog(self) -> None:
