@@ -79,6 +79,7 @@ def run_fuzz(
     workers: int = 1,
     database_url: str | None = None,
     require_token: bool = False,
+    seed: int | None = None,
 ) -> dict[str, object]:
     """One schemathesis run against a fresh server; on `database_url` (empty) when given, else on a
     database created and dropped here. require_token: anonymous requests get 401 even on loopback
@@ -146,6 +147,7 @@ def run_fuzz(
                         "none",
                         "--request-timeout",
                         "60",
+                        *(["--seed", str(seed)] if seed is not None else []),
                     ]
                     st = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp)
                     elapsed = time.perf_counter() - started
@@ -163,6 +165,7 @@ def run_fuzz(
         "max_examples": max_examples,
         "checks": checks,
         "require_token": require_token,
+        "seed": seed,
         "cases_generated": int(generated.group(1)) if generated else None,
         "requests_served": sum(statuses.values()),
         "server_errors_5xx": sum(n for code, n in statuses.items() if code >= 500),
@@ -182,9 +185,10 @@ def main() -> None:
     ap.add_argument("--admin-url", default=None)
     ap.add_argument("--database-url", default=None, help="an empty database to use instead of a fresh one")
     ap.add_argument("--require-token", action="store_true", help="anonymous requests get 401 (ICD_REQUIRE_TOKEN)")
+    ap.add_argument("--seed", type=int, default=None, help="schemathesis's seed: the same cases every run (CI)")
     args = ap.parse_args()
     result = run_fuzz(
-        args.max_examples, args.checks, args.admin_url, args.workers, args.database_url, args.require_token
+        args.max_examples, args.checks, args.admin_url, args.workers, args.database_url, args.require_token, args.seed
     )
     print(json.dumps(result, indent=2))
     sys.exit(

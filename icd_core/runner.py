@@ -304,6 +304,9 @@ def _run_training(
         if k in extra
     }
     if not writes:  # in a group, rank 0 alone measures the model and writes the summary
+        # ... and the others wait for it: a rank that tears its process group down while rank 0 still
+        # works can abort the group (gloo: "terminate called without an active exception", seen in CI).
+        group.barrier()
         return RunResult(
             {**out.final_metrics, **counts}, out.evaluation, out.final_checkpoint, out.sec_per_step, out.peak_memory_mb
         )
@@ -327,6 +330,8 @@ def _run_training(
     _write_summary(
         output_dir, spec, result, {"step": out.step, "device": str(trainer.device), "amp": trainer.amp.name, **extra}
     )
+    if group is not None:
+        group.barrier()  # the other ranks are waiting for the summary (above)
     return result
 
 

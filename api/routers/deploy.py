@@ -262,7 +262,11 @@ def _exportable_checkpoint(s: Session, job: Job, settings: Settings) -> Path:
     "/{job_id}/exports",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=ExportOut,
-    responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut, "description": "Not exportable now"}},
+    responses={
+        400: {"model": ErrorOut, "description": "The body is not JSON"},
+        404: {"model": ErrorOut},
+        409: {"model": ErrorOut, "description": "Not exportable now"},
+    },
 )
 def create_export(
     job_id: JobId,
