@@ -342,11 +342,29 @@ def finish_study(s: Session, job_id: int, final_metrics: dict[str, Any]) -> Job 
 
 
 def requeue_interrupted(s: Session, job_id: int, reason: str, attempt: int | None = None) -> Job | None:
-    """running → queued after a warm worker shutdown: the attempt is closed as failed with `reason`, and
-    the job resumes from its checkpoint on the next worker."""
-    if fail_job(s, job_id, reason, attempt) is None:
+    """running → queued in one commit after a warm worker shutdown: the attempt is closed as failed with
+    `reason`, and the job resumes from its checkpoint on the next worker. It never passes through
+    'failed' (a client polling between two commits, `icd wait` say, would read a failure). None when
+    the job ended or another attempt holds it."""
+    job = _transition(
+        s,
+        job_id,
+        ("running",),
+        "queued",
+        *_own(attempt),
+        commit=False,
+        worker=None,
+        lease_expires_at=None,
+        cancel_requested=False,
+        error=None,
+        finished_at=None,
+        eta_s=None,
+    )
+    if job is None:
         return None
-    return retry_job(s, job_id)
+    _close_attempt(s, job_id, "failed", reason)
+    s.commit()
+    return job
 
 
 def request_cancel(s: Session, job_id: int) -> Job:

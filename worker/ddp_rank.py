@@ -98,6 +98,11 @@ def run_rank(job_id: int, attempt: int, job_dir: Path) -> dict[str, Any]:
             "peak_memory_mb": result.peak_memory_mb,
         }
     except TrainingStopped as exc:
+        # Every rank stops at the same voted step; they leave together, after rank 0 has closed its
+        # reporter, as they do after a finished run (icd_core.runner): a rank that tears the group down
+        # while rank 0 still works can abort rank 0 (gloo), failing a job that only had to be re-queued.
+        if group is not None:
+            group.barrier()
         return {
             "status": "stopped",
             "step": exc.step,

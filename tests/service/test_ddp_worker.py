@@ -249,7 +249,9 @@ def test_worker_shutdown_requeues_the_group_job_which_resumes_on_the_next_worker
     wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress_step"] >= 3, 300, "the group to train")
     assert stop_process(stack.by_name["two"]) == 0  # warm shutdown: the group checkpoints and stops
     job = client.get(f"/jobs/{job_id}").json()
-    assert job["status"] == "queued" and 3 <= job["progress_step"] < total, job
+    log_tail = client.get(f"/jobs/{job_id}/logs").text[-3000:]
+    why = f"{job['status']} at step {job['progress_step']}: {job['error']}\n{log_tail}"
+    assert job["status"] == "queued" and 3 <= job["progress_step"] < total, why
     assert group_pids(stack.job_dir(job_id)) == []
 
     stack.start_worker("two", 2)

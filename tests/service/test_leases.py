@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from store import jobs as q
-from store.models import Attempt, Metric
+from store.models import JOB_STATUSES, Attempt, Metric
 from store.reaper import reaper_pass, status_detail, unservable_warnings
 from store.results import add_checkpoint, add_metrics, forget_missing_checkpoints, get_metrics, start_attempt_series
 from store.settings import Settings
@@ -77,6 +77,33 @@ def test_a_reaped_attempt_cannot_record_its_end(session: Session) -> None:
         q.fail_job(session, jid, "boom", attempt=1)
     assert not q.renew_lease(session, jid, "w1", 1, 30)
     assert q.finish_job(session, jid, {"AP": 2.0}, attempt=2).status == "succeeded"
+
+
+def test_a_warm_shutdown_requeues_in_one_step_and_only_for_its_attempt(session: Session) -> None:
+    from sqlalchemy import event
+
+    jid = _job(session)
+    q.claim_job(session, jid, "w1", lease_s=30)
+    seen: list[str] = []  # every status value in an UPDATE of the jobs table (SET and WHERE)
+    listen = (session.get_bind(), "before_cursor_execute")
+
+    def record(conn, cursor, statement, params, context, many) -> None:  # noqa: ANN001 - SQLAlchemy's hook
+        if statement.lstrip().upper().startswith("UPDATE JOBS") and isinstance(params, dict | tuple):
+            seen.extend(v for v in (params.values() if isinstance(params, dict) else params) if v in JOB_STATUSES)
+
+    event.listen(*listen, record)
+    try:
+        job = q.requeue_interrupted(session, jid, "worker w1 shut down at step 7; re-queued to resume", attempt=1)
+    finally:
+        event.remove(*listen, record)
+    assert job is not None and job.status == "queued" and job.worker is None and job.error is None
+    assert "queued" in seen and "failed" not in seen  # never written as failed on the way
+    (first,) = session.scalars(select(Attempt).where(Attempt.job_id == jid)).all()
+    assert first.status == "failed" and first.error == "worker w1 shut down at step 7; re-queued to resume"
+    assert q.requeue_interrupted(session, jid, "again", attempt=1) is None  # queued now: nothing to hand back
+    q.claim_job(session, jid, "w2", lease_s=30)
+    assert q.requeue_interrupted(session, jid, "zombie", attempt=1) is None  # attempt 2 holds it
+    assert q.get_job(session, jid).status == "running"
 
 
 def test_a_renewed_lease_is_not_reaped(session: Session) -> None:
