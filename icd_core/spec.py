@@ -419,6 +419,13 @@ class StudySpec(_JobBase):
     require_teacher_better: bool = Field(
         True, description="Stop the study when the teacher's AP is not above the first `none` student's."
     )
+    teacher_lead_ap: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="With require_teacher_better: the teacher must lead the first `none` student by at least "
+        "this many AP points (0: any lead). A teacher barely above its student leaves nothing to distil.",
+    )
     scale_iterations: bool = Field(
         True, description="Scale the paper's 1x iteration counts (warm-up, ICD bypass) to this schedule's length."
     )

@@ -165,6 +165,7 @@ def run_study_local(
                 float(row["metrics"]["AP"]),
                 study.teacher_min_ap,
                 require_better=study.require_teacher_better,
+                min_lead=study.teacher_lead_ap,
             )
 
     write_report(results, out, teacher=teacher_row, name=study.name, notes=notes)

@@ -125,8 +125,10 @@ def preflight(
     baseline_ap: float | None,
     min_ap: float,
     require_better: bool = True,
+    min_lead: float = 0.0,
 ) -> None:
-    """Refuse (ValueError with the teacher's AP) a teacher below `min_ap`, or not above the `none` student.
+    """Refuse (ValueError with the teacher's AP) a teacher below `min_ap`, or not above the `none` student
+    (by more than `min_lead` AP points when that is set).
 
     teacher_eval: an EvalResult or a plain metrics dict (as stored by the service). baseline_ap: the
     AP of the first finished `none` child, or None before it has run.
@@ -138,6 +140,12 @@ def preflight(
             f"teacher AP {ap:.1f} is below teacher_min_ap {min_ap:.1f}: check teacher.checkpoint (the file, and "
             "that the teacher fields describe it) or train the teacher longer (teacher_schedule); "
             "lower teacher_min_ap only if this AP is expected"
+        )
+    if require_better and baseline_ap is not None and min_lead > 0 and ap < baseline_ap + min_lead:
+        raise ValueError(
+            f"teacher AP {ap:.1f} leads the student baseline {baseline_ap:.1f} by {ap - baseline_ap:.1f}, less "
+            f"than teacher_lead_ap {min_lead:.1f}: give the student less capacity or fewer steps, or the teacher "
+            "more, so there is something to distil (or lower teacher_lead_ap)"
         )
     if require_better and baseline_ap is not None and ap <= baseline_ap:
         raise ValueError(

@@ -184,7 +184,12 @@ def _preflight_problem(study: StudySpec, child: Job, artifacts: ArtifactStore, s
         teacher = _load_teacher(artifacts, study_id)
         if teacher is not None:
             try:
-                preflight(teacher["metrics"], (child.final_metrics or {}).get("AP"), study.teacher_min_ap)
+                preflight(
+                    teacher["metrics"],
+                    (child.final_metrics or {}).get("AP"),
+                    study.teacher_min_ap,
+                    min_lead=study.teacher_lead_ap,
+                )
             except ValueError as exc:
                 return str(exc)
     return None

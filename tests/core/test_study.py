@@ -183,6 +183,14 @@ def test_preflight_refuses_weak_teacher_with_its_ap() -> None:
         preflight({"AP": 4.0}, 4.0, 0.0)  # equal is not better; plain dicts are accepted
 
 
+def test_preflight_asks_for_the_lead_the_study_sets() -> None:
+    with pytest.raises(ValueError, match=r"leads the student baseline 50\.0 by 3\.0, less than teacher_lead_ap 5\.0"):
+        preflight(_eval(53.0), 50.0, 1.0, min_lead=5.0)
+    preflight(_eval(55.0), 50.0, 1.0, min_lead=5.0)
+    preflight(_eval(53.0), 50.0, 1.0)  # no lead asked: above is enough
+    preflight(_eval(53.0), 50.0, 1.0, require_better=False, min_lead=5.0)
+
+
 def test_preflight_passes() -> None:
     preflight(_eval(20.0), None, 1.0)
     preflight(_eval(20.0), 8.0, 1.0)
