@@ -242,3 +242,12 @@ def test_study_page_fills_its_leaderboard_and_compare_overlays_children(
         lambda d: js(d, "const c = window.icd.charts['compare-series']; return c && c.u && c.pointCount()"),
     )
     assert len(counts) == 2 and all(n > 0 for n in counts.values()), counts
+
+    # An ICD child's page heads its final numbers with AP and the diagnostics that can fail (AUC), not
+    # the identification accuracy at a threshold.
+    icd_child = next(c for c in children if c["name"].split("/")[-2] == "icd")
+    browser.get(f"{live_service.url}/#/jobs/{icd_child['id']}")
+    summary = until(
+        browser, 30, "the final summary", lambda d: (e := d.find_elements(By.ID, "final-summary")) and e[0].text
+    )
+    assert "AP " in summary and "icd_ident_auc" in summary and "icd_ident_acc" not in summary, summary

@@ -30,6 +30,11 @@ async function downloadWithToken(event) {
   }
 }
 
+// The job's headline numbers: AP first, then ICD's diagnostics that can say "not working" (AUC,
+// in-box attention mass), never the accuracy at a threshold that sits at the fake-query share.
+const SUMMARY_KEYS = ["AP", "AP50", "AP75", "icd_ident_auc", "icd_inbox_mass", "loss"];
+const summaryMetrics = (metrics) =>
+  SUMMARY_KEYS.filter((k) => typeof metrics[k] === "number").slice(0, 5).map((k) => [k, metrics[k]]);
 const fact = (label, value) => (value === "" || value == null ? "" : `<div><span>${label}</span>${value}</div>`);
 
 export function jobView(main, jobId) {
@@ -90,8 +95,8 @@ export function jobView(main, jobId) {
         ${fact("started", fmtTime(job.started_at))}${fact("finished", fmtTime(job.finished_at))}
         ${job.parent_id ? `<div><span>study</span><a href="#/jobs/${job.parent_id}">${job.parent_id}</a></div>` : ""}
         ${deps ? `<div><span>waits for</span>${deps}</div>` : ""}
-        ${job.final_metrics ? `<div><span>final</span>${Object.entries(job.final_metrics).filter(([, v]) => typeof v === "number")
-          .slice(0, 4).map(([k, v]) => `${esc(k)} ${fmtNum(v, 2)}`).join(" · ")}</div>` : ""}
+        ${job.final_metrics ? `<div id="final-summary"><span>final</span>${summaryMetrics(job.final_metrics)
+          .map(([k, v]) => `${esc(k)} ${fmtNum(v, 2)}`).join(" · ")}</div>` : ""}
       </div>
       ${job.error ? `<div class="error" id="job-error">${esc(job.error)}</div>` : ""}`;
     const active = !isFinished(job);
