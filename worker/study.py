@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session, aliased
 
 from icd_core.leaderboard import BASELINE, write_report
 from icd_core.spec import ICD_PRETRAINED, StudySpec, parse_spec
@@ -135,6 +135,31 @@ def child_ended(s: Session, child_id: int) -> None:
         msg = f"every child job failed; see GET /jobs?parent_id={parent.id} for their errors"
         fail_job(s, parent.id, msg)
         _log_to_study(artifacts, parent.id, f"study {parent.id} failed: {msg}")
+
+
+def close_ended_studies(s: Session) -> list[int]:
+    """Close every waiting study whose children have all ended; returns their ids.
+
+    A child normally closes its study through `child_ended` when its own task records the end. A child
+    ended elsewhere (the API's reaper failing it at max_attempts, a cancel of a job whose worker died)
+    has no task to do that, and its study would wait forever: the workers' periodic upkeep runs this.
+    """
+    child = aliased(Job)
+    has_children = exists().where(child.parent_id == Job.id)
+    active_child = exists().where(child.parent_id == Job.id, child.status.not_in(TERMINAL_STATUSES))
+    stuck = list(
+        s.scalars(select(Job.id).where(Job.kind == "study", Job.status == "waiting", has_children, ~active_child))
+    )
+    closed = []
+    for study_id in stuck:
+        last = s.scalars(
+            select(Job.id).where(Job.parent_id == study_id).order_by(Job.finished_at.desc(), Job.id.desc()).limit(1)
+        ).first()
+        if last is not None:
+            log.warning("study %s: every child has ended but the study was still waiting; closing it", study_id)
+            child_ended(s, last)
+            closed.append(study_id)
+    return closed
 
 
 def _log_to_study(artifacts: ArtifactStore, study_id: int, message: str) -> None:

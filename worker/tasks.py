@@ -126,6 +126,18 @@ def _reap() -> None:
         _send(job.id, job.queue)
     for job_id in reaped.ended:
         _release(job_id)
+    _close_ended_studies()
+
+
+def _close_ended_studies() -> None:
+    """Studies whose last child was ended by someone else's reaper (see worker.study.close_ended_studies)."""
+    from worker.study import close_ended_studies
+
+    try:
+        with sessions()() as s:
+            close_ended_studies(s)
+    except Exception:
+        log.exception("closing ended studies failed")
 
 
 def _resend_undelivered() -> None:

@@ -3,6 +3,7 @@ the other icd_pretrained children wait for that child and load the cached artifa
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from store.jobs import create_job
@@ -42,3 +43,42 @@ def test_icd_pretrained_children_wait_for_the_first_one(sessions: Any) -> None: 
     assert pre[0].depends_on == [teacher.id]
     assert pre[1].depends_on == [teacher.id, pre[0].id]
     assert all(j.depends_on == [teacher.id] for j in joint)
+
+
+def test_a_study_whose_children_were_ended_by_a_reaper_is_closed_by_the_sweep(sessions: Any) -> None:  # noqa: F811
+    """The API's reaper fails a child at max_attempts without running the study's bookkeeping; the
+    workers' sweep then closes the study instead of leaving it waiting forever."""
+    from store.jobs import claim_job, fail_job, reap_expired_leases, utcnow
+    from worker.study import close_ended_studies, start_study
+
+    base = _spec("train")
+    study = {
+        "kind": "study",
+        "name": "reaped",
+        "device": "cpu",
+        "data": base["data"],
+        "teacher": base["model"],
+        "student": base["model"],
+        "methods": ["none"],
+        "seeds": [0],
+        "teacher_schedule": {"iterations": 2, "batch_size": 2},
+        "schedule": {"iterations": 2, "batch_size": 2},
+    }
+    with sessions() as s:
+        job = create_job(s, study, "study", "reaped", "cpu", [])
+        job.status = "running"
+        s.commit()
+        (teacher,) = start_study(s, job, lambda ref: ref)
+        assert close_ended_studies(s) == []  # children still to run: nothing to close
+        claim_job(s, teacher.id, "w1", lease_s=1)
+        later = utcnow() + timedelta(seconds=60)
+        assert reap_expired_leases(s, later, max_attempts=1).ended == [teacher.id]  # by the reaper, no task
+        for child in s.query(Job).filter_by(parent_id=job.id, status="waiting"):
+            fail_job(s, child.id, f"dependency {teacher.id} failed")  # what release_dependents does
+        assert s.get(Job, job.id).status == "waiting"  # premise: nobody has closed the study
+
+        assert close_ended_studies(s) == [job.id]
+        s.expire_all()
+        closed = s.get(Job, job.id)
+        assert closed.status == "failed" and closed.error, closed.error
+        assert close_ended_studies(s) == []  # closed once
