@@ -1,4 +1,5 @@
-"""Demo client: submit a teacher job and an ICD distill job that references it, watch them, print mAP.
+"""Demo client: submit a teacher job, an ICD student and a `none` student (the same student trained
+without distillation, the baseline ICD must beat), watch them, print mAP.
 
 It talks to a running service over HTTP only (what any user script would do):
     python scripts/demo.py --url http://127.0.0.1:8000
@@ -63,6 +64,12 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--teacher", default=str(ROOT / "examples/teacher_shapes.yaml"))
     ap.add_argument("--student", default=str(ROOT / "examples/distill_shapes.yaml"))
+    ap.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the `none` student (about 2 minutes on 2 CPU cores)",
+    )
     args = ap.parse_args()
 
     with httpx.Client(base_url=args.url, timeout=30) as client:
@@ -72,11 +79,19 @@ def main() -> None:
         teacher = submit(client, teacher_spec)
         student_spec["teacher"]["checkpoint"] = f"job:{teacher['id']}"
         student = submit(client, student_spec)
+        ids = [teacher["id"], student["id"]]
+        baseline = None
+        if args.baseline:
+            none_spec = {**student_spec, "name": student_spec["name"].replace("-icd", "") + "-none"}
+            none_spec["distill"] = {**student_spec["distill"], "method": "none"}
+            baseline = submit(client, none_spec)
+            ids.append(baseline["id"])
         print(
-            f"submitted teacher job {teacher['id']} and ICD student job {student['id']} "
-            f"(waits for the teacher's checkpoint)"
+            f"submitted teacher job {teacher['id']}, ICD student job {student['id']}"
+            + (f" and the none student job {baseline['id']}" if baseline else "")
+            + " (the students wait for the teacher's checkpoint)"
         )
-        jobs = watch(client, [teacher["id"], student["id"]])
+        jobs = watch(client, ids)
 
         print(f"\n{'job':<28} {'status':<10} {'AP':>6} {'AP50':>6} {'AP75':>6}")
         for job in jobs.values():
@@ -85,6 +100,11 @@ def main() -> None:
             print(f"{job['name']:<28} {job['status']:<10} {' '.join(ap_)}")
             if job["status"] == "failed":
                 print(f"  error: {job.get('error')}")
+        if baseline is not None:
+            icd_ap = (jobs[student["id"]].get("final_metrics") or {}).get("AP")
+            none_ap = (jobs[baseline["id"]].get("final_metrics") or {}).get("AP")
+            if icd_ap is not None and none_ap is not None:
+                print(f"ICD student - none student: {icd_ap - none_ap:+.1f} AP")
         ckpts = client.get(f"/jobs/{student['id']}/checkpoints").json()
         final = [c["name"] for c in ckpts if c.get("final")]
         if final:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,43 +21,19 @@ import httpx
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-REDIS_DB = int(os.environ.get("ICD_TEST_REDIS_DB", "7"))
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from tests.helpers import (
+    IN_CI,
+    REPO,
+    TINY_MODEL,
+    flushed_redis_url,
+    free_port,
+    stop_process,
+    tiny_data,
+    wait_for,
+)
 
-MODEL = {
-    "detector": "retinanet",
-    "backbone": "resnet18",
-    "fpn_channels": 32,
-    "levels": ["p3", "p4", "p5"],
-    "anchor_sizes": [16, 32, 64],
-    "head_convs": 1,
-}
-DATA = {
-    "train": {
-        "format": "shapes",
-        "num_images": 16,
-        "image_size": 64,
-        "seed": 1,
-        "num_classes": 3,
-        "min_object": 8,
-        "max_object": 32,
-        "max_objects": 3,
-    },
-    "val": {
-        "format": "shapes",
-        "num_images": 8,
-        "image_size": 64,
-        "seed": 2,
-        "num_classes": 3,
-        "min_object": 8,
-        "max_object": 32,
-        "max_objects": 3,
-    },
-    "min_size": 64,
-    "max_size": 64,
-    "workers": 0,
-}
+MODEL = dict(TINY_MODEL)
+DATA = tiny_data()
 
 
 def train_spec(name: str, iterations: int, eval_every: int | None = None, lr: float = 0.01) -> dict[str, Any]:
@@ -111,45 +85,6 @@ def write_spec(path: Path, spec: dict[str, Any]) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _redis_url() -> str:
-    import redis
-
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).flushdb()
-    except redis.exceptions.ConnectionError as exc:
-        if IN_CI:
-            pytest.fail(f"Redis unreachable at {url} ({exc}); CI=true: the live-service tests must run")
-        pytest.skip(f"Redis unreachable at {url}: {exc}")
-    return url
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 @dataclass
 class LiveService:
     url: str
@@ -188,7 +123,7 @@ def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServi
     env.update(
         ICD_HOME=str(tmp / "home"),
         ICD_DATABASE_URL=db_url,
-        ICD_BROKER_URL=_redis_url(),
+        ICD_BROKER_URL=flushed_redis_url(),
         ICD_WORKER_HEARTBEAT_S="1",
         PYTHONPATH=str(REPO),
         OMP_NUM_THREADS="1",
@@ -244,8 +179,8 @@ def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServi
         yield service
     finally:
         http.close()
-        _stop(api, signal.SIGINT)
-        _stop(worker)
+        stop_process(api, signal.SIGINT)
+        stop_process(worker)
 
 
 # --- a headless Chromium (Debian's chromium + chromium-driver; never a downloaded browser) --------------

@@ -14,51 +14,21 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import TINY_MODEL, free_port, tiny_data, wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 PG_HOST = os.environ.get("ICD_TEST_PG_HOST", "127.0.0.1:5432")
 HOST = socket.gethostname()
 
-MODEL = {
-    "detector": "retinanet",
-    "backbone": "resnet18",
-    "fpn_channels": 32,
-    "levels": ["p3", "p4", "p5"],
-    "anchor_sizes": [16, 32, 64],
-    "head_convs": 1,
-}
-DATA = {
-    "train": {
-        "format": "shapes",
-        "num_images": 16,
-        "image_size": 64,
-        "seed": 1,
-        "num_classes": 3,
-        "min_object": 8,
-        "max_object": 32,
-        "max_objects": 3,
-    },
-    "val": {
-        "format": "shapes",
-        "num_images": 4,
-        "image_size": 64,
-        "seed": 2,
-        "num_classes": 3,
-        "min_object": 8,
-        "max_object": 32,
-        "max_objects": 3,
-    },
-    "min_size": 64,
-    "max_size": 64,
-    "workers": 0,
-}
+MODEL = dict(TINY_MODEL)
+DATA = tiny_data(val_images=4)
 
 
 def tiny_train_spec(name: str, iterations: int = 60, checkpoint_every: int = 10, **extra: Any) -> dict[str, Any]:
@@ -81,22 +51,6 @@ def tiny_train_spec(name: str, iterations: int = 60, checkpoint_every: int = 10,
         },
         **extra,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def icd_command() -> list[str]:

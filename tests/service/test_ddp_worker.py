@@ -18,44 +18,14 @@ from typing import Any
 
 import pytest
 
-from tests.service.test_worker_e2e import REPO, redis_url, service_env, stop_process, wait_for, wait_status
+from tests.helpers import REPO, TINY_MODEL, service_env, stop_process, tiny_data, wait_for
+from tests.helpers import flushed_redis_url as redis_url
+from tests.service.test_worker_e2e import wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(900)]
 
-MODEL = {
-    "detector": "retinanet",
-    "backbone": "resnet18",
-    "fpn_channels": 32,
-    "levels": ["p3", "p4", "p5"],
-    "anchor_sizes": [16, 32, 64],
-    "head_convs": 1,
-    "norm": "gn",
-}
-DATA = {
-    "train": {
-        "format": "shapes",
-        "num_images": 16,
-        "image_size": 64,
-        "seed": 1,
-        "num_classes": 3,
-        "min_object": 8,
-        "max_object": 32,
-        "max_objects": 3,
-    },
-    "val": {
-        "format": "shapes",
-        "num_images": 8,
-        "image_size": 64,
-        "seed": 2,
-        "num_classes": 3,
-        "min_object": 8,
-        "max_object": 32,
-        "max_objects": 3,
-    },
-    "min_size": 64,
-    "max_size": 64,
-    "workers": 0,
-}
+MODEL = {**TINY_MODEL, "norm": "gn"}
+DATA = tiny_data()
 
 
 def group_spec(iterations: int = 4, gpus: int = 2) -> dict[str, Any]:

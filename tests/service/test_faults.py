@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers import IN_CI, flushed_redis_url
+
 from .fault_harness import (
     HOST,
     PrivateRedis,
@@ -32,23 +34,7 @@ from .fault_harness import (
     wait_for,
 )
 
-REDIS_DB = int(os.environ.get("ICD_TEST_REDIS_DB", "7"))
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(300)]
-
-
-def _shared_redis() -> str:
-    import redis
-
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).flushdb()
-    except redis.exceptions.ConnectionError as exc:
-        if IN_CI:
-            pytest.fail(f"Redis unreachable at {url} ({exc})")
-        pytest.skip(f"Redis unreachable at {url}: {exc}")
-    return url
 
 
 @pytest.fixture
@@ -64,7 +50,7 @@ def database() -> Iterator[str]:
 
 @pytest.fixture
 def stk(tmp_path: Path, database: str) -> Iterator[Stack]:
-    with stack(tmp_path, database, _shared_redis()) as st:
+    with stack(tmp_path, database, flushed_redis_url()) as st:
         yield st
 
 
@@ -142,7 +128,7 @@ def test_cancel_works_on_a_job_whose_worker_is_dead(stk: Stack) -> None:
 
 
 def test_a_job_outliving_the_visibility_timeout_runs_once(tmp_path: Path, database: str) -> None:
-    with stack(tmp_path, database, _shared_redis(), extra_env={"ICD_REDIS_VISIBILITY_TIMEOUT_S": "1"}) as st:
+    with stack(tmp_path, database, flushed_redis_url(), extra_env={"ICD_REDIS_VISIBILITY_TIMEOUT_S": "1"}) as st:
         st.start_worker("h")
         st.start_worker("i")
         st.wait_workers_alive("h", "i")

@@ -8,60 +8,32 @@ module runs in about a minute on two CPU cores.
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-# A database number the other tests leave alone; flushed at the start. ICD_TEST_REDIS_DB lets two
-# checkouts run the suite side by side on one Redis.
-REDIS_DB = int(os.environ.get("ICD_TEST_REDIS_DB", "7"))
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from tests.helpers import (
+    REDIS_DB,
+    REPO,
+    TINY_MODEL,
+    free_port,
+    service_env,
+    stop_process,
+    tiny_data,
+    wait_for,
+)
+from tests.helpers import flushed_redis_url as redis_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-MODEL = {
-    "detector": "retinanet",
-    "backbone": "resnet18",
-    "fpn_channels": 32,
-    "levels": ["p3", "p4", "p5"],
-    "anchor_sizes": [16, 32, 64],
-    "head_convs": 1,
-}
-DATA = {
-    "train": {
-        "format": "shapes",
-        "num_images": 16,
-        "image_size": 64,
-        "seed": 1,
-        "num_classes": 3,
-        "min_object": 8,
-        "max_object": 32,
-        "max_objects": 3,
-    },
-    "val": {
-        "format": "shapes",
-        "num_images": 8,
-        "image_size": 64,
-        "seed": 2,
-        "num_classes": 3,
-        "min_object": 8,
-        "max_object": 32,
-        "max_objects": 3,
-    },
-    "min_size": 64,
-    "max_size": 64,
-    "workers": 0,
-}
+MODEL = dict(TINY_MODEL)
+DATA = tiny_data()
 
 
 def train_spec(name: str = "teacher", iterations: int = 4, **schedule: Any) -> dict[str, Any]:
@@ -102,22 +74,6 @@ def distill_spec(teacher_ref: str) -> dict[str, Any]:
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def wait_status(client: Any, job_id: int, statuses: set[str], timeout: float = 300) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         job = client.get(f"/jobs/{job_id}").json()
@@ -142,37 +98,6 @@ def check_final_checkpoint(client: Any, job_id: int) -> None:
     digest = hashlib.sha256(r.content).hexdigest()
     assert digest == r.headers["x-checkpoint-sha256"] == ck["sha256"]
     assert int(r.headers["content-length"]) == len(r.content) == ck["size_bytes"]
-
-
-def redis_url() -> str:
-    """The test Redis database, flushed; skip on a laptop without Redis, fail under CI=true."""
-    import redis
-
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).flushdb()
-    except redis.exceptions.ConnectionError as exc:
-        if IN_CI:
-            pytest.fail(f"Redis unreachable at {url} ({exc}); CI=true: the end-to-end test must run")
-        pytest.skip(f"Redis unreachable at {url}: {exc}")
-    return url
-
-
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    return proc.returncode
-
-
-def service_env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ICD_")}
-    env.update(ICD_HOME=str(tmp / "home"), ICD_WORKER_HEARTBEAT_S="1", PYTHONPATH=str(REPO), **extra)
-    return env
 
 
 # --- a real Celery worker on Redis ----------------------------------------------------------------

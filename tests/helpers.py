@@ -1,0 +1,105 @@
+"""What the end-to-end tests share: the tiny model and data they train, the test Redis database, and
+small process and polling helpers. One copy, so a change to the tiny run changes every test alike."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# A Redis database number the other tests leave alone, flushed by `flushed_redis_url`; ICD_TEST_REDIS_DB
+# lets two checkouts run the suite side by side on one Redis.
+REDIS_DB = int(os.environ.get("ICD_TEST_REDIS_DB", "7"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# A RetinaNet-R18 with a 32-wide FPN on 64 px shapes: about 0.1-0.3 s a training step on one CPU thread.
+TINY_MODEL: dict[str, Any] = {
+    "detector": "retinanet",
+    "backbone": "resnet18",
+    "fpn_channels": 32,
+    "levels": ["p3", "p4", "p5"],
+    "anchor_sizes": [16, 32, 64],
+    "head_convs": 1,
+}
+
+
+def tiny_shapes(num_images: int, seed: int) -> dict[str, Any]:
+    return {
+        "format": "shapes",
+        "num_images": num_images,
+        "image_size": 64,
+        "seed": seed,
+        "num_classes": 3,
+        "min_object": 8,
+        "max_object": 32,
+        "max_objects": 3,
+    }
+
+
+def tiny_data(val_images: int = 8) -> dict[str, Any]:
+    """16 training images (seed 1) and `val_images` validation images (seed 2), at 64 px."""
+    return {
+        "train": tiny_shapes(16, 1),
+        "val": tiny_shapes(val_images, 2),
+        "min_size": 64,
+        "max_size": 64,
+        "workers": 0,
+    }
+
+
+def flushed_redis_url() -> str:
+    """The test Redis database, flushed; skip on a laptop without Redis, fail under CI=true."""
+    import redis
+
+    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).flushdb()
+    except redis.exceptions.ConnectionError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis unreachable at {url} ({exc}); CI=true: these tests must run")
+        pytest.skip(f"Redis unreachable at {url}: {exc}")
+    return url
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """predicate()'s first truthy value, polled every `interval` s; AssertionError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+    """Send `sig` and wait; SIGKILL after `timeout`. Returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+def service_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """This environment without any ICD_ setting, a home under `tmp`, a 1 s heartbeat, and `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ICD_")}
+    env.update(ICD_HOME=str(tmp / "home"), ICD_WORKER_HEARTBEAT_S="1", PYTHONPATH=str(REPO), **extra)
+    return env
