@@ -80,6 +80,8 @@ class Job(Base):
         Index("ix_jobs_status_id", "status", "id"),
         Index("ix_jobs_kind_id", "kind", "id"),
         Index("ix_jobs_name_id", "name", "id"),
+        # `search` (name contains, any case): a trigram GIN index on PostgreSQL (migration 0005).
+        Index("ix_jobs_name_trgm", "name", postgresql_using="gin", postgresql_ops={"name": "gin_trgm_ops"}),
         Index("ix_jobs_parent_id_id", "parent_id", "id"),
         Index("ix_jobs_owner_id", "owner", "id"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),  # the reaper's scan

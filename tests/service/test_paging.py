@@ -127,6 +127,8 @@ def test_every_list_filter_is_served_by_an_index(pg_url: str) -> None:
             {"cursor": cursor},
             {"status": "running", "cursor": cursor},
             {"name": "exp-7", "cursor": cursor},
+            {"search": "xp-7"},  # free text: the name contains it (a trigram index on PostgreSQL)
+            {"search": "xp-7", "cursor": cursor},
         ]
         statements: list[tuple[str, Any]] = []
 
