@@ -165,6 +165,10 @@ def api_and_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.setenv("ICD_DATABASE_URL", f"sqlite:///{tmp_path / 'icd.db'}")
     monkeypatch.setenv("ICD_BROKER_URL", f"sqla+sqlite:///{tmp_path / 'broker.db'}")
     monkeypatch.setenv("ICD_DATA_ROOTS", str(tmp_path / "data"))
+    # The task runs in this process without the worker's heartbeat thread, so nothing renews its lease
+    # between progress reports: an evaluation-only attempt on a loaded machine outlived the 20 s default
+    # and the API's reaper took it back (CI). A lease longer than any test keeps the reaper out of it.
+    monkeypatch.setenv("ICD_LEASE_TIMEOUT_S", "600")
     get_settings.cache_clear()
     db.dispose()
     upgrade_database(get_settings().database_url)
