@@ -79,12 +79,33 @@ def _client(broker_url: str) -> Any:
 
 
 def enqueue(job_id: int, queue: str, broker_url: str) -> str:
-    """Publish icd.run_job(job_id) on `queue`; returns the Celery task id. Raises BrokerUnavailable."""
+    """Publish icd.run_job(job_id) on `queue`; returns the Celery task id. Raises BrokerUnavailable.
+
+    A failed publish is tried once more on a fresh client: a cached client's channel can come back
+    broken (seen in CI with the embedded SQLite broker: "'NoneType' object has no attribute 'client'"
+    on the first POST), and a duplicate message is harmless because claiming a job is guarded.
+    """
     try:
-        result = _client(broker_url).send_task(TASK_NAME, args=[int(job_id)], queue=queue)
+        return _publish(job_id, queue, broker_url)
+    except Exception:  # noqa: BLE001 - tried again below, where the error is reported
+        _drop_client(broker_url)
+    try:
+        return _publish(job_id, queue, broker_url)
     except Exception as exc:  # kombu/redis raise many types; the caller only needs "not sent"
         raise BrokerUnavailable(f"broker unreachable ({_safe(broker_url)}): {exc}") from exc
-    return str(result.id)
+
+
+def _publish(job_id: int, queue: str, broker_url: str) -> str:
+    return str(_client(broker_url).send_task(TASK_NAME, args=[int(job_id)], queue=queue).id)
+
+
+def _drop_client(broker_url: str) -> None:
+    """Forget the cached client (and close its connections) so the next call builds a new one."""
+    try:
+        _client(broker_url).close()
+    except Exception:  # noqa: BLE001, S110 - it is being thrown away
+        pass
+    _client.cache_clear()
 
 
 def _safe(url: str) -> str:
