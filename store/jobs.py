@@ -626,10 +626,37 @@ def _cancel_if_worker_lost(s: Session, job_id: int) -> None:
         )
 
 
-def unservable_queued(s: Session, live_queues: Iterable[str]) -> list[Job]:
-    """Queued jobs on a queue that no live worker consumes (e.g. device: cuda and no GPU worker)."""
-    live = set(live_queues)
-    return [j for j in s.scalars(select(Job).where(Job.status == "queued").order_by(Job.id)) if j.queue not in live]
+def unservable_queued(
+    s: Session, live_queues: Iterable[str], untouched_since: datetime | None = None, limit: int | None = None
+) -> list[Job]:
+    """Queued jobs on a queue that no live worker consumes (e.g. device: cuda and no GPU worker), oldest id
+    first. Filtered in SQL: the reaper runs this every pass, and a big table can hold 100k queued jobs."""
+    query = select(Job).where(Job.status == "queued")
+    live = sorted(set(live_queues))
+    if live:
+        query = query.where(Job.queue.not_in(live))
+    if untouched_since is not None:
+        query = query.where(Job.updated_at <= untouched_since)
+    return list(s.scalars(query.order_by(Job.id).limit(limit)))
+
+
+def unservable_queues(s: Session, live_queues: Iterable[str], per_queue: int = 10) -> dict[str, list[int]]:
+    """{queue: the first `per_queue` + 1 queued job ids} for every queue with queued jobs and no live worker."""
+    live = sorted(set(live_queues))
+    queued = select(Job.queue).where(Job.status == "queued").distinct()
+    if live:
+        queued = queued.where(Job.queue.not_in(live))
+    return {
+        queue: list(
+            s.scalars(
+                select(Job.id).where(Job.status == "queued", Job.queue == queue).order_by(Job.id).limit(per_queue + 1)
+            )
+        )
+        for queue in s.scalars(queued)
+    }
+
+
+UNSERVABLE_BATCH = 500  # jobs one reaper pass fails at most; the next pass goes on
 
 
 def fail_unservable(s: Session, live_queues: Iterable[str], wait_s: float, now: datetime | None = None) -> list[int]:
@@ -637,9 +664,7 @@ def fail_unservable(s: Session, live_queues: Iterable[str], wait_s: float, now: 
     and untouched since it was read)."""
     now = now or utcnow()
     failed: list[int] = []
-    for job in unservable_queued(s, live_queues):
-        if job.updated_at > now - timedelta(seconds=wait_s):
-            continue
+    for job in unservable_queued(s, live_queues, now - timedelta(seconds=wait_s), UNSERVABLE_BATCH):
         if (
             _transition(
                 s,

@@ -85,6 +85,7 @@ class Job(Base):
         Index("ix_jobs_parent_id_id", "parent_id", "id"),
         Index("ix_jobs_owner_id", "owner", "id"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),  # the reaper's scan
+        Index("ix_jobs_status_updated_at", "status", "updated_at"),  # the reaper's unservable scan
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -19,7 +19,7 @@ from store.jobs import (
     reap_expired_leases,
     release_dependents,
     unservable_message,
-    unservable_queued,
+    unservable_queues,
 )
 from store.models import Job, utcnow
 from store.settings import Settings
@@ -63,9 +63,7 @@ def status_detail(s: Session, job: Job, settings: Settings) -> str | None:
 
 def unservable_warnings(s: Session, settings: Settings) -> list[str]:
     """One line per queue that has queued jobs and no live worker (for /health)."""
-    by_queue: dict[str, list[int]] = {}
-    for job in unservable_queued(s, live_queues(s, _alive_window(settings))):
-        by_queue.setdefault(job.queue, []).append(job.id)
+    by_queue = unservable_queues(s, live_queues(s, _alive_window(settings)))
     return [
         f"jobs {ids[:10]}{' ...' if len(ids) > 10 else ''} cannot start: {unservable_message(queue)}"
         for queue, ids in sorted(by_queue.items())

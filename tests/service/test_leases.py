@@ -161,6 +161,23 @@ def test_unservable_job_is_reported_then_failed(session: Session, tmp_path: Path
     assert q.get_job(session, cpu).status == "queued"  # type: ignore[union-attr]
 
 
+def test_unservable_jobs_are_failed_in_batches_and_listed_ten_per_queue(
+    session: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan is filtered in SQL (a pass reads the jobs it fails, not every queued job) and bounded per pass."""
+    monkeypatch.setattr(q, "UNSERVABLE_BATCH", 5)
+    settings = _settings(tmp_path, unservable_timeout_s=100)
+    ids = [_job(session, "cuda") for _ in range(12)]
+    warnings = unservable_warnings(session, settings)
+    assert warnings == [f"jobs {ids[:10]} ... cannot start: {q.unservable_message('cuda')}"]
+    later = q.utcnow() + timedelta(seconds=101)
+    assert q.unservable_queued(session, ["cpu"], untouched_since=q.utcnow() - timedelta(seconds=100)) == []
+    assert reaper_pass(session, settings, now=later).ended == ids[:5]  # oldest first, one batch per pass
+    assert reaper_pass(session, settings, now=later).ended == ids[5:10]
+    assert reaper_pass(session, settings, now=later).ended == ids[10:]
+    assert unservable_warnings(session, settings) == []
+
+
 def test_a_resumed_attempt_drops_the_superseded_points(session: Session) -> None:
     jid = _job(session)
     q.claim_job(session, jid, "w1")

@@ -113,6 +113,7 @@ def test_every_list_filter_is_served_by_an_index(pg_url: str) -> None:
         with engine.begin() as conn:
             conn.execute(text(_BULK_JOBS), {"n": 60_000})
             conn.execute(text("UPDATE jobs SET parent_id = 1 + (id / 100) * 100 WHERE id % 100 <> 0 AND id > 100"))
+            conn.execute(text("UPDATE jobs SET lease_expires_at = now() + interval '1 day' WHERE status = 'running'"))
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("VACUUM ANALYZE jobs"))  # what autovacuum keeps true of a big table
         cursor = paging.encode_cursor(30_000)
@@ -152,6 +153,17 @@ def test_every_list_filter_is_served_by_an_index(pg_url: str) -> None:
                         assert "Seq Scan" not in plan, f"{case}: {sql}\n{plan}"
                         assert "Index" in plan, f"{case}: {sql}\n{plan}"
                 event.listen(engine, "before_cursor_execute", capture)
+            # The reaper's scans run every 2 s in the API and in every worker: indexed too.
+            statements.clear()
+            q.reap_expired_leases(s)
+            q.fail_unservable(s, ["cpu", "any"], wait_s=600)
+            s.rollback()
         event.remove(engine, "before_cursor_execute", capture)
+        reaper_sql = [(sql, params) for sql, params in statements if "FROM jobs" in sql]
+        assert len(reaper_sql) >= 2, statements
+        with engine.connect() as conn:
+            for sql, params in reaper_sql:
+                plan = "\n".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {sql}", params))
+                assert "Seq Scan" not in plan and "Index" in plan, f"reaper: {sql}\n{plan}"
     finally:
         engine.dispose()
