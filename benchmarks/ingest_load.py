@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import random
 import statistics
 import sys
@@ -39,6 +40,10 @@ def run_workers(url: str, job_ids: list[int], args: dict[str, Any], start_at: fl
     from store.db import make_engine, session_factory
     from worker.reporter import DbReporter
 
+    if args["worker_nice"]:
+        # The simulated workers stand in for training machines elsewhere: niced, their Python gets the CPU
+        # the API and PostgreSQL leave, instead of taking it from the reads being measured.
+        os.nice(args["worker_nice"])
     # Workers share a few connections per process (as behind pgbouncer): 100 workers with a connection
     # each would exceed a default max_connections of 100.
     engine = make_engine(url, pool_size=args["pool"], max_overflow=0, pool_timeout=60)
@@ -82,10 +87,20 @@ def run_workers(url: str, job_ids: list[int], args: dict[str, Any], start_at: fl
     out.put(sent)
 
 
-def read_loop(base: str, job_ids: list[int], stop: threading.Event, lat: dict[str, list[float]]) -> None:
+def read_loop(
+    base: str, job_ids: list[int], stop: threading.Event, lat: dict[str, list[float]], every_s: float = 0.0
+) -> None:
+    """One client: the list, a job's new points and its downsampled curve, again and again -- back to back
+    (every_s=0: a saturating client), or starting a round every `every_s` seconds (a dashboard polling)."""
     rng = random.Random()
     with httpx.Client(base_url=base, timeout=30) as c:
+        next_round = time.monotonic() + rng.random() * every_s
         while not stop.is_set():
+            if every_s:
+                stop.wait(max(0.0, next_round - time.monotonic()))
+                next_round += every_s
+                if stop.is_set():
+                    break
             job = rng.choice(job_ids)
             for label, path in (
                 ("GET /jobs?limit=50", "/jobs?limit=50"),
@@ -125,15 +140,20 @@ def main() -> None:
     ap.add_argument("--flush-s", type=float, default=1.0)
     ap.add_argument("--duration", type=float, default=180.0)
     ap.add_argument("--readers", type=int, default=4)
+    ap.add_argument("--read-every", type=float, default=0.0, help="s between a reader's rounds (0: back to back)")
     ap.add_argument("--pool", type=int, default=6, help="database connections per writer process")
     ap.add_argument("--api-procs", type=int, default=2)
+    ap.add_argument(
+        "--worker-nice", type=int, default=0, help="nice level of the simulated workers (19: remote machines' share)"
+    )
     ap.add_argument("--admin-url", default=None)
     args = ap.parse_args()
     rate = args.workers * args.steps_per_s * args.series
     print(
         f"{args.workers} workers x {args.steps_per_s:g} steps/s x {args.series} series = {rate:,.0f} points/s "
-        f"offered, flush every {args.flush_s:g} s, {args.duration:g} s; {args.readers} readers on "
-        f"{args.api_procs} API processes",
+        f"offered, flush every {args.flush_s:g} s, {args.duration:g} s; {args.readers} readers "
+        f"({'back to back' if not args.read_every else f'a round every {args.read_every:g} s'}) on "
+        f"{args.api_procs} API processes; simulated workers at nice {args.worker_nice}",
         flush=True,
     )
 
@@ -147,7 +167,9 @@ def main() -> None:
             job_ids = []
             for i in range(args.workers):
                 jid = create_job(s, {"kind": "train"}, "train", f"load-{i}", "any").id
-                claim_job(s, jid, f"sim{i}@bench")
+                # A lease for the whole run: a real worker's heartbeat renews it, the simulation has none,
+                # and the API's reaper must not take the jobs back mid-run.
+                claim_job(s, jid, f"sim{i}@bench", lease_s=args.duration + 600)
                 job_ids.append(jid)
         engine.dispose()
         home = Path(f"/tmp/icd-ingest-{job_ids[0]}-{time.time_ns()}")
@@ -162,7 +184,10 @@ def main() -> None:
                 p.start()
             time.sleep(max(0.0, start_at - time.time()) + args.flush_s + 1)
             stop, lat = threading.Event(), {}
-            readers = [threading.Thread(target=read_loop, args=(base, job_ids, stop, lat)) for _ in range(args.readers)]
+            readers = [
+                threading.Thread(target=read_loop, args=(base, job_ids, stop, lat, args.read_every))
+                for _ in range(args.readers)
+            ]
             for r in readers:
                 r.start()
             windows: list[tuple[float, int]] = [(time.monotonic(), stored_points(libpq))]

@@ -23,7 +23,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import ROOT, api_server, scratch_database  # noqa: E402
-from benchmarks.scale_latency import BIG_JOB, BULK_SQL, JOBS_SQL, ROLLUP_SQL, SPEC  # noqa: E402
+from benchmarks.scale_latency import BIG_JOB, BULK_SQL, JOBS_SQL, ROLLUP_SQL, SPEC, STEADY_STATE  # noqa: E402
 from store.db import upgrade_database  # noqa: E402
 
 BIG_SERIES_SQL = """
@@ -70,7 +70,9 @@ def main() -> None:
         print(f"seeded {args.jobs:,} jobs, {args.metric_jobs * 10_000 + 1_000_000:,} metric points", flush=True)
         out = Path(tempfile.mkdtemp(prefix="icd-locust-")) / "run"
         try:
-            with api_server(url, workers=args.api_procs, extra_env={"ICD_BROKER_URL": args.broker}) as base:
+            with api_server(
+                url, workers=args.api_procs, extra_env={**STEADY_STATE, "ICD_BROKER_URL": args.broker}
+            ) as base:
                 ids = ",".join(str(BIG_JOB + 1 + i) for i in range(args.metric_jobs))
                 env = {**os.environ, "ICD_LOAD_JOB_IDS": ids, "ICD_LOAD_BIG_JOB": str(BIG_JOB)}
                 cmd = [
