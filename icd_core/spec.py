@@ -205,6 +205,14 @@ class ICDOptions(StrictModel):
     )
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     lr: float = Field(1.0e-4, gt=0.0, le=1.0)
+    adapter_lr: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="The student adapter's own AdamW lr (same cosine); null: `lr`, the paper's. A labelled variant: "
+        "in a short schedule the adapter barely moves during the bypass at 1e-4, so the student is pulled toward "
+        "a random projection of the teacher when the bypass ends.",
+    )
     weight_decay: float = Field(1.0e-4, ge=0.0, le=1.0)
     grad_clip: float = Field(0.01, gt=0.0, description="Global grad-norm clip of the ICD modules.")
     query_chunk: int = Field(64, ge=1, le=4096, description="Queries per attention chunk (memory bound).")

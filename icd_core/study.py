@@ -16,7 +16,15 @@ from typing import Any
 from .engine.callbacks import Callback, EvalResult, TrainingDiverged
 from .leaderboard import BASELINE, build_leaderboard, write_report
 from .spec import DataSpec, EvaluateSpec, ModelSpec, StudySpec
-from .study_plan import check_study, child_folder, child_result, child_specs, preflight, teacher_train_spec
+from .study_plan import (
+    check_study,
+    child_folder,
+    child_result,
+    child_specs,
+    preflight,
+    row_label,
+    teacher_train_spec,
+)
 
 log = logging.getLogger(__name__)
 CallbacksFactory = Callable[[str], Sequence[Callback]]
@@ -151,10 +159,10 @@ def run_study_local(
                 run_spec(spec, folder, callbacks(spec.name), resume=True, cache_dir=cache)
             except TrainingDiverged as exc:
                 log.warning("%s failed: %s", spec.name, exc)
-                results.append(child_result(method, seed, None, error=str(exc)))
+                results.append(child_result(row_label(method, spec), seed, None, error=str(exc)))
                 continue
             summary = _read_json(folder / "summary.json")
-        row = child_result(method, seed, summary)
+        row = child_result(row_label(method, spec), seed, summary)
         results.append(row)
         # A partial report after every child, so a long study can be watched (and survives a stop).
         write_report(results, out, teacher=teacher_row, name=study.name, notes=notes)

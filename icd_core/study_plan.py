@@ -17,7 +17,15 @@ from typing import Any
 
 from .engine.callbacks import EvalResult
 from .leaderboard import BASELINE
-from .spec import ICD_PRETRAINED, PRESET_ITERS_AT_16, DistillJobSpec, ICDPretrainSpec, StudySpec, TrainSpec
+from .spec import (
+    ICD_PRETRAINED,
+    PRESET_ITERS_AT_16,
+    DistillJobSpec,
+    ICDOptions,
+    ICDPretrainSpec,
+    StudySpec,
+    TrainSpec,
+)
 
 # The paper fixes iteration counts for COCO 1x (90k iterations at batch 16): LR warm-up 1000 and the
 # ICD bypass 1000 (ICD_SPEC §6-7). A study keeps the warm-up's share of training (see `scaled_iterations`).
@@ -185,6 +193,23 @@ def study_method(spec: Mapping[str, Any]) -> str:
     return str(distill["method"])
 
 
+# ICD optimisation knobs a study may change; a row whose value differs from the paper's is a labelled variant
+# ("icd_pretrained (adapter_lr=0.001)"), so a tuned ICD is never shown as the paper's protocol. The
+# architecture and schedule knobs (heads, bypass_iters, ...) are stated in the spec and not labelled, nor
+# is distill.weight: a study applies it to every method alike.
+LABELLED_ICD_KNOBS = ("lr", "adapter_lr", "weight_decay", "grad_clip", "temperature")
+
+
+def row_label(method: str, spec: DistillJobSpec | Mapping[str, Any]) -> str:
+    """The leaderboard row of a child: its method, plus every ICD knob set away from the paper's value."""
+    if not method.startswith("icd"):
+        return method
+    data = spec.model_dump(mode="json") if isinstance(spec, DistillJobSpec) else spec
+    icd, paper = data["distill"].get("icd") or {}, ICDOptions().model_dump(mode="json")
+    knobs = [f"{k}={icd[k]:g}" for k in LABELLED_ICD_KNOBS if icd.get(k) is not None and icd[k] != paper[k]]
+    return f"{method} ({', '.join(knobs)})" if knobs else method
+
+
 def result_from_job(
     spec: Mapping[str, Any],
     status: str,
@@ -197,7 +222,7 @@ def result_from_job(
     """The leaderboard row of a child job stored by the service (method and seed read from its spec)."""
     ok = status == "succeeded" and final_metrics is not None
     return {
-        "method": study_method(spec),
+        "method": row_label(study_method(spec), spec),
         "seed": int(spec["seed"]),
         "metrics": dict(final_metrics) if ok else None,
         "sec_per_step": sec_per_step,

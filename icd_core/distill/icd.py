@@ -326,9 +326,19 @@ class ICDDistiller(Distiller):
 
     # --- optimisation --------------------------------------------------------------------------
     def make_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        """AdamW over every ICD module (encoder, decoder, aux head, adapter), cosine decay to 0."""
+        """AdamW over every ICD module (encoder, decoder, aux head, adapter), cosine decay to 0.
+
+        With `adapter_lr` the adapter is a second parameter group (the first stays the decoder side, whose lr
+        is logged as lr_distill); without it one group, as in the release, so older checkpoints resume.
+        """
         total = max(1, int(total_steps))
-        opt = torch.optim.AdamW(self.parameters(), lr=self.opts.lr, weight_decay=self.opts.weight_decay)
+        groups: list[dict] = [{"params": list(self.parameters())}]
+        if self.opts.adapter_lr is not None:
+            groups = [
+                {"params": self.decoder_parameters()},
+                {"params": list(self.adapter.parameters()), "lr": self.opts.adapter_lr},
+            ]
+        opt = torch.optim.AdamW(groups, lr=self.opts.lr, weight_decay=self.opts.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
         )

@@ -319,6 +319,22 @@ def test_optimizer_covers_icd_modules_with_cosine_schedule_and_clip() -> None:
     assert set(report) >= {"icd_ident_acc", "icd_real_queries", "icd_fake_queries", "icd_attn_entropy"}
 
 
+def test_adapter_lr_is_its_own_group_on_the_same_cosine() -> None:
+    """adapter_lr (a labelled variant) moves only the adapter's lr; null keeps the release's single group."""
+    assert len(make_distiller(lr=1e-4).make_optimizer(4)[0].param_groups) == 1
+    d = make_distiller(lr=1e-4, adapter_lr=1e-2)
+    opt, sched = d.make_optimizer(total_steps=4)
+    decoder_side, adapter = opt.param_groups
+    assert {id(p) for p in adapter["params"]} == {id(p) for p in d.adapter.parameters()}
+    assert {id(p) for p in decoder_side["params"]} == {id(p) for p in d.decoder_parameters()}
+    assert len(decoder_side["params"]) + len(adapter["params"]) == len(list(d.parameters()))
+    opt.step()
+    sched.step()
+    opt.step()
+    sched.step()  # half-way through the cosine: both groups at half their base lr
+    assert (decoder_side["lr"], adapter["lr"]) == (pytest.approx(5e-5), pytest.approx(5e-3))
+
+
 def test_one_step_with_real_detectors() -> None:
     """Contract check: student.forward_train + teacher.teacher_features feed ICD; one joint backward works."""
     from icd_core.detectors import build_detector

@@ -19,6 +19,7 @@ from icd_core.study_plan import (
     child_specs,
     preflight,
     result_from_job,
+    row_label,
     scaled_iterations,
     teacher_train_spec,
 )
@@ -395,6 +396,24 @@ def test_pretrained_icd_is_its_own_row_and_plain_icd_stays_joint() -> None:
     assert result_from_job(joint.model_dump(mode="json"), "succeeded", {"AP": 2.0})["method"] == "icd"
     defaults = {(m, s): spec for m, s, spec in child_specs(tiny_study(methods=["icd_pretrained"]), "t.pt")}
     assert defaults[("icd_pretrained", 0)].distill.icd.pretrain.steps == 3000
+
+
+def test_a_changed_icd_knob_is_a_labelled_row_and_the_paper_protocol_is_not() -> None:
+    study = tiny_study(methods=["icd", "icd_pretrained", "fitnet"], distill={"icd": {"adapter_lr": 1e-3}})
+    children = {(m, s): spec for m, s, spec in child_specs(study, "job:1")}
+    labels = {m: row_label(m, spec) for (m, _), spec in children.items()}
+    assert labels == {
+        "none": "none",
+        "icd": "icd (adapter_lr=0.001)",
+        "icd_pretrained": "icd_pretrained (adapter_lr=0.001)",
+        "fitnet": "fitnet",
+    }
+    service = result_from_job(children[("icd_pretrained", 0)].model_dump(mode="json"), "succeeded", {"AP": 1.0})
+    assert service["method"] == "icd_pretrained (adapter_lr=0.001)"  # the service labels it the same way
+    paper = child_specs(tiny_study(methods=["icd"], distill={"icd": {"lr": 1e-4}}), "t.pt")[1][2]
+    assert row_label("icd", paper) == "icd"  # the paper's value, written out, is not a variant
+    tuned = child_specs(tiny_study(methods=["icd"], distill={"weight": 2.0, "icd": {"lr": 3e-4}}), "t.pt")[1][2]
+    assert row_label("icd", tuned) == "icd (lr=0.0003)"  # the shared distill.weight is every method's
 
 
 @pytest.mark.slow
