@@ -55,6 +55,70 @@ def tiny_data(val_images: int = 8) -> dict[str, Any]:
     }
 
 
+def tiny_schedule(iterations: int = 4, every: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """`iterations` steps at batch 2, lr 0.01, evaluated and checkpointed every `every` steps (default: once,
+    at the end); `overrides` replace any schedule field."""
+    every = iterations if every is None else every
+    return {
+        "iterations": iterations,
+        "batch_size": 2,
+        "lr": 0.01,
+        "warmup_iters": 0,
+        "eval_every": every,
+        "checkpoint_every": every,
+        "log_every": 1,
+        **overrides,
+    }
+
+
+def tiny_train_spec(
+    name: str = "teacher", iterations: int = 4, every: int | None = None, data: dict | None = None, **schedule: Any
+) -> dict[str, Any]:
+    """A TINY_MODEL train job (about 0.1-0.3 s a step). Long runs take a smaller lr: at 0.01 this model can
+    diverge after about 50 steps, which would fail the job."""
+    return {
+        "kind": "train",
+        "name": name,
+        "device": "cpu",
+        "data": data or tiny_data(),
+        "model": dict(TINY_MODEL),
+        "schedule": tiny_schedule(iterations, every, **schedule),
+    }
+
+
+def tiny_distill_spec(teacher_ref: str, name: str = "student") -> dict[str, Any]:
+    """An ICD student of the teacher `teacher_ref` (a path or job:<id>), 4 steps, no bypass."""
+    return {
+        "kind": "distill",
+        "name": name,
+        "device": "cpu",
+        "data": tiny_data(),
+        "teacher": {**TINY_MODEL, "checkpoint": teacher_ref},
+        "student": dict(TINY_MODEL),
+        "distill": {"method": "icd", "icd": {"bypass_iters": 0, "heads": 8}},
+        "schedule": tiny_schedule(4),
+    }
+
+
+def tiny_study_spec(name: str = "tiny-study") -> dict[str, Any]:
+    """The service trains the teacher as a child job, then one `none` and one `icd` student (4 steps each)."""
+    return {
+        "kind": "study",
+        "name": name,
+        "device": "cpu",
+        "data": tiny_data(),
+        "teacher": dict(TINY_MODEL),
+        "student": dict(TINY_MODEL),
+        "teacher_schedule": tiny_schedule(4),
+        "schedule": tiny_schedule(4),
+        "methods": ["none", "icd"],
+        "seeds": [0],
+        "teacher_min_ap": 0.0,
+        "require_teacher_better": False,
+        "distill": {"icd": {"bypass_iters": 0}},
+    }
+
+
 def flushed_redis_url() -> str:
     """The test Redis database, flushed; skip on a laptop without Redis, fail under CI=true."""
     import redis

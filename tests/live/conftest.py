@@ -24,60 +24,11 @@ import yaml
 from tests.helpers import (
     IN_CI,
     REPO,
-    TINY_MODEL,
     flushed_redis_url,
     free_port,
     stop_process,
-    tiny_data,
     wait_for,
 )
-
-MODEL = dict(TINY_MODEL)
-DATA = tiny_data()
-
-
-def train_spec(name: str, iterations: int, eval_every: int | None = None, lr: float = 0.01) -> dict[str, Any]:
-    """A tiny RetinaNet on 64 px shapes; `iterations` sets how long it runs (about 0.1-0.3 s a step). Long runs
-    take a smaller lr: at 0.01 this model can diverge after about 50 steps, which would fail the job."""
-    every = eval_every or iterations
-    sched = {
-        "iterations": iterations,
-        "batch_size": 2,
-        "lr": lr,
-        "warmup_iters": 0,
-        "eval_every": every,
-        "checkpoint_every": every,
-        "log_every": 1,
-    }
-    return {"kind": "train", "name": name, "device": "cpu", "data": DATA, "model": dict(MODEL), "schedule": sched}
-
-
-def study_spec(name: str = "tiny-study") -> dict[str, Any]:
-    """The service trains the teacher as a child, then one `none` and one `icd` student."""
-    sched = {
-        "iterations": 4,
-        "batch_size": 2,
-        "lr": 0.01,
-        "warmup_iters": 0,
-        "eval_every": 4,
-        "checkpoint_every": 4,
-        "log_every": 1,
-    }
-    return {
-        "kind": "study",
-        "name": name,
-        "device": "cpu",
-        "data": DATA,
-        "teacher": dict(MODEL),
-        "student": dict(MODEL),
-        "teacher_schedule": sched,
-        "schedule": sched,
-        "methods": ["none", "icd"],
-        "seeds": [0],
-        "teacher_min_ap": 0.0,
-        "require_teacher_better": False,
-        "distill": {"icd": {"bypass_iters": 0}},
-    }
 
 
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:

@@ -15,7 +15,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.live.conftest import LiveService, study_spec, train_spec, wait_for
+from tests.helpers import tiny_study_spec, tiny_train_spec
+from tests.live.conftest import LiveService, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(900)]
 
@@ -81,7 +82,7 @@ def test_docs_list_operations_and_try_it_out_creates_a_job(live_service: LiveSer
 
 
 def test_dashboard_lists_a_running_job_charts_it_live_and_cancels_it(live_service: LiveService, browser: Any) -> None:
-    job = live_service.submit(train_spec("browser-long", iterations=2000, eval_every=1000, lr=0.001))
+    job = live_service.submit(tiny_train_spec("browser-long", 2000, every=1000, lr=0.001))
     browser.get(f"{live_service.url}/")
     row = until(
         browser,
@@ -158,7 +159,7 @@ def test_dashboard_lists_a_running_job_charts_it_live_and_cancels_it(live_servic
 def test_submit_form_shows_the_apis_422_on_the_field(live_service: LiveService, browser: Any) -> None:
     import yaml
 
-    spec = train_spec("browser-bad", iterations=4)
+    spec = tiny_train_spec("browser-bad", 4)
     spec["schedule"]["lr"] = -1
     browser.get(f"{live_service.url}/#/submit")
     editor = until(
@@ -188,7 +189,7 @@ def test_submit_form_shows_the_apis_422_on_the_field(live_service: LiveService, 
 def test_study_page_fills_its_leaderboard_and_compare_overlays_children(
     live_service: LiveService, browser: Any
 ) -> None:
-    study = live_service.submit(study_spec("browser-study"))
+    study = live_service.submit(tiny_study_spec("browser-study"))
     browser.get(f"{live_service.url}/#/jobs/{study['id']}")
     until(browser, 60, "the children", lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr[data-child]")) == 3)
     board = until(

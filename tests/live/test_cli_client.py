@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.conftest import LiveService, train_spec, wait_for, write_spec
+from tests.helpers import tiny_train_spec
+from tests.live.conftest import LiveService, wait_for, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(600)]
 
@@ -27,7 +28,7 @@ def icd(service: LiveService, *args: str, cwd: Path | None = None, timeout: floa
 
 
 def test_submit_wait_logs_download(live_service: LiveService, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "tiny.yaml", train_spec("cli-tiny", iterations=6, eval_every=3))
+    spec = write_spec(tmp_path / "tiny.yaml", tiny_train_spec("cli-tiny", 6, every=3))
     r = icd(live_service, "submit", str(spec), "--wait")
     assert r.returncode == 0, r.stdout + r.stderr + live_service.tail()
     job_id = int(r.stdout.split()[1])
@@ -69,7 +70,7 @@ def test_submit_wait_logs_download(live_service: LiveService, tmp_path: Path) ->
 
 
 def test_follow_a_running_job_then_cancel_and_retry(live_service: LiveService, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "long.yaml", train_spec("cli-long", iterations=2000, eval_every=1000, lr=0.001))
+    spec = write_spec(tmp_path / "long.yaml", tiny_train_spec("cli-long", 2000, every=1000, lr=0.001))
     sub = icd(live_service, "submit", str(spec))
     assert sub.returncode == 0, sub.stderr
     job_id = int(sub.stdout.split()[1])
@@ -105,7 +106,7 @@ def test_follow_a_running_job_then_cancel_and_retry(live_service: LiveService, t
 
 
 def test_api_errors_print_field_and_reason(live_service: LiveService, tmp_path: Path) -> None:
-    bad = train_spec("cli-bad", iterations=4)
+    bad = tiny_train_spec("cli-bad", 4)
     bad["schedule"]["lr"] = -1
     bad["schedule"]["batchsize"] = 2
     r = icd(live_service, "submit", str(write_spec(tmp_path / "bad.yaml", bad)))

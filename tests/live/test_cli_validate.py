@@ -7,15 +7,16 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from icd_cli.client import validate_cmd
-from tests.live.conftest import study_spec, train_spec, write_spec
+from tests.helpers import tiny_study_spec, tiny_train_spec
+from tests.live.conftest import write_spec
 
 
 def test_validate_accepts_a_good_spec_and_names_bad_fields(tmp_path: Path) -> None:
     runner = CliRunner()
-    good = runner.invoke(validate_cmd, [str(write_spec(tmp_path / "ok.yaml", train_spec("ok", 4)))])
+    good = runner.invoke(validate_cmd, [str(write_spec(tmp_path / "ok.yaml", tiny_train_spec("ok", 4)))])
     assert good.exit_code == 0 and "valid train spec 'ok'" in good.output
 
-    spec = train_spec("bad", 4)
+    spec = tiny_train_spec("bad", 4)
     spec["schedule"]["lr"] = 0
     spec["model"]["backbone"] = "resnet19"
     bad = runner.invoke(validate_cmd, [str(write_spec(tmp_path / "bad.yaml", spec))])
@@ -23,7 +24,7 @@ def test_validate_accepts_a_good_spec_and_names_bad_fields(tmp_path: Path) -> No
     assert "schedule.lr: Input should be greater than 0" in bad.output
     assert "model.backbone:" in bad.output
 
-    study = study_spec()
+    study = tiny_study_spec()
     study["student"] = {**study["student"], "fpn_channels": 64}  # inherit needs matching necks
     mismatch = runner.invoke(validate_cmd, [str(write_spec(tmp_path / "study.yaml", study))])
     assert mismatch.exit_code == 1 and "student:" in mismatch.output and "fpn_channels" in mismatch.output

@@ -21,36 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import TINY_MODEL, free_port, tiny_data, wait_for
+from tests import helpers
+from tests.helpers import free_port, tiny_data, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PG_HOST = os.environ.get("ICD_TEST_PG_HOST", "127.0.0.1:5432")
 HOST = socket.gethostname()
 
-MODEL = dict(TINY_MODEL)
 DATA = tiny_data(val_images=4)
 
 
 def tiny_train_spec(name: str, iterations: int = 60, checkpoint_every: int = 10, **extra: Any) -> dict[str, Any]:
     """A CPU training job of a few seconds that logs every step and checkpoints every few."""
-    return {
-        "kind": "train",
-        "name": name,
-        "device": "cpu",
-        "data": DATA,
-        "model": dict(MODEL),
-        "schedule": {
-            "iterations": iterations,
-            "batch_size": 2,
-            "lr": 0.005,
-            "grad_clip": 1.0,
-            "warmup_iters": 0,
-            "eval_every": 0,
-            "checkpoint_every": checkpoint_every,
-            "log_every": 1,
-        },
-        **extra,
-    }
+    spec = helpers.tiny_train_spec(
+        name, iterations, data=DATA, lr=0.005, grad_clip=1.0, eval_every=0, checkpoint_every=checkpoint_every
+    )
+    return {**spec, **extra}
 
 
 def icd_command() -> list[str]:

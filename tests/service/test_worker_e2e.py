@@ -25,53 +25,14 @@ from tests.helpers import (
     free_port,
     service_env,
     stop_process,
-    tiny_data,
+    tiny_distill_spec,
+    tiny_study_spec,
+    tiny_train_spec,
     wait_for,
 )
 from tests.helpers import flushed_redis_url as redis_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-MODEL = dict(TINY_MODEL)
-DATA = tiny_data()
-
-
-def train_spec(name: str = "teacher", iterations: int = 4, **schedule: Any) -> dict[str, Any]:
-    sched = {
-        "iterations": iterations,
-        "batch_size": 2,
-        "lr": 0.01,
-        "warmup_iters": 0,
-        "eval_every": 4,
-        "checkpoint_every": 4,
-        "log_every": 1,
-        **schedule,
-    }
-    return {"kind": "train", "name": name, "device": "cpu", "data": DATA, "model": dict(MODEL), "schedule": sched}
-
-
-def distill_spec(teacher_ref: str) -> dict[str, Any]:
-    return {
-        "kind": "distill",
-        "name": "student",
-        "device": "cpu",
-        "data": DATA,
-        "teacher": {**MODEL, "checkpoint": teacher_ref},
-        "student": dict(MODEL),
-        "distill": {"method": "icd", "icd": {"bypass_iters": 0, "heads": 8}},
-        "schedule": {
-            "iterations": 4,
-            "batch_size": 2,
-            "lr": 0.01,
-            "warmup_iters": 0,
-            "eval_every": 4,
-            "checkpoint_every": 4,
-            "log_every": 1,
-        },
-    }
-
-
-# --- helpers --------------------------------------------------------------------------------------
 
 
 def wait_status(client: Any, job_id: int, statuses: set[str], timeout: float = 300) -> dict[str, Any]:
@@ -166,11 +127,11 @@ def test_train_then_distill_waiting_on_it(redis_stack: tuple[Any, Path]) -> None
     workers = client.get("/workers").json()
     assert workers[0]["name"] == "e2e@localhost" and workers[0]["device"] == "cpu"
 
-    r = client.post("/jobs", json=train_spec())
+    r = client.post("/jobs", json=tiny_train_spec())
     assert r.status_code == 201, r.text
     teacher = r.json()
     assert r.headers["location"] == f"/jobs/{teacher['id']}"
-    r = client.post("/jobs", json=distill_spec(f"job:{teacher['id']}"))
+    r = client.post("/jobs", json=tiny_distill_spec(f"job:{teacher['id']}"))
     assert r.status_code == 201, r.text
     student = r.json()
     assert student["status"] == "waiting"  # the teacher is still queued or running
@@ -202,7 +163,7 @@ def test_train_then_distill_waiting_on_it(redis_stack: tuple[Any, Path]) -> None
 @pytest.mark.redis
 def test_cancel_a_running_job(redis_stack: tuple[Any, Path]) -> None:
     client, _ = redis_stack
-    r = client.post("/jobs", json=train_spec("long", iterations=5000, eval_every=0, checkpoint_every=0))
+    r = client.post("/jobs", json=tiny_train_spec("long", iterations=5000, eval_every=0, checkpoint_every=0))
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
     wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress_step"] > 0, 120, "training to start")
@@ -218,7 +179,7 @@ def test_cancel_a_running_job(redis_stack: tuple[Any, Path]) -> None:
 @pytest.mark.redis
 def test_bad_checkpoint_path_is_rejected_at_submit(redis_stack: tuple[Any, Path]) -> None:
     client, _ = redis_stack
-    spec = distill_spec("/nonexistent/teacher.pt")
+    spec = tiny_distill_spec("/nonexistent/teacher.pt")
     r = client.post("/jobs", json=spec)
     assert r.status_code == 422
     assert any(d.get("field") == "teacher.checkpoint" for d in r.json()["detail"]), r.json()
@@ -258,7 +219,7 @@ def test_icd_serve_embedded(tmp_path: Path) -> None:
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             wait_healthy(client, serve, log_path)
-            r = client.post("/jobs", json=train_spec("embedded"))
+            r = client.post("/jobs", json=tiny_train_spec("embedded"))
             assert r.status_code == 201, r.text
             job = wait_status(client, r.json()["id"], {"succeeded"})
             assert job["worker"].startswith("embedded@")
@@ -276,7 +237,7 @@ def test_icd_serve_stop_requeues_the_running_job_and_the_next_start_resumes_it(t
     """Ctrl-C while training: the job is checkpointed and queued again, and the next `icd serve`
     resumes it from that checkpoint (a new attempt), instead of leaving it 'running' forever."""
     port, log_path = free_port(), tmp_path / "serve.log"
-    spec = train_spec("long", iterations=5000, eval_every=0, checkpoint_every=0)
+    spec = tiny_train_spec("long", iterations=5000, eval_every=0, checkpoint_every=0)
     serve = start_serve(tmp_path, port, log_path)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
@@ -306,34 +267,6 @@ def test_icd_serve_stop_requeues_the_running_job_and_the_next_start_resumes_it(t
     assert code == 0, log_path.read_text()[-3000:]
 
 
-def study_spec() -> dict[str, Any]:
-    """A tiny study: the service trains the teacher as a child job, then runs none and icd children."""
-    sched = {
-        "iterations": 4,
-        "batch_size": 2,
-        "lr": 0.01,
-        "warmup_iters": 0,
-        "eval_every": 4,
-        "checkpoint_every": 4,
-        "log_every": 1,
-    }
-    return {
-        "kind": "study",
-        "name": "tiny-study",
-        "device": "cpu",
-        "data": DATA,
-        "teacher": dict(MODEL),
-        "student": dict(MODEL),
-        "teacher_schedule": sched,
-        "schedule": sched,
-        "methods": ["none", "icd"],
-        "seeds": [0],
-        "teacher_min_ap": 0.0,
-        "require_teacher_better": False,
-        "distill": {"icd": {"bypass_iters": 0}},
-    }
-
-
 @pytest.mark.redis
 def test_study_fans_out_children_and_serves_a_leaderboard(redis_stack: tuple[Any, Path]) -> None:
     import io
@@ -341,7 +274,7 @@ def test_study_fans_out_children_and_serves_a_leaderboard(redis_stack: tuple[Any
     from PIL import Image
 
     client, log_path = redis_stack
-    r = client.post("/jobs", json=study_spec())
+    r = client.post("/jobs", json=tiny_study_spec())
     assert r.status_code == 201, r.text
     study = r.json()
     try:
@@ -369,8 +302,8 @@ def test_study_fans_out_children_and_serves_a_leaderboard(redis_stack: tuple[Any
 @pytest.mark.redis
 def test_incompatible_study_is_rejected_at_submit(redis_stack: tuple[Any, Path]) -> None:
     client, _ = redis_stack
-    spec = study_spec()
-    spec["student"] = {**MODEL, "fpn_channels": 64}  # inherit needs matching necks
+    spec = tiny_study_spec()
+    spec["student"] = {**TINY_MODEL, "fpn_channels": 64}  # inherit needs matching necks
     r = client.post("/jobs", json=spec)
     assert r.status_code == 422, r.text
     assert "inherit" in r.text
@@ -385,7 +318,7 @@ def test_a_queued_job_whose_message_was_lost_still_runs(redis_stack: tuple[Any, 
     with client.app.state.sessions() as s:  # queued in the database, but no message is ever published
         job = create_job(
             s,
-            train_spec("lost-message", iterations=1, eval_every=0, checkpoint_every=0),
+            tiny_train_spec("lost-message", iterations=1, eval_every=0, checkpoint_every=0),
             "train",
             "lost-message",
             "any",
