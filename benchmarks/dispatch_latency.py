@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.harness import percentile  # noqa: E402
+
 TARGET_S = 0.5
 SPEC = {
     "kind": "train",
@@ -45,11 +47,6 @@ SPEC = {
     },
     "schedule": {"iterations": 1, "batch_size": 1, "warmup_iters": 0, "eval_every": 0, "checkpoint_every": 0},
 }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main() -> None:
@@ -148,7 +145,7 @@ def main() -> None:
         engine.dispose()
         app.state.engine.dispose()
 
-    p50, p95 = statistics.median(latencies), percentile(latencies, 0.95)
+    p50, p95 = statistics.median(latencies), percentile(latencies, 95)
     print(f"broker {args.broker_url.split('://')[0]}, database {db_url.split(':')[0]}, {len(latencies)} jobs")
     print(
         f"POST round trip: p50 {statistics.median(post_times) * 1000:.0f} ms (the worker often claims the job "
