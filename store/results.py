@@ -11,24 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from store.downsample import downsample
 from store.models import Attempt, Checkpoint, Evaluation, Metric, utcnow
 from store.rollups import refresh_after_delete, update_rollups
+from store.upsert import dialect_insert, upsert_rows
 
 EVAL_FIELDS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
-
-
-def dialect_insert(s: Session, table: Any) -> Any:
-    """The dialect's INSERT (both support ON CONFLICT ... DO UPDATE)."""
-    name = s.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert(table)
-    if name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"upserts are implemented for sqlite and postgresql, not {name}")
 
 
 def add_metrics(s: Session, job_id: int, attempt: int, rows: Sequence[tuple[str, int, float]]) -> None:
@@ -36,15 +26,10 @@ def add_metrics(s: Session, job_id: int, attempt: int, rows: Sequence[tuple[str,
     and commit once."""
     if not rows:
         return
-    ins = dialect_insert(s, Metric)
-    stmt = ins.on_conflict_do_update(
-        index_elements=[Metric.job_id, Metric.name, Metric.step],
-        set_={"value": ins.excluded.value, "attempt": ins.excluded.attempt},
-    )
     params = [
         {"job_id": job_id, "name": n, "step": int(st), "attempt": attempt, "value": float(v)} for n, st, v in rows
     ]
-    s.execute(stmt, params)
+    upsert_rows(s, Metric.__table__, params, keys=("job_id", "name", "step"))
     update_rollups(s, job_id, [(p["name"], p["step"], p["value"]) for p in params])
     s.commit()
 

@@ -16,6 +16,7 @@ from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from store.models import ROLLUP_BLOCK_STEPS, Metric, MetricRollup
+from store.upsert import upsert_rows
 
 ROLLUP_COLUMNS = ("n", "min_step", "min_value", "max_step", "max_value", "last_step", "last_value")
 
@@ -80,12 +81,13 @@ def update_rollups(s: Session, job_id: int, rows: Sequence[tuple[str, int, float
     ranges = touched_ranges((name, block * ROLLUP_BLOCK_STEPS) for name, block in batch)
     stored: dict[tuple[str, int], Summary] = {}
     if not repeats:
-        q = select(MetricRollup).where(
+        columns = [getattr(MetricRollup, c) for c in ROLLUP_COLUMNS]
+        q = select(MetricRollup.name, MetricRollup.block, *columns).where(
             MetricRollup.job_id == job_id,
             or_(*(and_(MetricRollup.name == n, MetricRollup.block.between(lo, hi)) for n, (lo, hi) in ranges.items())),
         )
-        for r in s.execute(q.execution_options(populate_existing=True)).scalars():
-            stored[(r.name, r.block)] = Summary(*(getattr(r, c) for c in ROLLUP_COLUMNS))
+        for name, block, *values in s.execute(q):  # plain rows: no ORM objects on the hot path
+            stored[(name, block)] = Summary(*values)
     appended: list[dict[str, object]] = []
     rewritten: list[tuple[str, int]] = []
     for key, summary in batch.items():
@@ -101,16 +103,7 @@ def update_rollups(s: Session, job_id: int, rows: Sequence[tuple[str, int, float
 
 
 def _upsert(s: Session, params: list[dict[str, object]]) -> None:
-    if not params:
-        return
-    from store.results import dialect_insert  # results imports this module
-
-    ins = dialect_insert(s, MetricRollup)
-    stmt = ins.on_conflict_do_update(
-        index_elements=[MetricRollup.job_id, MetricRollup.name, MetricRollup.block],
-        set_={c: ins.excluded[c] for c in ROLLUP_COLUMNS},
-    )
-    s.execute(stmt, params)
+    upsert_rows(s, MetricRollup.__table__, params, keys=("job_id", "name", "block"))
 
 
 def touched_ranges(points: Iterable[tuple[str, int]]) -> dict[str, tuple[int, int]]:

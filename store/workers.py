@@ -9,7 +9,7 @@ from sqlalchemy import case, select
 from sqlalchemy.orm import Session
 
 from store.models import Worker, utcnow
-from store.results import dialect_insert
+from store.upsert import dialect_insert
 
 
 def heartbeat(

@@ -102,6 +102,7 @@ def test_metrics_upsert_incremental_and_downsampled(session: Session) -> None:
     jid = _job(session)
     add_metrics(session, jid, 1, [("loss", s, 10.0 - s / 10) for s in range(1, 101)] + [("lr", 1, 0.01)])
     add_metrics(session, jid, 2, [("loss", 100, 0.5)])  # a resumed run rewrites the same key
+    add_metrics(session, jid, 2, [("lr", 1, 9.0), ("lr", 1, 0.01)])  # twice in one batch: the last one wins
     series = get_metrics(session, jid)
     assert len(series["loss"]) == 100 and series["loss"][-1] == (100, 0.5) and series["lr"] == [(1, 0.01)]
     assert [p[0] for p in get_metrics(session, jid, names=["loss"], since_step=97)["loss"]] == [98, 99, 100]
