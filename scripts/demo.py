@@ -82,7 +82,7 @@ def main() -> None:
         ids = [teacher["id"], student["id"]]
         baseline = None
         if args.baseline:
-            none_spec = {**student_spec, "name": student_spec["name"].replace("-icd", "") + "-none"}
+            none_spec = {**student_spec, "name": student_spec["name"].split("-icd")[0] + "-none"}
             none_spec["distill"] = {**student_spec["distill"], "method": "none"}
             baseline = submit(client, none_spec)
             ids.append(baseline["id"])
