@@ -93,11 +93,12 @@ def main() -> None:
         )
         jobs = watch(client, ids)
 
-        print(f"\n{'job':<28} {'status':<10} {'AP':>6} {'AP50':>6} {'AP75':>6}")
+        width = max(len(job["name"]) for job in jobs.values())
+        print(f"\n{'job':<{width}} {'status':<10} {'AP':>6} {'AP50':>6} {'AP75':>6}")
         for job in jobs.values():
             m = job.get("final_metrics") or {}
             ap_ = [f"{m[k]:6.1f}" if k in m else "     -" for k in ("AP", "AP50", "AP75")]
-            print(f"{job['name']:<28} {job['status']:<10} {' '.join(ap_)}")
+            print(f"{job['name']:<{width}} {job['status']:<10} {' '.join(ap_)}")
             if job["status"] == "failed":
                 print(f"  error: {job.get('error')}")
         if baseline is not None:
