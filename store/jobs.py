@@ -626,15 +626,18 @@ def _cancel_if_worker_lost(s: Session, job_id: int) -> None:
         )
 
 
+def _unservable(live_queues: Iterable[str]) -> Any:
+    """Queued, on a queue that no live worker consumes."""
+    live = sorted(set(live_queues))
+    return (Job.status == "queued") & Job.queue.not_in(live) if live else Job.status == "queued"
+
+
 def unservable_queued(
     s: Session, live_queues: Iterable[str], untouched_since: datetime | None = None, limit: int | None = None
 ) -> list[Job]:
     """Queued jobs on a queue that no live worker consumes (e.g. device: cuda and no GPU worker), oldest id
     first. Filtered in SQL: the reaper runs this every pass, and a big table can hold 100k queued jobs."""
-    query = select(Job).where(Job.status == "queued")
-    live = sorted(set(live_queues))
-    if live:
-        query = query.where(Job.queue.not_in(live))
+    query = select(Job).where(_unservable(live_queues))
     if untouched_since is not None:
         query = query.where(Job.updated_at <= untouched_since)
     return list(s.scalars(query.order_by(Job.id).limit(limit)))
@@ -642,10 +645,7 @@ def unservable_queued(
 
 def unservable_queues(s: Session, live_queues: Iterable[str], per_queue: int = 10) -> dict[str, list[int]]:
     """{queue: the first `per_queue` + 1 queued job ids} for every queue with queued jobs and no live worker."""
-    live = sorted(set(live_queues))
-    queued = select(Job.queue).where(Job.status == "queued").distinct()
-    if live:
-        queued = queued.where(Job.queue.not_in(live))
+    queued = select(Job.queue).where(_unservable(live_queues)).distinct()
     return {
         queue: list(
             s.scalars(
