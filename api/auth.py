@@ -21,7 +21,7 @@ from api.deps import get_session
 from api.schemas import json_error
 from store.models import Job
 from store.settings import Settings
-from store.tokens import find_token, has_tokens
+from store.tokens import LEGACY_OWNER, find_token, has_tokens
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ bearer = HTTPBearer(
 )
 HOW_TO_GET_ONE = "an admin creates one with `icd token create --name <you>` on a machine with the database settings"
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: json_error("Missing, unknown or revoked bearer token")}
-LEGACY_OWNER = "ICD_API_TOKEN"
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import yaml
 from fastapi import HTTPException, Request, Response, status
 from fastapi.routing import APIRoute
+
+from icd_core.safe_yaml import YamlRefused, load_yaml
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 ACCEPTED = ("application/json", *YAML_TYPES)
@@ -49,11 +50,11 @@ async def _as_json(request: Request) -> Request:
     """The same request with its YAML body re-encoded as JSON (a 422 naming the line when it does not parse)."""
     raw = await request.body()
     try:
-        data: Any = yaml.safe_load(raw.decode("utf-8")) if raw.strip() else None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        data: Any = load_yaml(raw.decode("utf-8")) if raw.strip() else None
+    except (YamlRefused, UnicodeDecodeError) as exc:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=[{"loc": ["body"], "field": "", "msg": f"the body is not valid YAML: {exc}", "type": "yaml"}],
+            detail=[{"loc": ["body"], "field": "", "msg": f"the body is refused: {exc}", "type": "yaml"}],
         ) from exc
     body = json.dumps(data, default=str).encode()
     headers = [(k, v) for k, v in request.scope["headers"] if k not in (b"content-type", b"content-length")]

@@ -5,6 +5,7 @@ Startup stays fast: no torch, no Celery worker code; the broker client is create
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -12,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.orm import Session
 
 from api.auth import check_exposure
@@ -20,6 +23,7 @@ from api.guard import RequestGuard
 from api.periodic import PeriodicTask, install_periodic
 from api.routers import artifacts, deploy, jobs, reports, system
 from api.routers.system import STATIC
+from icd_core.spec import DATA_FORMATS
 from store.artifacts import ArtifactStore
 from store.db import ensure_migrated, make_engine, session_factory, upgrade_database
 from store.dispatch import enqueue
@@ -27,6 +31,7 @@ from store.models import JOB_KINDS
 from store.reaper import reap_and_send
 from store.settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
 _FIELD_IN_MSG = re.compile(r"^(?:Value error, )?([a-z_][\w.]*): ")
 
 
@@ -38,8 +43,11 @@ def _dotted_field(err: dict[str, Any]) -> str:
         loc = loc[1:]
     if loc and loc[0] in JOB_KINDS:  # discriminated-union tag, not a field
         loc = loc[1:]
+    if len(loc) >= 3 and loc[0] == "data" and loc[2] in DATA_FORMATS:  # the data source's tag
+        loc = loc[:2] + loc[3:]
     if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
-        return "kind"
+        tag = str((err.get("ctx") or {}).get("discriminator", "'kind'")).strip("'\"")
+        return ".".join([*loc, tag])
     field = ".".join(loc)
     m = _FIELD_IN_MSG.match(str(err.get("msg", "")))
     if m:
@@ -56,6 +64,14 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
         entry["field"] = _dotted_field(err)
         detail.append(entry)
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After when the database cannot be reached (a restart, a failover, a full pool): the
+    client should try again, as after a broker outage, instead of reading a bare 500."""
+    log.warning("database unavailable: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    detail = f"the database is unavailable ({type(exc).__name__}); try again in a few seconds"
+    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
 
 
 async def _method_not_allowed(request: Request, _exc: Exception) -> JSONResponse:
@@ -105,6 +121,8 @@ def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | 
     app.state.artifacts = ArtifactStore(settings.artifact_root)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(405, _method_not_allowed)
+    for unavailable in (OperationalError, InterfaceError, DisconnectionError, SATimeoutError):
+        app.add_exception_handler(unavailable, _database_unavailable)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)

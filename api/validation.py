@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from icd_core.data_roots import confine_spec_paths
+from icd_core.data_roots import MayReadJob, confine_spec_paths
 from icd_core.spec import CocoSource, ModelSpec, ShapesSource, architecture_mismatch
 from store.models import Job
 from store.settings import Settings
-
-DB_INT_MAX = 2**31 - 1  # ids, offsets and steps are 32-bit integer columns (PostgreSQL INTEGER)
 
 
 def field_error(field: str, reason: str) -> dict[str, Any]:
@@ -18,18 +16,29 @@ def field_error(field: str, reason: str) -> dict[str, Any]:
     return {"loc": ["body", *field.split(".")], "field": field, "msg": reason, "type": "value_error"}
 
 
-def nul_fields(value: Any, field: str = "") -> list[str]:
-    """Dotted names of every string (key or value) holding a NUL byte: PostgreSQL cannot store one."""
+def _unstorable(text: str) -> bool:
+    """A NUL byte or a lone surrogate: PostgreSQL cannot store either, and paths cannot hold them."""
+    if "\x00" in text:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def unstorable_fields(value: Any, field: str = "") -> list[str]:
+    """Dotted names of every string (key or value) the database cannot store (see _unstorable)."""
     if isinstance(value, str):
-        return [field or "body"] if "\x00" in value else []
+        return [field or "body"] if _unstorable(value) else []
     if isinstance(value, dict):
         found = []
         for k, v in value.items():
             name = f"{field}.{k}" if field else str(k)
-            found += [name] if "\x00" in str(k) else nul_fields(v, name)
+            found += [name.encode("utf-8", "replace").decode()] if _unstorable(str(k)) else unstorable_fields(v, name)
         return found
     if isinstance(value, list):
-        return [f for i, v in enumerate(value) for f in nul_fields(v, f"{field}.{i}")]
+        return [f for i, v in enumerate(value) for f in unstorable_fields(v, f"{field}.{i}")]
     return []
 
 
@@ -61,11 +70,10 @@ def limit_errors(spec: Any, settings: Settings) -> list[tuple[str, str]]:
     return errors
 
 
-def confine_paths(spec_dict: dict[str, Any], settings: Settings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The spec with its paths resolved inside the allowed roots, and a 422 entry per path that is not."""
-    confined, problems = confine_spec_paths(
-        spec_dict, settings.allowed_data_roots(), settings.allowed_checkpoint_roots()
-    )
+def confine_paths(spec: Any, settings: Settings, may_read_job: MayReadJob) -> tuple[Any, list[dict[str, Any]]]:
+    """The spec with its paths resolved inside the allowed roots, and a 422 entry per path that is not
+    (or that is another owner's file in the artifact store)."""
+    confined, problems = confine_spec_paths(spec, settings.allowed_data_roots(), settings.artifact_root, may_read_job)
     return confined, [field_error(f, r) for f, r in problems]
 
 

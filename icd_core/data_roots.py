@@ -4,18 +4,23 @@ The one rule the service (`store.settings.Settings`, the API's submit checks, th
 local commands (`icd train`, `icd eval`, `icd study`, with ICD_DATA_ROOTS set) share. A path is
 URL-decoded, `~`-expanded and resolved (symlinks and `..` followed) before it is compared with the
 roots, so `../../etc/passwd`, `%2e%2e/`, and a symlink pointing out of a root are all caught.
+
+Which fields are paths is decided by the spec itself (`icd_core.spec.UserPath`), so a path field added
+later is confined without touching this module. Checkpoint fields may also name files in the artifact
+store, but only a job's own folder (`jobs/<id>/...`) and only of a job the submitter may read: the same
+ownership rule as `job:<id>`. Messages list the data roots only; the artifact store is not advertised.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import unquote
 
 from pydantic import BaseModel
 
-from .spec import CocoSource
+from .spec import iter_user_paths, parse_job_ref, with_values
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
@@ -33,6 +38,10 @@ def _decoded(p: str) -> str:
         p = nxt
     if "\x00" in p:
         raise PathNotAllowed("the path contains a NUL byte")
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PathNotAllowed("the path is not valid UTF-8 text (it holds a lone surrogate)") from None
     return p
 
 
@@ -64,47 +73,78 @@ def resolve_in_roots(p: str, roots: Sequence[str | Path]) -> Path:
     raise PathNotAllowed(f"{p} is in none of the roots; tried {', '.join(str(c) for c in inside)}")
 
 
-def confine_spec_paths(
-    spec: dict[str, Any], data_roots: Sequence[str | Path], checkpoint_roots: Sequence[str | Path] | None
-) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """A copy of the spec dict with every COCO and checkpoint path resolved inside its roots, and
-    (field, reason) for each path that is not. `job:<id>` checkpoint references are left as they are;
-    checkpoint_roots None leaves checkpoint paths alone (local commands)."""
-    out = {**spec}
-    errors: list[tuple[str, str]] = []
+MayReadJob = Callable[[int], bool]
+JOBS_FOLDER = "jobs"  # store.artifacts keeps job <id>'s files under <artifact root>/jobs/<id>/
 
-    def confine(field: str, value: str, roots: Sequence[str | Path]) -> str:
+
+def artifact_job_id(path: Path, artifact_root: Path) -> int | None:
+    """The job whose folder holds `path` (a resolved path inside the artifact root), or None."""
+    parts = path.relative_to(artifact_root).parts
+    if len(parts) >= 3 and parts[0] == JOBS_FOLDER and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def _confine_checkpoint(
+    value: str, data_roots: Sequence[Path], artifact_root: Path, may_read_job: MayReadJob | None
+) -> str:
+    """A checkpoint path resolved in the data roots or a readable job's artifact folder; `job:<id>`
+    kept as it is once its job is readable. PathNotAllowed otherwise."""
+    job_id = parse_job_ref(value)
+    if job_id is not None:
+        if may_read_job is not None and not may_read_job(job_id):
+            raise PathNotAllowed(f"job {job_id} does not exist")
+        return value
+    if value.startswith("job:"):
+        return value  # malformed: check_paths names it
+    artifacts = artifact_root.expanduser().resolve()
+    try:
+        path = resolve_in_roots(value, [*data_roots, artifacts])
+    except PathNotAllowed:
+        path = None
+    if path is not None and path.is_relative_to(artifacts) and not any(path.is_relative_to(r) for r in data_roots):
+        owner_job = artifact_job_id(path, artifacts)
+        if owner_job is not None and (may_read_job is None or may_read_job(owner_job)):
+            return str(path)
+        path = None
+    if path is None:  # the same answer for "outside every root" and "another owner's file"
+        resolve_in_roots(value, data_roots)  # raises with the data roots only
+        raise PathNotAllowed(f"{value} is in none of the roots; another job's checkpoint is named job:<id>")
+    return str(path)
+
+
+def confine_spec_paths(
+    spec: SpecT,
+    data_roots: Sequence[str | Path],
+    artifact_root: str | Path | None,
+    may_read_job: MayReadJob | None = None,
+) -> tuple[SpecT, list[tuple[str, str]]]:
+    """A copy of the spec with every path field (`UserPath`) resolved inside its roots, and (field,
+    reason) for each one that is not. artifact_root None leaves checkpoint fields alone (local commands);
+    may_read_job None trusts every job (the local admin)."""
+    roots = [Path(r).expanduser().resolve() for r in data_roots]
+    values: dict[str, str] = {}
+    errors: list[tuple[str, str]] = []
+    for field, value, kind in iter_user_paths(spec):
         try:
-            return str(resolve_in_roots(value, roots))
+            if kind == "data":
+                values[field] = str(resolve_in_roots(value, roots))
+            elif artifact_root is not None:
+                values[field] = _confine_checkpoint(value, roots, Path(artifact_root), may_read_job)
         except PathNotAllowed as exc:
             errors.append((field, str(exc)))
-            return value
-
-    data = out.get("data")
-    if isinstance(data, dict):
-        out["data"] = data = {**data}
-        for split in ("train", "val"):
-            src = data.get(split)
-            if isinstance(src, dict) and src.get("format", CocoSource.model_fields["format"].default) == "coco":
-                data[split] = src = {**src}
-                for key in ("images", "annotations"):
-                    if isinstance(src.get(key), str):
-                        src[key] = confine(f"data.{split}.{key}", src[key], data_roots)
-    for field in ("model", "teacher", "student"):
-        m = out.get(field)
-        ref = m.get("checkpoint") if isinstance(m, dict) else None
-        if checkpoint_roots is not None and isinstance(ref, str) and ref and not ref.startswith("job:"):
-            out[field] = {**m, "checkpoint": confine(f"{field}.checkpoint", ref, checkpoint_roots)}
-    return out, errors
+    if errors or not values:
+        return spec, errors
+    return with_values(spec, values), errors  # type: ignore[return-value]
 
 
 def resolve_data_roots(spec: SpecT, roots: Sequence[str | Path]) -> SpecT:
-    """The spec with its COCO paths resolved inside `roots` (relative ones: the first root holding
+    """The spec with its data paths resolved inside `roots` (relative ones: the first root holding
     them); PathNotAllowed naming each field otherwise. With no roots the spec is returned unchanged
     (a laptop run reads what its user can read). Checkpoint paths are left as given."""
-    if not roots or getattr(spec, "data", None) is None:
+    if not roots:
         return spec
-    confined, errors = confine_spec_paths(spec.model_dump(mode="json"), roots, None)
+    confined, errors = confine_spec_paths(spec, roots, None)
     if errors:
         raise PathNotAllowed("; ".join(f"{field}: {reason}" for field, reason in errors))
-    return type(spec).model_validate(confined)
+    return confined

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+from .safe_yaml import load_yaml
 
 # Each name list is written once, as a Literal; the tuples derive from it.
 Detector = Literal["retinanet", "fcos", "faster_rcnn"]
@@ -33,18 +36,40 @@ DEFAULT_LEVELS = {
 # COCO "1x" = 90k iterations at batch 16; steps at 2/3 and 8/9 of training (ICD_SPEC §7).
 PRESET_ITERS_AT_16 = {"1x": 90_000, "3x": 270_000}
 SEED_MAX = 2**63 - 1  # torch.manual_seed's range; larger seeds would fail on the worker, not at submit
+# Steps, ids and counts are 32-bit INTEGER columns in the database: the one bound every such field shares.
+INT32_MAX = 2**31 - 1
+MAX_IMAGE_SIDE = 8192  # no detector here is trained or evaluated on larger images; caps anchors and sizes too
+MAX_CUDA_INDEX = 63
 
 
 class StrictModel(BaseModel):
-    """Rejects unknown keys so a typo is a 422 naming the field, not a silently ignored option."""
+    """Rejects unknown keys so a typo is a 422 naming the field, not a silently ignored option.
 
-    model_config = ConfigDict(extra="forbid")
+    Floats must be finite: an Infinity or NaN (JSON extensions Python accepts, YAML's .inf) would train
+    nothing and cannot be stored as JSON by PostgreSQL.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+@dataclass(frozen=True)
+class UserPath:
+    """Marks a spec field that names a file or folder on the server. Every field so marked, and only
+    those, is resolved inside the allowed roots and checked for ownership (icd_core.data_roots); a
+    test walks the spec and fails on a string field that is neither marked nor declared not a path."""
+
+    kind: Literal["data", "checkpoint"]
+
+
+DataPath = Annotated[str, UserPath("data")]
+# A file path, or job:<id> for another job's final checkpoint.
+CheckpointRef = Annotated[str, UserPath("checkpoint")]
 
 
 class CocoSource(StrictModel):
     format: Literal["coco"] = "coco"
-    images: str = Field(description="Folder holding the images named in the annotation file.")
-    annotations: str = Field(description="COCO-format instances JSON.")
+    images: DataPath = Field(description="Folder holding the images named in the annotation file.")
+    annotations: DataPath = Field(description="COCO-format instances JSON.")
 
 
 class ShapesSource(StrictModel):
@@ -53,12 +78,24 @@ class ShapesSource(StrictModel):
     image_size: int = Field(256, ge=32, le=4096)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     num_classes: int = Field(6, ge=1, le=12)
-    min_object: int = Field(8, ge=2, description="Smallest object side in pixels.")
-    max_object: int = Field(96, ge=4, description="Largest object side in pixels.")
+    min_object: int = Field(8, ge=2, le=4096, description="Smallest object side in pixels.")
+    max_object: int = Field(96, ge=4, le=4096, description="Largest object side in pixels.")
     max_objects: int = Field(8, ge=1, le=100, description="Objects per image drawn from 0..max_objects.")
+
+    @model_validator(mode="after")
+    def _objects_fit(self) -> ShapesSource:
+        if self.min_object > self.max_object:
+            raise ValueError(f"min_object: {self.min_object} is above max_object ({self.max_object})")
+        if self.max_object > self.image_size:
+            raise ValueError(
+                f"max_object: {self.max_object} px does not fit in image_size {self.image_size}; "
+                "lower it or raise image_size"
+            )
+        return self
 
 
 DataSource = Annotated[CocoSource | ShapesSource, Field(discriminator="format")]
+DATA_FORMATS = ("coco", "shapes")
 
 
 class DataSpec(StrictModel):
@@ -66,7 +103,7 @@ class DataSpec(StrictModel):
     val: DataSource
     # An int, or a list of short sides to pick from per batch (multi-scale training).
     min_size: int | list[int] = 320
-    max_size: int = 512
+    max_size: int = Field(512, ge=32, le=MAX_IMAGE_SIDE)
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability in training.")
     workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes.")
 
@@ -74,8 +111,8 @@ class DataSpec(StrictModel):
     @classmethod
     def _positive_sizes(cls, v: int | list[int]) -> int | list[int]:
         sizes = v if isinstance(v, list) else [v]
-        if not sizes or any(s < 32 for s in sizes):
-            raise ValueError("min_size must be >= 32 (an int or a non-empty list of ints)")
+        if not sizes or any(s < 32 or s > MAX_IMAGE_SIDE for s in sizes):
+            raise ValueError(f"min_size must be within 32..{MAX_IMAGE_SIDE} (an int or a non-empty list of ints)")
         return v
 
     @property
@@ -98,7 +135,7 @@ class ModelSpec(StrictModel):
     )
     fpn_channels: int = Field(256, ge=8, le=1024)
     levels: list[str] | None = Field(None, description="FPN levels, e.g. [p3, p4, p5]; null: the detector's default.")
-    anchor_sizes: list[float] | None = Field(
+    anchor_sizes: list[Annotated[float, Field(gt=0.0, le=MAX_IMAGE_SIDE)]] | None = Field(
         None, description="Base anchor (or FCOS virtual box) size per level in px; null: torchvision defaults."
     )
     head_convs: int = Field(4, ge=1, le=8, description="Conv layers in each RetinaNet/FCOS head branch.")
@@ -108,7 +145,9 @@ class ModelSpec(StrictModel):
     fg_iou_thresh: float = Field(0.5, gt=0.0, le=1.0, description="RetinaNet: anchor IoU to count as foreground.")
     bg_iou_thresh: float = Field(0.4, ge=0.0, le=1.0, description="RetinaNet: anchor IoU below which it is background.")
     trainable_layers: int = Field(3, ge=0, le=5, description="Trunk stages trained when pretrained.")
-    checkpoint: str | None = Field(None, description="A path, or job:<id> for another job's final checkpoint.")
+    checkpoint: CheckpointRef | None = Field(
+        None, description="A path, or job:<id> for another job's final checkpoint."
+    )
 
     @field_validator("levels")
     @classmethod
@@ -185,10 +224,12 @@ class ICDPretrainSpec(StrictModel):
         le=1000.0,
         description="... and held-out in-box attention mass ≥ this × uniform's (null: AUC only).",
     )
-    check_every: int = Field(100, ge=1, description="Held-out readiness check every this many steps.")
+    check_every: int = Field(100, ge=1, le=INT32_MAX, description="Held-out readiness check every this many steps.")
     holdout_images: int = Field(16, ge=1, le=10_000, description="Training images held out for the check.")
     cache_features: bool = Field(True, description="Compute teacher features once and reuse them (no flip).")
-    seed: int = Field(0, ge=0, description="Pre-training's own seed: every student of a teacher shares it.")
+    seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="Pre-training's own seed: every student of a teacher shares it."
+    )
 
 
 class ICDOptions(StrictModel):
@@ -200,6 +241,7 @@ class ICDOptions(StrictModel):
     bypass_iters: int | None = Field(
         None,
         ge=0,
+        le=INT32_MAX,
         description="Student features detached for this many steps; null: the paper's 1,000, capped at a third of "
         "the schedule (see icd_core.distill.icd.bypass_steps). An integer is taken as given.",
     )
@@ -214,12 +256,12 @@ class ICDOptions(StrictModel):
         "a random projection of the teacher when the bypass ends.",
     )
     weight_decay: float = Field(1.0e-4, ge=0.0, le=1.0)
-    grad_clip: float = Field(0.01, gt=0.0, description="Global grad-norm clip of the ICD modules.")
+    grad_clip: float = Field(0.01, gt=0.0, le=1.0e6, description="Global grad-norm clip of the ICD modules.")
     query_chunk: int = Field(64, ge=1, le=4096, description="Queries per attention chunk (memory bound).")
     pretrain: ICDPretrainSpec | None = Field(
         None, description="Pre-train the decoder on the teacher first (null: joint training from step 0, the paper's)."
     )
-    decoder: str | None = Field(
+    decoder: CheckpointRef | None = Field(
         None, description="Start from this decoder: a pre-training artifact path, a distill checkpoint, or job:<id>."
     )
 
@@ -232,36 +274,43 @@ class ICDOptions(StrictModel):
 
 class DistillSpec(StrictModel):
     method: Method = "icd"
-    weight: float | None = Field(None, ge=0.0, description="null: the method's paper default.")
+    weight: float | None = Field(None, ge=0.0, le=1.0e6, description="null: the method's paper default.")
     inherit: bool = True
     icd: ICDOptions = Field(default_factory=ICDOptions)
     # Baseline overrides (null: paper default). Kept flat and explicit on purpose.
-    options: dict[str, float] = Field(default_factory=dict, description="Method-specific numeric overrides.")
+    options: dict[str, Annotated[float, Field(ge=-1.0e6, le=1.0e6)]] = Field(
+        default_factory=dict, description="Method-specific numeric overrides."
+    )
 
 
 class ScheduleSpec(StrictModel):
     iterations: int | Literal["1x", "3x"] = 2000
     batch_size: int = Field(4, ge=1, le=1024)
-    lr: float | None = Field(None, gt=0.0, description="null: 0.01 (0.02 faster_rcnn) scaled by batch/16.")
+    lr: float | None = Field(None, gt=0.0, le=10.0, description="null: 0.01 (0.02 faster_rcnn) scaled by batch/16.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1.0e-4, ge=0.0)
-    warmup_iters: int | None = Field(None, ge=0, description="null: 1000 (scaled like the schedule).")
+    weight_decay: float = Field(1.0e-4, ge=0.0, le=1.0)
+    warmup_iters: int | None = Field(None, ge=0, le=INT32_MAX, description="null: 1000 (scaled like the schedule).")
     warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
-    steps: list[int] | None = Field(None, description="LR drop steps; null: 2/3 and 8/9 of training.")
+    steps: list[Annotated[int, Field(le=INT32_MAX)]] | None = Field(
+        None, description="LR drop steps; null: 2/3 and 8/9 of training."
+    )
     gamma: float = Field(0.1, gt=0.0, le=1.0)
     grad_clip: float | None = Field(
-        None, gt=0.0, description="Clip student grads by value; null: 1.0 in distill jobs (the paper's), off otherwise."
+        None,
+        gt=0.0,
+        le=1.0e6,
+        description="Clip student grads by value; null: 1.0 in distill jobs (the paper's), off otherwise.",
     )
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    eval_every: int = Field(500, ge=0, description="0: only at the end.")
-    checkpoint_every: int = Field(500, ge=0, description="0: only at the end.")
-    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(500, ge=0, le=INT32_MAX, description="0: only at the end.")
+    checkpoint_every: int = Field(500, ge=0, le=INT32_MAX, description="0: only at the end.")
+    log_every: int = Field(10, ge=1, le=INT32_MAX)
 
     @field_validator("iterations")
     @classmethod
     def _at_least_one(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"iterations must be >= 1 (or a preset: 1x, 3x), got {v}")
+        if isinstance(v, int) and not 1 <= v <= INT32_MAX:
+            raise ValueError(f"iterations must be >= 1 and <= {INT32_MAX} (or a preset: 1x, 3x), got {v}")
         return v
 
     @model_validator(mode="after")
@@ -350,9 +399,12 @@ class _JobBase(StrictModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v in ("auto", "cpu", "cuda") or v.startswith("cuda:"):
+        if v in ("auto", "cpu", "cuda"):
             return v
-        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        index = v.removeprefix("cuda:")
+        if v.startswith("cuda:") and index.isascii() and index.isdigit() and int(index) <= MAX_CUDA_INDEX:
+            return f"cuda:{int(index)}"
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N with N in 0..{MAX_CUDA_INDEX}, got {v!r}")
 
 
 class TrainSpec(_JobBase):
@@ -495,46 +547,83 @@ def parse_spec(data: dict[str, Any]) -> TrainSpec | DistillJobSpec | EvaluateSpe
 def load_spec(path: str | Path) -> TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec:
     """Read a YAML or JSON spec file."""
     text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    data = json.loads(text) if str(path).endswith(".json") else load_yaml(text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a spec must be a mapping")
     return parse_spec(data)
 
 
+JOB_REF_PREFIX = "job:"
+
+
+def parse_job_ref(ref: str) -> int | None:
+    """The job id of a `job:<id>` checkpoint reference, None for a path (or a malformed reference)."""
+    digits = ref.removeprefix(JOB_REF_PREFIX)
+    if ref.startswith(JOB_REF_PREFIX) and digits.isascii() and digits.isdigit():
+        return int(digits)
+    return None
+
+
+def _path_kind(annotation: Any, metadata: list[Any]) -> str | None:
+    """The UserPath kind a field's type carries (through Optional/Annotated), or None."""
+    for m in metadata:
+        if isinstance(m, UserPath):
+            return m.kind
+    args = get_args(annotation)
+    if get_origin(annotation) is Annotated:
+        return _path_kind(args[0], list(args[1:]))
+    for arg in args:
+        kind = _path_kind(arg, [])
+        if kind is not None:
+            return kind
+    return None
+
+
+def iter_user_paths(spec: BaseModel, prefix: str = "") -> Iterator[tuple[str, str, str]]:
+    """(dotted field, value, kind) of every file or folder the spec names, found by the UserPath mark:
+    the single list that path confinement, ownership checks and submit-time existence checks share."""
+    for name, info in type(spec).model_fields.items():
+        value = getattr(spec, name)
+        field = f"{prefix}{name}"
+        kind = _path_kind(info.annotation, list(info.metadata))
+        if kind is not None and isinstance(value, str) and value:
+            yield field, value, kind
+        elif isinstance(value, BaseModel):
+            yield from iter_user_paths(value, f"{field}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    yield from iter_user_paths(item, f"{field}.{i}.")
+
+
 def iter_checkpoint_refs(spec: BaseModel) -> list[tuple[str, str]]:
     """(field path, value) of every checkpoint the spec names, for path checks and job:<id> links."""
-    out = []
-    for field in ("model", "teacher", "student"):
-        m = getattr(spec, field, None)
-        if isinstance(m, ModelSpec) and m.checkpoint:
-            out.append((f"{field}.checkpoint", m.checkpoint))
-    return out
+    return [(field, value) for field, value, kind in iter_user_paths(spec) if kind == "checkpoint"]
 
 
-def iter_data_paths(spec: BaseModel) -> list[tuple[str, str]]:
-    """(field path, path) of every file or folder the spec reads, for submit-time checks."""
-    out = []
-    data = getattr(spec, "data", None)
-    for split in ("train", "val"):
-        src = getattr(data, split, None)
-        if isinstance(src, CocoSource):
-            out.append((f"data.{split}.images", src.images))
-            out.append((f"data.{split}.annotations", src.annotations))
-    return out
+def with_values(spec: BaseModel, values: dict[str, str]) -> BaseModel:
+    """A copy of the spec with the string fields named by dotted path replaced (resolved paths)."""
+    data = spec.model_dump(mode="json")
+    for field, value in values.items():
+        *parents, last = field.split(".")
+        node: Any = data
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[last] = value
+    return type(spec).model_validate(data)
 
 
 def check_paths(spec: BaseModel) -> list[tuple[str, str]]:
-    """Return (field, reason) for every unreadable data path or checkpoint path (job:<id> skipped)."""
+    """Return (field, reason) for every missing data or checkpoint file (job:<id> checked for form only)."""
     errors = []
-    for field, p in iter_data_paths(spec):
+    for field, p, kind in iter_user_paths(spec):
         path = Path(p)
-        if field.endswith("images") and not path.is_dir():
+        if kind == "data" and field.endswith("images") and not path.is_dir():
             errors.append((field, f"not a readable folder: {p}"))
-        elif field.endswith("annotations") and not path.is_file():
+        elif kind == "data" and not field.endswith("images") and not path.is_file():
             errors.append((field, f"not a readable file: {p}"))
-    for field, ref in iter_checkpoint_refs(spec):
-        if not ref.startswith("job:") and not Path(ref).is_file():
-            errors.append((field, f"checkpoint not found: {ref}"))
-        if ref.startswith("job:") and not ref[4:].isdigit():
-            errors.append((field, f"job reference must be job:<integer id>, got {ref}"))
+        elif kind == "checkpoint" and p.startswith(JOB_REF_PREFIX) and parse_job_ref(p) is None:
+            errors.append((field, f"job reference must be job:<integer id>, got {p}"))
+        elif kind == "checkpoint" and not p.startswith(JOB_REF_PREFIX) and not path.is_file():
+            errors.append((field, f"checkpoint not found: {p}"))
     return errors

@@ -10,17 +10,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from icd_core.spec import parse_job_ref
 from store.models import Job
 from store.results import final_checkpoint_path
-
-JOB_REF_PREFIX = "job:"
-
-
-def parse_job_ref(ref: str) -> int | None:
-    """The job id of a `job:<id>` reference, None for a path (or a malformed reference)."""
-    if ref.startswith(JOB_REF_PREFIX) and ref[len(JOB_REF_PREFIX) :].isdigit():
-        return int(ref[len(JOB_REF_PREFIX) :])
-    return None
 
 
 def job_ref_state(s: Session, artifact_root: str | Path, job_id: int) -> tuple[str | None, bool]:

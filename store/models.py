@@ -7,7 +7,7 @@ specs, timezone-aware UTC timestamps (SQLite drops the zone, so `UTCDateTime` pu
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
@@ -27,7 +27,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-JOB_KINDS = ("train", "distill", "evaluate", "study")
+JobKind = Literal["train", "distill", "evaluate", "study"]
+JOB_KINDS: tuple[str, ...] = get_args(JobKind)
 JOB_STATUSES = ("waiting", "queued", "running", "succeeded", "failed", "canceled")
 TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
 ACTIVE_STATUSES = ("waiting", "queued", "running")

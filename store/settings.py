@@ -111,24 +111,19 @@ class Settings(BaseSettings):
             return [Path(r) for r in self.data_roots]
         return [Path.cwd(), self.cache_dir]
 
-    def allowed_checkpoint_roots(self) -> list[Path]:
-        """Checkpoints may also come from the artifact store (another job's files)."""
-        return [*self.allowed_data_roots(), self.artifact_root]
-
     def ensure_dirs(self) -> None:
         """Create the local folders the embedded mode writes to."""
         for d in (self.home, self.artifact_root, self.cache_dir):
             d.mkdir(parents=True, exist_ok=True)
 
-    def resolve_data_path(self, p: str, checkpoint: bool = False) -> str:
-        """The real path of a spec path inside the allowed roots (relative ones: first root holding it).
+    def resolve_data_path(self, p: str) -> str:
+        """The real path of a data path inside the allowed roots (relative ones: first root holding it).
 
         Raises icd_core.data_roots.PathNotAllowed naming the roots when it resolves outside all of them.
         """
         from icd_core.data_roots import resolve_in_roots
 
-        roots = self.allowed_checkpoint_roots() if checkpoint else self.allowed_data_roots()
-        return str(resolve_in_roots(p, roots))
+        return str(resolve_in_roots(p, self.allowed_data_roots()))
 
 
 def is_loopback(host: str) -> bool:

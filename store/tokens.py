@@ -9,9 +9,11 @@ import secrets
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from store.models import ApiToken
+from icd_core.spec import INT32_MAX
+from store.models import ApiToken, Job
 
 SECRET_PREFIX = "icd_"  # recognisable in logs and secret scanners
+LEGACY_OWNER = "ICD_API_TOKEN"  # the owner recorded for the shared admin token (settings.api_token)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
 
 
@@ -46,6 +48,21 @@ def revoke_token(s: Session, name: str) -> None:
     s.commit()
     if not res.rowcount:  # type: ignore[attr-defined]
         raise TokenError(f"no token named {name!r} (see `icd token list`)")
+
+
+def owner_is_admin(s: Session, owner: str | None) -> bool:
+    """Whether jobs of `owner` were submitted with admin rights: the anonymous local admin (None), the
+    shared admin token, or a named admin token that still exists."""
+    if owner is None or owner == LEGACY_OWNER:
+        return True
+    return bool(s.execute(select(ApiToken.admin).where(ApiToken.name == owner)).scalar_one_or_none())
+
+
+def may_read_job(s: Session, reader: str | None, job_id: int) -> bool:
+    """Whether a job owned by `reader` may use job `job_id`'s files: its own jobs, or any as an admin.
+    The API's Caller.can_see is the same rule for a live request."""
+    job = s.get(Job, job_id) if 0 < job_id <= INT32_MAX else None
+    return job is not None and (job.owner == reader or owner_is_admin(s, reader))
 
 
 def find_token(s: Session, secret: str) -> ApiToken | None:

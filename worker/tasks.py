@@ -22,8 +22,9 @@ from celery import signals
 from celery.exceptions import Reject
 
 from icd_core.json_numbers import finite_floats
+from icd_core.spec import parse_job_ref
 from store.artifacts import ArtifactStore
-from store.checkpoint_refs import parse_job_ref, resolve_job_ref
+from store.checkpoint_refs import resolve_job_ref
 from store.db import DatabaseNotMigrated, ensure_migrated
 from store.dispatch import TASK_NAME, group_size
 from store.jobs import (
@@ -246,7 +247,7 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
             if job.kind == "study":
                 run_study_job(job)
                 return "succeeded"
-            result = _run_spec(spec_dict, job_dir, reporter)
+            result = _run_spec(spec_dict, job.owner, job_dir, reporter)
         finally:
             reporter.close()  # stop its writer thread and write what it still buffers
     except BaseException as exc:  # noqa: BLE001 - every failure must be recorded, then re-raised if fatal
@@ -273,15 +274,15 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
     return "succeeded"
 
 
-def _run_spec(spec_dict: dict[str, Any], job_dir: Path, reporter: DbReporter) -> Any:
+def _run_spec(spec_dict: dict[str, Any], owner: str | None, job_dir: Path, reporter: DbReporter) -> Any:
     from icd_core.runner import run_spec
-    from icd_core.spec import parse_spec
 
     settings = get_settings()
+    spec = confined_spec(spec_dict, owner)
     if group_size(spec_dict) > 1:
-        return _run_group(spec_dict, group_size(spec_dict), job_dir, reporter)
+        return _run_group(spec.model_dump(mode="json"), group_size(spec_dict), job_dir, reporter)
     return run_spec(
-        parse_spec(_confined(spec_dict, settings)),
+        spec,
         output_dir=job_dir,
         callbacks=[reporter],
         resume=True,
@@ -290,14 +291,24 @@ def _run_spec(spec_dict: dict[str, Any], job_dir: Path, reporter: DbReporter) ->
     )
 
 
-def _confined(spec_dict: dict[str, Any], settings: Any) -> dict[str, Any]:
-    """The spec's paths checked again against this worker's roots (a symlink may have moved since submit)."""
+def confined_spec(spec_dict: dict[str, Any], owner: str | None) -> Any:
+    """The parsed spec with its paths checked again against this worker's roots and the job owner's
+    rights (a symlink may have moved since submit; a token may have been revoked): the API's rule."""
     from icd_core.data_roots import PathNotAllowed, confine_spec_paths
+    from icd_core.spec import parse_spec
+    from store.tokens import may_read_job
 
-    confined, errors = confine_spec_paths(spec_dict, settings.allowed_data_roots(), settings.allowed_checkpoint_roots())
+    settings = get_settings()
+    with sessions()() as s:
+        spec, errors = confine_spec_paths(
+            parse_spec(spec_dict),
+            settings.allowed_data_roots(),
+            settings.artifact_root,
+            lambda job_id: may_read_job(s, owner, job_id),
+        )
     if errors:
         raise PathNotAllowed("; ".join(f"{field}: {reason}" for field, reason in errors))
-    return confined
+    return spec
 
 
 def _run_group(spec_dict: dict[str, Any], gpus: int, job_dir: Path, reporter: DbReporter) -> Any:
@@ -339,18 +350,18 @@ def run_study_job(job: Any) -> None:
     """
     from worker.study import start_study
 
+    confined_spec(dict(job.spec), job.owner)  # the same path and ownership check as a training job's
     with sessions()() as s:
         for child in start_study(s, job, resolve_checkpoint):
             _send(child.id, child.queue)
 
 
 def resolve_checkpoint(ref: str) -> Path:
-    """`job:<id>` → that job's final checkpoint; a path → itself (relative: looked up in data_roots)."""
-    settings = get_settings()
+    """`job:<id>` → that job's final checkpoint; a path → itself (confined_spec resolved and checked it)."""
     if parse_job_ref(ref) is not None:
         with sessions()() as s:
-            return resolve_job_ref(s, settings.artifact_root, ref)
-    return Path(settings.resolve_data_path(ref, checkpoint=True))
+            return resolve_job_ref(s, get_settings().artifact_root, ref)
+    return Path(ref)
 
 
 # --- outcomes ---------------------------------------------------------------------------------------

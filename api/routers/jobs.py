@@ -14,20 +14,19 @@ from api.deps import JobId, get_app_settings, get_artifacts, get_session, job_or
 from api.docs import SUBMIT_EXAMPLES
 from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut, ValidationErrorOut
 from api.validation import (
-    DB_INT_MAX,
     confine_paths,
     field_error,
     limit_errors,
-    nul_fields,
     reference_mismatch,
+    unstorable_fields,
 )
-from icd_core.spec import JobSpec, ModelSpec, StudySpec, check_paths, iter_checkpoint_refs, parse_spec
+from icd_core.spec import INT32_MAX, JobSpec, ModelSpec, StudySpec, check_paths, iter_checkpoint_refs, parse_job_ref
 from icd_core.study_plan import check_study
 from store import jobs as q
 from store.artifacts import ArtifactStore
-from store.checkpoint_refs import job_ref_state, parse_job_ref
+from store.checkpoint_refs import job_ref_state
 from store.dispatch import BrokerUnavailable, enqueue, queue_for
-from store.models import Job
+from store.models import Job, JobKind
 from store.paging import page_jobs
 from store.reaper import status_detail
 from store.results import get_metrics, list_evaluations
@@ -46,22 +45,27 @@ _ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "descriptio
 _STATE: dict[int | str, dict[str, Any]] = {409: {"model": ErrorOut, "description": "Not allowed in the job's status"}}
 
 
-def _validated_spec(spec: Any, settings: Settings) -> tuple[Any, list[dict[str, Any]]]:
+def _validated_spec(s: Session, spec: Any, settings: Settings, caller: Caller) -> tuple[Any, list[dict[str, Any]]]:
     """The spec with its paths resolved inside the allowed roots, and every problem found (422 entries).
 
     The stored spec carries the real absolute paths, so workers do not depend on their working directory.
     """
     raw = spec.model_dump(mode="json")
-    errors = [field_error(f, "NUL bytes are not allowed") for f in nul_fields(raw)]
+    errors = [field_error(f, "NUL bytes and lone surrogates are not allowed") for f in unstorable_fields(raw)]
     if errors:
         return spec, errors
-    confined, errors = confine_paths(raw, settings)
+    spec, errors = confine_paths(spec, settings, lambda job_id: _may_read(s, caller, job_id))
     if errors:
         return spec, errors
-    spec = parse_spec(confined)  # only paths changed: still valid
     errors = [field_error(f, r) for f, r in check_paths(spec)]
     errors += [field_error(f, r) for f, r in limit_errors(spec, settings)]
     return spec, errors
+
+
+def _may_read(s: Session, caller: Caller, job_id: int) -> bool:
+    """Whether the caller may use job `job_id`'s files (by job:<id> or by path): the same rule as seeing it."""
+    job = q.get_job(s, job_id) if job_id <= INT32_MAX else None
+    return job is not None and caller.can_see(job)
 
 
 def _check_job_refs(
@@ -73,7 +77,7 @@ def _check_job_refs(
         dep_id = parse_job_ref(ref)
         if dep_id is None:
             continue
-        dep = q.get_job(s, dep_id) if dep_id <= DB_INT_MAX else None
+        dep = q.get_job(s, dep_id) if dep_id <= INT32_MAX else None
         if dep is None or not caller.can_see(dep):
             errors.append(field_error(field, f"job {dep_id} does not exist"))
             continue
@@ -141,7 +145,7 @@ def submit_job(
     Paths outside the allowed roots, unreadable files, values above the server's caps and `job:<id>`
     references of another architecture are rejected here (422 naming the field).
     """
-    spec, errors = _validated_spec(spec, settings)
+    spec, errors = _validated_spec(s, spec, settings, caller)
     waits = _check_job_refs(s, spec, settings, caller, errors) if not errors else []
     if isinstance(spec, StudySpec):
         try:
@@ -176,11 +180,11 @@ def list_jobs(
     status_: Annotated[
         str | None, Query(alias="status", description="One status or several, comma-separated: queued,running")
     ] = None,
-    kind: Annotated[str | None, Query(description="train | distill | evaluate | study")] = None,
+    kind: Annotated[JobKind | None, Query(description="train | distill | evaluate | study")] = None,
     name: Annotated[str | None, Query(max_length=200)] = None,
-    parent_id: Annotated[int | None, Query(ge=1, le=DB_INT_MAX)] = None,
+    parent_id: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Rows to skip (slow when deep: prefer cursor)")] = 0,
+    offset: Annotated[int, Query(ge=0, le=INT32_MAX, description="Rows to skip (slow when deep: prefer cursor)")] = 0,
     search: Annotated[str | None, Query(max_length=200, description="Name contains this (any case), or the id")] = None,
     cursor: Annotated[
         str | None,
@@ -316,7 +320,7 @@ def job_metrics(
         str | None, Query(max_length=10_000, description="Comma-separated series names; all when omitted")
     ] = None,
     since_step: Annotated[
-        int | None, Query(ge=-DB_INT_MAX - 1, le=DB_INT_MAX, description="Only steps after this one (polling)")
+        int | None, Query(ge=-INT32_MAX - 1, le=INT32_MAX, description="Only steps after this one (polling)")
     ] = None,
     max_points: Annotated[
         int | None,
@@ -349,7 +353,7 @@ def job_evaluations(
     s: Session = Depends(get_session),
     caller: Caller = Depends(get_caller),
     since_step: Annotated[
-        int | None, Query(ge=-DB_INT_MAX - 1, le=DB_INT_MAX, description="Only evaluations after this step (polling)")
+        int | None, Query(ge=-INT32_MAX - 1, le=INT32_MAX, description="Only evaluations after this step (polling)")
     ] = None,
 ) -> list[EvaluationOut]:
     """Every COCO evaluation: AP, AP50, AP75, APs/m/l (percent) and per-class AP, steps ascending."""

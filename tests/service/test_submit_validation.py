@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -73,15 +74,18 @@ def test_paths_inside_the_roots_resolve_to_real_paths(client: TestClient, datase
     assert "in none of the roots; tried" in msg and str(dataset / "nowhere.json") in msg
 
 
-def test_checkpoints_may_also_come_from_the_artifact_root(client: TestClient, settings: Settings) -> None:
-    art = Path(settings.artifact_root) / "jobs" / "7" / "checkpoints" / "final.pt"  # type: ignore[arg-type]
+def test_checkpoints_may_also_come_from_a_jobs_artifact_folder(client: TestClient, settings: Settings) -> None:
+    jid = client.post("/jobs", json=_spec()).json()["id"]
+    art = Path(settings.artifact_root) / "jobs" / str(jid) / "checkpoints" / "final.pt"  # type: ignore[arg-type]
     art.parent.mkdir(parents=True)
     art.write_bytes(b"x")
     spec = _spec()
     spec["model"]["checkpoint"] = str(art)
     assert client.post("/jobs", json=spec).status_code == 201
-    spec["model"]["checkpoint"] = "/etc/hostname"
-    assert "outside the allowed roots" in _only(client.post("/jobs", json=spec), "model.checkpoint")
+    for elsewhere in ("/etc/hostname", str(Path(settings.artifact_root) / "jobs" / "999" / "final.pt")):
+        spec["model"]["checkpoint"] = elsewhere
+        msg = _only(client.post("/jobs", json=spec), "model.checkpoint")
+        assert "outside the allowed roots" in msg and str(settings.artifact_root) not in msg.split("roots:")[1]
 
 
 def test_unset_roots_allow_the_working_folder_and_the_cache(settings: Settings, tmp_path: Path) -> None:
@@ -102,7 +106,19 @@ def test_unset_roots_allow_the_working_folder_and_the_cache(settings: Settings, 
         (("data", "max_size"), 4096, "data.max_size", "ICD_MAX_IMAGE_SIZE"),
         (("data", "train", "image_size"), 4096, "data.train.image_size", "ICD_MAX_IMAGE_SIZE"),
         (("data", "train", "num_images"), 1_000_000, "data.train.num_images", "ICD_MAX_DATASET_IMAGES"),
-        (("schedule", "iterations"), 2**40, "schedule.iterations", "ICD_MAX_ITERATIONS"),
+        (("schedule", "iterations"), 2**31 - 1, "schedule.iterations", "ICD_MAX_ITERATIONS"),
+        (("schedule", "iterations"), 2**40, "schedule.iterations", "<= 2147483647"),
+        (("schedule", "checkpoint_every"), 2**63, "schedule.checkpoint_every", "less than or equal to 2147483647"),
+        (("schedule", "warmup_iters"), 2**63, "schedule.warmup_iters", "less than or equal to 2147483647"),
+        (("data", "max_size"), 0, "data.max_size", "greater than or equal to 32"),
+        (("data", "max_size"), -3, "data.max_size", "greater than or equal to 32"),
+        (("model", "anchor_sizes"), [0, 32, 64], "model.anchor_sizes.0", "greater than 0"),
+        (("model", "anchor_sizes"), [16, -32, 64], "model.anchor_sizes.1", "greater than 0"),
+        (("data", "train", "min_object"), 100, "data.train.min_object", "above max_object"),
+        (("data", "train", "max_object"), 500, "data.train.max_object", "does not fit in image_size"),
+        (("device",), "cuda:-1", "device", "cuda:N with N in 0..63"),
+        (("device",), "cuda:abc", "device", "cuda:N with N in 0..63"),
+        (("device",), "cuda:٣", "device", "cuda:N with N in 0..63"),
         (("name",), "bad\x00name", "name", "NUL"),
         (("seed",), 2**64, "seed", "less than or equal to 9223372036854775807"),
     ],
@@ -117,6 +133,32 @@ def test_bad_values_are_refused_at_submit(
     target[path[-1]] = value
     r = client.post("/jobs", json=spec)
     assert says in _only(r, field)
+    assert client.get("/jobs").json()["total"] == 0
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "1e999"])
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        (("schedule", "lr"), "schedule.lr"),
+        (("schedule", "weight_decay"), "schedule.weight_decay"),
+        (("schedule", "grad_clip"), "schedule.grad_clip"),
+        (("model", "anchor_sizes", 0), "model.anchor_sizes.0"),
+    ],
+)
+def test_non_finite_floats_are_422_naming_the_field(
+    client: TestClient, path: tuple[Any, ...], field: str, value: str
+) -> None:
+    """Python's JSON reader takes Infinity and NaN; PostgreSQL's JSON cannot store them (it was a 500)."""
+    spec = _spec()
+    target: Any = spec
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = "__HERE__"
+    body = json.dumps(spec).replace('"__HERE__"', value)
+    r = client.post("/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert field in [e["field"] for e in r.json()["detail"]], r.json()
     assert client.get("/jobs").json()["total"] == 0
 
 

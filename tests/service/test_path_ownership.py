@@ -1,0 +1,207 @@
+"""One confinement and ownership rule for every path a spec names (issue 23, items 1 and 2).
+
+A non-admin must not reach another owner's checkpoint by its artifact path, in any checkpoint field,
+including `distill.icd.decoder`; a path field added to the spec later must be confined without anyone
+remembering to: the walker test below fails on a string field that is neither marked nor declared.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from api.docs import DISTILL_EXAMPLE, TRAIN_EXAMPLE
+from api.main import create_app
+from icd_core import spec as spec_module
+from icd_core.data_roots import confine_spec_paths
+from icd_core.spec import UserPath, iter_user_paths, parse_spec
+from store.artifacts import ArtifactStore
+from store.db import make_engine, session_factory
+from store.jobs import claim_job, finish_job
+from store.results import add_checkpoint
+from store.settings import Settings
+from store.tokens import create_token, may_read_job
+
+# String fields that are not paths, by "<Model>.<field>": anything else typed str must carry UserPath.
+NOT_PATHS = {"_JobBase.name", "_JobBase.device", "ModelSpec.levels", "DistillSpec.options"}
+
+
+def _has_str(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    return any(_has_str(a) for a in get_args(annotation) if a is not type(None))
+
+
+def _models(root: type[BaseModel], seen: set[type[BaseModel]]) -> Iterator[type[BaseModel]]:
+    if root in seen:
+        return
+    seen.add(root)
+    yield root
+    for info in root.model_fields.values():
+        stack = [info.annotation]
+        while stack:
+            t = stack.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                yield from _models(t, seen)
+            stack += list(get_args(t))
+
+
+def _declaring_class(model: type[BaseModel], name: str) -> str:
+    for klass in model.__mro__:
+        if name in getattr(klass, "__annotations__", {}):
+            return klass.__name__
+    return model.__name__
+
+
+def test_every_string_field_of_the_spec_is_a_confined_path_or_declared_not_one() -> None:
+    seen: set[type[BaseModel]] = set()
+    unmarked, marked = [], []
+    for top in get_args(get_args(spec_module.JobSpec)[0]):
+        for model in _models(top, seen):
+            for name, info in model.model_fields.items():
+                if not _has_str(info.annotation):
+                    continue
+                key = f"{_declaring_class(model, name)}.{name}"
+                if spec_module._path_kind(info.annotation, list(info.metadata)) is not None:
+                    marked.append(key)
+                elif key not in NOT_PATHS and get_origin(info.annotation) is not type(None):
+                    unmarked.append(key)
+    assert sorted(set(unmarked)) == []
+    assert {"CocoSource.images", "CocoSource.annotations", "ModelSpec.checkpoint", "ICDOptions.decoder"} <= set(marked)
+
+
+def test_the_walker_finds_the_decoder_and_every_checkpoint() -> None:
+    spec = copy.deepcopy(DISTILL_EXAMPLE)
+    spec["student"]["checkpoint"] = "s.pt"
+    spec["distill"]["icd"]["decoder"] = "d.pt"
+    found = {(f, k) for f, _, k in iter_user_paths(parse_spec(spec))}
+    assert found == {
+        ("teacher.checkpoint", "checkpoint"),
+        ("student.checkpoint", "checkpoint"),
+        ("distill.icd.decoder", "checkpoint"),
+    }
+    assert isinstance(UserPath("data"), UserPath)
+
+
+def _as(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+def tokens(settings: Settings) -> dict[str, str]:
+    engine = make_engine(settings.database_url)
+    with session_factory(engine)() as s:
+        out = {name: create_token(s, name, admin=(name == "root"))[1] for name in ("alice", "bob", "root")}
+    engine.dispose()
+    return out
+
+
+@pytest.fixture
+def public(settings: Settings, tokens: dict[str, str]) -> Iterator[TestClient]:
+    app = create_app(settings.model_copy(update={"listen_host": "0.0.0.0"}))
+    with TestClient(app) as c:
+        yield c
+    app.state.engine.dispose()
+
+
+def _finished_job(client: TestClient, settings: Settings, secret: str) -> tuple[int, Path]:
+    """A succeeded train job of the token's owner, with a final.pt in its artifact folder."""
+    r = client.post("/jobs", json=copy.deepcopy(TRAIN_EXAMPLE), headers=_as(secret))
+    assert r.status_code == 201, r.text
+    jid = r.json()["id"]
+    engine = make_engine(settings.database_url)
+    with session_factory(engine)() as s:
+        claim_job(s, jid, "w1")
+        store = ArtifactStore(settings.artifact_root)  # type: ignore[arg-type]
+        f = store.job_dir(jid) / "checkpoints" / "final.pt"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"weights")
+        add_checkpoint(s, jid, 1, 2, "final.pt", store.relative(f), f.stat().st_size, store.sha256_file(f), True)
+        finish_job(s, jid, {"AP": 1.0})
+    engine.dispose()
+    return jid, f
+
+
+def _distill(teacher: str, decoder: str | None = None) -> dict[str, Any]:
+    spec = copy.deepcopy(DISTILL_EXAMPLE)
+    spec["teacher"]["backbone"] = "resnet34"
+    spec["teacher"]["checkpoint"] = teacher
+    if decoder is not None:
+        spec["distill"]["icd"]["decoder"] = decoder
+    return spec
+
+
+def _refused(resp: Any, field: str) -> str:
+    assert resp.status_code == 422, resp.text
+    fields = [e["field"] for e in resp.json()["detail"]]
+    assert field in fields, resp.json()
+    return next(e["msg"] for e in resp.json()["detail"] if e["field"] == field)
+
+
+def test_another_owners_checkpoint_cannot_be_named_by_its_artifact_path(
+    public: TestClient, settings: Settings, tokens: dict[str, str]
+) -> None:
+    alice_job, alice_file = _finished_job(public, settings, tokens["alice"])
+    bob_job, bob_file = _finished_job(public, settings, tokens["bob"])
+    bob = _as(tokens["bob"])
+    relative = alice_file.relative_to(settings.artifact_root)  # type: ignore[arg-type]
+    for given in (
+        str(alice_file),
+        str(relative),
+        f"{settings.artifact_root}/jobs/{alice_job}/../{alice_job}/checkpoints/final.pt",
+    ):
+        train = copy.deepcopy(TRAIN_EXAMPLE)
+        train["model"]["checkpoint"] = given
+        msg = _refused(public.post("/jobs", json=train, headers=bob), "model.checkpoint")
+        assert str(settings.artifact_root) not in msg.split("roots:")[-1], msg  # the store is not advertised
+        _refused(public.post("/jobs", json=_distill(given), headers=bob), "teacher.checkpoint")
+        student = _distill(str(bob_file))
+        student["student"]["checkpoint"] = given
+        _refused(public.post("/jobs", json=student, headers=bob), "student.checkpoint")
+    # bob's own file by path, and an admin naming alice's, are accepted and stored resolved
+    r = public.post("/jobs", json=_distill(str(bob_file)), headers=bob)
+    assert r.status_code == 201 and r.json()["spec"]["teacher"]["checkpoint"] == str(bob_file.resolve())
+    assert public.post("/jobs", json=_distill(str(alice_file)), headers=_as(tokens["root"])).status_code == 201
+    assert bob_job != alice_job
+
+
+@pytest.mark.parametrize(
+    "decoder",
+    ["/etc/passwd", "../../../../../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "ALICE_FILE", "job:ALICE", "\ud800x"],
+)
+def test_the_icd_decoder_field_is_confined_and_owned(
+    public: TestClient, settings: Settings, tokens: dict[str, str], decoder: str
+) -> None:
+    alice_job, alice_file = _finished_job(public, settings, tokens["alice"])
+    _, bob_file = _finished_job(public, settings, tokens["bob"])
+    decoder = decoder.replace("ALICE_FILE", str(alice_file)).replace("ALICE", str(alice_job))
+    body = json.dumps(_distill(str(bob_file), decoder))  # ASCII escapes: a lone surrogate travels as \ud800
+    headers = {**_as(tokens["bob"]), "Content-Type": "application/json"}
+    msg = _refused(public.post("/jobs", content=body, headers=headers), "distill.icd.decoder")
+    assert "passwd" not in msg or "outside the allowed roots" in msg
+
+
+def test_the_worker_applies_the_same_rule_to_a_stored_spec(settings: Settings, session: Any) -> None:
+    """A spec stored before this rule (or edited in the database) is checked again where it runs."""
+    engine = make_engine(settings.database_url)
+    with session_factory(engine)() as s:
+        _, alice_secret = create_token(s, "alice2")
+    engine.dispose()
+    app = create_app(settings)
+    with TestClient(app) as c:
+        alice_job, alice_file = _finished_job(c, settings, alice_secret)
+    app.state.engine.dispose()
+    spec = parse_spec(_distill(str(alice_file)))
+    roots, art = settings.allowed_data_roots(), settings.artifact_root
+    _, errors = confine_spec_paths(spec, roots, art, lambda j: may_read_job(session, "mallory", j))
+    assert [f for f, _ in errors] == ["teacher.checkpoint"]
+    confined, errors = confine_spec_paths(spec, roots, art, lambda j: may_read_job(session, "alice2", j))
+    assert errors == [] and confined.teacher.checkpoint == str(alice_file.resolve())
+    assert may_read_job(session, None, alice_job)  # the anonymous local admin
