@@ -32,13 +32,18 @@ def _token_session() -> Any:
 @token.command("create")
 @click.option("--name", required=True, help="Who holds it; recorded as the owner of the jobs it submits.")
 @click.option("--admin", is_flag=True, help="Sees and manages every owner's jobs.")
-def token_create(name: str, admin: bool) -> None:
+@click.option(
+    "--takes-over-jobs",
+    is_flag=True,
+    help="Reuse a revoked token's name: the new token sees and manages the jobs that name owns.",
+)
+def token_create(name: str, admin: bool, takes_over_jobs: bool) -> None:
     """Create a token and print its secret (shown once: only its sha256 is stored)."""
     from store.tokens import TokenError, create_token
 
     engine, s = _token_session()
     try:
-        _, secret = create_token(s, name, admin=admin)
+        _, secret = create_token(s, name, admin=admin, takes_over_jobs=takes_over_jobs)
     except TokenError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

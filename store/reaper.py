@@ -62,10 +62,11 @@ def status_detail(s: Session, job: Job, settings: Settings) -> str | None:
 
 
 def unservable_warnings(s: Session, settings: Settings) -> list[str]:
-    """One line per queue that has queued jobs and no live worker (for /health)."""
+    """One line per queue that has queued jobs and no live worker (for /health, which anyone may read:
+    a count, not the jobs' ids; each job's own page says why it waits)."""
     by_queue = unservable_queues(s, live_queues(s, _alive_window(settings)))
     return [
-        f"jobs {ids[:10]}{' ...' if len(ids) > 10 else ''} cannot start: {unservable_message(queue)}"
+        f"{'more than 10' if len(ids) > 10 else len(ids)} queued job(s) cannot start: {unservable_message(queue)}"
         for queue, ids in sorted(by_queue.items())
     ]
 

@@ -25,12 +25,21 @@ def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def create_token(s: Session, name: str, admin: bool = False) -> tuple[ApiToken, str]:
-    """A new token and its secret (256 random bits); only the secret's sha256 is stored."""
+def create_token(s: Session, name: str, admin: bool = False, takes_over_jobs: bool = False) -> tuple[ApiToken, str]:
+    """A new token and its secret (256 random bits); only the secret's sha256 is stored.
+
+    A name is an owner: jobs keep it after their token is revoked, so a new token under a revoked
+    name would see and manage them. That takes `takes_over_jobs`, said on purpose by an admin.
+    """
     if not _NAME.match(name):
         raise TokenError(f"token name {name!r}: 1-100 letters, digits, '.', '_', '@' or '-', starting alphanumeric")
     if s.execute(select(ApiToken.id).where(ApiToken.name == name)).first() is not None:
         raise TokenError(f"a token named {name!r} exists; revoke it first or choose another name")
+    if not takes_over_jobs and s.execute(select(Job.id).where(Job.owner == name).limit(1)).first() is not None:
+        raise TokenError(
+            f"jobs are owned by {name!r} (a revoked token's name): a new token under it would see and manage "
+            "them; choose another name, or pass --takes-over-jobs to give them to the new token"
+        )
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(name=name, secret_sha256=secret_hash(secret), admin=admin)
     s.add(token)

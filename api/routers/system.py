@@ -14,11 +14,12 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from api.auth import UNAUTHORIZED, get_caller
+from api.auth import UNAUTHORIZED, Caller, get_caller
 from api.deps import get_app_settings, get_session
 from api.schemas import CheckResult, HealthOut, VersionOut, WorkerOut
 from store.db import current_revision
 from store.dispatch import check_broker
+from store.jobs import get_job
 from store.reaper import unservable_warnings
 from store.settings import Settings
 from store.workers import list_workers
@@ -33,10 +34,22 @@ def _alive_window(settings: Settings) -> float:
     return 3 * settings.worker_heartbeat_s
 
 
-@router.get("/workers", response_model=list[WorkerOut], dependencies=[Depends(get_caller)], responses=UNAUTHORIZED)
-def workers(s: Session = Depends(get_session), settings: Settings = Depends(get_app_settings)) -> list[WorkerOut]:
-    """Live workers: host, device, queues and the job each is running."""
-    return [WorkerOut.model_validate(w) for w in list_workers(s, _alive_window(settings))]
+@router.get("/workers", response_model=list[WorkerOut], responses=UNAUTHORIZED)
+def workers(
+    s: Session = Depends(get_session),
+    settings: Settings = Depends(get_app_settings),
+    caller: Caller = Depends(get_caller),
+) -> list[WorkerOut]:
+    """Live workers: host, device, queues and the job each is running (null where that job is another
+    owner's: a non-admin token sees that a worker is busy, not whose job it runs)."""
+    out = [WorkerOut.model_validate(w) for w in list_workers(s, _alive_window(settings))]
+    if caller.admin:
+        return out
+    hidden = []
+    for w in out:
+        job = get_job(s, w.current_job_id) if w.current_job_id is not None else None
+        hidden.append(w if job is not None and caller.can_see(job) else w.model_copy(update={"current_job_id": None}))
+    return hidden
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})

@@ -205,3 +205,32 @@ def test_a_request_reaching_a_network_address_needs_a_token_whatever_the_setting
             assert local.get("/jobs").status_code == 200
     finally:
         app.state.engine.dispose()
+
+
+def test_a_revoked_name_is_not_reissued_with_its_jobs_by_accident(session: Any) -> None:
+    """A new holder of a revoked token's name would see the old holder's jobs: that must be said on purpose."""
+    from store.jobs import create_job
+
+    create_token(session, "frank")
+    create_job(session, copy.deepcopy(TRAIN_EXAMPLE), kind="train", name="x", queue="any", owner="frank")
+    revoke_token(session, "frank")
+    with pytest.raises(TokenError, match="takes-over-jobs"):
+        create_token(session, "frank")
+    token, _ = create_token(session, "frank", takes_over_jobs=True)
+    assert token.name == "frank"
+
+
+def test_a_user_sees_only_its_own_job_on_the_workers_list(
+    public: TestClient, settings: Settings, secrets_by_name: dict[str, str]
+) -> None:
+    from store.workers import heartbeat
+
+    a = public.post("/jobs", json=copy.deepcopy(TRAIN_EXAMPLE), headers=_as(secrets_by_name["alice"])).json()["id"]
+    engine = make_engine(settings.database_url)
+    with session_factory(engine)() as s:
+        heartbeat(s, "w1@host", "host", "cpu", "cpu", 1, a)
+    engine.dispose()
+    seen = {n: public.get("/workers", headers=_as(secrets_by_name[n])).json() for n in ("alice", "bob", "root")}
+    assert [w["current_job_id"] for w in seen["alice"]] == [a]
+    assert [w["current_job_id"] for w in seen["bob"]] == [None]  # busy with someone else's job: not whose
+    assert [w["current_job_id"] for w in seen["root"]] == [a]
