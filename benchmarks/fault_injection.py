@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import sys
@@ -57,21 +58,52 @@ def _ts(value: str | None) -> float | None:
 def _overlapping(attempts: list[dict[str, Any]]) -> bool:
     """Two attempts that ran at the same time (a double run)."""
     spans = sorted((_ts(a["started_at"]) or 0.0, _ts(a["finished_at"]) or float("inf")) for a in attempts)
+    return _spans_overlap(spans)
+
+
+def _spans_overlap(spans: list[tuple[float, float]]) -> bool:
+    spans = sorted(spans)
     return any(nxt[0] < cur[1] - 1e-3 for cur, nxt in zip(spans, spans[1:]))
+
+
+_LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [A-Z]+/[^\]]*\] (.*)$")
+
+
+def log_spans(logs: list[str], job_id: int, killed_at: float) -> dict[tuple[str, int], tuple[float, float]]:
+    """{(worker log, attempt): (start, end)} of one job, read from the workers' own logs (what each
+    process did, not what the database recorded). An attempt with a start line and no end line was
+    killed: it ends at `killed_at` (the fault's wall-clock time)."""
+    starts: dict[tuple[str, int], float] = {}
+    ends: dict[tuple[str, int], float] = {}
+    start_re = re.compile(rf"^job {job_id} \(\w+\) attempt (\d+) ")
+    end_re = re.compile(rf"^job {job_id} attempt (\d+) ended on ")
+    for i, text in enumerate(logs):
+        for line in text.splitlines():
+            m = _LOG_LINE.match(line)
+            if not m:
+                continue
+            ts = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if sm := start_re.match(m.group(2)):
+                starts[(str(i), int(sm.group(1)))] = ts
+            elif em := end_re.match(m.group(2)):
+                ends[(str(i), int(em.group(1)))] = ts
+    return {key: (t0, ends.get(key, killed_at if killed_at >= t0 else float("inf"))) for key, t0 in starts.items()}
 
 
 class Bench:
     def __init__(self, st: Stack, redis: PrivateRedis, args: argparse.Namespace) -> None:
         self.st, self.redis, self.args = st, redis, args
         self.rng = random.Random(args.seed)
+        # A slow post-training phase: every export child waits this long (a large model's exports).
+        self.env = {"ICD_TEST_EXPORT_DELAY_S": str(args.export_delay_s)} if args.export_delay_s else {}
 
     def start_pairs(self) -> None:
         """Two idle workers on queue `cpu` for most kinds, and two with the checkpoint-write hook on queue
         `any` for the mid-checkpoint kind (its jobs say device: auto), so the kinds can interleave."""
         for n in ("plain_a", "plain_b"):
-            self.st.start_worker(n, queues="cpu")
+            self.st.start_worker(n, queues="cpu", **self.env)
         for n in ("hook_a", "hook_b"):
-            self.st.start_worker(n, queues="any", ICD_TEST_PAUSE_BEFORE_RENAME_S="3")
+            self.st.start_worker(n, queues="any", ICD_TEST_PAUSE_BEFORE_RENAME_S="3", **self.env)
         self.st.wait_workers_alive("plain_a", "plain_b", "hook_a", "hook_b", timeout=240)
 
     @staticmethod
@@ -82,12 +114,15 @@ class Bench:
         """One job, one fault of `kind` into the worker running it, followed to the job's end."""
         st, a = self.st, self.args
         device = "auto" if kind == "kill9_mid_checkpoint" else "cpu"
-        job_id = st.submit(
-            tiny_train_spec(f"{kind}-{i}", iterations=a.iterations, checkpoint_every=a.checkpoint_every, device=device)
+        # Exports on: the post-training phase (export child, latency timing) is part of what is faulted.
+        deploy = {"exported_latency": True, "latency_repeats": 3, "latency_warmup": 1, "prediction_images": 2}
+        spec = tiny_train_spec(
+            f"{kind}-{i}", iterations=a.iterations, checkpoint_every=a.checkpoint_every, device=device, deploy=deploy
         )
+        job_id = st.submit(spec)
         before = self._fault_point(kind, job_id)
         victim = before["worker"].split("@")[0]
-        t_fault = time.monotonic()
+        t_fault, fault_wall = time.monotonic(), time.time()
         self._inject(kind, victim)
         try:
             back_s = wait_for(
@@ -106,6 +141,7 @@ class Bench:
             job, stuck = st.job(job_id), True
         steps = st.loss_steps(job_id)
         st.wait_workers_alive(*names, timeout=180)  # both idle again before the next injection
+        spans = log_spans([st.log(n) for n in sorted(st.workers)], job_id, fault_wall)
         return {
             "kind": kind,
             "job": job_id,
@@ -116,6 +152,8 @@ class Bench:
             "stuck": stuck,
             "lost": job["status"] != "succeeded",
             "run_twice": _overlapping(job["attempts"]) or job["attempt"] > before["attempt"] + 1,
+            "log_attempts": len(spans),
+            "run_twice_in_logs": _spans_overlap(list(spans.values())),
             "duplicated": len(steps) - len(set(steps)),
             "missing": len(set(range(1, a.iterations + 1)) - set(steps)),
             "back_s": back_s,
@@ -175,9 +213,9 @@ class Bench:
             except Exception:
                 self.st.kill_worker(victim)
         if kind == "kill9_mid_checkpoint":
-            self.st.start_worker(victim, queues="any", ICD_TEST_PAUSE_BEFORE_RENAME_S="3")
+            self.st.start_worker(victim, queues="any", ICD_TEST_PAUSE_BEFORE_RENAME_S="3", **self.env)
         else:
-            self.st.start_worker(victim, queues="cpu")
+            self.st.start_worker(victim, queues="cpu", **self.env)
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -193,6 +231,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "runs": len(rs),
                 "lost": sum(r["lost"] for r in rs),
                 "run_twice": sum(r["run_twice"] for r in rs),
+                "run_twice_in_logs": sum(r.get("run_twice_in_logs", False) for r in rs),
                 "stuck": sum(r["stuck"] for r in rs),
                 "steps_duplicated": sum(r["duplicated"] for r in rs),
                 "steps_missing": sum(r["missing"] for r in rs),
@@ -206,7 +245,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| fault | runs | jobs lost | run twice | stuck | steps duplicated | steps missing "
+        "| fault | runs | jobs lost | run twice (database / worker logs) | stuck | steps duplicated | steps missing "
         "| fault → running again p50 / max |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -215,7 +254,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r["never_back"]:
             back += f" ({r['never_back']} never)"
         lines.append(
-            f"| {r['kind']} | {r['runs']} | {r['lost']} | {r['run_twice']} | {r['stuck']} | "
+            f"| {r['kind']} | {r['runs']} | {r['lost']} | {r['run_twice']} / {r['run_twice_in_logs']} | {r['stuck']} | "
             f"{r['steps_duplicated']} | {r['steps_missing']} | {back} |"
         )
     return "\n".join(lines)
@@ -232,6 +271,13 @@ def main() -> None:
     p.add_argument("--reaper-s", type=float, default=0.5)
     p.add_argument("--broker-down-s", type=float, default=2.0)
     p.add_argument("--job-timeout", type=float, default=180.0)
+    p.add_argument(
+        "--export-delay-s",
+        type=float,
+        default=0.0,
+        help="make every job's post-training phase this much slower (its export child waits): longer than "
+        "the lease, it shows whether that phase keeps its lease",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--stop-after-min",
@@ -284,7 +330,8 @@ def main() -> None:
     header = (
         f"{rounds} injections per kind (asked {args.injections}), {args.iterations}-step jobs (checkpoint every "
         f"{args.checkpoint_every}), lease {args.lease_s} s, heartbeat {args.heartbeat_s} s, reaper every "
-        f"{args.reaper_s} s, host {HOST}, {time.monotonic() - started:.0f} s in all"
+        f"{args.reaper_s} s, post-training phase slowed by {args.export_delay_s} s, host {HOST}, "
+        f"{time.monotonic() - started:.0f} s in all"
     )
     print(header)
     print(text)

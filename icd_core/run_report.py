@@ -8,9 +8,9 @@ for the run's final metrics, which the service stores per job and the study lead
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +24,50 @@ from .spec import DeploySpec
 log = logging.getLogger(__name__)
 
 
-def _exported_runners(detector: Detector, tmp: Path, threads: int) -> tuple[dict[str, Any], dict[str, str]]:
-    """TorchScript and ONNX Runtime callables of `detector` (CPU), and the formats that could not export."""
-    from .export import ExportedDetector, ExportError, export_meta, write_export
+RUNTIME_OF = {"torchscript": "torchscript", "onnx": "onnxruntime"}
 
-    runners, errors = {}, {}
-    for fmt, name in (("torchscript", "torchscript"), ("onnx", "onnxruntime")):
-        path = tmp / f"model.{fmt}"
+
+def _exported_runners(
+    detector: Detector, tmp: Path, threads: int, check: Callable[[], None]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """TorchScript and ONNX Runtime callables of `detector` (CPU), and the formats that could not export.
+    The exports run in a child process (icd_core.export_process); `check` may stop them."""
+    from .export import ExportedDetector, ExportError
+    from .export_process import export_in_child
+
+    failed = export_in_child(detector, tmp, list(RUNTIME_OF), check)
+    runners, errors = {}, {RUNTIME_OF[fmt]: why for fmt, why in failed.items()}
+    for fmt, name in RUNTIME_OF.items():
+        if fmt in failed:
+            continue
         try:
-            write_export(_cpu_copy(detector), export_meta(detector, {}, fmt), path)
-            runners[name] = ExportedDetector(path, threads=threads).run
+            runners[name] = ExportedDetector(tmp / f"model.{fmt}", threads=threads).run
         except ExportError as err:
             errors[name] = str(err)
     return runners, errors
 
 
-def _cpu_copy(detector: Detector) -> Detector:
-    return copy.deepcopy(detector).cpu().eval()
+def _no_stop() -> None:
+    """The default `check`: a local run is never stopped from outside."""
 
 
-def model_cost(detector: Detector, image: torch.Tensor, device: torch.device, deploy: DeploySpec) -> dict[str, Any]:
-    """Cost of `detector` on `image` (see icd_core.model_cost), exported runtimes timed on the CPU."""
+def model_cost(
+    detector: Detector,
+    image: torch.Tensor,
+    device: torch.device,
+    deploy: DeploySpec,
+    check: Callable[[], None] = _no_stop,
+) -> dict[str, Any]:
+    """Cost of `detector` on `image` (see icd_core.model_cost), exported runtimes timed on the CPU.
+    `check` runs between the phase's parts and while the exports run; it raises to stop the phase."""
     was_training = detector.training
     detector.eval()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             runners, errors = ({}, {})
             if deploy.exported_latency:
-                runners, errors = _exported_runners(detector, Path(tmp), torch.get_num_threads())
+                runners, errors = _exported_runners(detector, Path(tmp), torch.get_num_threads(), check)
+                check()
             cost = measure_cost(
                 detector.model, image, device, deploy.latency_repeats, deploy.latency_warmup, exported=runners
             ).as_dict()
@@ -94,11 +110,20 @@ def render_predictions(detector: Detector, val: Any, count: int, out_dir: Path) 
 
 
 def deploy_report(
-    student: Detector, teacher: Detector | None, val: Any, deploy: DeploySpec, device: torch.device, output_dir: Path
+    student: Detector,
+    teacher: Detector | None,
+    val: Any,
+    deploy: DeploySpec,
+    device: torch.device,
+    output_dir: Path,
+    check: Callable[[], None] = _no_stop,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """(summary.json entries, flat final-metric entries) for a finished run; see the module docstring."""
+    """(summary.json entries, flat final-metric entries) for a finished run; see the module docstring.
+    `check` runs before each part (and during exports) and raises to stop the phase: a canceled job or
+    a lost lease must not go on writing files that another attempt now owns."""
     summary: dict[str, Any] = {}
     flat: dict[str, float] = {}
+    check()
     if deploy.prediction_images:
         render_predictions(student, val, deploy.prediction_images, output_dir / "predictions")
         if teacher is not None:
@@ -106,10 +131,12 @@ def deploy_report(
         summary["predictions"] = str(output_dir / "predictions")
     if deploy.cost:
         image = val.load(0)[0]
-        summary["model_cost"] = model_cost(student, image, device, deploy)
+        check()
+        summary["model_cost"] = model_cost(student, image, device, deploy, check)
         flat.update(flat_cost(summary["model_cost"]))
         if teacher is not None:
-            summary["teacher_model_cost"] = model_cost(teacher, image, device, deploy)
+            check()
+            summary["teacher_model_cost"] = model_cost(teacher, image, device, deploy, check)
             flat.update(flat_cost(summary["teacher_model_cost"], "teacher_cost_"))
         log.info("model cost: %s", ", ".join(f"{k} {v:.3g}" for k, v in flat.items()))
     return summary, flat

@@ -22,7 +22,7 @@ from .distill import build_distiller
 from .distill.icd import ICDDistiller
 from .distill.inherit import inherit_from_teacher
 from .engine import checkpoint as ckpt
-from .engine.callbacks import Callback, EvalResult
+from .engine.callbacks import Callback, EvalResult, TrainingStopped
 from .engine.metrics_log import MetricsLog
 from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
@@ -85,6 +85,23 @@ def run_spec(
 
 
 # --- helpers -------------------------------------------------------------------------------------------
+def stop_check(callbacks: Sequence[Callback], step: int) -> Callable[[], None]:
+    """A check for the phases outside the training loop: raises TrainingStopped when a callback asks to
+    stop (a cancel, a worker shutdown, a lost lease), as the trainer does between steps."""
+
+    def check() -> None:
+        if any(cb.should_stop() for cb in callbacks):
+            raise TrainingStopped(step)
+
+    return check
+
+
+def confirm_ownership(callbacks: Sequence[Callback], step: int) -> None:
+    """Right before the final files are written: every callback must confirm the run still owns them."""
+    if not all(cb.confirm_ownership() for cb in callbacks):
+        raise TrainingStopped(step)
+
+
 def _checkpoint_file(field: str, ref: str, resolve: ResolveCheckpoint) -> Path:
     path = Path(resolve(ref))
     if not path.is_file():
@@ -310,11 +327,14 @@ def _run_training(
         return RunResult(
             {**out.final_metrics, **counts}, out.evaluation, out.final_checkpoint, out.sec_per_step, out.peak_memory_mb
         )
+    check = stop_check(callbacks, out.step)
     try:  # the trained model is kept whatever happens here: a failed measurement is reported, not fatal
         val = build_dataset(spec.data.val, cache_dir, train=False)
         deploy, cost_metrics = deploy_report(
-            trainer.student, trainer.teacher, val, spec.deploy, trainer.device, output_dir
+            trainer.student, trainer.teacher, val, spec.deploy, trainer.device, output_dir, check
         )
+    except TrainingStopped:
+        raise
     except Exception as exc:
         log.warning("model cost / predictions failed: %s", exc, exc_info=True)
         deploy, cost_metrics = {"deploy_error": f"{type(exc).__name__}: {exc}"}, {}
@@ -327,6 +347,7 @@ def _run_training(
         out.peak_memory_mb,
     )
     extra = {**extra, "ranks": group.world} if group is not None else extra
+    confirm_ownership(callbacks, out.step)
     _write_summary(
         output_dir, spec, result, {"step": out.step, "device": str(trainer.device), "amp": trainer.amp.name, **extra}
     )
@@ -358,10 +379,12 @@ def _run_evaluate(
     detector.to(device)
     for cb in callbacks:
         cb.on_start(0, 0)
+    stop_check(callbacks, 0)()
     evaluation = evaluate_model(
         detector, val, batch_size=spec.schedule.batch_size, device=device, workers=min(spec.data.workers, 2)
     )
     evaluation.step = int(meta.get("step", 0))
+    confirm_ownership(callbacks, evaluation.step)
     for cb in callbacks:
         cb.on_evaluation(evaluation)
     result = RunResult(dict(evaluation.metrics), evaluation, None, None, peak_memory_mb(device))

@@ -73,6 +73,11 @@ def tiny_schedule(iterations: int = 4, every: int | None = None, **overrides: An
     }
 
 
+# The exported runtimes' latency (an export child per model: seconds each) is measured by the core tests,
+# the deploy API test and the fault benchmark; the other service tests' jobs skip it.
+TINY_DEPLOY: dict[str, Any] = {"exported_latency": False}
+
+
 def tiny_train_spec(
     name: str = "teacher", iterations: int = 4, every: int | None = None, data: dict | None = None, **schedule: Any
 ) -> dict[str, Any]:
@@ -85,6 +90,7 @@ def tiny_train_spec(
         "data": data or tiny_data(),
         "model": dict(TINY_MODEL),
         "schedule": tiny_schedule(iterations, every, **schedule),
+        "deploy": dict(TINY_DEPLOY),
     }
 
 
@@ -99,6 +105,7 @@ def tiny_distill_spec(teacher_ref: str, name: str = "student") -> dict[str, Any]
         "student": dict(TINY_MODEL),
         "distill": {"method": "icd", "icd": {"bypass_iters": 0, "heads": 8}},
         "schedule": tiny_schedule(4),
+        "deploy": dict(TINY_DEPLOY),
     }
 
 
@@ -113,6 +120,7 @@ def tiny_study_spec(name: str = "tiny-study") -> dict[str, Any]:
         "student": dict(TINY_MODEL),
         "teacher_schedule": tiny_schedule(4),
         "schedule": tiny_schedule(4),
+        "deploy": dict(TINY_DEPLOY),
         "methods": ["none", "icd"],
         "seeds": [0],
         "teacher_min_ap": 0.0,

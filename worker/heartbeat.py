@@ -84,6 +84,13 @@ class Heartbeat:
             except Exception as exc:
                 log.warning("heartbeat of %s failed: %s", self.name, exc)
 
+    def confirm_lease(self) -> bool:
+        """Renew the running job's lease now and say whether this attempt still holds it. A database
+        error counts as not confirmed: the caller must not write files another attempt may own."""
+        before = self._last
+        self.beat()
+        return self._last != before and not self.lease_lost.is_set()
+
     def beat_if_due(self) -> None:
         """Cheap when called often: writes only when half an interval has passed."""
         if time.monotonic() - self._last >= self.interval_s / 2:
@@ -103,15 +110,21 @@ class Heartbeat:
         self.beat()
         self._thread = threading.Thread(target=self._run, name="icd-heartbeat", daemon=True)
         self._thread.start()
+        if self.on_beat is not None:
+            threading.Thread(target=self._upkeep, name="icd-upkeep", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
 
     def _run(self) -> None:
+        """Beats only: a slow upkeep pass (the reaper, under a loaded database) must never delay a renewal."""
         while not self._stop.wait(self.interval_s):
             self.beat()
-            if self.on_beat is not None:
-                try:
-                    self.on_beat()
-                except Exception as exc:
-                    log.warning("heartbeat upkeep of %s failed: %s", self.name, exc)
+
+    def _upkeep(self) -> None:
+        assert self.on_beat is not None
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.on_beat()
+            except Exception as exc:
+                log.warning("heartbeat upkeep of %s failed: %s", self.name, exc)

@@ -51,6 +51,7 @@ class DbReporter(Callback):
         on_flush: Callable[[], None] | None = None,
         stop_event: threading.Event | None = None,
         lease_lost: threading.Event | None = None,
+        confirm_lease: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
     ) -> None:
@@ -64,6 +65,7 @@ class DbReporter(Callback):
         self.on_flush = on_flush
         self.stop_event = stop_event
         self.lease_lost = lease_lost  # set by the heartbeat when another attempt took the job over
+        self.confirm_lease = confirm_lease
         self.clock = clock
         self.background = background
 
@@ -155,13 +157,20 @@ class DbReporter(Callback):
             return True
         if self.lease_lost is not None and self.lease_lost.is_set():
             return True
-        if self._writer is None and not self._closed.is_set():
+        if self._writer is None:  # inline, or training ended (the post-training phase still hears a cancel)
             now = self.clock()
-            if self._rows and now - self._last_flush >= self.flush_interval_s:
+            if self._rows and not self._closed.is_set() and now - self._last_flush >= self.flush_interval_s:
                 self.flush()
             if now - self._last_cancel_check >= self.cancel_check_s:
                 self._check_cancel(now)
         return self.cancel_requested
+
+    def confirm_ownership(self) -> bool:
+        """Before the final files: renew the lease now, synchronously (the heartbeat's `confirm_lease`),
+        so no other attempt can own the job while this one writes them; a pending cancel also stops."""
+        if self.should_stop():
+            return False
+        return self.confirm_lease() if self.confirm_lease is not None else True
 
     def close(self) -> None:
         """Stop the writer and write what is buffered (the task calls this however the run ended)."""

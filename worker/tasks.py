@@ -217,6 +217,9 @@ def execute_job(job_id: int, worker: str) -> str:
         _release(job_id)
         if _heartbeat is not None:
             _heartbeat.set_job(None)
+        # With the start line above, the span of this attempt in the worker's log: overlapping spans of
+        # one job are a double run (benchmarks/fault_injection.py counts them).
+        log.info("job %s attempt %s ended on %s: %s", job_id, attempt, worker, status)
     return status
 
 
@@ -241,6 +244,7 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
         on_flush=_heartbeat.beat_if_due if _heartbeat is not None else None,
         stop_event=shutdown_requested,
         lease_lost=_heartbeat.lease_lost if _heartbeat is not None else None,
+        confirm_lease=_heartbeat.confirm_lease if _heartbeat is not None else None,
     )
     try:
         try:

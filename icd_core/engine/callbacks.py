@@ -44,8 +44,14 @@ class Callback:
         """Training finished normally."""
 
     def should_stop(self) -> bool:
-        """Return True to request a cooperative stop (checked every step)."""
+        """Return True to request a cooperative stop (checked every step, and between the parts of the
+        phases after training)."""
         return False
+
+    def confirm_ownership(self) -> bool:
+        """Called right before the run writes its final files (summary.json): False stops it. A service
+        confirms here, synchronously, that this attempt still holds the job."""
+        return True
 
 
 class TrainingStopped(Exception):

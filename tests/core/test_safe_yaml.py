@@ -44,3 +44,10 @@ def test_anchors_in_a_spec_file_work_and_malformed_text_says_so() -> None:
     with pytest.raises(YamlRefused, match="characters"):
         load_yaml("#" * 1_000_001)
     assert load_yaml("") is None
+
+
+def test_deep_block_nesting_is_refused_too() -> None:
+    """Indentation nests without brackets: the event scan catches what the bracket count cannot."""
+    text = "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 200))
+    with pytest.raises(YamlRefused, match="nested more than"):
+        load_yaml(text)

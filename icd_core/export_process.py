@@ -1,0 +1,90 @@
+"""Exports in a child process, so the job's own process stays responsive while they run.
+
+torch's exporters (TorchScript scripting, the ONNX exporter's graph passes) hold the interpreter lock
+for seconds at a time, and nothing can interrupt them midway. In the worker's process that starved the
+heartbeat thread that renews the job's lease: the job was reaped and started again elsewhere while
+this attempt was still exporting. Here the parent only waits: it calls `check` (which raises to stop,
+e.g. on a cancel or a lost lease) a few times a second and kills the child when it does.
+
+    python -m icd_core.export_process INPUT.pt OUT_DIR FORMAT...   (what the parent runs)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .detectors import Detector, build_detector
+from .export import ExportError, export_meta, write_export
+from .spec import ModelSpec
+
+ERRORS_FILE = "export_errors.json"
+
+
+def export_in_child(
+    detector: Detector, out_dir: Path, formats: Sequence[str], check: Callable[[], None], poll_s: float = 0.2
+) -> dict[str, str]:
+    """Write `out_dir/model.<format>` for each format from a child process; {format: why} for those that
+    could not export. `check()` runs while the child works; if it raises, the child is killed first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = out_dir / "export_input.pt"
+    transform = detector.model.transform
+    torch.save(
+        {
+            "model_spec": detector.spec.model_dump(mode="json"),
+            "num_classes": detector.num_classes,
+            "min_size": [int(s) for s in transform.min_size],
+            "max_size": int(transform.max_size),
+            "state": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
+        },
+        source,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with open(out_dir / "export.log", "wb") as log:
+        cmd = [sys.executable, "-m", "icd_core.export_process", str(source), str(out_dir), *formats]
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            while child.poll() is None:
+                check()
+                time.sleep(poll_s)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    source.unlink(missing_ok=True)
+    if child.returncode != 0:
+        tail = (out_dir / "export.log").read_text(errors="replace")[-500:]
+        return {fmt: f"the export process failed (exit {child.returncode}): {tail}" for fmt in formats}
+    return json.loads((out_dir / ERRORS_FILE).read_text())
+
+
+def _export_from_file(source: Path, out_dir: Path, formats: Sequence[str]) -> dict[str, str]:
+    """The child's side: rebuild the detector from the saved spec and weights, export each format."""
+    saved = torch.load(source, map_location="cpu", weights_only=True)
+    spec = ModelSpec.model_validate({**saved["model_spec"], "checkpoint": None})  # weights: from `state`
+    detector = build_detector(spec, int(saved["num_classes"]), tuple(saved["min_size"]), int(saved["max_size"]))
+    detector.load_state_dict(saved["state"])
+    detector.eval()
+    errors = {}
+    for fmt in formats:
+        try:
+            write_export(detector, export_meta(detector, {}, fmt), out_dir / f"model.{fmt}")
+        except ExportError as err:
+            errors[fmt] = str(err)
+    return errors
+
+
+if __name__ == "__main__":
+    source_arg, out_arg, *format_args = sys.argv[1:]
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    # Fault tests only: a slow post-training phase (a large model's exports) without a large model.
+    time.sleep(float(os.environ.get("ICD_TEST_EXPORT_DELAY_S", "0")))
+    found = _export_from_file(Path(source_arg), Path(out_arg), format_args)
+    (Path(out_arg) / ERRORS_FILE).write_text(json.dumps(found))
