@@ -9,8 +9,10 @@ thread fewer than the cores costs little on a quiet machine; one thread more tha
 costs several times the step.
 
 The supervisor (which knows how many workers it starts and whether the API runs beside them) picks
-the count and hands it to each worker as ICD_WORKER_THREADS; the worker applies it at start. Nothing
-here imports torch at module level: the supervisor's process never loads it.
+the count and hands it to each worker as ICD_WORKER_THREADS; the worker applies it at start and sets
+OMP_NUM_THREADS / MKL_NUM_THREADS for what it starts (a torchrun group's ranks split it, see
+`rank_threads`). DataLoader worker processes need nothing: torch runs each of them on one thread.
+Nothing here imports torch at module level: the supervisor's process never loads it.
 """
 
 from __future__ import annotations
