@@ -64,14 +64,15 @@ def measure(threads: int, steps: int, warmup: int, cache: Path) -> dict[str, obj
         ds = build_dataset(spec.data.train, cache, train=True)
         images, targets = next(iter(make_loader(ds, spec.schedule.batch_size, shuffle=False)))
         trainer._set_train_mode()
-        times = []
+        times, cpu = [], []
         for i in range(warmup + steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             losses = trainer._compute_losses(images, targets)
             trainer._optimize(sum(losses.values()))
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-    return {"threads": torch.get_num_threads(), "times": times}
+                cpu.append(time.process_time() - c0)
+    return {"threads": torch.get_num_threads(), "times": times, "cpu": cpu}
 
 
 def run_case(threads: int, busy: str | None, args: argparse.Namespace, cache: Path) -> dict[str, object]:
@@ -119,6 +120,7 @@ def main() -> None:
         f"{args.rounds} round(s) x {args.steps} steps (+{args.warmup} warm-up)"
     )
     times: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     seen: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as cache:
         for r in range(args.rounds):
@@ -127,14 +129,20 @@ def main() -> None:
                 threads, busy = cases[name]
                 res = run_case(threads, busy, args, Path(cache))
                 times[name] += res["times"]  # type: ignore[arg-type]
+                cpu[name] += res["cpu"]  # type: ignore[arg-type]
                 seen[name] = int(res["threads"])  # type: ignore[call-overload]
                 step_ms = " ".join(f"{t * 1000:.0f}" for t in res["times"])  # type: ignore[union-attr]
                 print(f"round {r} {name} ({seen[name]} thr, load1 {res['load1']:.2f}): {step_ms} ms", flush=True)
     med = {name: statistics.median(v) for name, v in times.items()}
     low = {name: min(v) for name, v in times.items()}  # the step least disturbed by anything else
-    print("-- median (min) step")
+    # CPU time of the step's process: flat when only the wall time grows (a smaller share of the cores),
+    # rising when threads burn cycles waiting for each other (spin-waits at the end of parallel regions).
+    print("-- median (min) step wall time; median CPU time")
     for name in cases:
-        print(f"{name}: {seen[name]} thread(s)  {med[name]:.3f} s/step  (min {low[name]:.3f})")
+        print(
+            f"{name}: {seen[name]} thread(s)  {med[name]:.3f} s/step  (min {low[name]:.3f})  "
+            f"cpu {statistics.median(cpu[name]):.3f} s/step"
+        )
     old_min = low["c busy,  old default"] / low["a quiet, old default"]
     new_min = low["d busy,  new default"] / low["b quiet, new default"]
     print(f"busy / quiet by min step: old default {old_min:.2f}, new default {new_min:.2f}")
