@@ -44,6 +44,13 @@ def _setup_logging(level: str = "INFO") -> None:
 )
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(1, 1024),
+    help="torch threads of the local worker [default: ICD_WORKER_THREADS, else OMP_NUM_THREADS, else the "
+    "cores this process may use less one for the API].",
+)
+@click.option(
     "--workers",
     "api_processes",
     default=1,
@@ -51,7 +58,9 @@ def _setup_logging(level: str = "INFO") -> None:
     type=click.IntRange(1, 64),
     help="API processes sharing the port (uvicorn workers); periodic work runs in exactly one.",
 )
-def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: str, api_processes: int) -> None:
+def serve(
+    host: str, port: int, no_worker: bool, stop_grace: float, log_level: str, threads: int | None, api_processes: int
+) -> None:
     """Run the API; without --no-worker also one local worker (the zero-setup embedded mode:
     SQLite database and SQLite broker under ICD_HOME, migrated automatically). SIGTERM, SIGINT and
     SIGHUP all stop everything it started: the server, then the worker (its job checkpointed).
@@ -82,7 +91,7 @@ def serve(host: str, port: int, no_worker: bool, stop_grace: float, log_level: s
 
     local = None
     if not no_worker:
-        local = _start_local_worker(settings)
+        local = _start_local_worker(settings, threads)
     click.echo(f"ICD service on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
     click.echo(
         f"database {_safe_url(settings.database_url)}, broker {_safe_url(settings.broker_url)}, "
@@ -142,15 +151,19 @@ def run_server_until_signal(app: Any, host: str, port: int, log_level: str) -> N
             signal.signal(sig, handler)
 
 
-def _start_local_worker(settings: Any) -> Any:
+def _start_local_worker(settings: Any, threads: int | None = None) -> Any:
     from store.dispatch import group_queues
     from worker.supervisor import WorkerProcess, WorkerSpec, visible_gpu_count
+    from worker.threads import choose_threads
 
     # The only worker of an embedded service takes every queue: a job asking for a device this
     # machine lacks fails with a clear message instead of waiting forever.
     queues = "cuda,any,cpu" if visible_gpu_count() else "cpu,any,cuda"
     queues = group_queues(queues, settings.worker_gpus or max(1, visible_gpu_count()))  # resources.gpus jobs
-    proc = WorkerProcess(WorkerSpec(EMBEDDED_WORKER.format(host=socket.gethostname()), queues))
+    # The API runs beside this worker: the default leaves it a core (worker.threads.default_threads).
+    choice = choose_threads(threads or settings.worker_threads, workers=1, api_beside=True)
+    click.echo(f"local worker: {choice.threads} torch thread(s) ({choice.reason})")
+    proc = WorkerProcess(WorkerSpec(EMBEDDED_WORKER.format(host=socket.gethostname()), queues, threads=choice.threads))
     proc.start()
     return proc
 
@@ -202,6 +215,13 @@ def _safe_url(url: str) -> str:
     type=float,
     help="Seconds a running job gets to checkpoint on shutdown before the worker is killed.",
 )
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(1, 1024),
+    help="torch threads of each worker process [default: ICD_WORKER_THREADS, else OMP_NUM_THREADS, else "
+    "the cores this process may use shared among the workers started].",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker_cmd(
     gpus: str | None,
@@ -210,18 +230,25 @@ def worker_cmd(
     name: str | None,
     group: bool,
     stop_grace: float,
+    threads: int | None,
     loglevel: str,
 ) -> None:
     """Start Celery workers against ICD_BROKER_URL / ICD_DATABASE_URL (add a GPU machine: run this
     on it with the shared settings)."""
     from worker.supervisor import WorkerProcess, wait_for_signal
+    from worker.threads import choose_threads
 
     _setup_logging(loglevel)
-    specs = plan_workers(
-        gpus, cpu_only, queues, name, socket.gethostname(), loglevel, group=group, worker_gpus=_settings().worker_gpus
-    )
     settings = _settings()
+    specs = plan_workers(
+        gpus, cpu_only, queues, name, socket.gethostname(), loglevel, group=group, worker_gpus=settings.worker_gpus
+    )
     click.echo(f"broker {_safe_url(settings.broker_url)}, database {_safe_url(settings.database_url)}")
+    # The workers started here share this host's cores (no API beside them).
+    choice = choose_threads(threads or settings.worker_threads, workers=len(specs))
+    click.echo(f"{choice.threads} torch thread(s) per worker ({choice.reason})")
+    for spec in specs:
+        spec.threads = choice.threads
     procs = [WorkerProcess(spec) for spec in specs]
     for p, spec in zip(procs, specs, strict=True):
         click.echo(

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # Devices a worker owns for one data-parallel job (resources.gpus). Unset: the GPUs it sees. On a
     # CPU worker, N > 1 lets it run N-process gloo groups (tests, laptops): it then consumes *-g2..*-gN.
     worker_gpus: int | None = Field(None, ge=1, le=64)
+    # torch intra-op threads of each worker process (`--threads` wins). Unset: OMP_NUM_THREADS if set,
+    # else the cores this process may use shared among the host's workers (see worker.threads).
+    worker_threads: int | None = Field(None, ge=1, le=1024)
     ddp_timeout_s: float = Field(300.0, gt=0)  # a rank's collective waits this long for a lost peer
     ddp_stop_grace_s: float = Field(120.0, gt=0)  # after asking a group to stop, kill it after this long
     # The embedded `icd serve` migrates its own database; a production API refuses an old schema.

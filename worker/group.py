@@ -27,6 +27,7 @@ from typing import Any
 from icd_core.engine.callbacks import EvalResult, TrainingStopped
 from icd_core.engine.distributed import die_with_parent
 from worker.ddp_rank import GROUP_DIR, SPEC_FILE, STOP_FILE, outcome_path, pid_path
+from worker.threads import openmp_env, rank_threads
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,14 @@ def torchrun_command(gpus: int, job_id: int, attempt: int, job_dir: Path) -> lis
     ]
 
 
+def rank_env(ranks: int) -> dict[str, str]:
+    """The ranks' environment: this worker's own torch threads split among them (torchrun would give
+    each rank 1 only when OMP_NUM_THREADS is unset, and the worker sets it to its whole count)."""
+    import torch
+
+    return {**os.environ, **openmp_env(rank_threads(torch.get_num_threads(), ranks))}
+
+
 def run_group(
     job_id: int,
     attempt: int,
@@ -96,6 +105,7 @@ def run_group(
     with open(log_path, "ab") as job_log:  # the ranks' log lines join the job's log
         proc = subprocess.Popen(
             torchrun_command(gpus, job_id, attempt, job_dir),
+            env=rank_env(gpus),
             stdout=job_log,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,

@@ -19,8 +19,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from worker.threads import THREADS_ENV
 
 log = logging.getLogger(__name__)
 HEALTHY_RUN_S = 30.0  # a worker that ran this long before dying restarts after 1 s again (no back-off)
@@ -42,6 +45,17 @@ class WorkerSpec:
     queues: str  # e.g. "cuda,any"
     env: dict[str, str] = field(default_factory=dict)
     loglevel: str = "INFO"
+    threads: int | None = None  # torch intra-op threads (worker.threads); None: the worker decides
+
+    def process_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The worker's environment: `base`, this spec's entries, its thread count, and PYTHONPATH
+        leading to this checkout so `worker.app` imports even when the project is not installed."""
+        env = {**base, **self.env}
+        if self.threads is not None:
+            env[THREADS_ENV] = str(self.threads)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        return env
 
     def command(self) -> list[str]:
         return [
@@ -103,14 +117,20 @@ class WorkerProcess:
         self._watch.start()
 
     def _spawn(self) -> None:
-        env = {**os.environ, **self.spec.env}
-        # Make `worker.app` importable even when the project is not installed (a source checkout).
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
-            self.spec.command(), env=env, cwd=self.cwd, start_new_session=True, preexec_fn=_die_with_parent
+            self.spec.command(),
+            env=self.spec.process_env(os.environ),
+            cwd=self.cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
-        log.info("started worker %s (pid %s, queues %s)", self.spec.name, self.proc.pid, self.spec.queues)
+        log.info(
+            "started worker %s (pid %s, queues %s, torch threads %s)",
+            self.spec.name,
+            self.proc.pid,
+            self.spec.queues,
+            self.spec.threads or "its own choice",
+        )
 
     def _watchdog(self) -> None:
         delay = 1.0

@@ -47,6 +47,7 @@ from worker.app import app
 from worker.db import dispose, sessions
 from worker.heartbeat import Heartbeat
 from worker.reporter import DbReporter
+from worker.threads import apply_threads, choose_threads
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,12 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _on_process_init(**_: Any) -> None:
-    """In the process that trains: import torch once (not per task) and start the heartbeat."""
+    """In the process that trains: size torch's threads to the cores this worker has (the count the
+    supervisor chose, see worker.threads), import torch once (not per task), start the heartbeat."""
     global _heartbeat
+    choice = choose_threads(get_settings().worker_threads, requested_by="ICD_WORKER_THREADS")
+    got = apply_threads(choice.threads)
+    log.info("worker %s: torch intra-op threads %d (%s)", worker_name(), got, choice.reason)
     import icd_core.runner  # noqa: F401  (imports torch: the first job starts without the delay)
 
     _heartbeat = Heartbeat(worker_name(), _worker_queues, on_beat=_upkeep)

@@ -31,6 +31,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.helpers import flushed_redis_url as redis_url
+from worker.threads import choose_threads
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -219,6 +220,9 @@ def test_icd_serve_embedded(tmp_path: Path) -> None:
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             wait_healthy(client, serve, log_path)
+            # The worker runs torch on the count `icd serve` chose for it (the API beside it).
+            chosen = choose_threads(None, workers=1, api_beside=True, environ=service_env(tmp_path)).threads
+            assert f"torch intra-op threads {chosen} (ICD_WORKER_THREADS)" in log_path.read_text(errors="replace")
             r = client.post("/jobs", json=tiny_train_spec("embedded"))
             assert r.status_code == 201, r.text
             job = wait_status(client, r.json()["id"], {"succeeded"})
