@@ -333,7 +333,30 @@ def park_study(s: Session, job_id: int, children: int) -> Job | None:
         depends_on=[],
         progress_step=0,
         progress_total=children,
+        lease_expires_at=None,  # free for claim_study_close
     )
+
+
+STUDY_CLOSE_HOLD_S = 300.0  # a closer that died frees the study after this; the workers' sweep closes it
+
+
+def claim_study_close(s: Session, job_id: int, hold_s: float = STUDY_CLOSE_HOLD_S) -> bool:
+    """Make this caller the one closer of a waiting study (True), or say another one is closing it (False).
+
+    The last child's task and every worker's periodic sweep may try to close a study at the same moment;
+    only the caller whose conditional UPDATE wins writes the report and ends the study. The hold is kept
+    in lease_expires_at (a waiting job has no lease otherwise), so a closer that dies mid-way blocks the
+    study for `hold_s` only, and the reaper (which looks at running jobs only) never sees it.
+    """
+    now = utcnow()
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.kind == "study", Job.status == "waiting", _lease_expired(now))
+        .values(lease_expires_at=now + timedelta(seconds=hold_s), updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
 
 
 def finish_study(s: Session, job_id: int, final_metrics: dict[str, Any]) -> Job | None:
