@@ -553,6 +553,25 @@ def renew_lease(s: Session, job_id: int, worker: str, attempt: int, lease_s: flo
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
+def taken_over(s: Session, job_id: int, attempt: int) -> bool:
+    """After renew_lease refused: True when someone else took the job from this attempt; False when this
+    attempt ended or re-queued the job itself (its heartbeat may beat once more after the task recorded
+    the outcome and before it let go of the job), or the job is gone.
+
+    The attempt row tells them apart: the reaper (and a cancel of a job whose worker died) closes the attempt
+    it takes back as 'lost'; an attempt that settles its own run closes it with the outcome, and whatever
+    happens to the job afterwards (another worker claims it again) is no loss of this attempt.
+    """
+    row = s.execute(
+        select(Attempt.status, Attempt.finished_at).where(Attempt.job_id == job_id, Attempt.number == attempt)
+    ).first()
+    s.rollback()  # end the read transaction
+    if row is None:
+        return False  # the job was deleted, which only an ended job can be
+    status, finished_at = row
+    return finished_at is None or status == "lost"  # open: the job moved on without this attempt closing it
+
+
 def lost_message(worker: str | None, step: int, attempts: int) -> str:
     """The reason a job failed because its workers kept disappearing."""
     return (
