@@ -366,6 +366,9 @@ def failure_message(job_id: int, exc: BaseException, step: int | None = None) ->
     if _is_oom(exc):
         where = f" at batch {step}" if step else ""
         return f"out of GPU memory{where}: lower schedule.batch_size or data.max_size ({name}: {text[:300]})"
+    full = _disk_full(exc)
+    if full:
+        return full
     if isinstance(exc, TrainingDiverged):
         return f"{text} ({name})"
     if isinstance(exc, (ValueError, FileNotFoundError)):
@@ -375,6 +378,20 @@ def failure_message(job_id: int, exc: BaseException, step: int | None = None) ->
     if isinstance(exc, NotImplementedError):
         return f"{name}: {text}"
     return f"{name}: {text}; {logs}"
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """The artifact disk filled up: say so, with its free space (torch's own text says 'unexpected pos')."""
+    from icd_core.engine.checkpoint import DiskFull, disk_full_message, is_disk_full
+
+    if isinstance(exc, DiskFull):  # a checkpoint write: its message names the file and folder
+        return f"{exc} ({type(exc).__name__})"
+    root = Path(get_settings().artifact_root)
+    if not is_disk_full(exc, root):
+        return None
+    path = Path(exc.filename) if isinstance(exc, OSError) and isinstance(exc.filename, str) else None
+    message = disk_full_message(path.parent, path.name) if path else disk_full_message(root)
+    return f"{message} ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 def _is_oom(exc: BaseException) -> bool:
