@@ -269,8 +269,8 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
 
             ev = result.evaluation
             add_evaluation(s, job_id, attempt, ev.step, ev.metrics, ev.per_class)
-        finish_job(s, job_id, finite_floats(result.final_metrics), attempt=attempt)
-    return "succeeded"
+        ended = finish_job(s, job_id, finite_floats(result.final_metrics), attempt=attempt)
+    return ended.status if ended is not None else "succeeded"  # 'canceled': a cancel came while it finished
 
 
 def _run_spec(spec_dict: dict[str, Any], job_dir: Path, reporter: DbReporter) -> Any:
