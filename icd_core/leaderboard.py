@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic_files import replaced_atomically, write_text_atomic
 from .json_numbers import finite_or_none
 
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -345,7 +346,7 @@ def ap_latency_png(report: Mapping[str, Any], path: str | Path) -> Path | None:
         fig.tight_layout()
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out)
+        save_figure(fig, out)
     finally:
         plt.close(fig)
     return out
@@ -388,6 +389,12 @@ def icd_diagnostics_markdown(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """savefig through a temporary beside `path`: the API may serve the chart while a worker writes it."""
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+
+
 def leaderboard_png(report: Mapping[str, Any], path: str | Path) -> Path:
     """Bar chart of mean AP per method with sample-std error bars; teacher solid line, `none` dashed."""
     import matplotlib
@@ -428,7 +435,7 @@ def leaderboard_png(report: Mapping[str, Any], path: str | Path) -> Path:
         fig.tight_layout()
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out)
+        save_figure(fig, out)
     finally:
         plt.close(fig)
     return out
@@ -447,8 +454,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     report = build_leaderboard(results, teacher, name=name, notes=notes)
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["md"].write_text(f"# {name}\n\n" + leaderboard_markdown(report))
+    write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
+    write_text_atomic(paths["md"], f"# {name}\n\n" + leaderboard_markdown(report))
     leaderboard_png(report, paths["png"])
     if ap_latency_png(report, out / "ap_latency.png") is not None:
         paths["ap_latency"] = out / "ap_latency.png"

@@ -294,12 +294,20 @@ def _held(job: Job | None, job_id: int, attempt: int | None) -> Job | None:
 
 def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None, attempt: int | None = None) -> Job | None:
     """running → succeeded with the run's final metrics (callers then run release_dependents). With
-    `attempt`, only that attempt may (LeaseLost otherwise)."""
+    `attempt`, only that attempt may (LeaseLost otherwise).
+
+    A cancel accepted while the run was finishing (writing final.pt, say) wins: the API answered it 200,
+    so the job ends canceled (final.pt stays; a retry resumes from it) and the canceled job is returned.
+    """
     job = _require(s, job_id)
     extra: dict[str, Any] = {"final_metrics": final_metrics}
     if job.progress_total:
         extra["progress_step"] = job.progress_total
-    return _held(_end(s, job_id, ("running",), "succeeded", None, *_own(attempt), **extra), job_id, attempt)
+    own = _own(attempt)
+    done = _end(s, job_id, ("running",), "succeeded", None, Job.cancel_requested.is_not(True), *own, **extra)
+    if done is None:
+        done = _end(s, job_id, ("running",), "canceled", None, Job.cancel_requested.is_(True), *own)
+    return _held(done, job_id, attempt)
 
 
 def fail_job(s: Session, job_id: int, error: str, attempt: int | None = None) -> Job | None:
@@ -333,7 +341,30 @@ def park_study(s: Session, job_id: int, children: int) -> Job | None:
         depends_on=[],
         progress_step=0,
         progress_total=children,
+        lease_expires_at=None,  # free for claim_study_close
     )
+
+
+STUDY_CLOSE_HOLD_S = 300.0  # a closer that died frees the study after this; the workers' sweep closes it
+
+
+def claim_study_close(s: Session, job_id: int, hold_s: float = STUDY_CLOSE_HOLD_S) -> bool:
+    """Make this caller the one closer of a waiting study (True), or say another one is closing it (False).
+
+    The last child's task and every worker's periodic sweep may try to close a study at the same moment;
+    only the caller whose conditional UPDATE wins writes the report and ends the study. The hold is kept
+    in lease_expires_at (a waiting job has no lease otherwise), so a closer that dies mid-way blocks the
+    study for `hold_s` only, and the reaper (which looks at running jobs only) never sees it.
+    """
+    now = utcnow()
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.kind == "study", Job.status == "waiting", _lease_expired(now))
+        .values(lease_expires_at=now + timedelta(seconds=hold_s), updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
 
 
 def finish_study(s: Session, job_id: int, final_metrics: dict[str, Any]) -> Job | None:
@@ -368,23 +399,36 @@ def requeue_interrupted(s: Session, job_id: int, reason: str, attempt: int | Non
 
 
 def request_cancel(s: Session, job_id: int) -> Job:
-    """queued/waiting → canceled now; running → cancel_requested (the worker stops at its next step)."""
-    job = _require(s, job_id)
-    if job.status in TERMINAL_STATUSES:
-        raise JobStateError(f"job {job_id} is already {job.status}")
-    if _transition(s, job_id, ("queued", "waiting"), "canceled", finished_at=utcnow()) is None:
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "running")
-            .values(cancel_requested=True, updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-    s.commit()
+    """queued/waiting → canceled now; running → cancel_requested (the job then ends canceled: at its next
+    step, or when it finishes, see finish_job). JobStateError when the job already ended, including
+    when it ended between this call's read and its UPDATE (the cancel came too late to say yes)."""
+    for _ in range(3):  # the job may move on (claimed, re-queued, ended) between the read and the UPDATEs
+        job = _require(s, job_id)
+        if job.status in TERMINAL_STATUSES:
+            raise JobStateError(f"job {job_id} already finished: it is {job.status}; nothing left to cancel")
+        if _cancel_or_flag(s, job_id):
+            break
+    else:
+        raise JobStateError(f"job {job_id} changed status meanwhile; reload it and try again")
     _cancel_if_worker_lost(s, job_id)
     children = s.scalars(select(Job.id).where(Job.parent_id == job_id, Job.status.not_in(TERMINAL_STATUSES)))
     for child_id in list(children):  # a study's children go with it
         request_cancel(s, child_id)
     return _require(s, job_id)
+
+
+def _cancel_or_flag(s: Session, job_id: int) -> bool:
+    """queued/waiting → canceled, or flag a running job; False when the job was in neither state."""
+    if _transition(s, job_id, ("queued", "waiting"), "canceled", finished_at=utcnow()) is not None:
+        return True
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(cancel_requested=True, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
 
 
 def is_cancel_requested(s: Session, job_id: int) -> bool:
@@ -528,6 +572,25 @@ def renew_lease(s: Session, job_id: int, worker: str, attempt: int, lease_s: flo
     )
     s.commit()
     return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def taken_over(s: Session, job_id: int, attempt: int) -> bool:
+    """After renew_lease refused: True when someone else took the job from this attempt; False when this
+    attempt ended or re-queued the job itself (its heartbeat may beat once more after the task recorded
+    the outcome and before it let go of the job), or the job is gone.
+
+    The attempt row tells them apart: the reaper (and a cancel of a job whose worker died) closes the attempt
+    it takes back as 'lost'; an attempt that settles its own run closes it with the outcome, and whatever
+    happens to the job afterwards (another worker claims it again) is no loss of this attempt.
+    """
+    row = s.execute(
+        select(Attempt.status, Attempt.finished_at).where(Attempt.job_id == job_id, Attempt.number == attempt)
+    ).first()
+    s.rollback()  # end the read transaction
+    if row is None:
+        return False  # the job was deleted, which only an ended job can be
+    status, finished_at = row
+    return finished_at is None or status == "lost"  # open: the job moved on without this attempt closing it
 
 
 def lost_message(worker: str | None, step: int, attempts: int) -> str:

@@ -2,7 +2,8 @@
 
 A daemon thread beats every `worker_heartbeat_s`; the reporter may beat in between so a busy
 worker never looks dead. Each beat also renews the running job's lease; a renewal the database
-refuses (the job was reaped and taken over) sets `lease_lost`, and the job stops at its next step.
+refuses because the job was reaped or taken over sets `lease_lost`, and the job stops at its next step
+(a refusal for a job this attempt already ended or re-queued is not a loss).
 CUDA is queried lazily, inside the process that trains.
 """
 
@@ -15,7 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from store.jobs import renew_lease
+from sqlalchemy.orm import Session
+
+from store.jobs import renew_lease, taken_over
 from store.settings import get_settings
 from store.workers import heartbeat as write_heartbeat
 from worker.db import sessions
@@ -58,6 +61,7 @@ class Heartbeat:
         self.current_attempt: int | None = None
         self.lease_s = float(get_settings().lease_timeout_s)
         self.lease_lost = threading.Event()
+        self._settled: tuple[int, int] | None = None  # (job, attempt) that this attempt itself ended
         self.idle_since = time.monotonic()
         self.on_beat = on_beat  # periodic upkeep on the heartbeat thread (e.g. re-sending lost messages)
         self._last = 0.0
@@ -75,11 +79,7 @@ class Heartbeat:
                     write_heartbeat(
                         s, self.name, self.hostname, self.device, self.queues, os.getpid(), self.current_job_id
                     )
-                    job_id, attempt = self.current_job_id, self.current_attempt
-                    if job_id is not None and attempt is not None and not self.lease_lost.is_set():
-                        if not renew_lease(s, job_id, self.name, attempt, self.lease_s):
-                            log.error("job %s: attempt %s lost its lease (reaped); stopping it", job_id, attempt)
-                            self.lease_lost.set()
+                    self._renew(s)
                 self._last = time.monotonic()
             except Exception as exc:
                 log.warning("heartbeat of %s failed: %s", self.name, exc)
@@ -90,6 +90,22 @@ class Heartbeat:
         before = self._last
         self.beat()
         return self._last != before and not self.lease_lost.is_set()
+
+    def _renew(self, s: Session) -> None:
+        """Renew the running job's lease. A refusal is a lost lease only when another attempt or the reaper
+        took the job: after this attempt ended or re-queued the job itself, the task has merely not yet
+        cleared `current_job_id`, and stopping it or logging an error would be false alarms."""
+        job_id, attempt = self.current_job_id, self.current_attempt
+        if job_id is None or attempt is None or self.lease_lost.is_set() or self._settled == (job_id, attempt):
+            return
+        if renew_lease(s, job_id, self.name, attempt, self.lease_s):
+            return
+        if taken_over(s, job_id, attempt):
+            log.error("job %s: attempt %s lost its lease (reaped); stopping it", job_id, attempt)
+            self.lease_lost.set()
+        else:
+            log.debug("job %s: attempt %s already ended or re-queued it; no lease to renew", job_id, attempt)
+            self._settled = (job_id, attempt)
 
     def beat_if_due(self) -> None:
         """Cheap when called often: writes only when half an interval has passed."""

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, aliased
 
+from icd_core.atomic_files import write_text_atomic
 from icd_core.leaderboard import BASELINE, write_report
 from icd_core.spec import ICD_PRETRAINED, StudySpec, parse_spec
 from icd_core.study import evaluate_checkpoint
@@ -27,6 +28,7 @@ from store.artifacts import ArtifactStore
 from store.dispatch import queue_for
 from store.jobs import (
     JobStateError,
+    claim_study_close,
     create_job,
     fail_job,
     finish_study,
@@ -94,51 +96,69 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
     return [c for c in created if c.status == "queued"]
 
 
-def child_ended(s: Session, child_id: int) -> None:
-    """Called after a child job reached a terminal state: pre-flight checks, progress, and the final report."""
+def child_ended(s: Session, child_id: int) -> bool:
+    """Called once after a child job reached a terminal state: pre-flight checks, progress, and the final
+    report. True when this call ended the study."""
     child = get_job(s, child_id)
     if child is None or child.parent_id is None:
-        return
+        return False
     parent = get_job(s, child.parent_id)
     if parent is None or parent.status in TERMINAL_STATUSES:
-        return
+        return False
     study = parse_spec(parent.spec)
     assert isinstance(study, StudySpec)
     artifacts = ArtifactStore(get_settings().artifact_root)
-    children = _children(s, parent.id)
 
     problem = _preflight_problem(study, child, artifacts, parent.id)
     if problem:
-        for other in _children(s, parent.id):
-            if other.status not in TERMINAL_STATUSES:
-                try:
-                    request_cancel(s, other.id)
-                except JobStateError:  # it ended meanwhile
-                    pass
-        fail_job(s, parent.id, problem)
-        _log_to_study(artifacts, parent.id, f"study {parent.id} failed: {problem}")
-        return
+        return _fail_study(s, parent.id, problem, artifacts)
 
+    children = _children(s, parent.id)
     done = sum(c.status in TERMINAL_STATUSES for c in children)
     update_progress(s, parent.id, done, len(children), None)
     _log_to_study(artifacts, parent.id, f"child job {child.id} ended {child.status} ({done}/{len(children)} done)")
-    if done < len(children):
-        return
-    paths = write_study_report(s, parent.id, study, children, artifacts)
+    return done == len(children) and close_study(s, parent.id, study, artifacts)
+
+
+def close_study(s: Session, study_id: int, study: StudySpec, artifacts: ArtifactStore) -> bool:
+    """Write the report of a study whose children have all ended and end it; True when this call did.
+
+    Several processes may get here for one study at once (the last child's task, other workers' sweeps):
+    `claim_study_close` lets exactly one of them write the report and the study's closing log line.
+    """
+    if not claim_study_close(s, study_id):
+        return False  # another process is closing it, or it ended meanwhile
+    children = _children(s, study_id)
+    update_progress(s, study_id, len(children), len(children), None)
+    paths = write_study_report(s, study_id, study, children, artifacts)
     report = json.loads(paths["json"].read_text())
     final = {f"AP_{row['method']}": row["AP"]["mean"] for row in report["methods"] if row["n"]}
-    if final:
-        finish_study(s, parent.id, final)
-        scores = ", ".join(f"{k}={v:.2f}" for k, v in final.items() if v is not None)
-        _log_to_study(artifacts, parent.id, f"study {parent.id} succeeded: {scores}")
-    else:
-        msg = f"every child job failed; see GET /jobs?parent_id={parent.id} for their errors"
-        fail_job(s, parent.id, msg)
-        _log_to_study(artifacts, parent.id, f"study {parent.id} failed: {msg}")
+    if not final:
+        msg = f"every child job failed; see GET /jobs?parent_id={study_id} for their errors"
+        return _fail_study(s, study_id, msg, artifacts)
+    if finish_study(s, study_id, final) is None:
+        return False  # canceled or failed meanwhile: that outcome stands
+    scores = ", ".join(f"{k}={v:.2f}" for k, v in final.items() if v is not None)
+    _log_to_study(artifacts, study_id, f"study {study_id} succeeded: {scores}")
+    return True
+
+
+def _fail_study(s: Session, study_id: int, problem: str, artifacts: ArtifactStore) -> bool:
+    """Cancel the study's unfinished children and fail it; only the caller whose transition won logs it."""
+    for other in _children(s, study_id):
+        if other.status not in TERMINAL_STATUSES:
+            try:
+                request_cancel(s, other.id)
+            except JobStateError:  # it ended meanwhile
+                pass
+    if fail_job(s, study_id, problem) is None:
+        return False
+    _log_to_study(artifacts, study_id, f"study {study_id} failed: {problem}")
+    return True
 
 
 def close_ended_studies(s: Session) -> list[int]:
-    """Close every waiting study whose children have all ended; returns their ids.
+    """Close every waiting study whose children have all ended; returns the ids this call closed.
 
     A child normally closes its study through `child_ended` when its own task records the end. A child
     ended elsewhere (the API's reaper failing it at max_attempts, a cancel of a job whose worker died)
@@ -150,15 +170,25 @@ def close_ended_studies(s: Session) -> list[int]:
     stuck = list(
         s.scalars(select(Job.id).where(Job.kind == "study", Job.status == "waiting", has_children, ~active_child))
     )
-    closed = []
-    for study_id in stuck:
-        last = s.scalars(
-            select(Job.id).where(Job.parent_id == study_id).order_by(Job.finished_at.desc(), Job.id.desc()).limit(1)
-        ).first()
-        if last is not None:
-            log.warning("study %s: every child has ended but the study was still waiting; closing it", study_id)
-            child_ended(s, last)
-            closed.append(study_id)
+    return [study_id for study_id in stuck if _close_stuck(s, study_id)]
+
+
+def _close_stuck(s: Session, study_id: int) -> bool:
+    """The sweep's close of one study: the last child's pre-flight check, then the report (no child line:
+    that child's end was logged when it ended, or no task saw it end)."""
+    last = s.scalars(
+        select(Job).where(Job.parent_id == study_id).order_by(Job.finished_at.desc(), Job.id.desc()).limit(1)
+    ).first()
+    parent = get_job(s, study_id)
+    if last is None or parent is None or parent.status != "waiting":
+        return False
+    study = parse_spec(parent.spec)
+    assert isinstance(study, StudySpec)
+    artifacts = ArtifactStore(get_settings().artifact_root)
+    problem = _preflight_problem(study, last, artifacts, study_id)
+    closed = _fail_study(s, study_id, problem, artifacts) if problem else close_study(s, study_id, study, artifacts)
+    if closed:
+        log.warning("study %s: every child had ended but the study was still waiting; closed it", study_id)
     return closed
 
 
@@ -225,9 +255,7 @@ def _children(s: Session, study_id: int) -> list[Job]:
 
 
 def _save_teacher(artifacts: ArtifactStore, study_id: int, metrics: dict[str, Any]) -> None:
-    path = artifacts.job_dir(study_id) / TEACHER_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"metrics": metrics}))
+    write_text_atomic(artifacts.job_dir(study_id) / TEACHER_FILE, json.dumps({"metrics": metrics}))
 
 
 def _load_teacher(artifacts: ArtifactStore, study_id: int) -> dict[str, Any] | None:

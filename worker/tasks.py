@@ -279,8 +279,8 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
 
             ev = result.evaluation
             add_evaluation(s, job_id, attempt, ev.step, ev.metrics, ev.per_class)
-        finish_job(s, job_id, finite_floats(result.final_metrics), attempt=attempt)
-    return "succeeded"
+        ended = finish_job(s, job_id, finite_floats(result.final_metrics), attempt=attempt)
+    return ended.status if ended is not None else "succeeded"  # 'canceled': a cancel came while it finished
 
 
 def _run_spec(spec_dict: dict[str, Any], owner: str | None, job_dir: Path, reporter: DbReporter) -> Any:
@@ -386,6 +386,9 @@ def failure_message(job_id: int, exc: BaseException, step: int | None = None) ->
     if _is_oom(exc):
         where = f" at batch {step}" if step else ""
         return f"out of GPU memory{where}: lower schedule.batch_size or data.max_size ({name}: {text[:300]})"
+    full = _disk_full(exc)
+    if full:
+        return full
     if isinstance(exc, TrainingDiverged):
         return f"{text} ({name})"
     if isinstance(exc, (ValueError, FileNotFoundError)):
@@ -395,6 +398,20 @@ def failure_message(job_id: int, exc: BaseException, step: int | None = None) ->
     if isinstance(exc, NotImplementedError):
         return f"{name}: {text}"
     return f"{name}: {text}; {logs}"
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """The artifact disk filled up: say so, with its free space (torch's own text says 'unexpected pos')."""
+    from icd_core.engine.checkpoint import DiskFull, disk_full_message, is_disk_full
+
+    if isinstance(exc, DiskFull):  # a checkpoint write: its message names the file and folder
+        return f"{exc} ({type(exc).__name__})"
+    root = Path(get_settings().artifact_root)
+    if not is_disk_full(exc, root):
+        return None
+    path = Path(exc.filename) if isinstance(exc, OSError) and isinstance(exc.filename, str) else None
+    message = disk_full_message(path.parent, path.name) if path else disk_full_message(root)
+    return f"{message} ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -251,7 +251,9 @@ def get_job(
 
 @router.post("/{job_id}/cancel", response_model=JobDetail, responses=_ERRORS | _STATE)
 def cancel_job(job_id: JobId, s: Session = Depends(get_session), caller: Caller = Depends(get_caller)) -> JobDetail:
-    """Queued or waiting jobs are canceled at once; a running one stops at its next step."""
+    """Queued or waiting jobs are canceled at once; a running one stops at its next step, and a cancel
+    answered 200 always ends the job canceled, even one that was writing its final checkpoint. 409 when
+    the job already finished (also when it finished while this request was being answered)."""
     job_or_404(s, job_id, caller)
     try:
         job = q.request_cancel(s, job_id)

@@ -6,9 +6,11 @@ A checkpoint is one torch file holding plain containers and tensors only, so it 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -81,8 +83,11 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.fsync(f.fileno())
         _fault_injection_pause(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and is_disk_full(exc, path.parent)  # measured before the partial file goes
         tmp.unlink(missing_ok=True)
+        if full:
+            raise DiskFull(disk_full_message(path.parent, path.name)) from exc
         raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
@@ -92,6 +97,77 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+# --- a full disk -------------------------------------------------------------------------------------
+# torch.save reports a full disk as "[enforce fail at inline_container.cc:...] unexpected pos ..." or
+# "PytorchStreamWriter failed writing file ...": nothing in it says "no space left".
+_TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|file write failed")
+LOW_SPACE_BYTES = 64 * 2**20  # a torch write failure with less than this free is taken for a full disk
+
+
+class DiskFull(OSError):
+    """A write failed because the disk under the artifacts is full; the message says where and what to do."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception and what it was raised from or during (torch may wrap the OSError of the write)."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain and len(chain) < 10:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return chain
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free space of the filesystem holding `folder` (None when it cannot be read)."""
+    usage = _usage(folder)
+    return usage.free if usage is not None else None
+
+
+def _usage(folder: Path) -> Any:
+    """shutil.disk_usage of `folder`, or of its nearest existing parent (a job folder may not exist yet)."""
+    for candidate in (Path(folder), *Path(folder).parents):
+        try:
+            return shutil.disk_usage(candidate)
+        except OSError:
+            continue
+    return None
+
+
+def is_disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write into `folder` failed for want of space: ENOSPC/EDQUOT anywhere in its chain,
+    or torch's stream-writer error (which drops the errno) while the filesystem has almost nothing free."""
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _causes(exc)):
+        return True
+    if not (isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(exc))):
+        return False
+    free = free_bytes(folder)
+    return free is not None and free < LOW_SPACE_BYTES
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def disk_full_message(folder: Path, what: str = "a file") -> str:
+    """What a user reads when the artifact disk filled up: where, how much is free, and what to do."""
+    usage = _usage(folder)
+    space = f"{_size(usage.free)} free of {_size(usage.total)}" if usage is not None else "free space unknown"
+    return (
+        f"the artifact disk is full: writing {what} into {folder} failed ({space} on that filesystem); "
+        "free space there (DELETE /jobs/<id> removes a finished job and its artifacts) or move the artifact "
+        "root (ICD_ARTIFACT_ROOT) to a bigger disk, then retry the job: it resumes from its last checkpoint"
+    )
 
 
 # Fault-injection tests set this: the writer pauses between the write and the rename, after creating
