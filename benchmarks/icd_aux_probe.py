@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/icd_aux_probe.py TEACHER.pt SPEC.yaml \
         [--steps 3000] [--lr 1e-4] [--every 250]
 
-Trains only what the auxiliary task trains (instance encoder, conditional decoder, aux head: ICD_SPEC
-§5) on the frozen teacher's FPN features of SPEC's training data, with ICD's own optimizer (AdamW,
+Trains only what the auxiliary task trains (docs/method/icd.md#auxiliary-task: instance encoder, conditional
+decoder, aux head) on the frozen teacher's FPN features of SPEC's training data, with ICD's own optimizer (AdamW,
 the spec's lr and weight decay, global grad-norm clip; a constant lr here so the length of the probe
 does not change it). No student, so a step costs one teacher forward and the decoder: the probe runs
 far longer than a study child can. It prints, every --every steps, the identification accuracy (the

@@ -1,4 +1,4 @@
-"""Peak memory of the ICD modules at batch 2 with 800×1333-equivalent keys (ICD_SPEC §10). Prints, asserts nothing.
+"""Peak memory of the ICD modules at batch 2 with 800×1333-equivalent keys (docs/method/icd.md#cost); asserts nothing.
 
 Random FPN features of the right shapes (P3–P7 of an 800×1344 padded batch: S = 22,400 keys, C = 256)
 and 50 ground-truth boxes per image (K = 300 queries each). On the CPU each phase is measured with the

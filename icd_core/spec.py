@@ -33,7 +33,7 @@ DEFAULT_LEVELS = {
     "fcos": ["p3", "p4", "p5", "p6", "p7"],
     "faster_rcnn": ["p2", "p3", "p4", "p5", "p6"],
 }
-# COCO "1x" = 90k iterations at batch 16; steps at 2/3 and 8/9 of training (ICD_SPEC §7).
+# COCO "1x" = 90k iterations at batch 16; steps at 2/3 and 8/9 of training (docs/method/icd.md#student-schedule).
 PRESET_ITERS_AT_16 = {"1x": 90_000, "3x": 270_000}
 SEED_MAX = 2**63 - 1  # torch.manual_seed's range; larger seeds would fail on the worker, not at submit
 # Steps, ids and counts are 32-bit INTEGER columns in the database: the one bound every such field shares.
@@ -209,7 +209,7 @@ class ModelSpec(StrictModel):
 
 class ICDPretrainSpec(StrictModel):
     """Train the decoder side (encoder, decoder, aux head) on the frozen teacher before distillation
-    (the release's PRETRAIN_TEACHER_ITERS, ICD_SPEC §11); the result is cached per (teacher, data, ICD settings)."""
+    (PRETRAIN_TEACHER_ITERS, docs/method/icd.md#decoder-pre-training), cached per (teacher, data, ICD settings)."""
 
     steps: int = Field(3000, ge=1, le=1_000_000, description="Step budget; stops earlier once ready.")
     lr: float = Field(1.0e-3, gt=0.0, le=1.0, description="AdamW lr (the release: the decoder's maximum lr).")
@@ -437,7 +437,7 @@ class DistillJobSpec(_JobBase):
 
     @model_validator(mode="after")
     def _check_pair(self) -> DistillJobSpec:
-        if self.schedule.grad_clip is None:  # the paper clips student gradients at 1.0 in distill runs (§7)
+        if self.schedule.grad_clip is None:  # the paper clips at 1.0 (docs/method/icd.md#student-schedule)
             self.schedule = self.schedule.model_copy(update={"grad_clip": 1.0})
         if not self.teacher.checkpoint:
             raise ValueError("teacher.checkpoint: a distill job needs a trained teacher (a path or job:<id>)")

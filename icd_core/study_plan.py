@@ -28,7 +28,7 @@ from .spec import (
 )
 
 # The paper fixes iteration counts for COCO 1x (90k iterations at batch 16): LR warm-up 1000 and the
-# ICD bypass 1000 (ICD_SPEC §6-7). A study keeps the warm-up's share of training (see `scaled_iterations`).
+# ICD bypass 1000 (docs/method/icd.md#bypass). A study keeps the warm-up's share of training (see `scaled_iterations`).
 REFERENCE_ITERS = PRESET_ITERS_AT_16["1x"]
 PAPER_WARMUP_ITERS = 1000
 

@@ -1,4 +1,4 @@
-"""The layer table (README, ARCHITECTURE.md) as a test: no upward import, written or lazy.
+"""The layer table (README, docs/architecture.md#layers) as a test: no upward import, written or lazy.
 
 Every `import` statement of every module is read with `ast` (imports inside functions count: a lazy
 import is still a dependency), relative imports resolved, and checked against the rules below.

@@ -1,4 +1,4 @@
-"""Per-class box statistics of the training set, for ICD's fake instance queries (ICD_SPEC §3).
+"""Per-class box statistics of the training set, for ICD's fake instance queries (docs/method/icd.md#fake-instances).
 
 The official release reads fixed COCO statistics; we compute them from the training annotations so
 any dataset works, and cache them as JSON keyed by the annotation file's content hash.

@@ -7,7 +7,7 @@ N(0, σ=1e-4) init as in FGFI), D = (A_l(S_l) − T_l)² and
     L = (w_fg / L)·Σ_l fg_l + (w_bg / L)·Σ_l bg_l     (averaged over levels),
 with w_fg = 4, w_bg = 16 (the author's COCO values, issue #18; the VOC config uses 3 / 12).
 
-Our choices [ours] (KD_BASELINES §3):
+Our choices [ours] (docs/method/baselines.md#defeat):
 - Mask: size-based assignment, each GT on one level: k = clamp(⌊log2(√((w+1)(h+1)) / 56)⌋, 0, L−1),
   its box / stride truncated to int and filled half-open, a sub-cell box marking one cell (`masks.defeat_masks`).
   The canonical size 56 is scaled by ModelSpec.anchor_sizes[0] / the detector's default first size, so

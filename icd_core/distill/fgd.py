@@ -14,7 +14,7 @@ Levels [code]: P3–P7 for RetinaNet/FCOS; P2–P5 for Faster R-CNN (its P6 `poo
 Defaults [code configs] (τ, α, β, γ, λ): RetinaNet 0.5, 1e-3, 5e-4, 5e-4, 5e-6; Faster R-CNN 0.5, 5e-5,
 2.5e-5, 5e-5, 5e-7; FCOS 0.8, 1.6e-3, 8e-4, 8e-4, 8e-6.
 
-Our deviation [ours] (KD_BASELINES pitfall 4): the reference scales boxes by the unpadded image shape
+Our deviation [ours] (docs/method/baselines.md#fgd): the reference scales boxes by the unpadded image shape
 against padded feature maps, which misaligns them when there is padding; we divide boxes by the stride
 in padded-batch coordinates (padded size / feature size), so masks sit on the objects. The background
 mask therefore also covers padding cells.

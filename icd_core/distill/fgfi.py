@@ -6,7 +6,7 @@ location is positive if any of its anchors has IoU > F_g for some g (ψ = 0.5).
 Adapter [code]: 3×3 conv + ReLU, weights N(0, σ=1e-4) truncated at 2σ, zero bias.
 Loss [code]: L = λ · Σ I·(A(S) − T)² / (2·N_p), N_p = positive cells (not × C), λ = 0.01.
 
-Our adaptations [ours] (KD_BASELINES §2):
+Our adaptations [ours] (docs/method/baselines.md#fgfi):
 - FPN: the original has one map. We take the max IoU per GT over the anchors of *all* levels, threshold
   at ψ·max, and mark hits on every level; one adapter per level; one global N_p over levels and batch.
 - Anchors: the detector's own (DistillBatch.anchors, torchvision order: level by level, positions

@@ -3,7 +3,7 @@
 The student's FPN level l passes through a 1×1 conv adapter A_l (C_s → C_t, one per level, trained
 with the student) and imitates the teacher's level everywhere:
     L_fit = w · Σ_l mean_{n,c,h,w} (A_l(S_l) − T_l)²,   w = 1.
-[ours] (KD_BASELINES §1): FitNet's hint/guided layers and its staged training have no FPN detector
+[ours] (docs/method/baselines.md#fitnet): FitNet's hint/guided layers and its staged training have no FPN detector
 version in the authors' code; we use one adapter per FPN level, an element mean per level summed over
 levels, and no hint pre-training or warm-up (as HEAD's `fitnet_retina` config does).
 

@@ -1,4 +1,4 @@
-"""Instance-Conditional Knowledge Distillation (Kang et al., NeurIPS 2021), as ICD_SPEC.md states it.
+"""Instance-Conditional Knowledge Distillation (Kang et al., NeurIPS 2021), as docs/method/icd.md states it.
 
 Ground-truth instances (plus sampled fakes) query the teacher's FPN through a small decoder trained
 by an auxiliary real/fake + edge task; the teacher's per-instance attention, summed over real
@@ -55,7 +55,7 @@ DEFAULT_WEIGHT = {"retinanet": 8.0, "fcos": 8.0, "faster_rcnn": 3.0}
 DEFAULT_MAX_QUERIES = {"retinanet": 300, "fcos": 300, "faster_rcnn": 100}
 UNIFORM_WH_MEAN = 0.2  # fake box prior when no dataset statistics are given
 UNIFORM_WH_STD = 0.1
-PAPER_BYPASS_ITERS = 1000  # ICD_SPEC §6
+PAPER_BYPASS_ITERS = 1000  # docs/method/icd.md#bypass
 
 
 def bypass_steps(requested: int | None, total_steps: int) -> int:
@@ -131,7 +131,7 @@ class ICDDistiller(Distiller):
         self.encoder = InstanceEncoder(descriptor_dims(self.num_classes), channels)
         self.decoder = ConditionalDecoder(channels, opts.heads, opts.layers)
         self.aux_head = AuxHead(channels)
-        self.adapter = nn.Linear(channels, channels)  # student value projection (§6)
+        self.adapter = nn.Linear(channels, channels)  # the adapter (docs/method/icd.md#conditional-decoder)
         nn.init.xavier_uniform_(self.adapter.weight)
         nn.init.zeros_(self.adapter.bias)
 
@@ -189,7 +189,7 @@ class ICDDistiller(Distiller):
     def aux_step(self, batch: DistillBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The decoder side alone on teacher features (no student): aux losses and readiness diagnostics.
 
-        What decoder pre-training (icd_pretrain, ICD_SPEC §11) optimizes; `batch.student_features` is not read.
+        What pre-training (docs/method/icd.md#decoder-pre-training) optimizes; `batch.student_features` is not read.
         """
         teacher, shapes = flatten_levels(batch.teacher_features)
         teacher = teacher.detach().float()

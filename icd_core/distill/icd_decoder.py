@@ -1,4 +1,4 @@
-"""ICD keys and conditional decoder (ICD_SPEC §2, §4, §5, §10).
+"""ICD keys and conditional decoder (docs/method/icd.md#keys, #conditional-decoder, #auxiliary-task, #cost).
 
 The teacher's FPN levels are flattened into one key sequence with a padding mask and a 2-D sine
 position encoding; instance queries cross-attend to it. The auxiliary task's attention uses PyTorch's
@@ -87,7 +87,7 @@ def key_layout(
 
 
 def release_attention_init(q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, out_proj: nn.Linear) -> None:
-    """The release's `nn.MultiheadAttention` init (ICD_SPEC §7): Xavier-uniform on the *stacked* [3C, C]
+    """The release's `nn.MultiheadAttention` init (docs/method/icd.md#initialisation): Xavier on the *stacked* [3C, C]
     in-projection (bound √(6 / 4C), not √(6 / 2C) per projection), zero in-projection and out-projection
     biases; the out-projection weight keeps nn.Linear's default."""
     stacked = torch.empty(3 * q_proj.out_features, q_proj.in_features)

@@ -1,4 +1,4 @@
-"""Is ICD's decoder ready? Diagnostics that tell the truth (ICD_SPEC §11).
+"""Is ICD's decoder ready? Diagnostics that tell the truth (docs/method/icd.md#readiness-diagnostics).
 
 Accuracy at threshold 0 stays at the fake share (5/6 at ρ = 5) long after the decoder has learned,
 and attention entropy can collapse onto a few keys that every query shares. What does show readiness:

@@ -1,4 +1,4 @@
-"""Decoder pre-training on the frozen teacher (ICD_SPEC §11; the release's PRETRAIN_TEACHER_ITERS).
+"""Decoder pre-training on the frozen teacher (PRETRAIN_TEACHER_ITERS; docs/method/icd.md#decoder-pre-training).
 
 Why: the aux task's attention starts nearly uniform and sharpens per step; the paper gives the decoder
 90k iterations, a CPU run a few hundred. Because the aux task sees only teacher features, a decoder

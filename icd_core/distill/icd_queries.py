@@ -1,4 +1,4 @@
-"""ICD instance queries (ICD_SPEC §3): real + fake instances, their descriptors and the instance encoder.
+"""ICD instance queries (docs/method/icd.md#instance-queries): real + fake instances, descriptors, instance encoder.
 
 Every ground-truth box becomes a query; fake boxes drawn from the training set's class priors are
 added so the auxiliary "is it real?" task has negatives. Descriptors carry only class, a jittered
@@ -90,7 +90,7 @@ def sample_fakes(count: int, priors: ClassPriorTensors, generator: torch.Generat
 
 
 def clamp_to_image(cxcywh: Tensor) -> Tensor:
-    """Normalized (cx, cy, w, h) boxes cut to the image: x1, y1, x2, y2 clamped to [0, 1] (ICD_SPEC §3).
+    """Normalized (cx, cy, w, h) boxes cut to the image: corners clamped to [0, 1] (docs/method/icd.md#fake-instances).
 
     Without it a fake near the border sticks out of the image, so its scale bins and loc targets
     describe a box no feature can show."""
@@ -157,7 +157,7 @@ def build_queries(
             boxes[fi, fs] = fake_boxes.to(device)
             labels[fi, fs] = fake_labels.to(device)
         ref = boxes[..., :2] + u.to(device) * boxes[..., 2:]
-        size_px = boxes[..., 2:] * wh_img[:, None, :]  # each image's own pixels (§9 defect 2)
+        size_px = boxes[..., 2:] * wh_img[:, None, :]  # each image's own pixels (docs/method/icd.md#release-defects, 2)
         desc = torch.cat(
             [
                 _one_hot(labels, num_classes),

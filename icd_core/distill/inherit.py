@@ -1,4 +1,4 @@
-"""Inheriting (ICD_SPEC §7): start the student from the teacher's FPN and detection head.
+"""Inheriting (docs/method/icd.md#inheriting): start the student from the teacher's FPN and detection head.
 
 Only tensors whose name and shape match are copied; the student's bottom-up trunk keeps its own
 init. The report lists what was copied and why anything was skipped, so a run's log shows it.

@@ -3,7 +3,7 @@
 Everything here is a pure function on tensors, so each mask can be checked by hand in a unit test.
 Coordinates are those of the padded batch: boxes are in resized-image pixels (padding only extends the
 image to the bottom and right), and a level's stride is `padded size / feature size` on each axis
-(KD_BASELINES pitfall 4).
+(docs/method/baselines.md#padded-batch-coordinates).
 
 Also here: `resolve_options`, the one place that reads `DistillSpec.options` for the baselines, so an
 unknown option name is a clear error instead of a silently ignored typo.
@@ -78,7 +78,7 @@ def virtual_anchor_sizes(
 ) -> list[tuple[float, float, float]]:
     """RetinaNet-style (s, s·2^(1/3), s·2^(2/3)) per level, for detectors whose anchors we do not get.
 
-    FCOS [ours, KD_BASELINES §2]: s = 4·stride (4 · the FCOS virtual box size when anchor_sizes is set).
+    FCOS [ours, docs/method/baselines.md#fgfi]: s = 4·stride (4 · the FCOS virtual box size when anchor_sizes is set).
     Faster R-CNN / RetinaNet [ours]: s = the detector's own base anchor size on that level.
     """
     out = []
@@ -124,7 +124,7 @@ def fgfi_mask(
     """FGFI imitation mask of one image: a bool [H_l, W_l] per level.
 
     For each GT g, F_g = psi · max over *all* anchors (every level) of IoU(a, g); a location is positive
-    when any of its anchors has IoU > F_g for some g; hits are marked on every level (KD_BASELINES §2,
+    when any of its anchors has IoU > F_g for some g; hits are marked on every level (docs/method/baselines.md#fgfi,
     the recommended FPN variant).
     """
     if sum(anchors_per_level) != anchors.shape[0]:

@@ -7,7 +7,7 @@ group's rules added through its hooks:
 
 - one `DistributedDataParallel` around the student *and* the distiller's trainable modules (ICD's
   encoder/decoder/aux head/adapter and their AdamW), without `find_unused_parameters` (every
-  trainable parameter gets a gradient every step; ICD_SPEC §9.3);
+  trainable parameter gets a gradient every step; docs/method/icd.md#release-defects);
 - every rank reads its own slice of each global batch (`make_rank_train_loader`), so N ranks x
   batch_size/N see exactly the single-process batch, and DDP's gradient mean is its gradient;
 - logged losses and the loss-spike guard's input are the mean over ranks (the global batch's); the

@@ -1,4 +1,4 @@
-"""ICD invariants (ICD_SPEC §2–§7, §9) on tiny hand-built FPN features: no detector needed."""
+"""ICD invariants (docs/method/icd.md) on tiny hand-built FPN features: no detector needed."""
 
 from __future__ import annotations
 

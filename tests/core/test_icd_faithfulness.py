@@ -1,4 +1,4 @@
-"""ICD details that must match the authors' release (ICD_SPEC §3, §6, §7): init, fake-box clamp, bypass."""
+"""ICD details that must match the authors' release (docs/method/icd.md#initialisation, #fake-instances, #bypass)."""
 
 from __future__ import annotations
 

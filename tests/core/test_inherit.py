@@ -1,4 +1,4 @@
-"""Inheriting (ICD_SPEC §7): the teacher's FPN + head go into the student; the trunk stays its own."""
+"""Inheriting (docs/method/icd.md#inheriting): the teacher's FPN + head go into the student; the trunk stays its own."""
 
 from __future__ import annotations
 
