@@ -49,6 +49,13 @@ def _listed(roots: Sequence[Path]) -> str:
     return ", ".join(str(r) for r in roots) or "(none configured)"
 
 
+def _outside(p: str, where: Path | str, allowed: Sequence[Path]) -> PathNotAllowed:
+    return PathNotAllowed(
+        f"{p} resolves to {where}, outside the allowed roots: {_listed(allowed)} "
+        "(set ICD_DATA_ROOTS to the folders that hold your data; another job's checkpoint is job:<id>)"
+    )
+
+
 def resolve_in_roots(p: str, roots: Sequence[str | Path]) -> Path:
     """The real path of `p` inside one of `roots`, or PathNotAllowed saying which roots were allowed.
 
@@ -60,11 +67,7 @@ def resolve_in_roots(p: str, roots: Sequence[str | Path]) -> Path:
     candidates = [path.resolve()] if path.is_absolute() else [(r / path).resolve() for r in allowed]
     inside = [c for c in candidates if any(c.is_relative_to(r) for r in allowed)]
     if not inside:
-        where = candidates[0] if path.is_absolute() else path
-        raise PathNotAllowed(
-            f"{p} resolves to {where}, outside the allowed roots: {_listed(allowed)} "
-            "(set ICD_DATA_ROOTS to the folders that hold your data)"
-        )
+        raise _outside(p, candidates[0] if path.is_absolute() else path, allowed)
     for c in inside:
         if c.exists():
             return c
@@ -85,31 +88,37 @@ def artifact_job_id(path: Path, artifact_root: Path) -> int | None:
     return None
 
 
-def _confine_checkpoint(
-    value: str, data_roots: Sequence[Path], artifact_root: Path, may_read_job: MayReadJob | None
+def _readable(path: Path, artifacts: Path | None, may_read_job: MayReadJob | None) -> bool:
+    """False for a file in the artifact store outside the folder of a job the submitter may read,
+    wherever it was reached from (the embedded default's working-folder root holds the store too)."""
+    if artifacts is None or not path.is_relative_to(artifacts):
+        return True
+    job_id = artifact_job_id(path, artifacts)
+    return job_id is not None and (may_read_job is None or may_read_job(job_id))
+
+
+def _confine(
+    value: str, kind: str, data_roots: Sequence[Path], artifacts: Path | None, may_read_job: MayReadJob | None
 ) -> str:
-    """A checkpoint path resolved in the data roots or a readable job's artifact folder; `job:<id>`
-    kept as it is once its job is readable. PathNotAllowed otherwise."""
-    job_id = parse_job_ref(value)
+    """One path field resolved by the rule in the module docstring; PathNotAllowed otherwise. A refused
+    file of another owner reads like any path outside the roots: the store is not advertised."""
+    job_id = parse_job_ref(value) if kind == "checkpoint" else None
     if job_id is not None:
         if may_read_job is not None and not may_read_job(job_id):
             raise PathNotAllowed(f"job {job_id} does not exist")
         return value
-    if value.startswith("job:"):
+    if kind == "checkpoint" and value.startswith("job:"):
         return value  # malformed: check_paths names it
-    artifacts = artifact_root.expanduser().resolve()
+    roots = [*data_roots, artifacts] if kind == "checkpoint" and artifacts is not None else list(data_roots)
     try:
-        path = resolve_in_roots(value, [*data_roots, artifacts])
-    except PathNotAllowed:
-        path = None
-    if path is not None and path.is_relative_to(artifacts) and not any(path.is_relative_to(r) for r in data_roots):
-        owner_job = artifact_job_id(path, artifacts)
-        if owner_job is not None and (may_read_job is None or may_read_job(owner_job)):
-            return str(path)
-        path = None
-    if path is None:  # the same answer for "outside every root" and "another owner's file"
-        resolve_in_roots(value, data_roots)  # raises with the data roots only
-        raise PathNotAllowed(f"{value} is in none of the roots; another job's checkpoint is named job:<id>")
+        path = resolve_in_roots(value, roots)
+    except PathNotAllowed as exc:
+        if artifacts is None or artifacts not in roots:
+            raise
+        resolve_in_roots(value, data_roots)  # the same refusal, naming the data roots only
+        raise exc from None
+    if not _readable(path, artifacts, may_read_job):
+        raise _outside(value, path if Path(_decoded(value)).is_absolute() else value, data_roots)
     return str(path)
 
 
@@ -123,14 +132,14 @@ def confine_spec_paths(
     reason) for each one that is not. artifact_root None leaves checkpoint fields alone (local commands);
     may_read_job None trusts every job (the local admin)."""
     roots = [Path(r).expanduser().resolve() for r in data_roots]
+    artifacts = Path(artifact_root).expanduser().resolve() if artifact_root is not None else None
     values: dict[str, str] = {}
     errors: list[tuple[str, str]] = []
     for field, value, kind in iter_user_paths(spec):
+        if kind == "checkpoint" and artifacts is None:
+            continue  # local commands: a checkpoint is whatever file the user names
         try:
-            if kind == "data":
-                values[field] = str(resolve_in_roots(value, roots))
-            elif artifact_root is not None:
-                values[field] = _confine_checkpoint(value, roots, Path(artifact_root), may_read_job)
+            values[field] = _confine(value, kind, roots, artifacts, may_read_job)
         except PathNotAllowed as exc:
             errors.append((field, str(exc)))
     if errors or not values:

@@ -205,3 +205,24 @@ def test_the_worker_applies_the_same_rule_to_a_stored_spec(settings: Settings, s
     confined, errors = confine_spec_paths(spec, roots, art, lambda j: may_read_job(session, "alice2", j))
     assert errors == [] and confined.teacher.checkpoint == str(alice_file.resolve())
     assert may_read_job(session, None, alice_job)  # the anonymous local admin
+
+
+def test_a_data_root_that_holds_the_artifact_store_grants_nothing_more(
+    settings: Settings, tokens: dict[str, str], tmp_path: Path
+) -> None:
+    """The embedded default's root is the working folder, which holds `.icd/artifacts`: reaching the store
+    through a data root must not skip the owner check, for checkpoints or for data paths."""
+    wide = settings.model_copy(update={"listen_host": "0.0.0.0", "data_roots": [tmp_path]})
+    assert Path(wide.artifact_root).is_relative_to(tmp_path)  # type: ignore[arg-type]
+    app = create_app(wide)
+    with TestClient(app) as client:
+        _, alice_file = _finished_job(client, wide, tokens["alice"])
+        bob = _as(tokens["bob"])
+        train = copy.deepcopy(TRAIN_EXAMPLE)
+        train["model"]["checkpoint"] = str(alice_file)
+        _refused(client.post("/jobs", json=train, headers=bob), "model.checkpoint")
+        coco = copy.deepcopy(TRAIN_EXAMPLE)
+        coco["data"]["train"] = {"format": "coco", "images": str(tmp_path), "annotations": str(alice_file)}
+        _refused(client.post("/jobs", json=coco, headers=bob), "data.train.annotations")
+        assert client.post("/jobs", json=train, headers=_as(tokens["alice"])).status_code == 201
+    app.state.engine.dispose()
