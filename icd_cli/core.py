@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from icd_core.data_roots import resolve_data_roots
 from icd_core.engine.callbacks import Callback, CheckpointInfo, EvalResult, TrainingDiverged, TrainingStopped
-from icd_core.spec import EvaluateSpec, StudySpec, load_spec, parse_spec
+from icd_core.spec import EvaluateSpec, SpecSyntaxError, StudySpec, load_spec, parse_spec
 from store.settings import Settings
 
 METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -103,6 +103,8 @@ def _load(path: Path) -> Any:
         return resolve_data_roots(load_spec(path), data_roots())
     except FileNotFoundError as err:
         raise click.ClickException(f"spec file not found: {path}") from err
+    except SpecSyntaxError as err:  # already `path:line:column: problem`
+        raise click.ClickException(str(err)) from err
     except ValueError as err:  # pydantic's ValidationError is a ValueError: names the field
         raise click.ClickException(f"{path}: invalid spec:\n{err}") from err
 

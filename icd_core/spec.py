@@ -492,10 +492,33 @@ def parse_spec(data: dict[str, Any]) -> TrainSpec | DistillJobSpec | EvaluateSpe
     return _SPEC_ADAPTER.validate_python(data)
 
 
+class SpecSyntaxError(ValueError):
+    """A spec file that is not valid YAML/JSON; the message is one line: `path:line:column: problem`."""
+
+
+def _parse_text(path: str | Path, text: str) -> Any:
+    """YAML or JSON by the file's suffix; a syntax error names the file, line and column (1-based),
+    because the parser's own message points at "<unicode string>" over several lines."""
+    if str(path).endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecSyntaxError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from err
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.line + 1}:{mark.column + 1}" if mark is not None else "?:?"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        raise SpecSyntaxError(
+            f"{path}:{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+        ) from err
+
+
 def load_spec(path: str | Path) -> TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec:
-    """Read a YAML or JSON spec file."""
-    text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    """Read a YAML or JSON spec file (SpecSyntaxError, a ValueError, when it does not parse)."""
+    data = _parse_text(path, Path(path).read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a spec must be a mapping")
     return parse_spec(data)

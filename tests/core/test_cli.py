@@ -194,3 +194,22 @@ def test_eval_of_a_checkpoint_on_other_data_uses_the_runs_sizes(
     out = _invoke([*args, *flags, "--device", "cpu", "-o", str(tmp_path / "ev"), "--cache-dir", str(tmp_path)])
     assert used == [sizes]
     assert said in out and "AP50" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        ("bad.yaml", "kind: train\nname: x\ndata:\n  train: {format: shapes\n  val: [1, 2\n", ":5:6: invalid YAML: "),
+        ("tab.yml", "kind: train\n\tname: x\n", ":2:1: invalid YAML: found character"),
+        ("bad.json", '{"kind": "train",}', ":1:18: invalid JSON: "),
+    ],
+)
+@pytest.mark.parametrize("command", [["validate"], ["train"], ["study"], ["eval"]])
+def test_a_spec_with_a_syntax_error_is_one_line_naming_file_line_and_column(
+    tmp_path: Path, name: str, text: str, where: str, command: list[str]
+) -> None:
+    spec = tmp_path / name
+    spec.write_text(text)
+    res = CliRunner().invoke(cli, [*command, str(spec)])
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 1, res.exception  # not a traceback
+    assert res.output.startswith(f"Error: {spec}{where}") and res.output.count("\n") == 1, res.output
