@@ -372,11 +372,13 @@ def validate_cmd(spec: Path) -> None:
     """Check a spec file without running it or asking a server: schema, study compatibility, paths."""
     from pydantic import ValidationError
 
-    from icd_core.spec import StudySpec, check_paths, load_spec
+    from icd_core.spec import SpecSyntaxError, StudySpec, check_paths, load_spec
     from icd_core.study import check_study
 
     try:
         parsed = load_spec(spec)
+    except SpecSyntaxError as exc:  # already `path:line:column: problem`
+        raise click.ClickException(str(exc)) from exc
     except ValidationError as exc:
         lines = [f"  {_field(e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise click.ClickException(f"{spec} is not a valid job spec:\n" + "\n".join(lines)) from exc

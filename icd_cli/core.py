@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from icd_core.data_roots import resolve_data_roots
 from icd_core.engine.callbacks import Callback, CheckpointInfo, EvalResult, TrainingDiverged, TrainingStopped
-from icd_core.spec import EvaluateSpec, StudySpec, load_spec, parse_spec
+from icd_core.spec import EvaluateSpec, SpecSyntaxError, StudySpec, load_spec, parse_spec
 from store.settings import Settings
 
 METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -103,6 +103,8 @@ def _load(path: Path) -> Any:
         return resolve_data_roots(load_spec(path), data_roots())
     except FileNotFoundError as err:
         raise click.ClickException(f"spec file not found: {path}") from err
+    except SpecSyntaxError as err:  # already `path:line:column: problem`
+        raise click.ClickException(str(err)) from err
     except ValueError as err:  # pydantic's ValidationError is a ValueError: names the field
         raise click.ClickException(f"{path}: invalid spec:\n{err}") from err
 
@@ -232,6 +234,27 @@ def train_cmd(spec_path: Path, output: Path | None, resume: bool, device: str | 
     click.echo(summary_table(result.final_metrics, extra))
 
 
+def _eval_data(
+    checkpoint: Path, run_data: dict[str, Any], images: Path | None, annotations: Path | None, data_spec: Path | None
+) -> tuple[dict[str, Any], str]:
+    """data for evaluating a checkpoint, and where its sizes come from: the flags' COCO files at the run's
+    sizes, another spec's data with its sizes, or the checkpoint's own run."""
+    if images or annotations:
+        if not (images and annotations):
+            raise click.ClickException("give both --data-val-images and --data-val-annotations")
+        val = {"format": "coco", "images": str(images), "annotations": str(annotations)}
+        sizes = {k: run_data[k] for k in ("min_size", "max_size") if k in run_data}
+        origin = "the checkpoint's run" if sizes else "the defaults: the checkpoint records no run sizes"
+        return {"train": val, "val": val, **sizes}, origin
+    if data_spec is not None:
+        return dict(_load(data_spec).data.model_dump(mode="json")), str(data_spec)
+    if run_data:
+        return dict(run_data), "the checkpoint's run"
+    raise click.ClickException(
+        f"{checkpoint} records no dataset; give --data-val-images and --data-val-annotations, or --spec"
+    )
+
+
 def _eval_spec_from_checkpoint(
     checkpoint: Path,
     images: Path | None,
@@ -239,30 +262,22 @@ def _eval_spec_from_checkpoint(
     data_spec: Path | None,
     device: str,
     batch_size: int,
-) -> EvaluateSpec:
-    """Build an evaluate spec for a checkpoint: data from the flags, another spec, or the checkpoint's own run."""
+) -> tuple[EvaluateSpec, str]:
+    """An evaluate spec for a checkpoint, and where its image sizes come from (see `_eval_data`).
+
+    The sizes matter as much as the weights: a model trained at short side 64 and evaluated at the
+    DataSpec default 320 sees objects 5× larger than it learned, and its AP says nothing about the run.
+    """
     from icd_core.detectors import read_checkpoint
 
     try:
         saved = read_checkpoint(checkpoint)
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
-    run_spec_dict = saved.get("spec") or {}
-    if images or annotations:
-        if not (images and annotations):
-            raise click.ClickException("give both --data-val-images and --data-val-annotations")
-        val = {"format": "coco", "images": str(images), "annotations": str(annotations)}
-        data: dict[str, Any] = {"train": val, "val": val}
-    elif data_spec is not None:
-        data = dict(_load(data_spec).data.model_dump(mode="json"))
-    elif run_spec_dict.get("data"):
-        data = dict(run_spec_dict["data"])
-    else:
-        raise click.ClickException(
-            f"{checkpoint} records no dataset; give --data-val-images and --data-val-annotations, or --spec"
-        )
+    run_data = dict((saved.get("spec") or {}).get("data") or {})
+    data, origin = _eval_data(checkpoint, run_data, images, annotations, data_spec)
     data["train"] = data["val"]  # an evaluate run reads only data.val
-    return parse_spec(
+    spec = parse_spec(
         {
             "kind": "evaluate",
             "name": f"eval-{checkpoint.stem}",
@@ -272,6 +287,20 @@ def _eval_spec_from_checkpoint(
             "device": device,
         }
     )
+    return spec, origin
+
+
+def _override_sizes(spec: EvaluateSpec, min_size: int | None, max_size: int | None, origin: str) -> tuple[Any, str]:
+    """The spec with --min-size/--max-size applied (when given), and the origin line updated."""
+    if min_size is None and max_size is None:
+        return spec, origin
+    data = spec.data.model_dump(mode="json")
+    data.update({k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None})
+    try:
+        spec = parse_spec({**spec.model_dump(mode="json"), "data": data})
+    except ValueError as err:
+        raise click.ClickException(f"--min-size/--max-size: {err}") from err
+    return spec, f"--min-size/--max-size over {origin}"
 
 
 @click.command("eval")
@@ -294,6 +323,18 @@ def _eval_spec_from_checkpoint(
 )
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option(
+    "--min-size",
+    type=click.IntRange(32),
+    default=None,
+    help="Short side to evaluate at (default: the checkpoint's run, or the spec's data.min_size).",
+)
+@click.option(
+    "--max-size",
+    type=click.IntRange(32),
+    default=None,
+    help="Long-side limit (default: the checkpoint's run, or the spec's data.max_size).",
+)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
 def eval_cmd(
     target: Path,
@@ -303,18 +344,27 @@ def eval_cmd(
     output: Path | None,
     device: str,
     batch_size: int,
+    min_size: int | None,
+    max_size: int | None,
     cache_dir: Path | None,
 ) -> None:
-    """COCO-evaluate a CHECKPOINT (on the given data, or the data it was trained with) or an evaluate SPEC."""
+    """COCO-evaluate a CHECKPOINT (on the given data, or the data it was trained with) or an evaluate SPEC.
+
+    A checkpoint is evaluated at the image sizes its run used unless --min-size/--max-size say otherwise.
+    """
     _setup_logging()
     if target.suffix in (".yaml", ".yml", ".json"):
-        spec = _load(target)
+        spec, origin = _load(target), str(target)
         if not isinstance(spec, EvaluateSpec):
             raise click.ClickException(f"{target} is a {spec.kind} spec; give an evaluate spec or a checkpoint")
         if device != "auto":
             spec = parse_spec({**spec.model_dump(mode="json"), "device": device})
     else:
-        spec = _eval_spec_from_checkpoint(target, data_val_images, data_val_annotations, data_spec, device, batch_size)
+        spec, origin = _eval_spec_from_checkpoint(
+            target, data_val_images, data_val_annotations, data_spec, device, batch_size
+        )
+    spec, origin = _override_sizes(spec, min_size, max_size, origin)
+    click.echo(f"image sizes: short side {spec.data.test_size}, long side at most {spec.data.max_size} (from {origin})")
     output = output or _default_output(spec.name)
     result = _run(spec, output, False, cache_dir or default_cache_dir(), ProgressBar())
     click.echo(summary_table(result.final_metrics))

@@ -88,7 +88,12 @@ def predict_cmd(model: Path, images: tuple[Path, ...], out_dir: Path, score_min:
     from icd_core.predict import predict_files
 
     try:
-        path, pngs = predict_files(model, images, out_dir, device=device, score_min=score_min)
+        written = predict_files(model, images, out_dir, device=device, score_min=score_min)
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
-    click.echo(f"detections: {path}\nimages: {len(pngs)} PNGs in {out_dir}")
+    for line in written.undrawn_lines():
+        click.echo(line, err=True)
+    click.echo(
+        f"detections: {written.path}\nimages: {len(written.pngs)} PNGs in {out_dir}, "
+        f"{sum(written.drawn)} boxes drawn (score at least {score_min:g}; detections.json keeps all)"
+    )

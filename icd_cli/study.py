@@ -6,11 +6,10 @@ from pathlib import Path
 
 import click
 
-from icd_core.data_roots import resolve_data_roots
 from icd_core.engine.callbacks import TrainingDiverged
-from icd_core.spec import StudySpec, load_spec
+from icd_core.spec import StudySpec
 
-from .core import ProgressBar, data_roots, default_cache_dir
+from .core import ProgressBar, _load, default_cache_dir
 
 
 @click.command("study")
@@ -33,10 +32,9 @@ def study_command(spec_path: str, output: str | None, cache_dir: str | None) -> 
     from icd_core.leaderboard import leaderboard_markdown
     from icd_core.study import run_study_local
 
-    spec = load_spec(spec_path)
+    spec = _load(Path(spec_path))  # COCO paths resolved in ICD_DATA_ROOTS; one-line errors
     if not isinstance(spec, StudySpec):
         raise click.UsageError(f"{spec_path} is a '{spec.kind}' spec; `icd study` runs kind: study")
-    spec = resolve_data_roots(spec, data_roots())
     out = Path(output) if output else Path("runs") / spec.name.replace("/", "_")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     try:

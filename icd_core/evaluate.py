@@ -110,22 +110,40 @@ class _Unaugmented(Dataset):
         return self.dataset.load(index, flip=False)
 
 
-def same_size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
-    """Evaluation batches of at most `batch_size` indices whose images all have the same (h, w).
-
-    Why: the detector pads a batch to its largest image. The padded region is not empty to the
-    network: every conv layer writes bias/ReLU/FPN-top-down values there, which then reach the real
-    pixels near the border through the receptive field (and P6/P7 see it all), so an image's
-    detections change with its batch neighbours (the same teacher scored AP 12.86 at batch 1 and 11.65
-    at batch 4 on coco128). Images of one size get the same resized and padded tensor as they would
-    alone, so batching them changes nothing (detectron2 evaluates at batch 1 for the same reason).
-    Groups keep the dataset order of their first image; a dataset of one image size batches as before.
-    """
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, size in enumerate(sizes):
-        groups.setdefault((int(size[0]), int(size[1])), []).append(index)
+def loading_batches(count: int, batch_size: int) -> list[list[int]]:
+    """Consecutive index batches of at most `batch_size`: what one loader step decodes, not what the model sees."""
     step = max(1, int(batch_size))
-    return [members[i : i + step] for members in groups.values() for i in range(0, len(members), step)]
+    return [list(range(i, min(i + step, count))) for i in range(0, count, step)]
+
+
+def predict_each_alone(detector: nn.Module, images: Sequence[torch.Tensor], device: torch.device | str) -> list[dict]:
+    """`detector.predict` on one image at a time, so an image's detections never depend on its batch.
+
+    Why not one call per batch: a batched forward differs from single-image forwards in two ways.
+    (1) The detector pads a batch to its largest image, and the padding reaches real pixels through
+    conv bias/ReLU, the FPN top-down path and P6/P7 (the same teacher scored AP 12.86 at batch 1 and
+    11.65 at batch 4 on coco128). (2) Even for images of one size, the convolution and matrix-multiply
+    kernels (oneDNN/MKL on the CPU, cuDNN/cuBLAS on the GPU) pick their blocking and summation order by
+    the batch dimension: on the CPU a tiny ResNet-18 FPN's features at batch 4 differ from batch 1 by
+    up to 1e-5 and a Faster R-CNN's scores by ~1e-7, enough to reorder near-ties and move boxes across
+    the score threshold and the top-k cut (issue 23: AP 0.00063371 at batch 1, 0.00063855 at batch 4,
+    with batches already of one size). One image per forward is the same computation at any batch
+    size, so detections and AP are bit-identical; the cost is the GPU's batching speed-up.
+    """
+    outputs = []
+    for image in images:
+        outputs.extend(detector.predict([image.to(device, non_blocking=True)]))
+    return outputs
+
+
+def detection_record(target: dict, out: dict[str, torch.Tensor]) -> dict:
+    """One image's detections on the CPU, keyed by its image id, for `coco_evaluate`."""
+    return {
+        "image_id": target["image_id"],
+        "boxes": out["boxes"].float().cpu(),
+        "scores": out["scores"].float().cpu(),
+        "labels": out["labels"].cpu(),
+    }
 
 
 def evaluate_model(
@@ -136,31 +154,22 @@ def evaluate_model(
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Run `detector.predict(images)` over `dataset` and COCO-evaluate it (step left 0 for the caller).
+    """Run `detector.predict` over `dataset` and COCO-evaluate it (step left 0 for the caller).
 
     predict must return per image a dict with boxes (xyxy, original image pixels), scores and labels
     (contiguous). The detector's train/eval mode is restored afterwards. progress(done, total) is
-    called after every batch. Batches only hold images of one size (`same_size_batches`), so the AP
-    does not depend on `batch_size`.
+    called after every batch. `batch_size` only sets how many images a loader step decodes: the
+    model sees one image per forward (`predict_each_alone`), so the AP is the same at every batch size.
     """
     was_training = detector.training
     detector.eval()
-    batches = same_size_batches([dataset.image_size(i) for i in range(len(dataset))], batch_size)
-    loader = make_batched_loader(_Unaugmented(dataset), batches, workers=workers)
+    loader = make_batched_loader(_Unaugmented(dataset), loading_batches(len(dataset), batch_size), workers=workers)
     detections: list[dict] = []
     try:
         with torch.inference_mode():
             for images, targets in loader:
-                outputs = detector.predict([img.to(device, non_blocking=True) for img in images])
-                for target, out in zip(targets, outputs, strict=True):
-                    detections.append(
-                        {
-                            "image_id": target["image_id"],
-                            "boxes": out["boxes"].float().cpu(),
-                            "scores": out["scores"].float().cpu(),
-                            "labels": out["labels"].cpu(),
-                        }
-                    )
+                outputs = predict_each_alone(detector, images, device)
+                detections.extend(detection_record(t, o) for t, o in zip(targets, outputs, strict=True))
                 if progress is not None:
                     progress(len(detections), len(dataset))
     finally:

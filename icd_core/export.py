@@ -14,11 +14,12 @@ tests use for RetinaNet, FCOS and Faster R-CNN.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,26 @@ def write_export(detector: Detector, meta: dict[str, Any], path: str | Path, ops
 
 
 # --- reading ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _unreadable_export(path: Path, what: str) -> Iterator[None]:
+    """A file that onnx/torch.jit cannot parse (truncated, renamed, not a model) as one ValueError naming it:
+    the parsers raise protobuf DecodeError / RuntimeError with C++ stack text that says neither."""
+    try:
+        yield
+    except Exception as err:
+        reason = _first_line(err)
+        reason = reason if len(reason) <= 120 else reason[:117] + "..."
+        raise ValueError(f"{path} is not {what} that can be read ({reason}); give a file icd export wrote") from err
+
+
+def _jit_load(path: Path, **kwargs: Any) -> torch.jit.ScriptModule:
+    """torch.jit.load on the CPU without its deprecation FutureWarning: exports are TorchScript by choice
+    (`icd export --format torchscript`), and the warning buried one-line CLI errors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu", **kwargs)
+
+
 def read_export_meta(path: str | Path) -> dict[str, Any]:
     """The metadata embedded in an exported model (either format)."""
     path = Path(path)
@@ -183,12 +204,14 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".onnx":
         import onnx
 
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        with _unreadable_export(path, "an ONNX model"):
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         if META_KEY not in props:
             raise ValueError(f"{path} carries no {META_KEY} metadata: not exported by icd export")
         return json.loads(props[META_KEY])
     extra = {TS_META_FILE: ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with _unreadable_export(path, "a TorchScript file"):
+        _jit_load(path, _extra_files=extra)
     if not extra[TS_META_FILE]:
         raise ValueError(f"{path} carries no {TS_META_FILE}: not exported by icd export")
     return json.loads(extra[TS_META_FILE])
@@ -212,7 +235,7 @@ class ExportedDetector:
                 options.inter_op_num_threads = 1
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         else:
-            self._module = torch.jit.load(str(self.path), map_location="cpu").eval()
+            self._module = _jit_load(self.path).eval()
 
     def run(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One image [3, H, W] in 0..1 -> (boxes, scores, labels) as CPU tensors."""
@@ -438,7 +461,7 @@ def _embed_meta(path: Path, meta: dict[str, Any]) -> None:
     if meta["format"] == "onnx":
         write_onnx_meta(path, meta)
     else:
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = _jit_load(path)
         torch.jit.save(module, str(path), _extra_files={TS_META_FILE: json.dumps(meta)})
 
 

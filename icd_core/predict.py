@@ -142,12 +142,32 @@ def coco_detections(
     return {"images": list(images), "categories": categories, "annotations": annotations}
 
 
+@dataclass
+class WrittenPredictions:
+    """What `write_predictions` wrote, and per image how many boxes reached the drawing threshold."""
+
+    path: Path
+    pngs: list[Path]
+    drawn: list[int]  # boxes scoring at least score_min, per image (what its PNG shows)
+    best: list[float | None]  # the image's top score (None: the model returned nothing)
+    score_min: float
+
+    def undrawn_lines(self) -> list[str]:
+        """One line per image whose PNG has no box, so an empty picture is never a silent surprise."""
+        lines = []
+        for png, drawn, best in zip(self.pngs, self.drawn, self.best, strict=True):
+            if drawn == 0:
+                top = "no detections at all" if best is None else f"best score {best:.3f}"
+                lines.append(f"{png.name}: no box scored at least --score-min {self.score_min:g} ({top})")
+        return lines
+
+
 def write_predictions(
     loaded: LoadedModel,
     images: Sequence[tuple[int, str, Tensor]],
     out_dir: str | Path,
     score_min: float = DEFAULT_SCORE_MIN,
-) -> tuple[Path, list[Path]]:
+) -> WrittenPredictions:
     """Predict on [(image_id, file_name, image)], write detections.json and one PNG per image."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +185,9 @@ def write_predictions(
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(coco_detections(infos, dets, loaded.class_names, loaded.label_to_cat_id)))
     tmp.replace(path)
-    return path, pngs
+    drawn = [int((d["scores"] >= score_min).sum()) for d in dets]
+    best = [float(d["scores"].max()) if d["scores"].numel() else None for d in dets]
+    return WrittenPredictions(path, pngs, drawn, best, score_min)
 
 
 def predict_files(
@@ -174,7 +196,7 @@ def predict_files(
     out_dir: str | Path,
     device: str = "cpu",
     score_min: float = DEFAULT_SCORE_MIN,
-) -> tuple[Path, list[Path]]:
+) -> WrittenPredictions:
     """`icd predict`: image files (ids 1..n in the order given) through a checkpoint or an export."""
     loaded = load_model(model_path, device)
     images = []

@@ -103,7 +103,7 @@ def render_predictions(detector: Detector, val: Any, count: int, out_dir: Path) 
     detector.eval()
     try:
         loaded = LoadedModel(detector, list(val.class_names), list(val.label_to_cat_id), "run")
-        path, _ = write_predictions(loaded, images, out_dir)
+        path = write_predictions(loaded, images, out_dir).path
     finally:
         detector.train(was_training)
     return path

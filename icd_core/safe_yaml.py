@@ -22,7 +22,21 @@ MAX_EXPANDED_NODES = 100_000
 
 
 class YamlRefused(ValueError):
-    """A YAML document that is malformed or over one of the limits; the message says which."""
+    """A YAML document that is malformed or over one of the limits; the message says which, and
+    `where` ('line:column', 1-based) where the parser stopped, for a malformed one."""
+
+    def __init__(self, problem: str, where: str | None = None) -> None:
+        super().__init__(f"{where}: {problem}" if where else problem)
+        self.problem, self.where = problem, where
+
+
+def _syntax_error(err: yaml.YAMLError) -> YamlRefused:
+    """One line with the position: the parser's own message spans several lines about '<unicode string>'."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f"{mark.line + 1}:{mark.column + 1}" if mark is not None else None
+    return YamlRefused(f"invalid YAML: {problem}" + (f" ({context})" if context else ""), where)
 
 
 _BRACKETS = re.compile(r"[\[\]{}]")
@@ -89,4 +103,4 @@ def load_yaml(text: str) -> Any:
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
-        raise YamlRefused(f"not valid YAML: {exc}") from None
+        raise _syntax_error(exc) from None

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from .safe_yaml import load_yaml
+from .safe_yaml import YamlRefused, load_yaml
 
 # Each name list is written once, as a Literal; the tuples derive from it.
 Detector = Literal["retinanet", "fcos", "faster_rcnn"]
@@ -544,10 +544,27 @@ def parse_spec(data: dict[str, Any]) -> TrainSpec | DistillJobSpec | EvaluateSpe
     return _SPEC_ADAPTER.validate_python(data)
 
 
+class SpecSyntaxError(ValueError):
+    """A spec file that is not valid YAML/JSON; the message is one line: `path:line:column: problem`."""
+
+
+def _parse_text(path: str | Path, text: str) -> Any:
+    """YAML or JSON by the file's suffix; a syntax error names the file, line and column (1-based),
+    because the parser's own message points at "<unicode string>" over several lines."""
+    if str(path).endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecSyntaxError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from err
+    try:
+        return load_yaml(text)
+    except YamlRefused as err:
+        raise SpecSyntaxError(f"{path}:{err.where or '?:?'}: {err.problem}") from err
+
+
 def load_spec(path: str | Path) -> TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec:
-    """Read a YAML or JSON spec file."""
-    text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else load_yaml(text)
+    """Read a YAML or JSON spec file (SpecSyntaxError, a ValueError, when it does not parse)."""
+    data = _parse_text(path, Path(path).read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a spec must be a mapping")
     return parse_spec(data)

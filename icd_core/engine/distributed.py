@@ -39,7 +39,7 @@ from torch.utils.data import Subset
 from ..data.coco import CocoDataset
 from ..data.loader import derive_seed, make_batched_loader
 from ..detectors import Detector
-from ..evaluate import _Unaugmented, coco_evaluate, same_size_batches
+from ..evaluate import _Unaugmented, coco_evaluate, detection_record, loading_batches, predict_each_alone
 from . import checkpoint as ckpt
 from .callbacks import EvalResult
 from .trainer import LossWindow, Trainer, _Loop, resolve_device
@@ -257,22 +257,14 @@ def evaluate_sharded(
     was_training = detector.training
     detector.eval()
     indices = list(range(group.rank, len(dataset), group.world))
-    batches = same_size_batches([dataset.image_size(i) for i in indices], batch_size)  # AP independent of batch
+    batches = loading_batches(len(indices), batch_size)
     shard = Subset(_Unaugmented(dataset), indices)
     detections: list[dict[str, Any]] = []
     try:
         with torch.inference_mode():
             for images, targets in make_batched_loader(shard, batches, workers=workers):
-                outputs = detector.predict([img.to(group.device, non_blocking=True) for img in images])
-                for target, out in zip(targets, outputs, strict=True):
-                    detections.append(
-                        {
-                            "image_id": target["image_id"],
-                            "boxes": out["boxes"].float().cpu(),
-                            "scores": out["scores"].float().cpu(),
-                            "labels": out["labels"].cpu(),
-                        }
-                    )
+                outputs = predict_each_alone(detector, images, group.device)  # AP independent of batch and group
+                detections.extend(detection_record(t, o) for t, o in zip(targets, outputs, strict=True))
     finally:
         detector.train(was_training)
     gathered: list[Any] = [None] * group.world

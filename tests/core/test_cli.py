@@ -148,3 +148,68 @@ def test_end_to_end_teacher_then_icd_student(tmp_path: Path) -> None:
     )
     out = _invoke(["eval", str(eval_spec), "--output", str(tmp_path / "ev3")])
     assert json.loads((tmp_path / "ev3" / "summary.json").read_text())["final_metrics"].keys() >= {"AP", "AP50"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_at_96(shapes_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny checkpoint whose run used min_size 96 / max_size 128 (not the DataSpec defaults)."""
+    import torch
+
+    from icd_core.data.coco import CocoDataset
+    from icd_core.detectors import build_detector, detector_meta
+    from icd_core.spec import ModelSpec
+
+    ds = CocoDataset(*shapes_tiny, train=False)
+    det = build_detector(ModelSpec.model_validate(TINY_MODEL), ds.num_classes, 96, 128)
+    val = {"format": "coco", "images": str(shapes_tiny[0]), "annotations": str(shapes_tiny[1])}
+    run = {"kind": "train", "data": {"train": val, "val": val, "min_size": [80, 96], "max_size": 128}}
+    path = tmp_path_factory.mktemp("eval-sizes") / "final.pt"
+    torch.save({**detector_meta(det, ds.class_names, ds.label_to_cat_id), "model": det.state_dict(), "spec": run}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("flags", "sizes", "said"),
+    [
+        ([], (96, 128), "short side 96, long side at most 128 (from the checkpoint's run)"),
+        (["--min-size", "64"], (64, 128), "short side 64, long side at most 128 (from --min-size/--max-size over"),
+    ],
+)
+def test_eval_of_a_checkpoint_on_other_data_uses_the_runs_sizes(
+    checkpoint_at_96: Path, shapes_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags, sizes, said
+) -> None:
+    """`icd eval CKPT --data-val-*` evaluated at the DataSpec defaults (320/512), not at the run's sizes."""
+    import icd_core.runner as runner
+
+    used = []
+    real = runner.load_detector
+
+    def recording(path, min_size, max_size):
+        used.append((min_size, max_size))
+        return real(path, min_size, max_size)
+
+    monkeypatch.setattr(runner, "load_detector", recording)
+    images, annotations = map(str, shapes_tiny)
+    args = ["eval", str(checkpoint_at_96), "--data-val-images", images, "--data-val-annotations", annotations]
+    out = _invoke([*args, *flags, "--device", "cpu", "-o", str(tmp_path / "ev"), "--cache-dir", str(tmp_path)])
+    assert used == [sizes]
+    assert said in out and "AP50" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        ("bad.yaml", "kind: train\nname: x\ndata:\n  train: {format: shapes\n  val: [1, 2\n", ":5:6: invalid YAML: "),
+        ("tab.yml", "kind: train\n\tname: x\n", ":2:1: invalid YAML: found character"),
+        ("bad.json", '{"kind": "train",}', ":1:18: invalid JSON: "),
+    ],
+)
+@pytest.mark.parametrize("command", [["validate"], ["train"], ["study"], ["eval"]])
+def test_a_spec_with_a_syntax_error_is_one_line_naming_file_line_and_column(
+    tmp_path: Path, name: str, text: str, where: str, command: list[str]
+) -> None:
+    spec = tmp_path / name
+    spec.write_text(text)
+    res = CliRunner().invoke(cli, [*command, str(spec)])
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 1, res.exception  # not a traceback
+    assert res.output.startswith(f"Error: {spec}{where}") and res.output.count("\n") == 1, res.output

@@ -106,3 +106,31 @@ def test_draw_detections_draws_boxes_above_the_score() -> None:
     pixels = torch.tensor(list(canvas.getdata())).reshape(40, 60, 3)
     assert pixels[35, 15].sum() > 0  # the kept box's bottom edge (y2 = 35)
     assert pixels[29, 45].sum() == 0  # the low-scoring box is not drawn
+
+
+@pytest.mark.parametrize(("suffix", "what"), [(".onnx", "an ONNX model"), (".ts", "a TorchScript file")])
+def test_icd_predict_with_a_renamed_text_file_as_export_is_one_line(
+    coco_mini, tmp_path: Path, suffix: str, what: str
+) -> None:
+    fake = tmp_path / f"model{suffix}"
+    fake.write_text("not a model\n")
+    image = sorted(coco_mini[0].iterdir())[0]
+    res = CliRunner().invoke(cli, ["predict", str(fake), str(image), "-o", str(tmp_path / "out")])
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 1, res.exception  # not a traceback
+    assert res.output.startswith(f"Error: {fake} is not {what} that can be read (") and res.output.count("\n") == 1
+
+
+def test_icd_predict_says_when_no_box_reaches_score_min(hot_checkpoint: Path, coco_mini, tmp_path: Path) -> None:
+    images = sorted(coco_mini[0].iterdir())[:2]
+    res = CliRunner().invoke(cli, ["predict", str(hot_checkpoint), *map(str, images), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    drawn = int(res.output.split(" boxes drawn")[0].rsplit(" ", 1)[-1])
+    assert drawn > 0 and "no box scored" not in res.output
+    res = CliRunner().invoke(
+        cli, ["predict", str(hot_checkpoint), *map(str, images), "-o", str(tmp_path / "e"), "--score-min", "1"]
+    )
+    assert res.exit_code == 0, res.output
+    for image in images:
+        assert f"{image.stem}.png: no box scored at least --score-min 1 (best score 0." in res.output
+    assert "0 boxes drawn (score at least 1;" in res.output
+    assert json.loads((tmp_path / "e" / "detections.json").read_text())["annotations"]  # the JSON keeps them all
