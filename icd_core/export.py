@@ -508,7 +508,8 @@ def export_checkpoint(
     """Export a train/distill checkpoint's model (the student) and verify it on the run's validation set.
 
     The model is rebuilt at the run's evaluation size; detections are compared on the first
-    `verify_images` validation images and COCO AP on the first `eval_images` (all for None).
+    `verify_images` validation images (plus `verification_probes` of the first) and COCO AP on the
+    first `eval_images` (all for None).
     `out` is a file path, or a folder that receives `model.ts` / `model.onnx`.
     """
     from .data import build_dataset
