@@ -143,14 +143,18 @@ class ExtraLevels(ExtraFPNBlock):
             nn.init.constant_(conv.bias, 0)
 
     def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        # TorchScript indexes a ModuleList by literals only: the convs are walked with enumerate.
         last = results[-1]
-        for i, name in enumerate(self.names):
-            if self.maxpool:
+        if self.maxpool:
+            for name in self.names:
                 last = nn.functional.max_pool2d(last, 1, 2, 0)
-            else:
-                last = self.convs[i](last if i == 0 else nn.functional.relu(last))
-            results.append(last)
-            names.append(name)
+                results.append(last)
+                names.append(name)
+        else:
+            for i, conv in enumerate(self.convs):
+                last = conv(last if i == 0 else nn.functional.relu(last))
+                results.append(last)
+                names.append(self.names[i])
         return results, names
 
 

@@ -24,6 +24,7 @@ from icd_core.export import (
     export_detector,
     export_meta,
     read_export_meta,
+    verification_probes,
     verify_export,
     write_export,
 )
@@ -75,7 +76,7 @@ def test_exported_detector_reproduces_eager_detections(kind: str, fmt: str, imag
     path = tmp_path / f"model.{'ts' if fmt == 'torchscript' else 'onnx'}"
     result = export_detector(det, CHECKPOINT_META, fmt, path, images[:2])
     assert result.path == path and path.is_file()
-    assert result.verification.ok and result.verification.images == 2
+    assert result.verification.ok and result.verification.images == 2 + len(verification_probes(det, images))
 
     exported = ExportedDetector(path)
     image_id, image = images[2]  # not used in the verification, and of another size
@@ -146,7 +147,7 @@ def test_metadata_round_trips(fmt: str, images, tmp_path: Path) -> None:
     assert meta["label_to_cat_id"] == [1, 2, 5, 7] and meta["source_spec"] == {"name": "tiny"}
     assert meta["image_mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["min_size"] == 64
     assert meta["model_spec"]["detector"] == "retinanet" and meta["source_checkpoint"] == "ckpt.pt"
-    assert meta["verification"]["tolerance"]["iou"] == 0.99 and meta["verification"]["mismatches"] == []
+    assert meta["verification"]["tolerance"]["iou"] == Tolerance().iou and meta["verification"]["mismatches"] == []
     assert (meta["opset"] == 17) == (fmt == "onnx")
 
 
