@@ -30,10 +30,11 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from helpers import succeed_with_checkpoint  # noqa: E402
 from service.fault_harness import pg_database  # noqa: E402
 
 from api.docs import DISTILL_EXAMPLE, TRAIN_EXAMPLE  # noqa: E402
-from benchmarks.fuzz_api import free_port, wait_healthy  # noqa: E402
+from benchmarks.fuzz_api import serving  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -87,24 +88,9 @@ def with_value(path: tuple[Any, ...], literal: str) -> str:
 
 def finished_job(env: dict[str, str], base: str, secret: str) -> tuple[int, Path]:
     """A succeeded train job of the token's owner with a final.pt, written through the store's own calls."""
-    from store.artifacts import ArtifactStore
-    from store.db import make_engine, session_factory
-    from store.jobs import claim_job, finish_job
-    from store.results import add_checkpoint
-
     r = httpx.post(f"{base}/jobs", json=copy.deepcopy(TRAIN_EXAMPLE), headers={"Authorization": f"Bearer {secret}"})
     jid = r.json()["id"]
-    engine = make_engine(env["ICD_DATABASE_URL"])
-    with session_factory(engine)() as s:
-        claim_job(s, jid, "probe")
-        store = ArtifactStore(Path(env["ICD_HOME"]) / "artifacts")
-        f = store.job_dir(jid) / "checkpoints" / "final.pt"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(b"weights")
-        add_checkpoint(s, jid, 1, 2, "final.pt", store.relative(f), f.stat().st_size, store.sha256_file(f), True)
-        finish_job(s, jid, {"AP": 1.0})
-    engine.dispose()
-    return jid, f
+    return jid, succeed_with_checkpoint(env["ICD_DATABASE_URL"], Path(env["ICD_HOME"]) / "artifacts", jid)
 
 
 def run_cases(p: Probe, env: dict[str, str], server_pid: int) -> list[str]:
@@ -225,22 +211,9 @@ def main() -> None:
         for name in ("alice", "bob", "root"):
             cmd = [str(BIN / "icd"), "token", "create", "--name", name, *(["--admin"] if name == "root" else [])]
             tokens[name] = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.split()[0]
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        with open(Path(tmp) / "serve.log", "wb") as log:
-            server = subprocess.Popen(
-                [str(BIN / "icd"), "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                wait_healthy(base, server)
-                probe = Probe(base, tokens)
-                notes = run_cases(probe, env, server.pid)
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
+        with serving(env, Path(tmp) / "serve.log") as (base, server):
+            probe = Probe(base, tokens)
+            notes = run_cases(probe, env, server.pid)
     lines = ["| case | status | must be | ms | |", "|---|---|---|---|---|"]
     lines += [f"| {what} | {code} | {expect} | {ms} | {ok} |" for what, code, expect, ms, ok in probe.rows]
     text = "\n".join(

@@ -23,6 +23,8 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -72,6 +74,26 @@ def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 60
     raise SystemExit("icd serve did not answer /health in time")
 
 
+@contextmanager
+def serving(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`icd serve --no-worker` on a free loopback port with `env`, healthy: (base URL, process); stopped after."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [str(BIN / "icd"), "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_healthy(base, server)
+            yield base, server
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 def run_fuzz(
     max_examples: int,
     checks: str,
@@ -115,45 +137,32 @@ def run_fuzz(
                 text=True,
             )
             secret = made.stdout.strip().splitlines()[0]
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
             log_path = Path(tmp) / "serve.log"
-            with open(log_path, "wb") as log:
-                server = subprocess.Popen(
-                    [str(BIN / "icd"), "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port)],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-                try:
-                    wait_healthy(base, server)
-                    started = time.perf_counter()
-                    command = [
-                        str(BIN / "st"),
-                        "--config-file",
-                        str(config),
-                        "run",
-                        f"{base}/openapi.json",
-                        "--max-examples",
-                        str(max_examples),
-                        "--checks",
-                        checks,
-                        "-w",
-                        str(workers),
-                        "-H",
-                        f"Authorization: Bearer {secret}",
-                        "--no-color",
-                        "--generation-database",
-                        "none",
-                        "--request-timeout",
-                        "60",
-                        *(["--seed", str(seed)] if seed is not None else []),
-                    ]
-                    st = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp)
-                    elapsed = time.perf_counter() - started
-                finally:
-                    server.terminate()
-                    server.wait(timeout=30)
+            with serving(env, log_path) as (base, _server):
+                started = time.perf_counter()
+                command = [
+                    str(BIN / "st"),
+                    "--config-file",
+                    str(config),
+                    "run",
+                    f"{base}/openapi.json",
+                    "--max-examples",
+                    str(max_examples),
+                    "--checks",
+                    checks,
+                    "-w",
+                    str(workers),
+                    "-H",
+                    f"Authorization: Bearer {secret}",
+                    "--no-color",
+                    "--generation-database",
+                    "none",
+                    "--request-timeout",
+                    "60",
+                    *(["--seed", str(seed)] if seed is not None else []),
+                ]
+                st = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp)
+                elapsed = time.perf_counter() - started
             statuses = Counter(int(m.group(1)) for m in _ACCESS.finditer(log_path.read_text(errors="replace")))
     finally:
         if admin is not None:

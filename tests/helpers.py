@@ -231,3 +231,40 @@ class TcpRelay:
     def close(self) -> None:
         self.cut()
         self._listener.close()
+
+
+def succeed_with_checkpoint(database_url: str, artifact_root: str | Path, job_id: int) -> Path:
+    """Mark a submitted job succeeded with a small final.pt in its artifact folder, through the store's
+    own calls (for tests of who may name that file); returns the file."""
+    from store.artifacts import ArtifactStore
+    from store.db import make_engine, session_factory
+    from store.jobs import claim_job, finish_job
+    from store.results import add_checkpoint
+
+    engine = make_engine(database_url)
+    with session_factory(engine)() as s:
+        claim_job(s, job_id, "w1")
+        store = ArtifactStore(artifact_root)
+        f = store.job_dir(job_id) / "checkpoints" / "final.pt"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"weights")
+        add_checkpoint(s, job_id, 1, 2, "final.pt", store.relative(f), f.stat().st_size, store.sha256_file(f), True)
+        finish_job(s, job_id, {"AP": 1.0})
+    engine.dispose()
+    return f
+
+
+def one_child_study_spec(train_spec: dict[str, Any], name: str) -> dict[str, Any]:
+    """A study over `train_spec`'s data and model with one `none` child and a 2-step teacher schedule."""
+    return {
+        "kind": "study",
+        "name": name,
+        "device": "cpu",
+        "data": train_spec["data"],
+        "teacher": train_spec["model"],
+        "student": train_spec["model"],
+        "methods": ["none"],
+        "seeds": [0],
+        "teacher_schedule": {"iterations": 2, "batch_size": 2},
+        "schedule": {"iterations": 2, "batch_size": 2},
+    }

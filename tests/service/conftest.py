@@ -178,3 +178,26 @@ def api_and_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     app.state.engine.dispose()
     db.dispose()
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def secrets_by_name(settings: Settings) -> Iterator[dict[str, str]]:
+    """alice and bob (users) and root (admin), created in the test database."""
+    from store.tokens import create_token
+
+    engine = make_engine(settings.database_url)
+    with session_factory(engine)() as s:
+        out = {name: create_token(s, name, admin=(name == "root"))[1] for name in ("alice", "bob", "root")}
+    engine.dispose()
+    yield out
+
+
+@pytest.fixture
+def public(settings: Settings, secrets_by_name: dict[str, str]) -> Iterator[TestClient]:
+    """The API as a server beyond loopback sees it (tokens required), with alice, bob and root."""
+    from api.main import create_app
+
+    app = create_app(settings.model_copy(update={"listen_host": "0.0.0.0"}))
+    with TestClient(app) as c:
+        yield c
+    app.state.engine.dispose()

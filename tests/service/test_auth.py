@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,37 +14,17 @@ from fastapi.testclient import TestClient
 from api.auth import StartupRefused
 from api.docs import TRAIN_EXAMPLE
 from api.main import create_app
-from store.artifacts import ArtifactStore
 from store.db import make_engine, session_factory
-from store.jobs import claim_job, finish_job
 from store.models import ApiToken
-from store.results import add_checkpoint
 from store.settings import Settings
 from store.tokens import TokenError, create_token, find_token, list_tokens, revoke_token
+from tests.helpers import succeed_with_checkpoint
 
 PUBLIC = {"/health", "/version"}
 
 
 def _public_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"listen_host": "0.0.0.0"})
-
-
-@pytest.fixture
-def secrets_by_name(settings: Settings) -> Iterator[dict[str, str]]:
-    """alice and bob (users) and root (admin), created in the test database."""
-    engine = make_engine(settings.database_url)
-    with session_factory(engine)() as s:
-        out = {name: create_token(s, name, admin=(name == "root"))[1] for name in ("alice", "bob", "root")}
-    engine.dispose()
-    yield out
-
-
-@pytest.fixture
-def public(settings: Settings, secrets_by_name: dict[str, str]) -> Iterator[TestClient]:
-    app = create_app(_public_settings(settings))
-    with TestClient(app) as c:
-        yield c
-    app.state.engine.dispose()
 
 
 def _as(secret: str) -> dict[str, str]:
@@ -111,18 +90,8 @@ def test_anonymous_gets_401_on_every_non_public_endpoint(public: TestClient) -> 
 def _job_with_checkpoint(client: TestClient, settings: Settings, secret: str) -> int:
     r = client.post("/jobs", json=copy.deepcopy(TRAIN_EXAMPLE), headers=_as(secret))
     assert r.status_code == 201, r.text
-    jid = r.json()["id"]
-    engine = make_engine(settings.database_url)
-    with session_factory(engine)() as s:
-        claim_job(s, jid, "w1")
-        store = ArtifactStore(settings.artifact_root)  # type: ignore[arg-type]
-        f = store.job_dir(jid) / "checkpoints" / "final.pt"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(b"weights")
-        add_checkpoint(s, jid, 1, 2, "final.pt", store.relative(f), f.stat().st_size, store.sha256_file(f), True)
-        finish_job(s, jid, {"AP": 1.0})
-    engine.dispose()
-    return jid
+    succeed_with_checkpoint(settings.database_url, settings.artifact_root, r.json()["id"])  # type: ignore[arg-type]
+    return r.json()["id"]
 
 
 def test_another_owner_gets_404_and_admins_see_all(

@@ -22,12 +22,10 @@ from api.main import create_app
 from icd_core import spec as spec_module
 from icd_core.data_roots import confine_spec_paths
 from icd_core.spec import UserPath, iter_user_paths, parse_spec
-from store.artifacts import ArtifactStore
 from store.db import make_engine, session_factory
-from store.jobs import claim_job, finish_job
-from store.results import add_checkpoint
 from store.settings import Settings
 from store.tokens import create_token, may_read_job
+from tests.helpers import succeed_with_checkpoint
 
 # String fields that are not paths, by "<Model>.<field>": anything else typed str must carry UserPath.
 NOT_PATHS = {"_JobBase.name", "_JobBase.device", "ModelSpec.levels", "DistillSpec.options"}
@@ -94,39 +92,12 @@ def _as(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-@pytest.fixture
-def tokens(settings: Settings) -> dict[str, str]:
-    engine = make_engine(settings.database_url)
-    with session_factory(engine)() as s:
-        out = {name: create_token(s, name, admin=(name == "root"))[1] for name in ("alice", "bob", "root")}
-    engine.dispose()
-    return out
-
-
-@pytest.fixture
-def public(settings: Settings, tokens: dict[str, str]) -> Iterator[TestClient]:
-    app = create_app(settings.model_copy(update={"listen_host": "0.0.0.0"}))
-    with TestClient(app) as c:
-        yield c
-    app.state.engine.dispose()
-
-
 def _finished_job(client: TestClient, settings: Settings, secret: str) -> tuple[int, Path]:
     """A succeeded train job of the token's owner, with a final.pt in its artifact folder."""
     r = client.post("/jobs", json=copy.deepcopy(TRAIN_EXAMPLE), headers=_as(secret))
     assert r.status_code == 201, r.text
     jid = r.json()["id"]
-    engine = make_engine(settings.database_url)
-    with session_factory(engine)() as s:
-        claim_job(s, jid, "w1")
-        store = ArtifactStore(settings.artifact_root)  # type: ignore[arg-type]
-        f = store.job_dir(jid) / "checkpoints" / "final.pt"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(b"weights")
-        add_checkpoint(s, jid, 1, 2, "final.pt", store.relative(f), f.stat().st_size, store.sha256_file(f), True)
-        finish_job(s, jid, {"AP": 1.0})
-    engine.dispose()
-    return jid, f
+    return jid, succeed_with_checkpoint(settings.database_url, settings.artifact_root, jid)  # type: ignore[arg-type]
 
 
 def _distill(teacher: str, decoder: str | None = None) -> dict[str, Any]:
@@ -146,11 +117,11 @@ def _refused(resp: Any, field: str) -> str:
 
 
 def test_another_owners_checkpoint_cannot_be_named_by_its_artifact_path(
-    public: TestClient, settings: Settings, tokens: dict[str, str]
+    public: TestClient, settings: Settings, secrets_by_name: dict[str, str]
 ) -> None:
-    alice_job, alice_file = _finished_job(public, settings, tokens["alice"])
-    bob_job, bob_file = _finished_job(public, settings, tokens["bob"])
-    bob = _as(tokens["bob"])
+    alice_job, alice_file = _finished_job(public, settings, secrets_by_name["alice"])
+    bob_job, bob_file = _finished_job(public, settings, secrets_by_name["bob"])
+    bob = _as(secrets_by_name["bob"])
     relative = alice_file.relative_to(settings.artifact_root)  # type: ignore[arg-type]
     for given in (
         str(alice_file),
@@ -168,7 +139,7 @@ def test_another_owners_checkpoint_cannot_be_named_by_its_artifact_path(
     # bob's own file by path, and an admin naming alice's, are accepted and stored resolved
     r = public.post("/jobs", json=_distill(str(bob_file)), headers=bob)
     assert r.status_code == 201 and r.json()["spec"]["teacher"]["checkpoint"] == str(bob_file.resolve())
-    assert public.post("/jobs", json=_distill(str(alice_file)), headers=_as(tokens["root"])).status_code == 201
+    assert public.post("/jobs", json=_distill(str(alice_file)), headers=_as(secrets_by_name["root"])).status_code == 201
     assert bob_job != alice_job
 
 
@@ -177,13 +148,13 @@ def test_another_owners_checkpoint_cannot_be_named_by_its_artifact_path(
     ["/etc/passwd", "../../../../../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "ALICE_FILE", "job:ALICE", "\ud800x"],
 )
 def test_the_icd_decoder_field_is_confined_and_owned(
-    public: TestClient, settings: Settings, tokens: dict[str, str], decoder: str
+    public: TestClient, settings: Settings, secrets_by_name: dict[str, str], decoder: str
 ) -> None:
-    alice_job, alice_file = _finished_job(public, settings, tokens["alice"])
-    _, bob_file = _finished_job(public, settings, tokens["bob"])
+    alice_job, alice_file = _finished_job(public, settings, secrets_by_name["alice"])
+    _, bob_file = _finished_job(public, settings, secrets_by_name["bob"])
     decoder = decoder.replace("ALICE_FILE", str(alice_file)).replace("ALICE", str(alice_job))
     body = json.dumps(_distill(str(bob_file), decoder))  # ASCII escapes: a lone surrogate travels as \ud800
-    headers = {**_as(tokens["bob"]), "Content-Type": "application/json"}
+    headers = {**_as(secrets_by_name["bob"]), "Content-Type": "application/json"}
     msg = _refused(public.post("/jobs", content=body, headers=headers), "distill.icd.decoder")
     assert "passwd" not in msg or "outside the allowed roots" in msg
 
@@ -208,7 +179,7 @@ def test_the_worker_applies_the_same_rule_to_a_stored_spec(settings: Settings, s
 
 
 def test_a_data_root_that_holds_the_artifact_store_grants_nothing_more(
-    settings: Settings, tokens: dict[str, str], tmp_path: Path
+    settings: Settings, secrets_by_name: dict[str, str], tmp_path: Path
 ) -> None:
     """The embedded default's root is the working folder, which holds `.icd/artifacts`: reaching the store
     through a data root must not skip the owner check, for checkpoints or for data paths."""
@@ -216,13 +187,13 @@ def test_a_data_root_that_holds_the_artifact_store_grants_nothing_more(
     assert Path(wide.artifact_root).is_relative_to(tmp_path)  # type: ignore[arg-type]
     app = create_app(wide)
     with TestClient(app) as client:
-        _, alice_file = _finished_job(client, wide, tokens["alice"])
-        bob = _as(tokens["bob"])
+        _, alice_file = _finished_job(client, wide, secrets_by_name["alice"])
+        bob = _as(secrets_by_name["bob"])
         train = copy.deepcopy(TRAIN_EXAMPLE)
         train["model"]["checkpoint"] = str(alice_file)
         _refused(client.post("/jobs", json=train, headers=bob), "model.checkpoint")
         coco = copy.deepcopy(TRAIN_EXAMPLE)
         coco["data"]["train"] = {"format": "coco", "images": str(tmp_path), "annotations": str(alice_file)}
         _refused(client.post("/jobs", json=coco, headers=bob), "data.train.annotations")
-        assert client.post("/jobs", json=train, headers=_as(tokens["alice"])).status_code == 201
+        assert client.post("/jobs", json=train, headers=_as(secrets_by_name["alice"])).status_code == 201
     app.state.engine.dispose()

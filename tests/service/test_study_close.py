@@ -16,6 +16,7 @@ from store import jobs as q
 from store.artifacts import ArtifactStore
 from store.db import make_engine, session_factory
 from store.settings import get_settings
+from tests.helpers import one_child_study_spec
 from tests.service.test_worker_task import _spec
 
 
@@ -37,18 +38,7 @@ def _study_with_children_done(s: Session) -> tuple[int, int]:
     from worker.study import child_ended, start_study
 
     base = _spec("train")
-    spec = {
-        "kind": "study",
-        "name": "race",
-        "device": "cpu",
-        "data": base["data"],
-        "teacher": base["model"],
-        "student": base["model"],
-        "methods": ["none"],
-        "seeds": [0],
-        "teacher_schedule": {"iterations": 2, "batch_size": 2},
-        "schedule": {"iterations": 2, "batch_size": 2},
-    }
+    spec = one_child_study_spec(base, "race")
     study = q.create_job(s, spec, "study", "race", "cpu")
     study = q.claim_job(s, study.id, "w0")
     (teacher,) = start_study(s, study, lambda ref: ref)

@@ -8,6 +8,7 @@ from typing import Any
 
 from store.jobs import create_job
 from store.models import Job
+from tests.helpers import one_child_study_spec
 from tests.service.test_worker_task import _spec, sessions  # noqa: F401  (fixture)
 
 
@@ -52,18 +53,7 @@ def test_a_study_whose_children_were_ended_by_a_reaper_is_closed_by_the_sweep(se
     from worker.study import close_ended_studies, start_study
 
     base = _spec("train")
-    study = {
-        "kind": "study",
-        "name": "reaped",
-        "device": "cpu",
-        "data": base["data"],
-        "teacher": base["model"],
-        "student": base["model"],
-        "methods": ["none"],
-        "seeds": [0],
-        "teacher_schedule": {"iterations": 2, "batch_size": 2},
-        "schedule": {"iterations": 2, "batch_size": 2},
-    }
+    study = one_child_study_spec(base, "reaped")
     with sessions() as s:
         job = create_job(s, study, "study", "reaped", "cpu", [])
         job.status = "running"
