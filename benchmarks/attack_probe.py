@@ -190,9 +190,37 @@ def run_cases(p: Probe, env: dict[str, str], server_pid: int) -> list[str]:
     return notes
 
 
+def submits_across_a_postgres_restart(p: Probe, count: int = 24) -> str:
+    """POST /jobs in a loop while PostgreSQL itself restarts (pg_ctlcluster): every answer must be 201 or
+    503 with Retry-After, and each 201 a job that exists afterwards."""
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    restart = subprocess.Popen(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    seen: dict[str, int] = {}
+    created = []
+    for _ in range(count):
+        r = p.send("POST /jobs while PostgreSQL restarts", {201, 503}, "POST", "/jobs", json=TRAIN_EXAMPLE)
+        key = f"{r.status_code}" + (" Retry-After" if r.headers.get("retry-after") else "")
+        seen[key] = seen.get(key, 0) + 1
+        if r.status_code == 201:
+            created.append(r.json()["id"])
+        time.sleep(0.25)
+    restart.wait(timeout=120)
+    missing = [j for j in created if p.send(f"GET /jobs/{j} after", {200}, "GET", f"/jobs/{j}").status_code != 200]
+    return f"{count} submits across a PostgreSQL restart: {seen}; created jobs missing afterwards: {missing}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--restart-postgres",
+        action="store_true",
+        help="also submit while the machine's PostgreSQL restarts (disturbs everything else using it)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="icd-probe-") as tmp, pg_database() as db_url:
         env = {
@@ -214,6 +242,8 @@ def main() -> None:
         with serving(env, Path(tmp) / "serve.log") as (base, server):
             probe = Probe(base, tokens)
             notes = run_cases(probe, env, server.pid)
+            if args.restart_postgres:
+                notes.append(submits_across_a_postgres_restart(probe))
     lines = ["| case | status | must be | ms | |", "|---|---|---|---|---|"]
     lines += [f"| {what} | {code} | {expect} | {ms} | {ok} |" for what, code, expect, ms, ok in probe.rows]
     text = "\n".join(

@@ -86,7 +86,7 @@ def log_spans(logs: list[str], job_id: int, killed_at: float) -> dict[tuple[str,
             if sm := start_re.match(m.group(2)):
                 starts[(str(i), int(sm.group(1)))] = ts
             elif em := end_re.match(m.group(2)):
-                ends[(str(i), int(em.group(1)))] = ts
+                ends.setdefault((str(i), int(em.group(1))), ts)  # the first: when it stopped touching the job
     return {key: (t0, ends.get(key, killed_at if killed_at >= t0 else float("inf"))) for key, t0 in starts.items()}
 
 

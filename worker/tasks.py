@@ -222,10 +222,16 @@ def execute_job(job_id: int, worker: str) -> str:
         _release(job_id)
         if _heartbeat is not None:
             _heartbeat.set_job(None)
-        # With the start line above, the span of this attempt in the worker's log: overlapping spans of
-        # one job are a double run (benchmarks/fault_injection.py counts them).
-        log.info("job %s attempt %s ended on %s: %s", job_id, attempt, worker, status)
+        if status != "queued":  # a hand-back logged its end before another attempt could start
+            log_attempt_end(job_id, attempt, worker, status)
     return status
+
+
+def log_attempt_end(job_id: int, attempt: int, worker: str, outcome: str) -> None:
+    """With the start line, the span of an attempt in the worker's log: overlapping spans of one job are
+    a double run (benchmarks/fault_injection.py counts them). Logged when the attempt stops touching the
+    job, before any outcome that lets another attempt start."""
+    log.info("job %s attempt %s ended on %s: %s", job_id, attempt, worker, outcome)
 
 
 def _remove_stale_temporaries(job_dir: Path) -> None:
@@ -437,6 +443,7 @@ def _record_failure(job_id: int, attempt: int, exc: BaseException, reporter: DbR
             # A worker shutdown, not the user: give the job back to the queue; it resumes from the
             # checkpoint the trainer just wrote.
             reason = f"worker {worker_name()} shut down at step {exc.step}; re-queued to resume"
+            log_attempt_end(job_id, attempt, worker_name(), "handed back to the queue")
             job = requeue_interrupted(s, job_id, reason, attempt)
             if job is None:  # it ended meanwhile: nothing to hand back
                 current = get_job(s, job_id)
