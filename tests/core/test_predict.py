@@ -76,7 +76,7 @@ def test_icd_predict_with_a_checkpoint_and_with_an_export(hot_checkpoint: Path, 
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "verified: detections on 2 images match" in res.output
+    assert "verified: detections on 7 images match" in res.output  # 2 validation images + 5 aspect-ratio probes
     res = runner.invoke(cli, ["predict", str(tmp_path / "m.onnx"), *map(str, images), "-o", str(tmp_path / "onnx")])
     assert res.exit_code == 0, res.output
     _check_outputs(tmp_path / "onnx", images, names)
