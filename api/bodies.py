@@ -52,9 +52,15 @@ async def _as_json(request: Request) -> Request:
     try:
         data: Any = load_yaml(raw.decode("utf-8")) if raw.strip() else None
     except (YamlRefused, UnicodeDecodeError) as exc:
+        if isinstance(exc, UnicodeDecodeError):
+            why = f"the body is not valid YAML: not UTF-8 ({exc.reason})"
+        elif exc.where is not None:
+            why = f"the body is not valid YAML (line:column {exc.where}): {exc.problem.removeprefix('invalid YAML: ')}"
+        else:
+            why = f"the body is refused: {exc}"
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=[{"loc": ["body"], "field": "", "msg": f"the body is refused: {exc}", "type": "yaml"}],
+            detail=[{"loc": ["body"], "field": "", "msg": why, "type": "yaml"}],
         ) from exc
     body = json.dumps(data, default=str).encode()
     headers = [(k, v) for k, v in request.scope["headers"] if k not in (b"content-type", b"content-length")]
