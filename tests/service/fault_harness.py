@@ -77,26 +77,31 @@ def alive(pid: int) -> bool:
 # --- servers --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database (random name), dropped afterwards."""
+def _pg_admin_connection() -> tuple[Any, str]:
+    """An autocommit connection to the maintenance database, and the role that worked."""
     import psycopg
 
-    admin = None
     for user in ("postgres", "root"):
         try:
-            admin = psycopg.connect(f"postgresql://{user}@{PG_HOST}/postgres", autocommit=True, connect_timeout=3)
-            break
+            return psycopg.connect(f"postgresql://{user}@{PG_HOST}/postgres", autocommit=True, connect_timeout=3), user
         except Exception:
             continue
-    if admin is None:
-        raise ConnectionError(f"PostgreSQL at {PG_HOST} unreachable")
+    raise ConnectionError(f"PostgreSQL at {PG_HOST} unreachable")
+
+
+@contextmanager
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database (random name), dropped afterwards, on a new connection: the server may
+    have been restarted meanwhile (benchmarks/attack_probe.py --restart-postgres does)."""
+    admin, user = _pg_admin_connection()
     name = f"icd_fault_{uuid.uuid4().hex[:10]}"
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql+psycopg://{user}@{PG_HOST}/{name}"
-        finally:
+    try:
+        yield f"postgresql+psycopg://{user}@{PG_HOST}/{name}"
+    finally:
+        admin, _ = _pg_admin_connection()
+        with admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
