@@ -119,15 +119,6 @@ class Settings(BaseSettings):
         for d in (self.home, self.artifact_root, self.cache_dir):
             d.mkdir(parents=True, exist_ok=True)
 
-    def resolve_data_path(self, p: str) -> str:
-        """The real path of a data path inside the allowed roots (relative ones: first root holding it).
-
-        Raises icd_core.data_roots.PathNotAllowed naming the roots when it resolves outside all of them.
-        """
-        from icd_core.data_roots import resolve_in_roots
-
-        return str(resolve_in_roots(p, self.allowed_data_roots()))
-
 
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 and localhost; anything else (0.0.0.0, a LAN address, a name) is reachable."""

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from icd_core.data_roots import resolve_in_roots
 from store import jobs as q
 from store.artifacts import ArtifactStore
 from store.dispatch import queue_for
@@ -179,7 +180,9 @@ def test_queue_for_and_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert s.artifact_root == tmp_path / "artifacts" and s.cache_dir == tmp_path / "cache"
     assert s.data_roots == [tmp_path / "a", tmp_path / "b"]
     (tmp_path / "b" / "coco").mkdir(parents=True)
-    assert s.resolve_data_path("coco") == str(tmp_path / "b" / "coco")  # first root holding it
+    assert str(resolve_in_roots("coco", s.allowed_data_roots())) == str(
+        tmp_path / "b" / "coco"
+    )  # first root holding it
 
 
 def test_artifact_store_paths(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from api.docs import DISTILL_EXAMPLE, TRAIN_EXAMPLE
 from api.main import create_app
+from icd_core.data_roots import resolve_in_roots
 from store.artifacts import ArtifactStore
 from store.db import make_engine, session_factory
 from store.jobs import claim_job, finish_job
@@ -91,9 +92,9 @@ def test_checkpoints_may_also_come_from_a_jobs_artifact_folder(client: TestClien
 def test_unset_roots_allow_the_working_folder_and_the_cache(settings: Settings, tmp_path: Path) -> None:
     s = settings.model_copy(update={"data_roots": []})
     assert s.allowed_data_roots() == [Path.cwd(), s.cache_dir]
-    assert s.resolve_data_path(str(Path.cwd())) == str(Path.cwd())
+    assert str(resolve_in_roots(str(Path.cwd()), s.allowed_data_roots())) == str(Path.cwd())
     with pytest.raises(ValueError, match="outside the allowed roots"):
-        s.resolve_data_path(str(tmp_path))
+        resolve_in_roots(str(tmp_path), s.allowed_data_roots())
 
 
 @pytest.mark.parametrize(
