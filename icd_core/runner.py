@@ -28,7 +28,7 @@ from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
 from .pretrain import heldout_diagnostics, prepare_decoder
 from .run_report import deploy_report
-from .spec import DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
+from .spec import ARCHITECTURE_FIELDS, DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
 
 if TYPE_CHECKING:
     from .engine.distributed import RankGroup
@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 AnySpec = TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec
 ResolveCheckpoint = Callable[[str], Path]
 DEFAULT_CACHE_DIR = Path(".icd") / "cache"
-# Architecture fields a distill spec's teacher must share with the teacher checkpoint it names.
-_TEACHER_FIELDS = ("detector", "backbone", "fpn_channels", "head_convs", "head_norm", "anchor_sizes")
 
 
 @dataclass
@@ -132,7 +130,7 @@ def _check_teacher_spec(spec_teacher: ModelSpec, ckpt_spec: dict[str, Any], path
     saved = ModelSpec.model_validate({**ckpt_spec, "checkpoint": None})
     diffs = [
         f"{f}: spec {getattr(spec_teacher, f)} vs checkpoint {getattr(saved, f)}"
-        for f in _TEACHER_FIELDS
+        for f in ARCHITECTURE_FIELDS
         if getattr(spec_teacher, f) != getattr(saved, f)
     ]
     if spec_teacher.resolved_levels != saved.resolved_levels:

@@ -142,6 +142,28 @@ class ModelSpec(StrictModel):
     head_norm: Literal["none", "gn"] = Field(
         "none", description="RetinaNet head convs: none (the paper's head) or gn (GroupNorm(32), as torchvision v2)."
     )
+    extra_levels_from: Literal["p5", "c5"] = Field(
+        "p5",
+        description="Input of the P6 conv: the FPN's P5 (torchvision v1) or the trunk's C5 "
+        "(detectron2, MMDetection, torchvision retinanet v2).",
+    )
+    extra_levels_relu: bool = Field(
+        True, description="ReLU between the P6 and P7 convs (torchvision, detectron2); MMDetection's RetinaNet: none."
+    )
+    input_format: Literal["rgb_imagenet", "bgr_caffe"] = Field(
+        "rgb_imagenet",
+        description="What the trunk was trained on: RGB in 0-1 with ImageNet mean/std, or BGR in 0-255 minus the "
+        "caffe means (detectron2's MSRA trunks, MMDetection's caffe style).",
+    )
+    stride_in_1x1: bool = Field(
+        False,
+        description="ResNet bottlenecks downsample in their first 1x1 conv (MSRA/caffe trunks) "
+        "instead of the 3x3 (torchvision).",
+    )
+    anchor_rounding: bool = Field(
+        True,
+        description="Round base anchors to whole pixels (torchvision); detectron2 and MMDetection v2 do not.",
+    )
     fg_iou_thresh: float = Field(0.5, gt=0.0, le=1.0, description="RetinaNet: anchor IoU to count as foreground.")
     bg_iou_thresh: float = Field(0.4, ge=0.0, le=1.0, description="RetinaNet: anchor IoU below which it is background.")
     trainable_layers: int = Field(3, ge=0, le=5, description="Trunk stages trained when pretrained.")
@@ -194,6 +216,10 @@ class ModelSpec(StrictModel):
             )
         if self.head_norm == "gn" and self.fpn_channels % 32:
             raise ValueError("fpn_channels: head_norm gn uses GroupNorm(32), so use a multiple of 32")
+        if self.stride_in_1x1 and self.backbone not in ("resnet50", "resnet101"):
+            raise ValueError(f"stride_in_1x1: {self.backbone} has no bottleneck blocks; leave it false")
+        if self.extra_levels_from == "c5" and self.detector == "faster_rcnn":
+            raise ValueError("extra_levels_from: faster_rcnn's P6 is a max-pool of P5; leave it p5")
         return self
 
     @property
@@ -510,7 +536,7 @@ _SPEC_ADAPTER: TypeAdapter[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec
 def inherit_incompatibility(teacher: ModelSpec, student: ModelSpec) -> str:
     """Why the teacher's FPN and head cannot be copied into the student ('' when they can)."""
     diffs = []
-    for field in ("detector", "fpn_channels", "head_convs", "head_norm"):
+    for field in ("detector", "fpn_channels", "head_convs", "head_norm", "extra_levels_from", "extra_levels_relu"):
         if getattr(teacher, field) != getattr(student, field):
             diffs.append(f"{field}: {getattr(teacher, field)} vs {getattr(student, field)}")
     if teacher.resolved_levels != student.resolved_levels:
@@ -520,7 +546,19 @@ def inherit_incompatibility(teacher: ModelSpec, student: ModelSpec) -> str:
     return "; ".join(diffs)
 
 
-ARCHITECTURE_FIELDS = ("detector", "backbone", "fpn_channels", "head_convs", "head_norm", "anchor_sizes")
+ARCHITECTURE_FIELDS = (
+    "detector",
+    "backbone",
+    "fpn_channels",
+    "head_convs",
+    "head_norm",
+    "anchor_sizes",
+    "extra_levels_from",
+    "extra_levels_relu",
+    "input_format",
+    "stride_in_1x1",
+    "anchor_rounding",
+)
 
 
 def architecture_mismatch(expected: ModelSpec, saved: dict[str, Any]) -> list[str]:
