@@ -29,6 +29,7 @@ from .evaluate import evaluate_model
 from .pretrain import heldout_diagnostics, prepare_decoder
 from .run_report import deploy_report
 from .spec import ARCHITECTURE_FIELDS, DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
+from .trunk_weights import load_trunk_weights
 
 if TYPE_CHECKING:
     from .engine.distributed import RankGroup
@@ -174,6 +175,22 @@ def _find_resume_point(output_dir: Path, resume: bool) -> Path | None:
 
 
 # --- train / distill ----------------------------------------------------------------------------------
+def _load_initial_student(
+    student: Detector, spec: ModelSpec, field: str, resolve: ResolveCheckpoint, train_ds: CocoDataset
+) -> dict[str, Any]:
+    """Fine-tune from `checkpoint`, or start a resnet trunk from `backbone_weights` (ImageNet)."""
+    if spec.checkpoint:
+        path = _checkpoint_file(f"{field}.checkpoint", spec.checkpoint, resolve)
+        init = read_checkpoint(path)
+        _check_class_count(f"{field}.checkpoint", path, int(init["num_classes"]), train_ds, "data.train")
+        load_weights(student, init["model"], source=f"{field}.checkpoint {path}")
+        return {}
+    if spec.backbone_weights:
+        path = _checkpoint_file(f"{field}.backbone_weights", spec.backbone_weights, resolve)
+        return {"backbone_weights_loaded": float(load_trunk_weights(student, path, f"{field}.backbone_weights"))}
+    return {}
+
+
 def build_trainer(
     spec: TrainSpec | DistillJobSpec,
     output_dir: Path,
@@ -199,12 +216,9 @@ def build_trainer(
     student = build_detector(student_spec, num_classes, sizes, max_size)
     extra: dict[str, Any] = {}
 
-    field = "model.checkpoint" if isinstance(spec, TrainSpec) else "student.checkpoint"
-    if student_spec.checkpoint and load_initial_weights:  # initial weights (fine-tuning)
-        path = _checkpoint_file(field, student_spec.checkpoint, resolve)
-        init = read_checkpoint(path)
-        _check_class_count(field, path, int(init["num_classes"]), train_ds, "data.train")
-        load_weights(student, init["model"], source=f"{field} {path}")
+    if load_initial_weights:
+        field = "model" if isinstance(spec, TrainSpec) else "student"
+        extra.update(_load_initial_student(student, student_spec, field, resolve, train_ds))
 
     teacher = distiller = None
     if isinstance(spec, DistillJobSpec):

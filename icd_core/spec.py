@@ -128,7 +128,14 @@ class ModelSpec(StrictModel):
     detector: Detector = "retinanet"
     backbone: Backbone = "resnet50"
     pretrained_backbone: bool = Field(
-        False, description="ImageNet trunk weights; available offline for mobilenet_v2 only."
+        False,
+        description="Start the trunk from ImageNet: mobilenet_v2's ship offline; a resnet names its file in "
+        "backbone_weights.",
+    )
+    backbone_weights: CheckpointRef | None = Field(
+        None,
+        description="A torchvision ImageNet classification state dict for a resnet trunk (e.g. "
+        "resnet50-0676ba61.pth), read when the job starts unless `checkpoint` is given.",
     )
     norm: Literal["auto", "frozen_bn", "bn", "gn"] = Field(
         "auto", description="auto: frozen_bn for a pretrained trunk, bn when trained from random init."
@@ -188,10 +195,15 @@ class ModelSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:  # noqa: C901 - a flat list of independent guards, one message each
-        if self.pretrained_backbone and self.backbone != "mobilenet_v2":
+        if self.pretrained_backbone and self.backbone != "mobilenet_v2" and not self.backbone_weights:
             raise ValueError(
-                f"pretrained_backbone: no offline ImageNet weights for {self.backbone}; "
-                "only mobilenet_v2 has them (set pretrained_backbone: false or backbone: mobilenet_v2)"
+                f"pretrained_backbone: no offline ImageNet weights for {self.backbone}; name the file in "
+                "backbone_weights (a torchvision ImageNet state dict), or use mobilenet_v2"
+            )
+        if self.backbone_weights and not (self.pretrained_backbone and self.backbone.startswith("resnet")):
+            raise ValueError(
+                "backbone_weights: for a resnet trunk with pretrained_backbone: true "
+                "(mobilenet_v2's ImageNet weights ship offline)"
             )
         if self.norm == "frozen_bn" and not self.pretrained_backbone:
             raise ValueError(
