@@ -126,6 +126,21 @@ def _check_class_count(field: str, path: Path, ckpt_classes: int, dataset: CocoD
         )
 
 
+def _check_teacher_categories(path: Path, ckpt: dict[str, Any], dataset: CocoDataset) -> None:
+    """A teacher predicts the data's categories in the data's label order, or its logits teach the wrong class."""
+    saved = [int(c) for c in ckpt.get("label_to_cat_id") or []]
+    if saved and saved != [int(c) for c in dataset.label_to_cat_id]:
+        raise ValueError(
+            f"teacher.checkpoint: {path} predicts category ids {_short(saved)} but data.train's labels are "
+            f"{_short(list(dataset.label_to_cat_id))}; re-import the teacher with "
+            "`icd import-teacher ... --classes <data.train.annotations>` so its classes follow the data"
+        )
+
+
+def _short(ids: list[int]) -> str:
+    return str(ids if len(ids) <= 8 else [*ids[:8], "..."]).replace("'...'", "...")
+
+
 def _check_teacher_spec(spec_teacher: ModelSpec, ckpt_spec: dict[str, Any], path: Path) -> None:
     """The spec's teacher fields drive validation (levels, inherit); they must describe the checkpoint."""
     saved = ModelSpec.model_validate({**ckpt_spec, "checkpoint": None})
@@ -225,6 +240,7 @@ def build_trainer(
         teacher_path = _checkpoint_file("teacher.checkpoint", spec.teacher.checkpoint, resolve)
         teacher, tckpt = load_detector(teacher_path, sizes, max_size)
         _check_class_count("teacher.checkpoint", teacher_path, int(tckpt["num_classes"]), train_ds, "data.train")
+        _check_teacher_categories(teacher_path, tckpt, train_ds)
         _check_teacher_spec(spec.teacher, tckpt["model_spec"], teacher_path)
         teacher.requires_grad_(False)
         teacher.eval()
