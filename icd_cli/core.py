@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from icd_core.data_roots import resolve_data_roots
 from icd_core.engine.callbacks import Callback, CheckpointInfo, EvalResult, TrainingDiverged, TrainingStopped
+from icd_core.run_layout import SUMMARY_FILE
 from icd_core.spec import EvaluateSpec, SpecSyntaxError, StudySpec, load_spec, parse_spec
 from store.settings import Settings
 
@@ -167,7 +168,7 @@ def _run_group(spec: Any, output: Path, resume: bool, cache_dir: Path) -> None:
             f"the {gpus}-rank group failed (exit code {code}); the ranks' errors are "
             f"above; continue with: icd train <spec> --output {output} --resume"
         )
-    summary = json.loads((output / "summary.json").read_text())
+    summary = json.loads((output / SUMMARY_FILE).read_text())
     click.echo(
         summary_table(
             summary["final_metrics"],

@@ -27,6 +27,7 @@ from .engine.metrics_log import MetricsLog
 from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
 from .pretrain import heldout_diagnostics, prepare_decoder
+from .run_layout import CHECKPOINT_DIR, SPEC_FILE, SUMMARY_FILE
 from .run_report import deploy_report
 from .spec import ARCHITECTURE_FIELDS, DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
 from .trunk_weights import load_trunk_weights
@@ -77,7 +78,7 @@ def run_spec(
         raise NotImplementedError("study specs run through the service's study runner, not run_spec")
     output_dir.mkdir(parents=True, exist_ok=True)
     if group is None or group.is_main:
-        (output_dir / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        (output_dir / SPEC_FILE).write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     if isinstance(spec, EvaluateSpec):
         return _run_evaluate(spec, output_dir, callbacks, resolve, cache_dir)
     return _run_training(spec, output_dir, callbacks, resume, resolve, cache_dir, group)
@@ -172,11 +173,11 @@ def _write_summary(output_dir: Path, spec: AnySpec, result: RunResult, extra: di
     }
     tmp = output_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(output_dir / "summary.json")
+    tmp.replace(output_dir / SUMMARY_FILE)
 
 
 def _find_resume_point(output_dir: Path, resume: bool) -> Path | None:
-    latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
+    latest = ckpt.latest_checkpoint(output_dir / CHECKPOINT_DIR)
     if resume:
         if latest is None:
             log.info("no checkpoint in %s: starting from step 0", output_dir)

@@ -35,6 +35,7 @@ DEFAULT_LEVELS = {
 }
 # COCO "1x" = 90k iterations at batch 16; steps at 2/3 and 8/9 of training (docs/method/icd.md#student-schedule).
 PRESET_ITERS_AT_16 = {"1x": 90_000, "3x": 270_000}
+PAPER_WARMUP_ITERS = 1000  # the paper's LR warm-up (at 1x); short integer schedules warm up for a tenth
 SEED_MAX = 2**63 - 1  # torch.manual_seed's range; larger seeds would fail on the worker, not at submit
 # Steps, ids and counts are 32-bit INTEGER columns in the database: the one bound every such field shares.
 INT32_MAX = 2**31 - 1
@@ -372,7 +373,9 @@ class ScheduleSpec(StrictModel):
     def resolved_warmup(self) -> int:
         if self.warmup_iters is not None:
             return self.warmup_iters
-        return min(1000, max(0, self.total_iterations() // 10)) if isinstance(self.iterations, int) else 1000
+        if not isinstance(self.iterations, int):
+            return PAPER_WARMUP_ITERS
+        return min(PAPER_WARMUP_ITERS, max(0, self.total_iterations() // 10))
 
     def resolved_steps(self) -> list[int]:
         if self.steps is not None:

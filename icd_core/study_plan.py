@@ -19,6 +19,7 @@ from .engine.callbacks import EvalResult
 from .leaderboard import BASELINE
 from .spec import (
     ICD_PRETRAINED,
+    PAPER_WARMUP_ITERS,
     PRESET_ITERS_AT_16,
     DistillJobSpec,
     ICDOptions,
@@ -30,7 +31,6 @@ from .spec import (
 # The paper fixes iteration counts for COCO 1x (90k iterations at batch 16): LR warm-up 1000 and the
 # ICD bypass 1000 (docs/method/icd.md#bypass). A study keeps the warm-up's share of training (see `scaled_iterations`).
 REFERENCE_ITERS = PRESET_ITERS_AT_16["1x"]
-PAPER_WARMUP_ITERS = 1000
 
 
 # --- expanding a study ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any
 
 from icd_core.engine.callbacks import EvalResult, TrainingStopped
 from icd_core.engine.distributed import die_with_parent
+from icd_core.run_layout import LOG_FILE
 from worker.ddp_rank import GROUP_DIR, SPEC_FILE, STOP_FILE, outcome_path, pid_path
 from worker.threads import openmp_env, rank_threads
 
@@ -100,7 +101,7 @@ def run_group(
     shutil.rmtree(group_dir, ignore_errors=True)  # a previous attempt's outcomes and stop file
     group_dir.mkdir(parents=True)
     (group_dir / SPEC_FILE).write_text(json.dumps(spec))
-    log_path = job_dir / "job.log"
+    log_path = job_dir / LOG_FILE
     log.info("job %s: starting a %d-rank torchrun group", job_id, gpus)
     with open(log_path, "ab") as job_log:  # the ranks' log lines join the job's log
         proc = subprocess.Popen(

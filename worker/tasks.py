@@ -22,6 +22,7 @@ from celery import signals
 from celery.exceptions import Reject
 
 from icd_core.json_numbers import finite_floats
+from icd_core.run_layout import CHECKPOINT_DIR, LOG_FILE
 from icd_core.spec import parse_job_ref
 from store.artifacts import ArtifactStore
 from store.checkpoint_refs import resolve_job_ref
@@ -205,7 +206,7 @@ def execute_job(job_id: int, worker: str) -> str:
         _heartbeat.set_job(job_id, attempt)
     status = "failed"
     try:
-        with job_log(job_dir / "job.log"):
+        with job_log(job_dir / LOG_FILE):
             how = "starts" if attempt <= 1 else "resumes from its last checkpoint (if any)"
             log.info("job %s (%s) attempt %s %s on %s", job_id, kind, attempt, how, worker)
             _remove_stale_temporaries(job_dir)
@@ -238,7 +239,7 @@ def _remove_stale_temporaries(job_dir: Path) -> None:
     """A killed checkpoint write leaves `<name>.tmp` (tens of MB); no writer of this job runs now."""
     from icd_core.engine.checkpoint import remove_stale_temporaries
 
-    removed = remove_stale_temporaries(job_dir / "checkpoints")
+    removed = remove_stale_temporaries(job_dir / CHECKPOINT_DIR)
     if removed:
         log.info("removed %d stale temporary file(s): %s", len(removed), [p.name for p in removed])
 
