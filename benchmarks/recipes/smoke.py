@@ -51,7 +51,6 @@ def random_weights(work: Path, annotations: Path) -> None:
     """The three files the recipes name, from random state dicts in their sources' own formats."""
     import torch
     import torchvision
-
     from benchmarks.recipes.detectron2_pkl import random_detectron2_pkl
 
     weights = work / "weights"
