@@ -35,7 +35,8 @@ class Quota:
     max_priority: int | None = None
 
     def problems(self) -> list[str]:
-        out = [f"{n} must be at least 1" for n in ("max_running", "max_gpus") if (getattr(self, n) or 1) < 1]
+        limits = {"max_running": self.max_running, "max_gpus": self.max_gpus}
+        out = [f"{n} must be at least 1 (or none: no limit)" for n, v in limits.items() if v is not None and v < 1]
         if self.max_priority is not None and not PRIORITY_MIN <= self.max_priority <= PRIORITY_MAX:
             out.append(f"max_priority must be within {PRIORITY_MIN}..{PRIORITY_MAX}")
         return out
