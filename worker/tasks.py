@@ -1,6 +1,7 @@
 """The one Celery task, `icd.run_job(job_id)`, and the worker process's start/stop hooks.
 
-The task claims the job in the database (a redelivered or canceled job claims nothing), runs the
+The task claims a job in the database (the first on the worker's queues in the scheduler's order,
+docs/scheduling.md; a redelivered or canceled job claims nothing), runs the
 spec with `icd_core.runner.run_spec` into the job's run folder (resuming from its last checkpoint),
 and records the outcome. Whatever happens, the job never stays 'running': errors a user can fix
 become a failed job whose message says what to change.
@@ -508,6 +509,9 @@ def _hand_back_preempted(s: Any, job_id: int, attempt: int, step: int, by_job: i
     job = requeue_preempted(s, job_id, attempt, step, by_job)
     if job is None:
         current = get_job(s, job_id)
+        if current is not None and current.status == "running" and current.attempt == attempt:
+            mark_canceled(s, job_id, attempt=attempt)  # a cancel came in meanwhile: it wins, as in finish_job
+            return "canceled"
         return current.status if current is not None else "missing"
     log.warning("job %s: preempted by job %s, checkpointed at step %s and re-queued", job_id, by_job, step)
     _send(job_id, job.queue)
