@@ -409,6 +409,9 @@ class DeploySpec(StrictModel):
     prediction_images: int = Field(4, ge=0, le=32, description="Validation images rendered with detections.")
 
 
+PRIORITY_MIN, PRIORITY_MAX, DEFAULT_PRIORITY = -100, 100, 0  # higher runs first (docs/scheduling.md)
+
+
 class _JobBase(StrictModel):
     name: str = Field("job", max_length=200)
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds every RNG of the run.")
@@ -419,6 +422,13 @@ class _JobBase(StrictModel):
     # How many times the service starts this job when its worker is lost (null: the server's setting).
     max_attempts: int | None = Field(None, ge=1, le=100)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    priority: int = Field(
+        DEFAULT_PRIORITY,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="The service runs higher first (a study's children inherit it); a non-admin token may go "
+        "up to the cap its admin set (default 0). Ignored by the local runner.",
+    )
 
     @model_validator(mode="after")
     def _check_group(self) -> _JobBase:

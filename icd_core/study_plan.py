@@ -87,6 +87,7 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
                 "data": study.data.model_dump(mode="json"),
                 "schedule": schedule.model_dump(mode="json"),
                 "device": study.device,
+                "priority": study.priority,
                 "deploy": study.deploy.model_dump(mode="json"),
                 "teacher": teacher.model_dump(mode="json"),
                 "student": study.student.model_dump(mode="json"),
@@ -121,6 +122,7 @@ def teacher_train_spec(study: StudySpec) -> TrainSpec | None:
             "data": study.data.model_dump(mode="json"),
             "schedule": study.teacher_schedule.model_dump(mode="json"),
             "device": study.device,
+            "priority": study.priority,
             "deploy": study.deploy.model_dump(mode="json"),
             "model": study.teacher.model_dump(mode="json"),
         }
