@@ -171,12 +171,12 @@ def test_detectron2_retinanet_permuted_head_decodes_the_same_boxes() -> None:
                 F.conv2d(
                     cls_tower, raw[f"head.cls_subnet.{2 * i}.weight"], raw[f"head.cls_subnet.{2 * i}.bias"], padding=1
                 )
-            )  # noqa: E501
+            )
             box_tower = F.relu(
                 F.conv2d(
                     box_tower, raw[f"head.bbox_subnet.{2 * i}.weight"], raw[f"head.bbox_subnet.{2 * i}.bias"], padding=1
                 )
-            )  # noqa: E501
+            )
         logits = F.conv2d(cls_tower, raw["head.cls_score.weight"], raw["head.cls_score.bias"], padding=1)
         deltas = F.conv2d(box_tower, raw["head.bbox_pred.weight"], raw["head.bbox_pred.bias"], padding=1)
         n, _, h, w = logits.shape
@@ -241,7 +241,7 @@ def test_detectron2_trunk_caffe_input_and_msra_strides_match_the_reference() -> 
     b = "backbone.bottom_up"
     x = F.relu(
         _frozen_bn(F.conv2d(x[None], raw[f"{b}.stem.conv1.weight"], stride=2, padding=3), raw, f"{b}.stem.conv1.norm")
-    )  # noqa: E501
+    )
     x = F.max_pool2d(x, 3, 2, 1)
     for stage, blocks in ((2, 3), (3, 4)):
         for i in range(blocks):
@@ -264,18 +264,18 @@ def test_detectron2_fpn_and_top_block_match_the_reference() -> None:
     lat = {
         lv: F.conv2d(c, raw[f"{b}.fpn_lateral{lv}.weight"], raw[f"{b}.fpn_lateral{lv}.bias"])
         for lv, c in zip((3, 4, 5), (c3, c4, c5))
-    }  # noqa: E501
+    }
     top = {5: lat[5]}
     top[4] = lat[4] + F.interpolate(top[5], scale_factor=2.0, mode="nearest")
     top[3] = lat[3] + F.interpolate(top[4], scale_factor=2.0, mode="nearest")
     out = {
         f"p{lv}": F.conv2d(top[lv], raw[f"{b}.fpn_output{lv}.weight"], raw[f"{b}.fpn_output{lv}.bias"], padding=1)
         for lv in (3, 4, 5)
-    }  # noqa: E501
+    }
     out["p6"] = F.conv2d(c5, raw[f"{b}.top_block.p6.weight"], raw[f"{b}.top_block.p6.bias"], stride=2, padding=1)
     out["p7"] = F.conv2d(
         F.relu(out["p6"]), raw[f"{b}.top_block.p7.weight"], raw[f"{b}.top_block.p7.bias"], stride=2, padding=1
-    )  # noqa: E501
+    )
     ours = det.model.backbone.fpn({"p3": c3, "p4": c4, "p5": c5})
     for name, ref in out.items():
         assert torch.allclose(ours[name], ref, atol=1e-4), name
@@ -289,7 +289,7 @@ def test_mmdet_fpn_extra_convs_on_input_without_relu_match_the_reference() -> No
     lat = [
         F.conv2d(x, raw[f"{n}.lateral_convs.{i}.conv.weight"], raw[f"{n}.lateral_convs.{i}.conv.bias"])
         for i, x in enumerate(inputs)
-    ]  # noqa: E501
+    ]
     for i in (2, 1):
         lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
     conv = [(raw[f"{n}.fpn_convs.{i}.conv.weight"], raw[f"{n}.fpn_convs.{i}.conv.bias"]) for i in range(5)]
@@ -364,7 +364,7 @@ def _mmdet_pth(path: Path, raw: dict[str, Tensor]) -> Path:
         for n in json.loads((MANIFESTS / "mmdet_retinanet_r50_fpn.json").read_text())["metadata"]["meta"]["v2"][
             "CLASSES"
         ]
-    ]  # noqa: E501
+    ]
     torch.save({"state_dict": raw, "meta": {"mmdet_version": "2.28.2", "CLASSES": tuple(names), "epoch": 12}}, path)
     return path
 
