@@ -555,10 +555,26 @@ JobSpec = Annotated[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec, Field
 _SPEC_ADAPTER: TypeAdapter[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec] = TypeAdapter(JobSpec)
 
 
+# What an inherited FPN and head were trained with: their shapes, and the anchors and RoI sampling their
+# outputs are relative to (an imported detectron2 head predicts offsets from unrounded, level-spaced anchors).
+_INHERIT_FIELDS = (
+    "detector",
+    "fpn_channels",
+    "head_convs",
+    "head_norm",
+    "extra_levels_from",
+    "extra_levels_relu",
+    "anchor_rounding",
+    "anchor_stride",
+    "roi_align_aligned",
+    "roi_sampling_ratio",
+)
+
+
 def inherit_incompatibility(teacher: ModelSpec, student: ModelSpec) -> str:
     """Why the teacher's FPN and head cannot be copied into the student ('' when they can)."""
     diffs = []
-    for field in ("detector", "fpn_channels", "head_convs", "head_norm", "extra_levels_from", "extra_levels_relu"):
+    for field in _INHERIT_FIELDS:
         if getattr(teacher, field) != getattr(student, field):
             diffs.append(f"{field}: {getattr(teacher, field)} vs {getattr(student, field)}")
     if teacher.resolved_levels != student.resolved_levels:

@@ -137,3 +137,12 @@ def test_imported_layout_options_stay_exportable(detector: str, fmt: str, tmp_pa
     images = [(0, torch.rand(3, 80, 96)), (1, torch.rand(3, 64, 72))]
     result = export_detector(det, meta, fmt, tmp_path / f"m.{'ts' if fmt == 'torchscript' else 'onnx'}", images)
     assert result.verification.ok
+
+
+def test_inheriting_a_head_needs_the_anchors_it_was_trained_with() -> None:
+    from icd_core.spec import inherit_incompatibility
+
+    teacher = ModelSpec(extra_levels_from="c5", anchor_rounding=False, anchor_stride="level")
+    assert inherit_incompatibility(teacher, teacher.model_copy(update={"backbone": "resnet101"})) == ""
+    problems = inherit_incompatibility(teacher, ModelSpec(extra_levels_from="c5"))
+    assert "anchor_rounding: False vs True" in problems and "anchor_stride: level vs image_over_grid" in problems
