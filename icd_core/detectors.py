@@ -22,9 +22,10 @@ from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _onnx_merge_levels, _setup_scales
 
 from icd_core.engine.checkpoint import load_checkpoint
 from icd_core.spec import LEVEL_NAMES, ModelSpec
@@ -342,11 +343,9 @@ def build_detector(
         image_mean=CAFFE_MEAN_RGB if caffe else IMAGENET_MEAN,
         image_std=CAFFE_STD if caffe else IMAGENET_STD,
     )
-    rounded = spec.anchor_rounding
+    grid = partial(_anchor_grid, spec)
     if spec.detector == "retinanet":
-        anchors = AnchorGrid(
-            tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels), rounded
-        )
+        anchors = grid(tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels))
         head = RetinaNetHead(
             backbone.out_channels,
             anchors.num_anchors_per_location()[0],
@@ -364,19 +363,18 @@ def build_detector(
         )
         _trim_head(model.head.classification_head, model.head.regression_head, spec.head_convs)
     elif spec.detector == "fcos":
-        anchors = AnchorGrid(tuple((s,) for s in sizes), ((1.0,),) * len(levels), rounded)
+        anchors = grid(tuple((s,) for s in sizes), ((1.0,),) * len(levels))
         model = FCOS(backbone, num_classes, anchor_generator=anchors, **common)
         _trim_head(model.head.classification_head, model.head.regression_head, spec.head_convs)
     else:
-        anchors = AnchorGrid(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels), rounded)
+        anchors = grid(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels))
         roi_levels = [lv for lv in levels if lv != "p6"]
-        model = FasterRCNN(
-            backbone,
-            num_classes + 1,
-            rpn_anchor_generator=anchors,
-            box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
-            **common,
+        pool = (
+            AlignedMultiScaleRoIAlign(roi_levels, 7, spec.roi_sampling_ratio)
+            if spec.roi_align_aligned
+            else MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=spec.roi_sampling_ratio)
         )
+        model = FasterRCNN(backbone, num_classes + 1, rpn_anchor_generator=anchors, box_roi_pool=pool, **common)
     return Detector(model, spec, num_classes)
 
 
@@ -391,6 +389,75 @@ class AnchorGrid(AnchorGenerator):
         super().__init__(sizes, ratios)
         if not rounded:
             self.cell_anchors = [_unrounded_cell(s, r) for s, r in zip(sizes, ratios, strict=True)]
+
+
+class LevelStrideAnchorGrid(AnchorGrid):
+    """Anchor centres every 2^l pixels on level l (detectron2, MMDetection), not torchvision's padded image side
+    // feature side, which differs on P6/P7 whenever the padded side is not a multiple of 64/128."""
+
+    def __init__(
+        self,
+        sizes: tuple[tuple[float, ...], ...],
+        ratios: tuple[tuple[float, ...], ...],
+        rounded: bool,
+        level_strides: list[int],
+    ):
+        super().__init__(sizes, ratios, rounded)
+        self.level_strides = level_strides
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        grid_sizes = [feature_map.shape[-2:] for feature_map in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [
+            [
+                torch.empty((), dtype=torch.int64, device=device).fill_(stride),
+                torch.empty((), dtype=torch.int64, device=device).fill_(stride),
+            ]
+            for stride in self.level_strides
+        ]
+        self.set_cell_anchors(dtype, device)
+        per_level = self.grid_anchors(grid_sizes, strides)
+        return [torch.cat(per_level) for _ in range(len(image_list.image_sizes))]
+
+
+def _anchor_grid(
+    spec: ModelSpec, sizes: tuple[tuple[float, ...], ...], ratios: tuple[tuple[float, ...], ...]
+) -> AnchorGrid:
+    if spec.anchor_stride == "level":
+        strides = [LEVEL_STRIDE[lv] for lv in spec.resolved_levels]
+        return LevelStrideAnchorGrid(sizes, ratios, spec.anchor_rounding, strides)
+    return AnchorGrid(sizes, ratios, spec.anchor_rounding)
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's multi-level RoIAlign with `aligned=True`: a box edge at pixel x samples from x - 0.5 in
+    feature coordinates, as detectron2's ROIAlignV2 and MMDetection's RoIAlign do (torchvision: no shift).
+
+    Levels are assigned and scales inferred exactly as the parent does (FPN's k0=4 at 224 px)."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        x_filtered = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                x_filtered, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        scales, mapper = self.scales, self.map_levels
+        assert scales is not None and mapper is not None  # set just above; narrows the types for TorchScript
+        rois = _convert_to_roi_format(boxes)
+        levels = mapper(boxes)
+        first = x_filtered[0]
+        result = first.new_zeros((rois.shape[0], first.shape[1]) + self.output_size)
+        tracing_results: list[Tensor] = []
+        for level, (feature, scale) in enumerate(zip(x_filtered, scales)):
+            idx = torch.where(levels == level)[0]
+            pooled = roi_align(feature, rois[idx], self.output_size, scale, self.sampling_ratio, aligned=True)
+            if torchvision._is_tracing():
+                tracing_results.append(pooled.to(first.dtype))
+            else:
+                result[idx] = pooled.to(result.dtype)
+        if torchvision._is_tracing():
+            result = _onnx_merge_levels(levels, tracing_results)
+        return result
 
 
 def _unrounded_cell(sizes: tuple[float, ...], ratios: tuple[float, ...]) -> Tensor:

@@ -172,6 +172,24 @@ class ModelSpec(StrictModel):
         True,
         description="Round base anchors to whole pixels (torchvision); detectron2 and MMDetection v2 do not.",
     )
+    anchor_stride: Literal["image_over_grid", "level"] = Field(
+        "image_over_grid",
+        description="Spacing of anchor centres: the padded image side divided by the feature map's (torchvision; "
+        "uneven at P6/P7 when the padded side is not a multiple of 64/128) or the level's stride 2^l "
+        "(detectron2, MMDetection).",
+    )
+    roi_align_aligned: bool = Field(
+        False,
+        description="faster_rcnn: RoIAlign samples with the half-pixel shift (detectron2's ROIAlignV2, "
+        "MMDetection); torchvision: without.",
+    )
+    roi_sampling_ratio: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="faster_rcnn: RoIAlign sample points per bin side (torchvision 2); 0: adaptive, "
+        "ceil(RoI side / 7) (detectron2, MMDetection).",
+    )
     fg_iou_thresh: float = Field(0.5, gt=0.0, le=1.0, description="RetinaNet: anchor IoU to count as foreground.")
     bg_iou_thresh: float = Field(0.4, ge=0.0, le=1.0, description="RetinaNet: anchor IoU below which it is background.")
     trainable_layers: int = Field(3, ge=0, le=5, description="Trunk stages trained when pretrained.")
@@ -231,6 +249,10 @@ class ModelSpec(StrictModel):
             raise ValueError("fpn_channels: head_norm gn uses GroupNorm(32), so use a multiple of 32")
         if self.stride_in_1x1 and self.backbone not in ("resnet50", "resnet101"):
             raise ValueError(f"stride_in_1x1: {self.backbone} has no bottleneck blocks; leave it false")
+        if self.detector != "faster_rcnn" and (self.roi_align_aligned or self.roi_sampling_ratio != 2):
+            raise ValueError(
+                f"roi_align_aligned / roi_sampling_ratio: {self.detector} has no RoIAlign; leave them false / 2"
+            )
         if self.extra_levels_from == "c5" and self.detector == "faster_rcnn":
             raise ValueError("extra_levels_from: faster_rcnn's P6 is a max-pool of P5; leave it p5")
         return self
@@ -558,10 +580,26 @@ JobSpec = Annotated[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec, Field
 _SPEC_ADAPTER: TypeAdapter[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec] = TypeAdapter(JobSpec)
 
 
+# What an inherited FPN and head were trained with: their shapes, and the anchors and RoI sampling their
+# outputs are relative to (an imported detectron2 head predicts offsets from unrounded, level-spaced anchors).
+_INHERIT_FIELDS = (
+    "detector",
+    "fpn_channels",
+    "head_convs",
+    "head_norm",
+    "extra_levels_from",
+    "extra_levels_relu",
+    "anchor_rounding",
+    "anchor_stride",
+    "roi_align_aligned",
+    "roi_sampling_ratio",
+)
+
+
 def inherit_incompatibility(teacher: ModelSpec, student: ModelSpec) -> str:
     """Why the teacher's FPN and head cannot be copied into the student ('' when they can)."""
     diffs = []
-    for field in ("detector", "fpn_channels", "head_convs", "head_norm", "extra_levels_from", "extra_levels_relu"):
+    for field in _INHERIT_FIELDS:
         if getattr(teacher, field) != getattr(student, field):
             diffs.append(f"{field}: {getattr(teacher, field)} vs {getattr(student, field)}")
     if teacher.resolved_levels != student.resolved_levels:
@@ -583,6 +621,9 @@ ARCHITECTURE_FIELDS = (
     "input_format",
     "stride_in_1x1",
     "anchor_rounding",
+    "anchor_stride",
+    "roi_align_aligned",
+    "roi_sampling_ratio",
 )
 
 

@@ -85,3 +85,64 @@ def test_option_errors_name_the_field() -> None:
         ModelSpec(backbone="resnet18", stride_in_1x1=True)
     with pytest.raises(ValueError, match="extra_levels_from"):
         ModelSpec(detector="faster_rcnn", extra_levels_from="c5")
+
+
+def test_level_stride_anchors_sit_every_2_to_the_l_pixels() -> None:
+    """torchvision spaces anchors by padded side // feature side: 160 // 2 = 80 px on P7, not 128."""
+    images = [torch.rand(3, 128, 160)]
+    level, grid = _det(anchor_stride="level"), _det()
+    for det, p7_step in ((level, 128.0), (grid, 80.0)):
+        image_list, _ = det.prepare(images)
+        feats = list(det.extract_features(image_list).values())
+        p7 = det.model.anchor_generator(image_list, feats)[0][-feats[-1].shape[-1] * 9 :]
+        assert feats[-1].shape[-1] == 2 and p7[9, 0] - p7[0, 0] == p7_step
+    square = [torch.rand(3, 128, 128)]  # a padded side that every level's stride divides: no difference
+    a = level.model.anchor_generator(*_features(level, square))[0]
+    b = grid.model.anchor_generator(*_features(grid, square))[0]
+    assert torch.equal(a, b)
+
+
+def _features(det, images):
+    image_list, _ = det.prepare(images)
+    return image_list, list(det.extract_features(image_list).values())
+
+
+def test_aligned_roi_align_differs_from_torchvisions_and_adaptive_sampling_is_passed_on() -> None:
+    kw = dict(detector="faster_rcnn", levels=["p2", "p3", "p4", "p5", "p6"])
+    aligned = _det(roi_align_aligned=True, roi_sampling_ratio=0, **kw).model.roi_heads.box_roi_pool
+    plain = _det(**kw).model.roi_heads.box_roi_pool
+    assert aligned.sampling_ratio == 0 and plain.sampling_ratio == 2
+    feats = {name: torch.randn(1, 4, 32 // 2**i, 32 // 2**i) for i, name in enumerate(["p2", "p3", "p4", "p5"])}
+    boxes = [torch.tensor([[10.0, 12.0, 60.0, 90.0], [0.0, 0.0, 127.0, 127.0]])]
+    out_a, out_p = aligned(feats, boxes, [(128, 128)]), plain(feats, boxes, [(128, 128)])
+    assert out_a.shape == out_p.shape == (2, 4, 7, 7) and not torch.allclose(out_a, out_p)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("detector", ["retinanet", "faster_rcnn"])
+def test_imported_layout_options_stay_exportable(detector: str, fmt: str, tmp_path) -> None:
+    from icd_core.export import export_detector
+
+    opts: dict[str, object] = dict(anchor_stride="level", anchor_rounding=False, input_format="bgr_caffe")
+    if detector == "faster_rcnn":
+        opts |= dict(detector="faster_rcnn", levels=["p2", "p3", "p4", "p5", "p6"], roi_align_aligned=True)
+        opts |= dict(roi_sampling_ratio=0)
+    else:  # stride_in_1x1 (resnet50/101 only) swaps two convs' strides: nothing an export could lose
+        opts |= dict(extra_levels_from="c5", extra_levels_relu=False)
+    torch.manual_seed(0)
+    det = build_detector(ModelSpec(**{**SMALL, "backbone": "resnet18", **opts}), 3, 64, 96).eval()
+    if detector == "retinanet":
+        torch.nn.init.normal_(det.model.head.classification_head.cls_logits.bias, 0.0, 1.0)
+    meta = {"class_names": ["a", "b", "c"], "label_to_cat_id": [1, 2, 3], "spec": {"name": "x"}, "step": 0}
+    images = [(0, torch.rand(3, 80, 96)), (1, torch.rand(3, 64, 72))]
+    result = export_detector(det, meta, fmt, tmp_path / f"m.{'ts' if fmt == 'torchscript' else 'onnx'}", images)
+    assert result.verification.ok
+
+
+def test_inheriting_a_head_needs_the_anchors_it_was_trained_with() -> None:
+    from icd_core.spec import inherit_incompatibility
+
+    teacher = ModelSpec(extra_levels_from="c5", anchor_rounding=False, anchor_stride="level")
+    assert inherit_incompatibility(teacher, teacher.model_copy(update={"backbone": "resnet101"})) == ""
+    problems = inherit_incompatibility(teacher, ModelSpec(extra_levels_from="c5"))
+    assert "anchor_rounding: False vs True" in problems and "anchor_stride: level vs image_over_grid" in problems
