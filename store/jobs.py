@@ -334,7 +334,7 @@ def mark_canceled(s: Session, job_id: int, attempt: int | None = None) -> Job | 
 
 
 def mark_pruned(
-    s: Session, job_id: int, reason: str, final_metrics: dict[str, Any], attempt: int | None = None
+    s: Session, job_id: int, reason: str, final_metrics: dict[str, Any], step: int, attempt: int | None = None
 ) -> Job | None:
     """running → pruned: a sweep's pruner stopped this trial at an evaluation (docs/sweeps.md#pruned-trials).
 
@@ -342,7 +342,7 @@ def mark_pruned(
     says why a job did not succeed. A cancel accepted meanwhile wins, as in finish_job. With `attempt`,
     only that attempt may (LeaseLost otherwise)."""
     own = _own(attempt)
-    extra = {"final_metrics": final_metrics}
+    extra = {"final_metrics": final_metrics, "progress_step": step}
     done = _end(s, job_id, ("running",), "pruned", reason, Job.cancel_requested.is_not(True), *own, **extra)
     if done is None:
         done = _end(s, job_id, ("running",), "canceled", None, Job.cancel_requested.is_(True), *own)

@@ -412,7 +412,8 @@ def _record_pruned(job_id: int, attempt: int, exc: BaseException, trial: list[An
     if outcome is None:
         return None
     with sessions()() as s:
-        job = mark_pruned(s, job_id, outcome[0], finite_floats(outcome[1]), attempt=attempt)
+        step = int(outcome[1]["step"])
+        job = mark_pruned(s, job_id, outcome[0], finite_floats(outcome[1]), step, attempt=attempt)
     log.info("job %s pruned: %s", job_id, outcome[0])
     return job.status if job is not None else "pruned"
 
