@@ -403,6 +403,7 @@ def _run_local_trial(
         if pruner.decision is None:
             raise
         record.status, record.reason, record.steps = "pruned", pruner.decision.reason, stop.step
+        record.value = pruner.decided_value  # the metric where it stopped (as the service reports it)
         return
     except TrainingDiverged as exc:
         record.status, record.reason, record.steps = "failed", str(exc), exc.step

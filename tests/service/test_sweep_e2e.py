@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import IN_CI, flushed_redis_url, tiny_train_spec, wait_for
+from tests.helpers import IN_CI, flushed_redis_url, hot_checkpoint, tiny_train_spec, wait_for
 
 from .fault_harness import Stack, pg_database, stack
 
@@ -32,23 +32,6 @@ def stk(tmp_path: Path) -> Iterator[Stack]:
         if IN_CI:
             pytest.fail(str(exc))
         pytest.skip(str(exc))
-
-
-def hot_checkpoint(folder: Path) -> Path:
-    """A 2-step tiny model whose classification bias is spread so it already scores AP > 0."""
-    import torch
-
-    from icd_core.detectors import read_checkpoint
-    from icd_core.runner import run_spec
-    from icd_core.spec import parse_spec
-
-    run = run_spec(parse_spec(tiny_train_spec("hot", iterations=2)), folder / "hot-run", cache_dir=folder / "c")
-    saved = read_checkpoint(run.final_checkpoint)
-    key = "model.head.classification_head.cls_logits.bias"
-    saved["model"][key] = torch.randn(saved["model"][key].shape, generator=torch.Generator().manual_seed(0)) + 1.0
-    path = folder / "hot.pt"
-    torch.save(saved, path)
-    return path
 
 
 def sweep_spec(checkpoint: Path, iterations: int) -> dict[str, Any]:
