@@ -413,3 +413,19 @@ def _run_local_trial(
     record.status, record.steps = "succeeded", int(result.final_metrics.get("step", 0)) or None
     if result.evaluation is not None and record.value is not None:
         record.intermediate[result.evaluation.step] = record.value
+
+
+def tune_local(
+    base: TrainSpec | DistillJobSpec,
+    space: dict[str, Any],
+    output_dir: str | Path,
+    cache_dir: str | Path,
+    callbacks_factory: CallbacksFactory | None = None,
+    **options: Any,
+) -> dict[str, Any] | None:
+    """Run a sweep over `base` locally and return its best parameters (None when no trial finished): the
+    hook a study that tunes each method before it compares calls. `options` are SweepSpec fields
+    (trials, sampler, pruner, enqueue, metric, name)."""
+    data = {"kind": "sweep", "name": f"{base.name}/tune", **options, "base": base.model_dump(mode="json")}
+    sweep = SweepSpec.model_validate({**data, "space": space})
+    return best_params(run_sweep_local(sweep, output_dir, cache_dir, callbacks_factory))
