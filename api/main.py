@@ -21,7 +21,7 @@ from api.auth import check_exposure
 from api.docs import install_offline_docs
 from api.guard import RequestGuard
 from api.periodic import PeriodicTask, install_periodic
-from api.routers import artifacts, deploy, jobs, reports, system
+from api.routers import artifacts, deploy, jobs, reports, sweeps, system
 from api.routers.system import STATIC
 from icd_core.spec import DATA_FORMATS
 from store.artifacts import ArtifactStore
@@ -43,6 +43,8 @@ def _dotted_field(err: dict[str, Any]) -> str:
         loc = loc[1:]
     if loc and loc[0] in JOB_KINDS:  # discriminated-union tag, not a field
         loc = loc[1:]
+    if len(loc) >= 2 and loc[0] == "base" and loc[1] in JOB_KINDS:  # a sweep's base spec: its tag too
+        loc = loc[:1] + loc[2:]
     if len(loc) >= 3 and loc[0] == "data" and loc[2] in DATA_FORMATS:  # the data source's tag
         loc = loc[:2] + loc[3:]
     if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
@@ -128,6 +130,7 @@ def create_app(settings: Settings | None = None, periodic: list[PeriodicTask] | 
     app.include_router(artifacts.router)
     app.include_router(deploy.router)
     app.include_router(reports.router)
+    app.include_router(sweeps.router)
     app.include_router(system.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     install_offline_docs(app)

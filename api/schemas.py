@@ -34,7 +34,10 @@ class JobOut(_Out):
     id: int
     name: str
     kind: str
-    status: str = Field(description="waiting | queued | running | succeeded | failed | canceled")
+    status: str = Field(
+        description="waiting | queued | running | succeeded | failed | canceled | pruned (a sweep's trial its "
+        "pruner stopped early, the reason in `error`: an outcome, not a failure)"
+    )
     queue: str
     attempt: int = Field(description="Runs started so far (0 before the first).")
     parent_id: int | None
@@ -76,7 +79,8 @@ class JobDetail(JobOut):
     status_detail: str | None = Field(
         None,
         description="Why a queued or running job is not progressing (no live worker for its queue, its owner's "
-        "quota, jobs that go first, a preemption, a lost worker), and what happens next.",
+        "quota, jobs that go first, a preemption, a lost worker), and what happens next; for a pruned trial, "
+        "why its sweep stopped it.",
     )
 
 

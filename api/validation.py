@@ -70,6 +70,19 @@ def limit_errors(spec: Any, settings: Settings) -> list[tuple[str, str]]:
     return errors
 
 
+def sweep_limit_errors(sweep: Any, settings: Settings) -> list[tuple[str, str]]:
+    """limit_errors of a sweep's base spec (fields named base.*), and of every end of its space, so a space
+    cannot reach past a cap that its base spec respects (`space.<field>` named)."""
+    from icd_core.sweep_space import apply_params, dim_values
+
+    errors = [(f"base.{field}", why) for field, why in limit_errors(sweep.base, settings)]
+    for path, dim in sweep.space.items():
+        for value in dim_values(dim):
+            trial = apply_params(sweep.base, {path: value})
+            errors += [(f"space.{path}", f"{value!r}: {why}") for _f, why in limit_errors(trial, settings)]
+    return errors
+
+
 def confine_paths(spec: Any, settings: Settings, may_read_job: MayReadJob) -> tuple[Any, list[dict[str, Any]]]:
     """The spec with its paths resolved inside the allowed roots, and a 422 entry per path that is not
     (or that is another owner's file in the artifact store)."""

@@ -23,8 +23,9 @@ import httpx
 from icd_core.spec import PRIORITY_MAX, PRIORITY_MIN
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "canceled")
-EXIT_CODES = {"succeeded": 0, "failed": 1, "canceled": 2}
+TERMINAL = ("succeeded", "failed", "canceled", "pruned")
+# pruned: a sweep's trial its pruner stopped (docs/sweeps.md#pruned-trials), an outcome rather than a failure.
+EXIT_CODES = {"succeeded": 0, "failed": 1, "canceled": 2, "pruned": 4}
 EXIT_TIMEOUT = 3
 YAML = "application/yaml"
 
@@ -156,7 +157,7 @@ def submit_cmd(spec: Path, wait_: bool, server: str, token: str | None) -> None:
 
 @click.command("jobs")
 @click.option("--status", default=None, help="One status or several, comma-separated.")
-@click.option("--kind", default=None, type=click.Choice(["train", "distill", "evaluate", "study"]))
+@click.option("--kind", default=None, type=click.Choice(["train", "distill", "evaluate", "study", "sweep"]))
 @click.option("--search", default=None, help="Name contains this, or the id.")
 @click.option("--parent", "parent_id", default=None, type=int, help="Only the children of this study.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500))
@@ -423,7 +424,7 @@ def validate_cmd(spec: Path) -> None:
 def _field(loc: tuple[Any, ...]) -> str:
     """A pydantic error location as the spec's dotted field, without the union's kind tag."""
     parts = [str(x) for x in loc]
-    if parts and parts[0] in ("train", "distill", "evaluate", "study"):
+    if parts and parts[0] in ("train", "distill", "evaluate", "study", "sweep"):
         parts = parts[1:]
     return ".".join(parts) or "(spec)"
 

@@ -29,7 +29,7 @@ from .evaluate import evaluate_model
 from .pretrain import heldout_diagnostics, prepare_decoder
 from .run_layout import CHECKPOINT_DIR, SPEC_FILE, SUMMARY_FILE
 from .run_report import deploy_report
-from .spec import ARCHITECTURE_FIELDS, DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
+from .spec import ARCHITECTURE_FIELDS, DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, SweepSpec, TrainSpec
 from .trunk_weights import load_trunk_weights
 
 if TYPE_CHECKING:
@@ -76,6 +76,8 @@ def run_spec(
     resolve = resolve_checkpoint or default_resolve_checkpoint
     if isinstance(spec, StudySpec):
         raise NotImplementedError("study specs run through the service's study runner, not run_spec")
+    if isinstance(spec, SweepSpec):
+        raise NotImplementedError("sweep specs run through icd_core.sweep (icd sweep) or the service, not run_spec")
     output_dir.mkdir(parents=True, exist_ok=True)
     if group is None or group.is_main:
         (output_dir / SPEC_FILE).write_text(json.dumps(spec.model_dump(mode="json"), indent=2))

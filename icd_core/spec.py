@@ -6,6 +6,7 @@ Defaults are the paper's (ICD, NeurIPS 2021) unless a comment says otherwise.
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 from collections.abc import Iterator
@@ -13,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from .safe_yaml import YamlRefused, load_yaml
 
@@ -574,10 +584,130 @@ class StudySpec(_JobBase):
         return self
 
 
-JobSpec = Annotated[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec, Field(discriminator="kind")]
+# --- sweeps (docs/sweeps.md) ------------------------------------------------------------------------------
+SWEEP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCO metrics: higher is better
+ChoiceValue = float | int | str | bool | None
 
 
-_SPEC_ADAPTER: TypeAdapter[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec] = TypeAdapter(JobSpec)
+class LogUniformDim(StrictModel):
+    log_uniform: tuple[float, float] = Field(description="[lo, hi], 0 < lo < hi, sampled on a log scale.")
+
+
+class UniformDim(StrictModel):
+    uniform: tuple[float, float] = Field(description="[lo, hi], lo < hi.")
+
+
+class IntDim(StrictModel):
+    int: tuple[builtins.int, builtins.int] = Field(description="[lo, hi], both included.")
+
+
+class ChoiceDim(StrictModel):
+    choice: list[ChoiceValue] = Field(min_length=1, max_length=64, description="Values to choose from.")
+
+
+def _dim_kind(value: Any) -> str | None:
+    """The one key of a search dimension ({log_uniform: [...]}, ...), or None (pydantic names the problem)."""
+    if isinstance(value, BaseModel):
+        value = dict.fromkeys(type(value).model_fields)
+    keys = list(value) if isinstance(value, dict) else []
+    return keys[0] if len(keys) == 1 and keys[0] in SPACE_KINDS else None
+
+
+SPACE_KINDS = ("log_uniform", "uniform", "int", "choice")
+SearchDim = Annotated[
+    Annotated[LogUniformDim, Tag("log_uniform")]
+    | Annotated[UniformDim, Tag("uniform")]
+    | Annotated[IntDim, Tag("int")]
+    | Annotated[ChoiceDim, Tag("choice")],
+    Discriminator(
+        _dim_kind,
+        custom_error_type="space_dimension",
+        custom_error_message="give exactly one of log_uniform, uniform, int or choice",
+    ),
+]
+
+
+class SamplerSpec(StrictModel):
+    kind: Literal["tpe", "random"] = Field("tpe", description="Optuna's TPE, or uniform random sampling.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Trial n is sampled with seed + n: reruns repeat.")
+    startup_trials: int = Field(
+        4, ge=0, le=1000, description="TPE: random trials before it models the results (Optuna's n_startup_trials)."
+    )
+
+
+class MedianPrunerSpec(StrictModel):
+    """Prune a trial whose best AP so far is below the median of the finished trials' AP at the same step."""
+
+    kind: Literal["median"] = "median"
+    startup_trials: int = Field(2, ge=0, le=1000, description="Finished trials needed before anything is pruned.")
+    warmup_steps: int = Field(0, ge=0, le=INT32_MAX, description="No trial is pruned before this training step.")
+    min_trials: int = Field(1, ge=1, le=1000, description="Finished trials that evaluated at a step to judge there.")
+
+
+class SuccessiveHalvingPrunerSpec(StrictModel):
+    """Asynchronous successive halving: at rung r (step min_resource * reduction_factor**r) a trial goes on
+    only if it is in the top 1/reduction_factor of the trials that reached that rung."""
+
+    kind: Literal["successive_halving"] = "successive_halving"
+    min_resource: int | None = Field(
+        None, ge=1, le=INT32_MAX, description="Steps of the first rung; null: 1 % of the longest finished trial."
+    )
+    reduction_factor: int = Field(3, ge=2, le=100)
+    min_early_stopping_rate: int = Field(0, ge=0, le=30)
+
+
+class NoPrunerSpec(StrictModel):
+    kind: Literal["none"] = "none"
+
+
+PrunerSpec = Annotated[MedianPrunerSpec | SuccessiveHalvingPrunerSpec | NoPrunerSpec, Field(discriminator="kind")]
+MAX_SWEEP_TRIALS = 1000
+
+
+class SweepSpec(StrictModel):
+    """Search a train or distill spec's fields: each trial is a child job; the periodic evaluations prune."""
+
+    kind: Literal["sweep"] = "sweep"
+    name: str = Field("sweep", max_length=200)
+    base: Annotated[TrainSpec | DistillJobSpec, Field(discriminator="kind")] = Field(
+        description="The train or distill spec each trial runs, with the space's values set (its name is not "
+        "used: trials are named <sweep name>/trial<N>)."
+    )
+    space: dict[str, SearchDim] = Field(
+        min_length=1,
+        max_length=32,
+        description="Dotted field of `base` -> {log_uniform: [lo, hi]} | {uniform: [lo, hi]} | {int: [lo, hi]} "
+        "| {choice: [...]}, e.g. distill.weight: {log_uniform: [0.5, 32]}.",
+    )
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=MedianPrunerSpec)
+    trials: int = Field(20, ge=1, le=MAX_SWEEP_TRIALS, description="The trial budget (pruned ones included).")
+    parallel: int = Field(1, ge=1, le=64, description="Trials that run at once.")
+    metric: Literal["AP", "AP50", "AP75", "APs", "APm", "APl"] = Field("AP", description="Maximised.")
+    enqueue: list[dict[str, ChoiceValue]] = Field(
+        default_factory=list,
+        max_length=MAX_SWEEP_TRIALS,
+        description="Parameters of the first trials, in order (e.g. the paper's weight); each names space fields.",
+    )
+    max_attempts: int | None = Field(None, ge=1, le=100)
+
+    @property
+    def device(self) -> str:
+        """The sweep's own task runs where its trials run (dispatch.queue_for reads this)."""
+        return self.base.device
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        from .sweep_space import check_sweep  # pure; imported here because it imports this module
+
+        check_sweep(self)
+        return self
+
+
+JobSpec = Annotated[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec | SweepSpec, Field(discriminator="kind")]
+AnyJobSpec = TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec | SweepSpec
+
+_SPEC_ADAPTER: TypeAdapter[AnyJobSpec] = TypeAdapter(JobSpec)
 
 
 # What an inherited FPN and head were trained with: their shapes, and the anchors and RoI sampling their
@@ -643,7 +773,7 @@ def architecture_mismatch(expected: ModelSpec, saved: dict[str, Any]) -> list[st
     return diffs
 
 
-def parse_spec(data: dict[str, Any]) -> TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec:
+def parse_spec(data: dict[str, Any]) -> AnyJobSpec:
     """Validate a plain dict (from YAML, JSON or an HTTP body) into the matching spec class."""
     return _SPEC_ADAPTER.validate_python(data)
 
@@ -666,7 +796,7 @@ def _parse_text(path: str | Path, text: str) -> Any:
         raise SpecSyntaxError(f"{path}:{err.where or '?:?'}: {err.problem}") from err
 
 
-def load_spec(path: str | Path) -> TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec:
+def load_spec(path: str | Path) -> AnyJobSpec:
     """Read a YAML or JSON spec file (SpecSyntaxError, a ValueError, when it does not parse)."""
     data = _parse_text(path, Path(path).read_text())
     if not isinstance(data, dict):

@@ -46,9 +46,12 @@ def create_job(
     owner: str | None = None,
     priority: int = 0,
     gpus: int = 1,
+    commit: bool = True,
 ) -> Job:
     """Insert a job ('queued' to run now, 'waiting' until its depends_on jobs succeed) for `owner`, at
-    `priority`, holding `gpus` devices while it runs."""
+    `priority`, holding `gpus` devices while it runs.
+
+    commit=False only flushes (the id is set), so a caller can add rows that belong to it in one commit."""
     if kind not in JOB_KINDS:
         raise ValueError(f"kind must be one of {JOB_KINDS}, got {kind!r}")
     if status not in ("queued", "waiting"):
@@ -69,7 +72,10 @@ def create_job(
         gpus=gpus,
     )
     s.add(job)
-    s.commit()
+    if commit:
+        s.commit()
+    else:
+        s.flush()
     return job
 
 
@@ -379,6 +385,22 @@ def mark_canceled(s: Session, job_id: int, attempt: int | None = None) -> Job | 
     return _held(_end(s, job_id, ("running",), "canceled", None, *_own(attempt)), job_id, attempt)
 
 
+def mark_pruned(
+    s: Session, job_id: int, reason: str, final_metrics: dict[str, Any], step: int, attempt: int | None = None
+) -> Job | None:
+    """running → pruned: a sweep's pruner stopped this trial at an evaluation (docs/sweeps.md#pruned-trials).
+
+    `reason` says why ("AP 0.0 at step 2, below the median ..."); it is kept in `error`, the column that
+    says why a job did not succeed. A cancel accepted meanwhile wins, as in finish_job. With `attempt`,
+    only that attempt may (LeaseLost otherwise)."""
+    own = _own(attempt)
+    extra = {"final_metrics": final_metrics, "progress_step": step}
+    done = _end(s, job_id, ("running",), "pruned", reason, Job.cancel_requested.is_not(True), *own, **extra)
+    if done is None:
+        done = _end(s, job_id, ("running",), "canceled", None, Job.cancel_requested.is_(True), *own)
+    return _held(done, job_id, attempt)
+
+
 def park_study(s: Session, job_id: int, children: int) -> Job | None:
     """running → waiting: a study that created its children waits for them (its fan-out attempt succeeded).
 
@@ -397,6 +419,7 @@ def park_study(s: Session, job_id: int, children: int) -> Job | None:
     )
 
 
+PARENT_KINDS = ("study", "sweep")  # jobs that wait for their children (a sweep: docs/sweeps.md)
 STUDY_CLOSE_HOLD_S = 300.0  # a closer that died frees the study after this; the workers' sweep closes it
 
 
@@ -411,7 +434,7 @@ def claim_study_close(s: Session, job_id: int, hold_s: float = STUDY_CLOSE_HOLD_
     now = utcnow()
     res = s.execute(
         update(Job)
-        .where(Job.id == job_id, Job.kind == "study", Job.status == "waiting", _lease_expired(now))
+        .where(Job.id == job_id, Job.kind.in_(PARENT_KINDS), Job.status == "waiting", _lease_expired(now))
         .values(lease_expires_at=now + timedelta(seconds=hold_s), updated_at=now)
         .execution_options(synchronize_session=False)
     )

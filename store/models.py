@@ -27,10 +27,11 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-JobKind = Literal["train", "distill", "evaluate", "study"]
+JobKind = Literal["train", "distill", "evaluate", "study", "sweep"]
 JOB_KINDS: tuple[str, ...] = get_args(JobKind)
-JOB_STATUSES = ("waiting", "queued", "running", "succeeded", "failed", "canceled")
-TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
+# pruned: a sweep's trial stopped early by its pruner (docs/sweeps.md#pruned-trials); an outcome, not a failure.
+JOB_STATUSES = ("waiting", "queued", "running", "succeeded", "failed", "canceled", "pruned")
+TERMINAL_STATUSES = ("succeeded", "failed", "canceled", "pruned")
 ACTIVE_STATUSES = ("waiting", "queued", "running")
 
 # Deterministic constraint names so migrations are identical on every backend.
@@ -259,3 +260,18 @@ class ApiToken(Base):
     # The highest priority a non-admin may give its jobs (None: the default priority).
     max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SweepTrial(Base):
+    """One trial of a sweep: its child job, its number, the parameters the sampler chose and the pruner's
+    bookkeeping. With the child's evaluations (intermediate values) and final metrics, this is all the state
+    an Optuna study of the sweep holds; icd_core.sweep rebuilds one from it for each decision."""
+
+    __tablename__ = "sweep_trials"
+    __table_args__ = (UniqueConstraint("sweep_id", "number"),)
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    system_attrs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

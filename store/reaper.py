@@ -54,8 +54,11 @@ def _alive_window(settings: Settings) -> float:
 
 
 def status_detail(s: Session, job: Job, settings: Settings) -> str | None:
-    """Why a queued or running job is not progressing, and what happens next (None when it is fine)."""
+    """Why a queued or running job is not progressing, and what happens next (None when it is fine);
+    why a sweep pruned a trial (docs/sweeps.md#pruned-trials)."""
     now = utcnow()
+    if job.status == "pruned":
+        return f"pruned by its sweep: {job.error}" if job.error else "pruned by its sweep"
     if job.status == "queued" and job.queue not in live_queues(s, _alive_window(settings)):
         waited = (now - job.updated_at).total_seconds()
         left = max(0.0, settings.unservable_timeout_s - waited)

@@ -129,6 +129,24 @@ def tiny_study_spec(name: str = "tiny-study") -> dict[str, Any]:
     }
 
 
+def hot_checkpoint(folder: Path) -> Path:
+    """A 2-step tiny model whose classification bias is spread so it already scores AP > 0 (a tiny run's AP is
+    0 at every step, which no pruner can tell apart: the sweep tests fine-tune this instead)."""
+    import torch
+
+    from icd_core.detectors import read_checkpoint
+    from icd_core.runner import run_spec
+    from icd_core.spec import parse_spec
+
+    run = run_spec(parse_spec(tiny_train_spec("hot", iterations=2)), folder / "hot-run", cache_dir=folder / "c")
+    saved = read_checkpoint(run.final_checkpoint)
+    key = "model.head.classification_head.cls_logits.bias"
+    saved["model"][key] = torch.randn(saved["model"][key].shape, generator=torch.Generator().manual_seed(0)) + 1.0
+    path = folder / "hot.pt"
+    torch.save(saved, path)
+    return path
+
+
 def flushed_redis_url() -> str:
     """The test Redis database, flushed; skip on a laptop without Redis, fail under CI=true."""
     import redis

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -141,14 +141,23 @@ def _reap() -> None:
 
 
 def _close_ended_studies() -> None:
-    """Studies whose last child was ended by someone else's reaper (see worker.study.close_ended_studies)."""
+    """Studies whose last child was ended by someone else's reaper (see worker.study.close_ended_studies),
+    and sweeps that nobody advanced since (worker.sweep.advance_idle_sweeps)."""
     from worker.study import close_ended_studies
+    from worker.sweep import advance_idle_sweeps
 
     try:
         with sessions()() as s:
             close_ended_studies(s)
     except Exception:
         log.exception("closing ended studies failed")
+    try:
+        with sessions()() as s:
+            created = advance_idle_sweeps(s)
+        for child in created:
+            _send(child.id, child.queue)
+    except Exception:
+        log.exception("advancing sweeps failed")
 
 
 def _resend_undelivered() -> None:
@@ -223,8 +232,8 @@ def execute_job(job_id: int, worker: str, queues: str | None = None) -> str:
             log.info("job %s (%s) attempt %s %s on %s", job_id, kind, attempt, how, worker)
             _remove_stale_temporaries(job_dir)
             status = _run_and_settle(job, spec_dict, attempt, job_dir, artifacts)
-            if kind == "study" and status == "succeeded":
-                log.info("study %s: children queued; it is 'waiting' until they end", job_id)
+            if kind in ("study", "sweep") and status == "succeeded":
+                log.info("%s %s: children queued; it is 'waiting' until they end", kind, job_id)
             else:
                 log.info("job %s %s", job_id, status)
     except LeaseLost as exc:
@@ -288,6 +297,7 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
     """Run the job and write its outcome; every exception becomes a status and a message."""
     job_id = job.id
     factory = sessions()
+    trial: list[Any] = []
     reporter = DbReporter(
         factory,
         job_id,
@@ -303,11 +313,15 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
             if job.kind == "study":
                 run_study_job(job)
                 return "succeeded"
-            result = _run_spec(spec_dict, job.owner, job_dir, reporter)
+            if job.kind == "sweep":
+                run_sweep_job(job)
+                return "succeeded"
+            trial = _trial_callbacks(job_id)  # a sweep's trial: its pruner (worker.sweep)
+            result = _run_spec(spec_dict, job.owner, job_dir, reporter, trial)
         finally:
             reporter.close()  # stop its writer thread and write what it still buffers
     except BaseException as exc:  # noqa: BLE001 - every failure must be recorded, then re-raised if fatal
-        status = _record_failure(job_id, attempt, exc, reporter)
+        status = _record_pruned(job_id, attempt, exc, trial) or _record_failure(job_id, attempt, exc, reporter)
         if not isinstance(exc, Exception):
             raise
         return status
@@ -330,7 +344,9 @@ def _run_and_settle(job: Any, spec_dict: dict[str, Any], attempt: int, job_dir: 
     return ended.status if ended is not None else "succeeded"  # 'canceled': a cancel came while it finished
 
 
-def _run_spec(spec_dict: dict[str, Any], owner: str | None, job_dir: Path, reporter: DbReporter) -> Any:
+def _run_spec(
+    spec_dict: dict[str, Any], owner: str | None, job_dir: Path, reporter: DbReporter, extra: Sequence[Any] = ()
+) -> Any:
     from icd_core.runner import run_spec
 
     settings = get_settings()
@@ -340,7 +356,7 @@ def _run_spec(spec_dict: dict[str, Any], owner: str | None, job_dir: Path, repor
     return run_spec(
         spec,
         output_dir=job_dir,
-        callbacks=[reporter],
+        callbacks=[reporter, *extra],
         resume=True,
         resolve_checkpoint=resolve_checkpoint,
         cache_dir=settings.cache_dir,
@@ -410,6 +426,37 @@ def run_study_job(job: Any) -> None:
     with sessions()() as s:
         for child in start_study(s, job, resolve_checkpoint):
             _send(child.id, child.queue)
+
+
+def run_sweep_job(job: Any) -> None:
+    """kind=sweep: park the sweep and queue its first trials; `worker.sweep.child_ended` does the rest."""
+    from worker.sweep import start_sweep
+
+    confined_spec(dict(job.spec), job.owner)
+    with sessions()() as s:
+        for child in start_sweep(s, job):
+            _send(child.id, child.queue)
+
+
+def _trial_callbacks(job_id: int) -> list[Any]:
+    from worker.sweep import trial_callbacks
+
+    return trial_callbacks(sessions(), job_id)
+
+
+def _record_pruned(job_id: int, attempt: int, exc: BaseException, trial: list[Any]) -> str | None:
+    """A sweep's trial stopped by its pruner ends 'pruned' with the reason (None: not that kind of stop)."""
+    from store.jobs import mark_pruned
+    from worker.sweep import pruned_outcome
+
+    outcome = pruned_outcome(trial, exc)
+    if outcome is None:
+        return None
+    with sessions()() as s:
+        step = int(outcome[1]["step"])
+        job = mark_pruned(s, job_id, outcome[0], finite_floats(outcome[1]), step, attempt=attempt)
+    log.info("job %s pruned: %s", job_id, outcome[0])
+    return job.status if job is not None else "pruned"
 
 
 def resolve_checkpoint(ref: str) -> Path:
@@ -547,11 +594,21 @@ def _release(job_id: int) -> None:
             for dep in released:
                 _send(dep.id, dep.queue)
             if job.parent_id is not None:
-                from worker.study import child_ended
-
-                child_ended(s, job_id)
+                _child_ended(s, job_id)
     except Exception:
         log.exception("job %s: releasing dependent jobs failed", job_id)
+
+
+def _child_ended(s: Any, job_id: int) -> None:
+    """A study's or a sweep's child ended: its parent keeps its books (and a sweep may queue more trials)."""
+    from worker.study import child_ended
+    from worker.sweep import child_ended as trial_ended
+
+    created = trial_ended(s, job_id)
+    if created is None:
+        child_ended(s, job_id)
+    for child in created or []:
+        _send(child.id, child.queue)
 
 
 def _send(job_id: int, queue: str) -> None:

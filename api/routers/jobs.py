@@ -28,9 +28,19 @@ from api.validation import (
     field_error,
     limit_errors,
     reference_mismatch,
+    sweep_limit_errors,
     unstorable_fields,
 )
-from icd_core.spec import INT32_MAX, JobSpec, ModelSpec, StudySpec, check_paths, iter_checkpoint_refs, parse_job_ref
+from icd_core.spec import (
+    INT32_MAX,
+    JobSpec,
+    ModelSpec,
+    StudySpec,
+    SweepSpec,
+    check_paths,
+    iter_checkpoint_refs,
+    parse_job_ref,
+)
 from icd_core.study_plan import check_study
 from store import jobs as q
 from store.artifacts import ArtifactStore
@@ -71,7 +81,8 @@ def _validated_spec(s: Session, spec: Any, settings: Settings, caller: Caller) -
     if errors:
         return spec, errors
     errors = [field_error(f, r) for f, r in check_paths(spec)]
-    errors += [field_error(f, r) for f, r in limit_errors(spec, settings)]
+    limits = sweep_limit_errors if isinstance(spec, SweepSpec) else limit_errors
+    errors += [field_error(f, r) for f, r in limits(spec, settings)]
     return spec, errors
 
 
@@ -221,7 +232,7 @@ def list_jobs(
     status_: Annotated[
         str | None, Query(alias="status", description="One status or several, comma-separated: queued,running")
     ] = None,
-    kind: Annotated[JobKind | None, Query(description="train | distill | evaluate | study")] = None,
+    kind: Annotated[JobKind | None, Query(description="train | distill | evaluate | study | sweep")] = None,
     name: Annotated[str | None, Query(max_length=200)] = None,
     parent_id: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,

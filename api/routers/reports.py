@@ -25,9 +25,10 @@ router = APIRouter(
 
 def _report_file(s: Session, artifacts: ArtifactStore, job_id: int, name: str, caller: Caller) -> Path:
     job = job_or_404(s, job_id, caller)
-    if job.kind != "study":
+    if job.kind not in ("study", "sweep"):
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND, detail=f"job {job_id} is a {job.kind} job; reports belong to studies"
+            status.HTTP_404_NOT_FOUND,
+            detail=f"job {job_id} is a {job.kind} job; reports belong to studies and sweeps",
         )
     path = artifacts.report_dir(job_id) / name
     if not path.is_file():

@@ -22,7 +22,7 @@ from store.db import (
 from store.models import Base
 from store.settings import Settings
 
-TABLES = {"jobs", "attempts", "metrics", "evaluations", "checkpoints", "workers", "api_tokens"}
+TABLES = {"jobs", "attempts", "metrics", "evaluations", "checkpoints", "workers", "api_tokens", "sweep_trials"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

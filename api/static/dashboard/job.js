@@ -7,6 +7,7 @@ import { api, token } from "./api.js";
 import { AP_KEYS, apSeries, CHART_GROUPS, chartGroup, LineChart } from "./charts.js";
 import { predictionsPanel } from "./predictions.js";
 import { studyPanel } from "./study.js";
+import { sweepPanel } from "./sweep.js";
 import { esc, flash, fmtBytes, fmtDuration, fmtNum, fmtTime, isFinished, progressBar, statusBadge } from "./util.js";
 
 const POLL_MS = 2000;
@@ -88,14 +89,14 @@ export function jobView(main, jobId) {
     const deps = job.depends_on.length ? job.depends_on.map((d) => `<a href="#/jobs/${d}">${d}</a>`).join(", ") : "";
     $("#job-head").innerHTML = `
       <h1>${esc(job.name)} <span class="muted">#${job.id} · ${esc(job.kind)}</span> ${statusBadge(job.status)}</h1>
-      <div id="progress">${progressBar(job, true)} <span class="muted">${job.kind === "study" ? "children ended" : "steps"}
+      <div id="progress">${progressBar(job, true)} <span class="muted">${job.kind === "study" ? "children ended" : job.kind === "sweep" ? "trials ended" : "steps"}
         ${job.progress_step}${job.progress_total ? "/" + job.progress_total : ""}</span> ${eta ? `· ETA <b>${eta}</b>` : ""}</div>
       <div class="facts">
         ${fact("attempt", job.attempt)}${fact("worker", esc(job.worker))}${fact("queue", esc(job.queue))}
         ${fact("priority", job.priority ?? 0)}${job.preemptions ? fact("preempted", `${job.preemptions}×`) : ""}
         ${fact("s/step", fmtNum(job.sec_per_step, 3))}${fact("created", fmtTime(job.created_at))}
         ${fact("started", fmtTime(job.started_at))}${fact("finished", fmtTime(job.finished_at))}
-        ${job.parent_id ? `<div><span>study</span><a href="#/jobs/${job.parent_id}">${job.parent_id}</a></div>` : ""}
+        ${job.parent_id ? `<div><span>parent</span><a href="#/jobs/${job.parent_id}">${job.parent_id}</a></div>` : ""}
         ${deps ? `<div><span>waits for</span>${deps}</div>` : ""}
         ${job.final_metrics ? `<div id="final-summary"><span>final</span>${summaryMetrics(job.final_metrics)
           .map(([k, v]) => `${esc(k)} ${fmtNum(v, 2)}`).join(" · ")}</div>` : ""}
@@ -188,6 +189,10 @@ export function jobView(main, jobId) {
       if (job.kind === "study") {
         study = studyPanel($("#study"), job);
         $("#training").hidden = true; // a study trains nothing itself: its children have the curves
+      }
+      if (job.kind === "sweep") {
+        study = sweepPanel($("#study"), job); // the same place and polling as a study's panel
+        $("#training").hidden = true;
       }
     }
     try {

@@ -5,8 +5,8 @@ import { api } from "./api.js";
 import { esc, fmtDuration, fmtNum, fmtTime, headlineAp, isFinished, progressBar, statusBadge } from "./util.js";
 
 const PAGE = 25;
-const STATUSES = ["", "waiting", "queued", "running", "succeeded", "failed", "canceled"];
-const KINDS = ["", "train", "distill", "evaluate", "study"];
+const STATUSES = ["", "waiting", "queued", "running", "succeeded", "failed", "canceled", "pruned"];
+const KINDS = ["", "train", "distill", "evaluate", "study", "sweep"];
 const REFRESH_MS = 3000;
 
 export function jobsView(main, params) {

@@ -1,6 +1,6 @@
 // Small helpers shared by the views: escaping, formatting, flash messages.
 
-export const TERMINAL = ["succeeded", "failed", "canceled"];
+export const TERMINAL = ["succeeded", "failed", "canceled", "pruned"]; // pruned: a sweep's trial (docs/sweeps.md)
 export const isFinished = (job) => TERMINAL.includes(job.status);
 
 export function esc(value) {
