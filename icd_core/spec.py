@@ -690,6 +690,12 @@ class SweepSpec(StrictModel):
         description="Parameters of the first trials, in order (e.g. the paper's weight); each names space fields.",
     )
     max_attempts: int | None = Field(None, ge=1, le=100)
+    priority: int = Field(
+        DEFAULT_PRIORITY,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="The service runs higher first; the trials inherit it (a non-admin token: up to its cap).",
+    )
 
     @property
     def device(self) -> str:

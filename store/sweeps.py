@@ -33,7 +33,16 @@ def create_trial(
 ) -> Job:
     """The child job of trial `number` and its trial row, committed together (never one without the other)."""
     job = create_job(
-        s, spec, str(spec["kind"]), str(spec["name"]), queue, parent_id=sweep.id, owner=sweep.owner, commit=False
+        s,
+        spec,
+        str(spec["kind"]),
+        str(spec["name"]),
+        queue,
+        parent_id=sweep.id,
+        owner=sweep.owner,
+        priority=sweep.priority,  # the sweep's current priority, as a study's children
+        gpus=int((spec.get("resources") or {}).get("gpus", 1)),
+        commit=False,
     )
     s.add(SweepTrial(job_id=job.id, sweep_id=sweep.id, number=number, params=params, system_attrs={}))
     s.commit()
