@@ -369,9 +369,11 @@ def retry_cmd(job_id: int, server: str, token: str | None) -> None:
 @click.command("validate")
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def validate_cmd(spec: Path) -> None:
-    """Check a spec file without running it or asking a server: schema, study compatibility, paths."""
+    """Check a spec file without running it or asking a server: schema, study compatibility, paths, and
+    that every checkpoint file is this service's and of the spec's architecture."""
     from pydantic import ValidationError
 
+    from icd_core.checkpoint_gate import checkpoint_problems
     from icd_core.spec import SpecSyntaxError, StudySpec, check_paths, load_spec
     from icd_core.study import check_study
 
@@ -384,7 +386,10 @@ def validate_cmd(spec: Path) -> None:
         raise click.ClickException(f"{spec} is not a valid job spec:\n" + "\n".join(lines)) from exc
     except (ValueError, OSError) as exc:
         raise click.ClickException(f"{spec}: {exc}") from exc
-    problems = [f"  {field}: {reason}" for field, reason in check_paths(parsed)]
+    path_problems = check_paths(parsed)
+    problems = [f"  {field}: {reason}" for field, reason in path_problems]
+    skip = {field for field, _ in path_problems}
+    problems += [f"  {field}: {reason}" for field, reason in checkpoint_problems(parsed, skip=skip)]
     if isinstance(parsed, StudySpec):
         try:
             check_study(parsed)
