@@ -210,7 +210,21 @@ def status_cmd(job_id: int, as_json: bool, server: str, token: str | None) -> No
         )
         click.echo(f"  last evaluation (step {e['step']}): {aps}")
     if job.get("final_metrics"):
+        teacher = _teacher_line(job["final_metrics"])
+        if teacher:
+            click.echo(teacher)
         click.echo("  final: " + json.dumps(job["final_metrics"]))
+
+
+def _teacher_line(metrics: dict[str, Any]) -> str:
+    """A distill job's teacher AP (measured on data.val before training) beside its student's."""
+    if metrics.get("teacher_AP") is None:
+        return ""
+    teacher = "  ".join(
+        f"{k} {metrics['teacher_' + k]:.2f}" for k in ("AP", "AP50") if metrics.get("teacher_" + k) is not None
+    )
+    student = f"AP {metrics['AP']:.2f}" if metrics.get("AP") is not None else "-"
+    return f"  teacher: {teacher}  (student: {student})"
 
 
 @click.command("logs")
