@@ -1,4 +1,5 @@
-"""`icd validate SPEC`: checks a spec file locally (no server), errors as `field: reason`."""
+"""`icd validate SPEC`: checks a spec file locally (no server), errors as `field: reason`; and what `icd status`
+makes of a job it was given."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from icd_cli.client import validate_cmd
+from icd_cli.client import _teacher_line, validate_cmd
 from tests.helpers import tiny_distill_spec, tiny_study_spec, tiny_train_spec
 from tests.live.conftest import write_spec
 
@@ -44,3 +45,9 @@ def test_validate_refuses_a_torchvision_teacher_with_the_import_command(tmp_path
         f"  teacher.checkpoint: {teacher} is a torchvision state dict, not a checkpoint of this service; convert it "
         f"with: icd import-teacher {teacher} --from torchvision --arch retinanet_resnet50_fpn -o teacher.pt"
     ) in out.output
+
+
+def test_status_puts_a_distill_jobs_teacher_ap_beside_its_students() -> None:
+    metrics = {"AP": 12.0, "AP50": 20.0, "teacher_AP": 30.5, "teacher_AP50": 51.25}
+    assert _teacher_line(metrics) == "  teacher: AP 30.50  AP50 51.25  (student: AP 12.00)"
+    assert _teacher_line({"AP": 12.0}) == ""  # a train job has no teacher
