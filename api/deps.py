@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import HTTPException, Path, Request, status
 from sqlalchemy.orm import Session
 
+from icd_core.spec import INT32_MAX
 from store.artifacts import ArtifactStore
 from store.db import session_scope
 from store.jobs import get_job
@@ -34,7 +35,7 @@ def get_artifacts(request: Request) -> ArtifactStore:
 
 
 # Ids are 32-bit integer columns: a larger one is a 422, never a database error.
-JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The job's id")]
+JobId = Annotated[int, Path(ge=1, le=INT32_MAX, description="The job's id")]
 
 
 def job_or_404(s: Session, job_id: int, caller: Caller) -> Job:

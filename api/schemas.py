@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, computed_field
 
 from icd_core.leaderboard import cost_from_metrics
+from icd_core.spec import PRIORITY_MAX, PRIORITY_MIN
 from store.dispatch import gpus_served
 
 
@@ -52,6 +53,8 @@ class JobOut(_Out):
     error: str | None
     cancel_requested: bool
     owner: str | None = Field(description="Name of the API token that submitted it; null: the local admin.")
+    priority: int = Field(0, description="Higher runs first (docs/scheduling.md); POST /jobs/{id}/priority changes it.")
+    preemptions: int = Field(0, description="Attempts ended by a preemption (not counted against max_attempts).")
     final_metrics: dict[str, Any] | None
 
     @computed_field(
@@ -72,9 +75,26 @@ class JobDetail(JobOut):
     lease_expires_at: datetime | None = Field(None, description="A running job's worker holds it until then.")
     status_detail: str | None = Field(
         None,
-        description="Why a queued or running job is not progressing (no live worker for its queue, a lost "
-        "worker), and what happens next.",
+        description="Why a queued or running job is not progressing (no live worker for its queue, its owner's "
+        "quota, jobs that go first, a preemption, a lost worker), and what happens next.",
     )
+
+
+class PriorityIn(BaseModel):
+    priority: int = Field(ge=PRIORITY_MIN, le=PRIORITY_MAX, description="Higher runs first.")
+
+
+class QuotaOut(BaseModel):
+    """One token's quotas and what its jobs hold now."""
+
+    name: str
+    admin: bool
+    max_running: int | None = Field(description="Jobs it may run at once (null: no limit).")
+    max_gpus: int | None = Field(description="Devices (resources.gpus summed) its running jobs may hold.")
+    max_priority: int | None = Field(description="Highest priority it may set (null: the default, 0); admins: any.")
+    running: int
+    devices: int
+    queued: int
 
 
 class JobList(BaseModel):

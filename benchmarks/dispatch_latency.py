@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import percentile  # noqa: E402
+from worker.supervisor import WorkerSpec  # noqa: E402
 
 TARGET_S = 0.5
 SPEC = {
@@ -83,24 +84,7 @@ def main() -> None:
     )
     log = open(tmp / "worker.log", "wb")  # noqa: SIM115 - closed in finally
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.app",
-            "worker",
-            "--pool",
-            "solo",
-            "-Q",
-            "cpu,any",
-            "-n",
-            "bench@localhost",
-            "--loglevel",
-            "WARNING",
-            "--without-mingle",
-            "--without-gossip",
-        ],
+        WorkerSpec(name="bench@localhost", queues="cpu,any", loglevel="WARNING").command(),
         cwd=REPO,
         env=env,
         stdout=log,

@@ -20,6 +20,8 @@ from typing import Any
 import click
 import httpx
 
+from icd_core.spec import PRIORITY_MAX, PRIORITY_MIN
+
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "canceled")
 EXIT_CODES = {"succeeded": 0, "failed": 1, "canceled": 2}
@@ -118,6 +120,7 @@ def _job_line(job: dict[str, Any]) -> str:
             f"{job['id']:>5}",
             f"{job['status']:<9}",
             f"{job['kind']:<8}",
+            f"p{job.get('priority', 0):<4}",
             job["name"],
             pct,
             eta,
@@ -157,6 +160,13 @@ def submit_cmd(spec: Path, wait_: bool, server: str, token: str | None) -> None:
 @click.option("--search", default=None, help="Name contains this, or the id.")
 @click.option("--parent", "parent_id", default=None, type=int, help="Only the children of this study.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500))
+@click.option(
+    "--sort",
+    default="newest",
+    show_default=True,
+    type=click.Choice(["newest", "priority"]),
+    help="priority: highest first, oldest first within one (with --status queued: the order workers take).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 @server_options
 def jobs_cmd(
@@ -165,13 +175,14 @@ def jobs_cmd(
     search: str | None,
     parent_id: int | None,
     limit: int,
+    sort: str,
     as_json: bool,
     server: str,
     token: str | None,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (or by priority)."""
     data = _connect(server, token).get(
-        "/jobs", status=status, kind=kind, search=search, parent_id=parent_id, limit=limit
+        "/jobs", status=status, kind=kind, search=search, parent_id=parent_id, limit=limit, sort=sort
     )
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -200,6 +211,8 @@ def status_cmd(job_id: int, as_json: bool, server: str, token: str | None) -> No
     )
     if job.get("error"):
         click.echo(f"  error: {job['error']}")
+    if job.get("status_detail"):
+        click.echo(f"  {job['status_detail']}")
     evals = c.get(f"/jobs/{job_id}/evaluations")
     if evals:
         e = evals[-1]
@@ -371,6 +384,18 @@ def cancel_cmd(job_id: int, server: str, token: str | None) -> None:
     click.echo(f"job {job_id} {job['status']}" + (" (cancel requested)" if job["status"] == "running" else ""))
 
 
+@click.command("priority")
+@click.argument("job_id", type=int)
+@click.argument("priority", type=click.IntRange(PRIORITY_MIN, PRIORITY_MAX))
+@server_options
+def priority_cmd(job_id: int, priority: int, server: str, token: str | None) -> None:
+    """Re-prioritise a queued or waiting job (a study: with its unstarted children); higher runs first."""
+    job = _connect(server, token).post(f"/jobs/{job_id}/priority", json={"priority": priority})
+    click.echo(_job_line(job))
+    if job.get("status_detail"):
+        click.echo(f"  {job['status_detail']}")
+
+
 @click.command("retry")
 @click.argument("job_id", type=int)
 @server_options
@@ -431,5 +456,6 @@ CLIENT_COMMANDS: list[click.Command] = [
     download_cmd,
     cancel_cmd,
     retry_cmd,
+    priority_cmd,
     validate_cmd,
 ]

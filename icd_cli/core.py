@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from icd_core.data_roots import resolve_data_roots
 from icd_core.engine.callbacks import Callback, CheckpointInfo, EvalResult, TrainingDiverged, TrainingStopped
+from icd_core.run_layout import SUMMARY_FILE
 from icd_core.spec import EvaluateSpec, SpecSyntaxError, StudySpec, load_spec, parse_spec
 from store.settings import Settings
 
@@ -137,29 +138,22 @@ def _run_group(spec: Any, output: Path, resume: bool, cache_dir: Path) -> None:
     """resources.gpus > 1: the same run as `resources.gpus` torchrun ranks on this machine (DDP)."""
     import json
     import subprocess
-    import sys
+
+    from icd_core.torchrun import torchrun_argv
 
     output.mkdir(parents=True, exist_ok=True)
     spec_file = output / "group-spec.json"
     spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
     gpus = spec.resources.gpus
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(gpus),
-        "--max-restarts",
-        "0",
-        "-m",
+    cmd = torchrun_argv(
+        gpus,
         "icd_core.ddp_main",
         str(spec_file),
         str(output),
         "--cache-dir",
         str(cache_dir),
         *(["--resume"] if resume else []),
-    ]
+    )
     click.echo(f"{gpus} ranks: {' '.join(cmd[1:])}")
     code = subprocess.call(cmd)
     if code != 0:
@@ -167,7 +161,7 @@ def _run_group(spec: Any, output: Path, resume: bool, cache_dir: Path) -> None:
             f"the {gpus}-rank group failed (exit code {code}); the ranks' errors are "
             f"above; continue with: icd train <spec> --output {output} --resume"
         )
-    summary = json.loads((output / "summary.json").read_text())
+    summary = json.loads((output / SUMMARY_FILE).read_text())
     click.echo(
         summary_table(
             summary["final_metrics"],

@@ -41,5 +41,6 @@ def study_command(spec_path: str, output: str | None, cache_dir: str | None) -> 
         report = run_study_local(spec, out, cache, callbacks_factory=lambda name: [ProgressBar(name)])
     except (ValueError, FileNotFoundError, TrainingDiverged) as exc:
         raise click.ClickException(f"{exc} (rerun the same command to resume)") from exc
+    click.echo(report["verdict"] + "\n")
     click.echo(leaderboard_markdown(report))
     click.echo(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}")

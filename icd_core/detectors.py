@@ -32,6 +32,9 @@ from icd_core.spec import LEVEL_NAMES, ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Caffe-style trunks see BGR in 0-255 minus these means (listed here in RGB order) and no scaling.
+CAFFE_MEAN_RGB = (123.675 / 255, 116.28 / 255, 103.53 / 255)
+CAFFE_STD = (1 / 255, 1 / 255, 1 / 255)
 LEVEL_STRIDE = {name: 2 ** (i + 2) for i, name in enumerate(LEVEL_NAMES)}  # p2 -> 4 ... p7 -> 128
 
 
@@ -50,8 +53,16 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 class Trunk(nn.Module):
     """Bottom-up network returning the C-stage outputs the FPN needs, keyed by their level name."""
 
-    def __init__(self, stages: nn.ModuleList, stage_names: list[str], out_levels: list[str], channels: list[int]):
+    def __init__(
+        self,
+        stages: nn.ModuleList,
+        stage_names: list[str],
+        out_levels: list[str],
+        channels: list[int],
+        bgr_input: bool = False,
+    ):
         super().__init__()
+        self.bgr_input = bgr_input  # caffe trunks: the transform normalizes in RGB order, the trunk flips to BGR
         self.stages = stages
         self.stage_names = stage_names  # level name reached after each stage ('' for the stem)
         self.out_levels = out_levels
@@ -61,6 +72,8 @@ class Trunk(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         # Stages past the last output level are skipped by index, not `break`, to stay TorchScript-able.
         out: dict[str, Tensor] = OrderedDict()
+        if self.bgr_input:
+            x = x.flip(1)
         for i, stage in enumerate(self.stages):
             if i < self.stages_used:
                 x = stage(x)
@@ -77,7 +90,11 @@ def _resnet_trunk(spec: ModelSpec, in_levels: list[str]) -> Trunk:
     expansion = 4 if spec.backbone in ("resnet50", "resnet101") else 1
     base = {"p2": 64, "p3": 128, "p4": 256, "p5": 512}
     channels = [base[lv] * expansion for lv in in_levels]
-    return Trunk(stages, names, in_levels, channels)
+    if spec.stride_in_1x1:
+        for layer in (net.layer2, net.layer3, net.layer4):
+            first = layer[0]
+            first.conv1.stride, first.conv2.stride = first.conv2.stride, first.conv1.stride
+    return Trunk(stages, names, in_levels, channels, bgr_input=spec.input_format == "bgr_caffe")
 
 
 def _mobilenet_trunk(spec: ModelSpec, in_levels: list[str]) -> Trunk:
@@ -111,7 +128,8 @@ def _mobilenet_trunk(spec: ModelSpec, in_levels: list[str]) -> Trunk:
             if level:
                 out_ch[level] = chans[i]
             start = i + 1
-    return Trunk(nn.ModuleList(stages), names, in_levels, [out_ch[lv] for lv in in_levels])
+    bgr = spec.input_format == "bgr_caffe"
+    return Trunk(nn.ModuleList(stages), names, in_levels, [out_ch[lv] for lv in in_levels], bgr_input=bgr)
 
 
 def _mobilenet_v2_imagenet_state() -> dict[str, Tensor]:
@@ -128,16 +146,31 @@ def _mobilenet_v2_imagenet_state() -> dict[str, Tensor]:
 
 
 class ExtraLevels(ExtraFPNBlock):
-    """P6/P7 beyond the last trunk level: stride-2 3×3 convs on P5 (RetinaNet/FCOS) or max-pool (Faster R-CNN)."""
+    """P6/P7 beyond the last trunk level: stride-2 3×3 convs (RetinaNet/FCOS) or max-pool (Faster R-CNN).
 
-    def __init__(self, names: list[str], channels: int, maxpool: bool):
+    The first conv reads P5 or, for detectron2/MMDetection/torchvision-v2 layouts, the trunk's C5
+    (`in_channels` then is C5's width); `relu_between` puts a ReLU before every conv after the first.
+    """
+
+    def __init__(
+        self,
+        names: list[str],
+        channels: int,
+        maxpool: bool,
+        in_channels: int | None = None,
+        from_trunk: bool = False,
+        relu_between: bool = True,
+    ):
         super().__init__()
         self.names = names
         self.maxpool = maxpool
+        self.from_trunk = from_trunk
+        self.relu_between = relu_between
+        widths = [in_channels or channels] + [channels] * (len(names) - 1)
         self.convs = (
             nn.ModuleList()
             if maxpool
-            else nn.ModuleList(nn.Conv2d(channels, channels, 3, stride=2, padding=1) for _ in names)
+            else nn.ModuleList(nn.Conv2d(w, channels, 3, stride=2, padding=1) for w in widths)
         )
         for conv in self.convs:
             nn.init.kaiming_uniform_(conv.weight, a=1)
@@ -145,7 +178,7 @@ class ExtraLevels(ExtraFPNBlock):
 
     def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
         # TorchScript indexes a ModuleList by literals only: the convs are walked with enumerate.
-        last = results[-1]
+        last = x[-1] if self.from_trunk else results[-1]
         if self.maxpool:
             for name in self.names:
                 last = nn.functional.max_pool2d(last, 1, 2, 0)
@@ -153,7 +186,7 @@ class ExtraLevels(ExtraFPNBlock):
                 names.append(name)
         else:
             for i, conv in enumerate(self.convs):
-                last = conv(last if i == 0 else nn.functional.relu(last))
+                last = conv(nn.functional.relu(last) if i > 0 and self.relu_between else last)
                 results.append(last)
                 names.append(self.names[i])
         return results, names
@@ -162,16 +195,25 @@ class ExtraLevels(ExtraFPNBlock):
 class TrunkWithFPN(nn.Module):
     """Trunk + FPN. Outputs an OrderedDict keyed by level name (p2..p7); `out_channels` for torchvision heads."""
 
-    def __init__(self, trunk: Trunk, levels: list[str], channels: int, maxpool_extra: bool, norm: str):
+    def __init__(self, trunk: Trunk, spec: ModelSpec):
         super().__init__()
         self.body = trunk
+        levels, channels = spec.resolved_levels, spec.fpn_channels
         extra = [lv for lv in levels if lv not in trunk.out_levels]
-        fpn_norm = _group_norm if norm == "gn" else None
+        from_c5 = spec.extra_levels_from == "c5"
+        extra_block = ExtraLevels(
+            extra,
+            channels,
+            maxpool=spec.detector == "faster_rcnn",
+            in_channels=trunk.out_channels[-1] if from_c5 else channels,
+            from_trunk=from_c5,
+            relu_between=spec.extra_levels_relu,
+        )
         self.fpn = FeaturePyramidNetwork(
             trunk.out_channels,
             channels,
-            extra_blocks=ExtraLevels(extra, channels, maxpool_extra) if extra else None,
-            norm_layer=fpn_norm,
+            extra_blocks=extra_block if extra else None,
+            norm_layer=_group_norm if spec.resolved_norm == "gn" else None,
         )
         self.out_channels = channels
 
@@ -290,16 +332,21 @@ def build_detector(
         trunk = _mobilenet_trunk(spec, trunk_levels)
     if spec.pretrained_backbone:
         _freeze_trunk(trunk, spec.trainable_layers)
-    backbone = TrunkWithFPN(trunk, levels, spec.fpn_channels, spec.detector == "faster_rcnn", spec.resolved_norm)
+    backbone = TrunkWithFPN(trunk, spec)
 
     sizes = _anchor_sizes(spec)
     sizes_tuple = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
+    caffe = spec.input_format == "bgr_caffe"
     common: dict[str, Any] = dict(
-        min_size=tuple(sorted(sizes_tuple)), max_size=max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+        min_size=tuple(sorted(sizes_tuple)),
+        max_size=max_size,
+        image_mean=CAFFE_MEAN_RGB if caffe else IMAGENET_MEAN,
+        image_std=CAFFE_STD if caffe else IMAGENET_STD,
     )
+    rounded = spec.anchor_rounding
     if spec.detector == "retinanet":
-        anchors = AnchorGenerator(
-            tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels)
+        anchors = AnchorGrid(
+            tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels), rounded
         )
         head = RetinaNetHead(
             backbone.out_channels,
@@ -318,11 +365,11 @@ def build_detector(
         )
         _trim_head(model.head.classification_head, model.head.regression_head, spec.head_convs)
     elif spec.detector == "fcos":
-        anchors = AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(levels))
+        anchors = AnchorGrid(tuple((s,) for s in sizes), ((1.0,),) * len(levels), rounded)
         model = FCOS(backbone, num_classes, anchor_generator=anchors, **common)
         _trim_head(model.head.classification_head, model.head.regression_head, spec.head_convs)
     else:
-        anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels))
+        anchors = AnchorGrid(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels), rounded)
         roi_levels = [lv for lv in levels if lv != "p6"]
         model = FasterRCNN(
             backbone,
@@ -332,6 +379,28 @@ def build_detector(
             **common,
         )
     return Detector(model, spec, num_classes)
+
+
+class AnchorGrid(AnchorGenerator):
+    """torchvision's anchor generator, with its rounding of base anchors to whole pixels made optional.
+
+    Order stays torchvision's (aspect ratio outer, size inner); importers permute other layouts' head
+    channels to it, so one generator serves every source.
+    """
+
+    def __init__(self, sizes: tuple[tuple[float, ...], ...], ratios: tuple[tuple[float, ...], ...], rounded: bool):
+        super().__init__(sizes, ratios)
+        if not rounded:
+            self.cell_anchors = [_unrounded_cell(s, r) for s, r in zip(sizes, ratios, strict=True)]
+
+
+def _unrounded_cell(sizes: tuple[float, ...], ratios: tuple[float, ...]) -> Tensor:
+    scales = torch.as_tensor(sizes, dtype=torch.float32)
+    h_ratios = torch.sqrt(torch.as_tensor(ratios, dtype=torch.float32))
+    w_ratios = 1 / h_ratios
+    ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)  # torchvision's arithmetic, without .round()
+    hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
+    return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
 
 
 def _trim_head(cls_head: nn.Module, reg_head: nn.Module, n: int) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from .atomic_files import replaced_atomically, write_text_atomic
 from .json_numbers import finite_or_none
+from .paired_stats import paired_delta
 
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 BASELINE = "none"
@@ -110,14 +111,18 @@ def build_leaderboard(
         entry["sec_per_step"] = _mean_or_none([_cost(r, "sec_per_step") for r in done])
         entry["peak_memory_mb"] = _mean_or_none([_cost(r, "peak_memory_mb") for r in done])
         entry["model_cost"] = _model_cost(done)
+        entry["setting"] = _shared_setting(done)
         diagnostics = {key: _mean_or_none([_diagnostic(r, key) for r in done]) for key in ICD_DIAGNOSTICS}
         if any(v is not None for v in diagnostics.values()):
             entry["icd_diagnostics"] = diagnostics
         methods.append(entry)
 
     base = next((m for m in methods if m["method"] == BASELINE and m["n"]), None)
+    base_ap = _ap_by_seed(by_method.get(BASELINE, []))
     for entry in methods:
         _add_deltas(entry, base)
+        paired = paired_delta(_ap_by_seed(by_method[entry["method"]]), base_ap) if entry["method"] != BASELINE else None
+        entry["paired_delta_AP"] = paired.as_dict() if paired else None
 
     # Methods with no finished run sink to the bottom; ties keep the order of the input.
     methods.sort(key=lambda m: -m["AP"]["mean"] if m["n"] else math.inf)
@@ -128,6 +133,7 @@ def build_leaderboard(
             entry["vs_teacher"] = _vs_teacher(entry, teacher_row)
     report: dict[str, Any] = {
         "name": name,
+        "verdict": verdict(methods),
         "baseline": BASELINE if base else None,
         "teacher": teacher_row,
         "methods": methods,
@@ -135,6 +141,67 @@ def build_leaderboard(
         "notes": list(notes),
     }
     return finite_or_none(report)
+
+
+def _ap_by_seed(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    done = [r for r in rows if isinstance(r.get("metrics"), Mapping) and "AP" in r["metrics"]]
+    return {int(r["seed"]): float(r["metrics"]["AP"]) for r in done}
+
+
+def _shared_setting(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The method's tuned or chosen parameters (`params` of its runs) when every run used the same ones."""
+    settings = [r.get("params") for r in rows if r.get("params")]
+    if not settings or any(s != settings[0] for s in settings):
+        return None
+    return dict(settings[0])
+
+
+def setting_text(setting: Mapping[str, Any] | None) -> str:
+    """ "weight 4, adapter_lr 0.001" from {"distill.weight": 4.0, "distill.icd.adapter_lr": 0.001}."""
+    if not setting:
+        return ""
+    return ", ".join(f"{str(k).rsplit('.', 1)[-1]} {_short_number(v)}" for k, v in setting.items())
+
+
+def _short_number(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def verdict(methods: Sequence[Mapping[str, Any]]) -> str:
+    """One sentence a user can act on: which method beats `none`, by how much, how sure, at what cost."""
+    rows = [m for m in methods if m.get("paired_delta_AP")]
+    if not rows:
+        return "No method ran beside `none` on shared seeds, so no gain can be measured: add `none` to the methods."
+    n_max = max(m["paired_delta_AP"]["n"] for m in rows)
+    if n_max < 2:
+        return (
+            "One seed per method cannot separate a gain from seed noise: run at least 2 seeds (3 or more to "
+            "detect gains of a few AP)."
+        )
+    winners = [m for m in rows if m["paired_delta_AP"]["distinguishable"] and m["paired_delta_AP"]["mean"] > 0]
+    if winners:
+        best = max(winners, key=lambda m: m["paired_delta_AP"]["mean"])
+        p = best["paired_delta_AP"]
+        setting = setting_text(best.get("setting"))
+        cost = best.get("extra_sec_per_step_pct")
+        cost_text = (
+            f", at the student's inference cost and {cost:+.0f} % training time per step"
+            if cost is not None
+            else ", at the student's inference cost"
+        )
+        return (
+            f"On this data, {best['method']}{f' ({setting})' if setting else ''} beats `none` by "
+            f"{p['mean']:+.1f} AP (95 % CI [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}], {p['n']} seeds){cost_text}."
+        )
+    best = max(rows, key=lambda m: m["paired_delta_AP"]["mean"])
+    p = best["paired_delta_AP"]
+    ci = f"95 % CI [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]" if p["ci_low"] is not None else "no interval"
+    worse = [m["method"] for m in rows if m["paired_delta_AP"]["distinguishable"] and m["paired_delta_AP"]["mean"] < 0]
+    tail = f"; {', '.join(worse)} {'is' if len(worse) == 1 else 'are'} worse than `none`" if worse else ""
+    return (
+        f"No method is distinguishable from `none` at {n_max} seeds (best: {best['method']} {p['mean']:+.1f} AP, "
+        f"{ci}){tail}: run more seeds or a longer schedule."
+    )
 
 
 def _add_deltas(entry: dict[str, Any], base: Mapping[str, Any] | None) -> None:
@@ -260,6 +327,16 @@ def _run_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def paired_text(p: Mapping[str, Any] | None) -> str:
+    """ "+2.1 [+0.4, +3.8]", "+0.3 [−1.2, +1.8] ≈0", or "+0.3 (1 seed)"."""
+    if not p:
+        return "–"
+    if p.get("ci_low") is None:
+        return f"{p['mean']:+.1f} ({p['n']} seed{'s' if p['n'] != 1 else ''})"
+    mark = "" if p["distinguishable"] else " ≈0"
+    return f"{p['mean']:+.1f} [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]{mark}"
+
+
 def _fmt(value: float | None, digits: int = 1, signed: bool = False) -> str:
     if value is None:
         return "–"
@@ -274,7 +351,20 @@ def _pm(stat: Mapping[str, float | None]) -> str:
 
 def leaderboard_markdown(report: Mapping[str, Any]) -> str:
     """A markdown table: the teacher first, then the methods by mean AP (mean ± sample std over seeds)."""
-    head = ["method", "seeds", *AP_METRICS, "Δ AP", "s/step", "Δ s/step", "peak MB", "Δ MB", *COST_HEAD, "vs teacher"]
+    head = [
+        "method",
+        "seeds",
+        *AP_METRICS,
+        "Δ AP",
+        "paired Δ AP (95 % CI)",
+        "setting",
+        "s/step",
+        "Δ s/step",
+        "peak MB",
+        "Δ MB",
+        *COST_HEAD,
+        "vs teacher",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     teacher = report.get("teacher")
     if teacher:
@@ -283,6 +373,8 @@ def leaderboard_markdown(report: Mapping[str, Any]) -> str:
             label,
             "–",
             *(_fmt(teacher[m]) for m in AP_METRICS),
+            "–",
+            "–",
             "–",
             "–",
             "–",
@@ -303,6 +395,8 @@ def leaderboard_markdown(report: Mapping[str, Any]) -> str:
             n,
             *(_pm(m[k]) for k in AP_METRICS),
             _fmt(m.get("delta_AP"), signed=True),
+            paired_text(m.get("paired_delta_AP")),
+            setting_text(m.get("setting")) or "–",
             _fmt(m.get("sec_per_step"), 3),
             extra,
             _fmt(m.get("peak_memory_mb"), 0),
@@ -314,6 +408,10 @@ def leaderboard_markdown(report: Mapping[str, Any]) -> str:
     lines.extend(icd_diagnostics_markdown(report))
     lines.append("")
     lines.append("AP metrics: mean ± sample std over seeds; Δ and costs against the `none` mean.")
+    lines.append(
+        "Paired Δ AP: mean of (method − `none`) over shared seeds with its 95 % t interval; "
+        "≈0 marks an interval that contains 0 (not distinguishable from `none`)."
+    )
     lines.append(
         "Model cost: parameters, GFLOPs and peak inference memory at the evaluation size; latency = batch 1, "
         "warm, median, eager (ts = TorchScript, ort = ONNX Runtime, on the CPU)."
@@ -472,7 +570,7 @@ def write_report(
     report = build_leaderboard(results, teacher, name=name, notes=notes)
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
     write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
-    write_text_atomic(paths["md"], f"# {name}\n\n" + leaderboard_markdown(report))
+    write_text_atomic(paths["md"], f"# {name}\n\n{report['verdict']}\n\n" + leaderboard_markdown(report))
     leaderboard_png(report, paths["png"])
     if ap_latency_png(report, out / "ap_latency.png") is not None:
         paths["ap_latency"] = out / "ap_latency.png"

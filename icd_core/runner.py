@@ -28,9 +28,11 @@ from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
 from .leaderboard import TEACHER_AP_METRICS
 from .pretrain import heldout_diagnostics, prepare_decoder
+from .run_layout import CHECKPOINT_DIR, SPEC_FILE, SUMMARY_FILE
 from .run_report import deploy_report
 from .spec import DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec, architecture_mismatch
 from .teacher_eval import TeacherEval, check_teacher_min_ap, evaluate_teacher
+from .trunk_weights import load_trunk_weights
 
 if TYPE_CHECKING:
     from .engine.distributed import RankGroup
@@ -80,7 +82,7 @@ def run_spec(
         raise NotImplementedError("study specs run through the service's study runner, not run_spec")
     output_dir.mkdir(parents=True, exist_ok=True)
     if group is None or group.is_main:
-        (output_dir / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        (output_dir / SPEC_FILE).write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     if isinstance(spec, EvaluateSpec):
         return _run_evaluate(spec, output_dir, callbacks, resolve, cache_dir)
     return _run_training(spec, output_dir, callbacks, resume, resolve, cache_dir, group)
@@ -129,6 +131,21 @@ def _check_class_count(field: str, path: Path, ckpt_classes: int, dataset: CocoD
         )
 
 
+def _check_teacher_categories(path: Path, ckpt: dict[str, Any], dataset: CocoDataset) -> None:
+    """A teacher predicts the data's categories in the data's label order, or its logits teach the wrong class."""
+    saved = [int(c) for c in ckpt.get("label_to_cat_id") or []]
+    if saved and saved != [int(c) for c in dataset.label_to_cat_id]:
+        raise ValueError(
+            f"teacher.checkpoint: {path} predicts category ids {_short(saved)} but data.train's labels are "
+            f"{_short(list(dataset.label_to_cat_id))}; re-import the teacher with "
+            "`icd import-teacher ... --classes <data.train.annotations>` so its classes follow the data"
+        )
+
+
+def _short(ids: list[int]) -> str:
+    return str(ids if len(ids) <= 8 else [*ids[:8], "..."]).replace("'...'", "...")
+
+
 def _check_teacher_spec(spec_teacher: ModelSpec, ckpt_spec: dict[str, Any], path: Path) -> None:
     """The spec's teacher fields drive validation (levels, inherit); they must describe the checkpoint."""
     diffs = architecture_mismatch(spec_teacher, ckpt_spec)
@@ -169,11 +186,11 @@ def _write_summary(output_dir: Path, spec: AnySpec, result: RunResult, extra: di
     }
     tmp = output_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(output_dir / "summary.json")
+    tmp.replace(output_dir / SUMMARY_FILE)
 
 
 def _find_resume_point(output_dir: Path, resume: bool) -> Path | None:
-    latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
+    latest = ckpt.latest_checkpoint(output_dir / CHECKPOINT_DIR)
     if resume:
         if latest is None:
             log.info("no checkpoint in %s: starting from step 0", output_dir)
@@ -187,6 +204,22 @@ def _find_resume_point(output_dir: Path, resume: bool) -> Path | None:
 
 
 # --- train / distill ----------------------------------------------------------------------------------
+def _load_initial_student(
+    student: Detector, spec: ModelSpec, field: str, resolve: ResolveCheckpoint, train_ds: CocoDataset
+) -> dict[str, Any]:
+    """Fine-tune from `checkpoint`, or start a resnet trunk from `backbone_weights` (ImageNet)."""
+    if spec.checkpoint:
+        path = _checkpoint_file(f"{field}.checkpoint", spec.checkpoint, resolve)
+        init = read_checkpoint(path)
+        _check_class_count(f"{field}.checkpoint", path, int(init["num_classes"]), train_ds, "data.train")
+        load_weights(student, init["model"], source=f"{field}.checkpoint {path}")
+        return {}
+    if spec.backbone_weights:
+        path = _checkpoint_file(f"{field}.backbone_weights", spec.backbone_weights, resolve)
+        return {"backbone_weights_loaded": float(load_trunk_weights(student, path, f"{field}.backbone_weights"))}
+    return {}
+
+
 def build_trainer(
     spec: TrainSpec | DistillJobSpec,
     output_dir: Path,
@@ -212,18 +245,16 @@ def build_trainer(
     student = build_detector(student_spec, num_classes, sizes, max_size)
     extra: dict[str, Any] = {}
 
-    field = "model.checkpoint" if isinstance(spec, TrainSpec) else "student.checkpoint"
-    if student_spec.checkpoint and load_initial_weights:  # initial weights (fine-tuning)
-        path = _checkpoint_file(field, student_spec.checkpoint, resolve)
-        init = read_checkpoint(path)
-        _check_class_count(field, path, int(init["num_classes"]), train_ds, "data.train")
-        load_weights(student, init["model"], source=f"{field} {path}")
+    if load_initial_weights:
+        field = "model" if isinstance(spec, TrainSpec) else "student"
+        extra.update(_load_initial_student(student, student_spec, field, resolve, train_ds))
 
     teacher = distiller = None
     if isinstance(spec, DistillJobSpec):
         teacher_path = _checkpoint_file("teacher.checkpoint", spec.teacher.checkpoint, resolve)
         teacher, tckpt = load_detector(teacher_path, sizes, max_size)
         _check_class_count("teacher.checkpoint", teacher_path, int(tckpt["num_classes"]), train_ds, "data.train")
+        _check_teacher_categories(teacher_path, tckpt, train_ds)
         _check_teacher_spec(spec.teacher, tckpt["model_spec"], teacher_path)
         teacher.requires_grad_(False)
         teacher.eval()

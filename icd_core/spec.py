@@ -35,6 +35,7 @@ DEFAULT_LEVELS = {
 }
 # COCO "1x" = 90k iterations at batch 16; steps at 2/3 and 8/9 of training (docs/method/icd.md#student-schedule).
 PRESET_ITERS_AT_16 = {"1x": 90_000, "3x": 270_000}
+PAPER_WARMUP_ITERS = 1000  # the paper's LR warm-up (at 1x); short integer schedules warm up for a tenth
 SEED_MAX = 2**63 - 1  # torch.manual_seed's range; larger seeds would fail on the worker, not at submit
 # Steps, ids and counts are 32-bit INTEGER columns in the database: the one bound every such field shares.
 INT32_MAX = 2**31 - 1
@@ -128,7 +129,14 @@ class ModelSpec(StrictModel):
     detector: Detector = "retinanet"
     backbone: Backbone = "resnet50"
     pretrained_backbone: bool = Field(
-        False, description="ImageNet trunk weights; available offline for mobilenet_v2 only."
+        False,
+        description="Start the trunk from ImageNet: mobilenet_v2's ship offline; a resnet names its file in "
+        "backbone_weights.",
+    )
+    backbone_weights: CheckpointRef | None = Field(
+        None,
+        description="A torchvision ImageNet classification state dict for a resnet trunk (e.g. "
+        "resnet50-0676ba61.pth), read when the job starts unless `checkpoint` is given.",
     )
     norm: Literal["auto", "frozen_bn", "bn", "gn"] = Field(
         "auto", description="auto: frozen_bn for a pretrained trunk, bn when trained from random init."
@@ -141,6 +149,28 @@ class ModelSpec(StrictModel):
     head_convs: int = Field(4, ge=1, le=8, description="Conv layers in each RetinaNet/FCOS head branch.")
     head_norm: Literal["none", "gn"] = Field(
         "none", description="RetinaNet head convs: none (the paper's head) or gn (GroupNorm(32), as torchvision v2)."
+    )
+    extra_levels_from: Literal["p5", "c5"] = Field(
+        "p5",
+        description="Input of the P6 conv: the FPN's P5 (torchvision v1) or the trunk's C5 "
+        "(detectron2, MMDetection, torchvision retinanet v2).",
+    )
+    extra_levels_relu: bool = Field(
+        True, description="ReLU between the P6 and P7 convs (torchvision, detectron2); MMDetection's RetinaNet: none."
+    )
+    input_format: Literal["rgb_imagenet", "bgr_caffe"] = Field(
+        "rgb_imagenet",
+        description="What the trunk was trained on: RGB in 0-1 with ImageNet mean/std, or BGR in 0-255 minus the "
+        "caffe means (detectron2's MSRA trunks, MMDetection's caffe style).",
+    )
+    stride_in_1x1: bool = Field(
+        False,
+        description="ResNet bottlenecks downsample in their first 1x1 conv (MSRA/caffe trunks) "
+        "instead of the 3x3 (torchvision).",
+    )
+    anchor_rounding: bool = Field(
+        True,
+        description="Round base anchors to whole pixels (torchvision); detectron2 and MMDetection v2 do not.",
     )
     fg_iou_thresh: float = Field(0.5, gt=0.0, le=1.0, description="RetinaNet: anchor IoU to count as foreground.")
     bg_iou_thresh: float = Field(0.4, ge=0.0, le=1.0, description="RetinaNet: anchor IoU below which it is background.")
@@ -166,10 +196,15 @@ class ModelSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:  # noqa: C901 - a flat list of independent guards, one message each
-        if self.pretrained_backbone and self.backbone != "mobilenet_v2":
+        if self.pretrained_backbone and self.backbone != "mobilenet_v2" and not self.backbone_weights:
             raise ValueError(
-                f"pretrained_backbone: no offline ImageNet weights for {self.backbone}; "
-                "only mobilenet_v2 has them (set pretrained_backbone: false or backbone: mobilenet_v2)"
+                f"pretrained_backbone: no offline ImageNet weights for {self.backbone}; name the file in "
+                "backbone_weights (a torchvision ImageNet state dict), or use mobilenet_v2"
+            )
+        if self.backbone_weights and not (self.pretrained_backbone and self.backbone.startswith("resnet")):
+            raise ValueError(
+                "backbone_weights: for a resnet trunk with pretrained_backbone: true "
+                "(mobilenet_v2's ImageNet weights ship offline)"
             )
         if self.norm == "frozen_bn" and not self.pretrained_backbone:
             raise ValueError(
@@ -194,6 +229,10 @@ class ModelSpec(StrictModel):
             )
         if self.head_norm == "gn" and self.fpn_channels % 32:
             raise ValueError("fpn_channels: head_norm gn uses GroupNorm(32), so use a multiple of 32")
+        if self.stride_in_1x1 and self.backbone not in ("resnet50", "resnet101"):
+            raise ValueError(f"stride_in_1x1: {self.backbone} has no bottleneck blocks; leave it false")
+        if self.extra_levels_from == "c5" and self.detector == "faster_rcnn":
+            raise ValueError("extra_levels_from: faster_rcnn's P6 is a max-pool of P5; leave it p5")
         return self
 
     @property
@@ -334,7 +373,9 @@ class ScheduleSpec(StrictModel):
     def resolved_warmup(self) -> int:
         if self.warmup_iters is not None:
             return self.warmup_iters
-        return min(1000, max(0, self.total_iterations() // 10)) if isinstance(self.iterations, int) else 1000
+        if not isinstance(self.iterations, int):
+            return PAPER_WARMUP_ITERS
+        return min(PAPER_WARMUP_ITERS, max(0, self.total_iterations() // 10))
 
     def resolved_steps(self) -> list[int]:
         if self.steps is not None:
@@ -368,6 +409,9 @@ class DeploySpec(StrictModel):
     prediction_images: int = Field(4, ge=0, le=32, description="Validation images rendered with detections.")
 
 
+PRIORITY_MIN, PRIORITY_MAX, DEFAULT_PRIORITY = -100, 100, 0  # higher runs first (docs/scheduling.md)
+
+
 class _JobBase(StrictModel):
     name: str = Field("job", max_length=200)
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds every RNG of the run.")
@@ -378,6 +422,13 @@ class _JobBase(StrictModel):
     # How many times the service starts this job when its worker is lost (null: the server's setting).
     max_attempts: int | None = Field(None, ge=1, le=100)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    priority: int = Field(
+        DEFAULT_PRIORITY,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="The service runs higher first (a study's children inherit it); a non-admin token may go "
+        "up to the cap its admin set (default 0). Ignored by the local runner.",
+    )
 
     @model_validator(mode="after")
     def _check_group(self) -> _JobBase:
@@ -517,7 +568,7 @@ _SPEC_ADAPTER: TypeAdapter[TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec
 def inherit_incompatibility(teacher: ModelSpec, student: ModelSpec) -> str:
     """Why the teacher's FPN and head cannot be copied into the student ('' when they can)."""
     diffs = []
-    for field in ("detector", "fpn_channels", "head_convs", "head_norm"):
+    for field in ("detector", "fpn_channels", "head_convs", "head_norm", "extra_levels_from", "extra_levels_relu"):
         if getattr(teacher, field) != getattr(student, field):
             diffs.append(f"{field}: {getattr(teacher, field)} vs {getattr(student, field)}")
     if teacher.resolved_levels != student.resolved_levels:
@@ -527,7 +578,19 @@ def inherit_incompatibility(teacher: ModelSpec, student: ModelSpec) -> str:
     return "; ".join(diffs)
 
 
-ARCHITECTURE_FIELDS = ("detector", "backbone", "fpn_channels", "head_convs", "head_norm", "anchor_sizes")
+ARCHITECTURE_FIELDS = (
+    "detector",
+    "backbone",
+    "fpn_channels",
+    "head_convs",
+    "head_norm",
+    "anchor_sizes",
+    "extra_levels_from",
+    "extra_levels_relu",
+    "input_format",
+    "stride_in_1x1",
+    "anchor_rounding",
+)
 
 
 def architecture_diffs(expected: ModelSpec, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from .engine.callbacks import Callback, EvalResult, TrainingDiverged
 from .leaderboard import BASELINE, build_leaderboard, write_report
+from .run_layout import SPEC_FILE, SUMMARY_FILE
 from .spec import DataSpec, EvaluateSpec, ModelSpec, StudySpec
 from .study_plan import (
     check_study,
@@ -73,7 +74,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _check_same_spec(folder: Path, spec: Any) -> None:
     """A resumed folder must hold the same job; otherwise stale results would enter the leaderboard."""
-    saved = _read_json(folder / "spec.json")
+    saved = _read_json(folder / SPEC_FILE)
     if saved is not None and saved != spec.model_dump(mode="json"):
         raise ValueError(
             f"{folder} holds a run of a different spec; choose another --output folder "
@@ -114,11 +115,11 @@ def run_study_local(
     else:
         tdir = out / "teacher"
         _check_same_spec(tdir, train)
-        summary = _read_json(tdir / "summary.json")
+        summary = _read_json(tdir / SUMMARY_FILE)
         if summary is None:
             log.info("training the teacher into %s", tdir)
             run_spec(train, tdir, callbacks(train.name), resume=True, cache_dir=cache)
-            summary = _read_json(tdir / "summary.json")
+            summary = _read_json(tdir / SUMMARY_FILE)
         teacher_path = Path(summary["final_checkpoint"])
     teacher_path = teacher_path.resolve()
 
@@ -146,7 +147,7 @@ def run_study_local(
     for method, seed, spec in child_specs(study, str(teacher_path)):
         folder = out / child_folder(method, seed)
         _check_same_spec(folder, spec)
-        summary = _read_json(folder / "summary.json")
+        summary = _read_json(folder / SUMMARY_FILE)
         if summary is None:
             log.info("running %s into %s", spec.name, folder)
             try:
@@ -155,7 +156,7 @@ def run_study_local(
                 log.warning("%s failed: %s", spec.name, exc)
                 results.append(child_result(row_label(method, spec), seed, None, error=str(exc)))
                 continue
-            summary = _read_json(folder / "summary.json")
+            summary = _read_json(folder / SUMMARY_FILE)
         row = child_result(row_label(method, spec), seed, summary)
         results.append(row)
         # A partial report after every child, so a long study can be watched (and survives a stop).

@@ -19,6 +19,7 @@ from .engine.callbacks import EvalResult
 from .leaderboard import BASELINE, TEACHER_AP_METRICS
 from .spec import (
     ICD_PRETRAINED,
+    PAPER_WARMUP_ITERS,
     PRESET_ITERS_AT_16,
     DistillJobSpec,
     ICDOptions,
@@ -30,7 +31,6 @@ from .spec import (
 # The paper fixes iteration counts for COCO 1x (90k iterations at batch 16): LR warm-up 1000 and the
 # ICD bypass 1000 (docs/method/icd.md#bypass). A study keeps the warm-up's share of training (see `scaled_iterations`).
 REFERENCE_ITERS = PRESET_ITERS_AT_16["1x"]
-PAPER_WARMUP_ITERS = 1000
 
 
 # --- expanding a study ----------------------------------------------------------------------------------
@@ -87,6 +87,7 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
                 "data": study.data.model_dump(mode="json"),
                 "schedule": schedule.model_dump(mode="json"),
                 "device": study.device,
+                "priority": study.priority,
                 "deploy": study.deploy.model_dump(mode="json"),
                 "teacher": teacher.model_dump(mode="json"),
                 "student": study.student.model_dump(mode="json"),
@@ -121,6 +122,7 @@ def teacher_train_spec(study: StudySpec) -> TrainSpec | None:
             "data": study.data.model_dump(mode="json"),
             "schedule": study.teacher_schedule.model_dump(mode="json"),
             "device": study.device,
+            "priority": study.priority,
             "deploy": study.deploy.model_dump(mode="json"),
             "model": study.teacher.model_dump(mode="json"),
         }

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from icd_core.hashing import sha256_file
+from icd_core.run_layout import CHECKPOINT_DIR, LOG_FILE
 
 REPORT_DIR = "report"  # a study's leaderboard files: report.json / .md / .png
 
@@ -26,10 +27,10 @@ class ArtifactStore:
         return d
 
     def log_path(self, job_id: int) -> Path:
-        return self.root / "jobs" / str(int(job_id)) / "job.log"
+        return self.root / "jobs" / str(int(job_id)) / LOG_FILE
 
     def checkpoint_dir(self, job_id: int) -> Path:
-        return self.root / "jobs" / str(int(job_id)) / "checkpoints"
+        return self.root / "jobs" / str(int(job_id)) / CHECKPOINT_DIR
 
     def report_dir(self, job_id: int) -> Path:
         """Where a study's leaderboard report is written (the worker) and served from (the API)."""

@@ -1,5 +1,8 @@
 """Send a job to the broker by task name, without importing worker/ (the API stays light).
 
+A message wakes a worker of its queue; the worker then claims the job the database puts first on all its
+queues (docs/scheduling.md), which need not be the job the message names.
+
 Queues: "cuda" for specs that ask for a GPU, "cpu" for CPU-only, "any" for device: auto.
 GPU workers consume "cuda,any" and CPU workers "cpu,any".
 A job of resources.gpus N > 1 goes to "<queue>-gN" (e.g. cuda-g4): routing, not a claim rule, so the

@@ -13,9 +13,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, Job, utcnow
+from store.scheduler import Candidate, OwnerLoad, lock_scheduler, next_for
 
 
 class JobNotFound(LookupError):
@@ -43,8 +44,11 @@ def create_job(
     parent_id: int | None = None,
     status: str = "queued",
     owner: str | None = None,
+    priority: int = 0,
+    gpus: int = 1,
 ) -> Job:
-    """Insert a job ('queued' to run now, 'waiting' until its depends_on jobs succeed) for `owner`."""
+    """Insert a job ('queued' to run now, 'waiting' until its depends_on jobs succeed) for `owner`, at
+    `priority`, holding `gpus` devices while it runs."""
     if kind not in JOB_KINDS:
         raise ValueError(f"kind must be one of {JOB_KINDS}, got {kind!r}")
     if status not in ("queued", "waiting"):
@@ -61,6 +65,8 @@ def create_job(
         progress_step=0,
         cancel_requested=False,
         owner=owner,
+        priority=priority,
+        gpus=gpus,
     )
     s.add(job)
     s.commit()
@@ -137,6 +143,7 @@ def list_jobs(
     search: str | None = None,
     owner: str | None = None,
     before_id: int | None = None,
+    by_priority: bool = False,
 ) -> list[Job]:
     """Jobs newest first (id descending), filtered; `status` may be one status or several; `owner`
     None means every owner.
@@ -146,7 +153,8 @@ def list_jobs(
     conds = _filters(status, kind, name, parent_id, search, owner)
     if before_id is not None:
         conds.append(Job.id < before_id)
-    q = select(Job).where(*conds).order_by(Job.id.desc()).limit(limit).offset(offset)
+    order = (Job.priority.desc(), Job.id) if by_priority else (Job.id.desc(),)
+    q = select(Job).where(*conds).order_by(*order).limit(limit).offset(offset)
     return list(s.scalars(q))
 
 
@@ -172,25 +180,69 @@ def claim_job(s: Session, job_id: int, worker: str, lease_s: float = DEFAULT_LEA
     finished or canceled claims nothing.
     """
     now = utcnow()
-    job = _transition(
-        s,
-        job_id,
-        ("queued",),
-        "running",
-        attempt=Job.attempt + 1,
-        started_at=now,
-        finished_at=None,
-        worker=worker,
-        error=None,
-        eta_s=None,
-        lease_expires_at=now + timedelta(seconds=lease_s),
-        commit=False,
-    )
+    job = _transition(s, job_id, ("queued",), "running", commit=False, **_claim_values(worker, lease_s, now))
     if job is None:
         return None
     s.add(Attempt(job_id=job_id, number=job.attempt, worker=worker, status="running", started_at=now))
     s.commit()
     return job
+
+
+def _claim_values(worker: str, lease_s: float, now: datetime) -> dict[str, Any]:
+    return {
+        "attempt": Job.attempt + 1,
+        "started_at": now,
+        "finished_at": None,
+        "worker": worker,
+        "error": None,
+        "eta_s": None,
+        "lease_expires_at": now + timedelta(seconds=lease_s),
+        "preempt_requested_by": None,
+    }
+
+
+def claim_next(s: Session, worker: str, queues: Sequence[str], lease_s: float = DEFAULT_LEASE_S) -> Job | None:
+    """queued → running for the job a free worker consuming `queues` should take next (store.scheduler's
+    order: priority, owner turns, age; quotas skip), as claim_job does for one job; None when no job on
+    these queues may start now.
+
+    The decision runs under the scheduler lock (PostgreSQL), so two workers never both pick from the same
+    snapshot; the UPDATE is still guarded by the job's status and, for an owner with a quota, by its
+    running jobs counted inside the write (SQLite's one writer at a time), so a job never runs twice and
+    a quota is never overrun whatever the backend.
+    """
+    lock_scheduler(s)
+    now = utcnow()
+    order, loads = next_for(s, queues)
+    for cand in order:
+        load = loads.get(cand.owner) or OwnerLoad()
+        res = s.execute(
+            update(Job)
+            .where(Job.id == cand.id, Job.status == "queued", *_quota_guard(cand, load))
+            .values(status="running", updated_at=now, **_claim_values(worker, lease_s, now))
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            job = _require(s, cand.id)
+            s.add(Attempt(job_id=job.id, number=job.attempt, worker=worker, status="running", started_at=now))
+            s.commit()
+            return job
+    s.rollback()  # ends the read transaction and frees the scheduler lock
+    return None
+
+
+def _quota_guard(cand: Candidate, load: OwnerLoad) -> list[Any]:
+    """The owner's quotas as conditions of the claim's UPDATE, evaluated inside the write."""
+    other = aliased(Job)
+    mine = (other.owner.is_(None) if cand.owner is None else other.owner == cand.owner) & (other.status == "running")
+    conds: list[Any] = []
+    if load.max_running is not None:
+        running = select(func.count()).select_from(other).where(mine).scalar_subquery()
+        conds.append(running < load.max_running)
+    if load.max_gpus is not None:
+        devices = select(func.coalesce(func.sum(other.gpus), 0)).where(mine).scalar_subquery()
+        conds.append(devices + cand.gpus <= load.max_gpus)
+    return conds
 
 
 def update_progress(
@@ -390,12 +442,115 @@ def requeue_interrupted(s: Session, job_id: int, reason: str, attempt: int | Non
         error=None,
         finished_at=None,
         eta_s=None,
+        preempt_requested_by=None,
     )
     if job is None:
         return None
     _close_attempt(s, job_id, "failed", reason)
     s.commit()
     return job
+
+
+def requeue_preempted(s: Session, job_id: int, attempt: int, step: int, by_job: int | None) -> Job | None:
+    """running → queued in one commit after this attempt stopped for a preemption: checkpointed at `step`,
+    the attempt closed as 'preempted' with who asked and when, and `preemptions` + 1 so the attempt does
+    not count against max_attempts. None when the job ended or another attempt holds it."""
+    by = get_job(s, by_job) if by_job is not None else None
+    who = (
+        f"job {by_job} (owner {by.owner or 'local admin'}, priority {by.priority})"
+        if by
+        else "a job of higher priority"
+    )
+    reason = f"preempted at step {step} by {who} at {utcnow().isoformat(timespec='seconds')}; resumes from step {step}"
+    s.rollback()
+    job = _transition(
+        s,
+        job_id,
+        ("running",),
+        "queued",
+        Job.attempt == attempt,
+        Job.cancel_requested.is_not(True),
+        commit=False,
+        worker=None,
+        lease_expires_at=None,
+        error=None,
+        finished_at=None,
+        eta_s=None,
+        preempt_requested_by=None,
+        preemptions=Job.preemptions + 1,
+    )
+    if job is None:
+        return None
+    _close_attempt(s, job_id, "preempted", reason)
+    s.commit()
+    return _require(s, job_id)
+
+
+def request_preemption(s: Session, victim_id: int, attempt: int, by_job: int) -> bool:
+    """Ask running job `victim_id` (this attempt) to checkpoint and go back to the queue for `by_job`;
+    False when it ended, moved on or was asked already. Left uncommitted: the caller decides under the
+    scheduler lock and commits its decisions together."""
+    res = s.execute(
+        update(Job)
+        .where(
+            Job.id == victim_id,
+            Job.status == "running",
+            Job.attempt == attempt,
+            Job.preempt_requested_by.is_(None),
+            Job.cancel_requested.is_not(True),
+        )
+        .values(preempt_requested_by=by_job)
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def withdraw_stale_preemptions(s: Session) -> int:
+    """Drop preemption requests whose job no longer waits (another worker took it, it was canceled):
+    a victim that has not stopped yet keeps running. Uncommitted, like request_preemption."""
+    waiting = select(Job.id).where(Job.status == "queued")
+    res = s.execute(
+        update(Job)
+        .where(Job.status == "running", Job.preempt_requested_by.is_not(None), Job.preempt_requested_by.not_in(waiting))
+        .values(preempt_requested_by=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def set_priority(s: Session, job_id: int, priority: int) -> Job:
+    """Re-prioritise a job that has not started (queued or waiting), and the unstarted children of a
+    study; JobStateError for a job that runs or ended (it keeps its place until it ends or is preempted).
+    Not a status change: one UPDATE guarded by the status, which stays as it is."""
+    unstarted = Job.status.in_(("queued", "waiting"))
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, unstarted)
+        .values(priority=priority, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        s.rollback()
+        current = _require(s, job_id)
+        raise JobStateError(f"job {job_id} is {current.status}; only a queued or waiting job can be re-prioritised")
+    s.execute(
+        update(Job)
+        .where(Job.parent_id == job_id, unstarted)
+        .values(priority=priority, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+    return _require(s, job_id)
+
+
+def stop_requests(s: Session, job_id: int) -> tuple[bool, int | None]:
+    """(cancel requested or job gone/canceled, the job a preemption was requested for): the running job's
+    worker reads both at once, about once a second."""
+    row = s.execute(select(Job.cancel_requested, Job.status, Job.preempt_requested_by).where(Job.id == job_id)).first()
+    s.rollback()
+    if row is None:
+        return True, None
+    return bool(row[0]) or row[1] == "canceled", row[2]
 
 
 def request_cancel(s: Session, job_id: int) -> Job:
@@ -637,20 +792,24 @@ def reap_expired_leases(s: Session, now: datetime | None = None, max_attempts: i
     now = now or utcnow()
     out = Reaped()
     rows = s.execute(
-        select(Job.id, Job.attempt, Job.worker, Job.progress_step, Job.spec, Job.cancel_requested).where(_stale(now))
+        select(
+            Job.id, Job.attempt, Job.worker, Job.progress_step, Job.spec, Job.cancel_requested, Job.preemptions
+        ).where(_stale(now))
     ).all()
     s.rollback()  # end the read transaction; each job below is its own guarded unit of work
-    for job_id, attempt, worker, step, spec, cancel in rows:
+    for job_id, attempt, worker, step, spec, cancel, preempted in rows:
         limit = int((spec or {}).get("max_attempts") or max_attempts)
         lost = f"worker {worker or '?'} lost at step {step} (no heartbeat before its lease expired)"
         if cancel:
             job = _take_back(s, job_id, attempt, now, "canceled", lost, finished_at=now, cancel_requested=False)
-        elif attempt >= limit:
+        elif attempt - (preempted or 0) >= limit:  # preempted attempts do not count
             job = _take_back(
                 s, job_id, attempt, now, "failed", lost, finished_at=now, error=lost_message(worker, step, attempt)
             )
         else:
-            job = _take_back(s, job_id, attempt, now, "queued", lost, worker=None, eta_s=None)
+            job = _take_back(
+                s, job_id, attempt, now, "queued", lost, worker=None, eta_s=None, preempt_requested_by=None
+            )
         if job is not None:
             (out.requeued.append(job) if job.status == "queued" else out.ended.append(job_id))
     return out

@@ -87,6 +87,9 @@ class Job(Base):
         Index("ix_jobs_owner_id", "owner", "id"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),  # the reaper's scan
         Index("ix_jobs_status_updated_at", "status", "updated_at"),  # the reaper's unservable scan
+        # The scheduler (docs/scheduling.md): queued jobs by priority, and an owner's last start.
+        Index("ix_jobs_status_priority_id", "status", "priority", "id"),
+        Index("ix_jobs_owner_started_at", "owner", "started_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -115,6 +118,14 @@ class Job(Base):
     owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
     # The running worker holds the job until then; its heartbeat renews it, the reaper takes it back.
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Higher runs first (docs/scheduling.md); set from the spec at submit, changed by POST /jobs/{id}/priority.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Devices it holds while running (resources.gpus): what the max_gpus quota counts.
+    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # Attempts ended by preemption: they do not count against max_attempts.
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A running job asked to checkpoint and go back to the queue for this queued job of higher priority.
+    preempt_requested_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     attempts: Mapped[list[Attempt]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Attempt.number"
@@ -242,4 +253,9 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Quotas of the jobs this name owns (None: no limit); they hold jobs in the queue, never refuse them.
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_gpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The highest priority a non-admin may give its jobs (None: the default priority).
+    max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -90,9 +90,17 @@ def page_jobs(
     cursor: str | None = None,
     search: str | None = None,
     owner: str | None = None,
+    by_priority: bool = False,
 ) -> JobPage:
     """One page newest first, by cursor (preferred) or offset, with the cursor of the next page; `owner`
-    None: every owner's jobs."""
+    None: every owner's jobs. `by_priority`: highest priority first, oldest first within one, by offset
+    (the claim order within a queue, without the owner turns)."""
+    if by_priority:
+        rows = list_jobs(
+            s, status, kind, name, parent_id, limit=limit, offset=offset, search=search, owner=owner, by_priority=True
+        )
+        total, estimated = count_total(s, status, kind, name, parent_id, search, owner)
+        return JobPage(rows, None, total, estimated)
     before = decode_cursor(cursor) if cursor else None
     rows = list_jobs(
         s,

@@ -22,8 +22,10 @@ from store.jobs import (
     unservable_queues,
 )
 from store.models import Job, utcnow
+from store.preemption import preemption_pass
+from store.scheduler import jobs_ahead, quota_hold
 from store.settings import Settings
-from store.workers import live_queues
+from store.workers import list_workers, live_queues
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,11 @@ def reaper_pass(s: Session, settings: Settings, now: datetime | None = None) -> 
     for job_id in reaped.ended:
         log.warning("job %s ended by the reaper", job_id)
         reaped.requeued += release_dependents(s, job_id)
+    try:
+        preemption_pass(s, settings, now)
+    except Exception:  # a failed pass is tried again on the next; the reaper's work above is committed
+        s.rollback()
+        log.exception("preemption pass failed")
     return reaped
 
 
@@ -58,7 +65,39 @@ def status_detail(s: Session, job: Job, settings: Settings) -> str | None:
             f"worker {job.worker} stopped renewing its lease {(now - job.lease_expires_at).total_seconds():.0f} s "
             "ago; the reaper re-queues the job to resume from its last checkpoint"
         )
+    if job.status == "running" and job.preempt_requested_by is not None:
+        return (
+            f"preempted by job {job.preempt_requested_by}: it checkpoints at its next step and goes back to the queue"
+        )
+    if job.status == "queued":
+        return queued_detail(s, job, settings)
     return None
+
+
+def queued_detail(s: Session, job: Job, settings: Settings) -> str | None:
+    """Why a queued job (on a queue a live worker consumes) has not started: its owner's quota, the jobs a
+    worker takes first, or every such worker busy; after a preemption, by whom and where it resumes. None
+    for a job that a free worker is about to take."""
+    ahead = jobs_ahead(s, job)
+    why = quota_hold(s, job)
+    if why is None and ahead:
+        why = (
+            f"waiting for a free worker: {ahead} queued job(s) on queue {job.queue!r} go first "
+            f"(higher priority, or older at priority {job.priority})"
+        )
+    elif why is None and not _free_worker_for(s, job.queue, settings):
+        why = f"next on queue {job.queue!r} (priority {job.priority}): every worker that takes it is busy"
+    last = max(job.attempts, key=lambda a: a.number, default=None)
+    if last is not None and last.status == "preempted" and last.error:
+        why = f"{last.error}; {why}" if why else last.error
+    return why
+
+
+def _free_worker_for(s: Session, queue: str, settings: Settings) -> bool:
+    return any(
+        w.current_job_id is None and queue in (w.queues or "").split(",")
+        for w in list_workers(s, _alive_window(settings))
+    )
 
 
 def unservable_warnings(s: Session, settings: Settings) -> list[str]:

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     lease_timeout_s: float = 20.0
     reaper_interval_s: float = 2.0  # how often the API and every worker look for expired leases
     max_attempts: int = 3  # attempts a job gets when a worker is lost (a spec's `max_attempts` wins)
+    # Preemption (docs/scheduling.md): a queued job of higher priority may stop a running one at its next
+    # step (checkpointed, re-queued, resumed exactly), once that one has run this long (no thrashing).
+    preemption: bool = True
+    preempt_min_run_s: float = Field(60.0, ge=0)
     # A queued job that no live worker can take (e.g. device: cuda, no GPU worker) fails after this long.
     unservable_timeout_s: float = 600.0
     # Redis re-delivers an unacknowledged message after this long; None: lease_timeout_s + 30 s. The

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from icd_core.spec import INT32_MAX
+from icd_core.spec import DEFAULT_PRIORITY, INT32_MAX, PRIORITY_MAX, PRIORITY_MIN
 from store.models import ApiToken, Job
 
 SECRET_PREFIX = "icd_"  # recognisable in logs and secret scanners
@@ -25,7 +26,25 @@ def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def create_token(s: Session, name: str, admin: bool = False, takes_over_jobs: bool = False) -> tuple[ApiToken, str]:
+@dataclass(frozen=True)
+class Quota:
+    """A token's limits; None: unlimited (max_priority None: the default priority)."""
+
+    max_running: int | None = None
+    max_gpus: int | None = None
+    max_priority: int | None = None
+
+    def problems(self) -> list[str]:
+        limits = {"max_running": self.max_running, "max_gpus": self.max_gpus}
+        out = [f"{n} must be at least 1 (or none: no limit)" for n, v in limits.items() if v is not None and v < 1]
+        if self.max_priority is not None and not PRIORITY_MIN <= self.max_priority <= PRIORITY_MAX:
+            out.append(f"max_priority must be within {PRIORITY_MIN}..{PRIORITY_MAX}")
+        return out
+
+
+def create_token(
+    s: Session, name: str, admin: bool = False, takes_over_jobs: bool = False, quota: Quota | None = None
+) -> tuple[ApiToken, str]:
     """A new token and its secret (256 random bits); only the secret's sha256 is stored.
 
     A name is an owner: jobs keep it after their token is revoked, so a new token under a revoked
@@ -40,8 +59,18 @@ def create_token(s: Session, name: str, admin: bool = False, takes_over_jobs: bo
             f"jobs are owned by {name!r} (a revoked token's name): a new token under it would see and manage "
             "them; choose another name, or pass --takes-over-jobs to give them to the new token"
         )
+    quota = quota or Quota()
+    if quota.problems():
+        raise TokenError("; ".join(quota.problems()))
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-    token = ApiToken(name=name, secret_sha256=secret_hash(secret), admin=admin)
+    token = ApiToken(
+        name=name,
+        secret_sha256=secret_hash(secret),
+        admin=admin,
+        max_running=quota.max_running,
+        max_gpus=quota.max_gpus,
+        max_priority=quota.max_priority,
+    )
     s.add(token)
     s.commit()
     return token, secret
@@ -57,6 +86,43 @@ def revoke_token(s: Session, name: str) -> None:
     s.commit()
     if not res.rowcount:  # type: ignore[attr-defined]
         raise TokenError(f"no token named {name!r} (see `icd token list`)")
+
+
+def set_quota(s: Session, name: str, quota: Quota) -> ApiToken:
+    """Replace a token's quotas (None: no limit). Jobs already running keep running; queued ones start
+    as the new limits allow."""
+    if quota.problems():
+        raise TokenError("; ".join(quota.problems()))
+    res = s.execute(
+        update(ApiToken)
+        .where(ApiToken.name == name)
+        .values(max_running=quota.max_running, max_gpus=quota.max_gpus, max_priority=quota.max_priority)
+    )
+    s.commit()
+    if not res.rowcount:  # type: ignore[attr-defined]
+        raise TokenError(f"no token named {name!r} (see `icd token list`)")
+    token = s.execute(select(ApiToken).where(ApiToken.name == name)).scalar_one()
+    return token
+
+
+def priority_cap(s: Session, name: str | None) -> int:
+    """The highest priority a non-admin token may give its jobs: its max_priority, else the default."""
+    cap = s.execute(select(ApiToken.max_priority).where(ApiToken.name == name)).scalar_one_or_none()
+    return DEFAULT_PRIORITY if cap is None else int(cap)
+
+
+def usage(s: Session) -> dict[str | None, tuple[int, int, int]]:
+    """{owner: (running jobs, devices they hold, queued jobs)} for every owner with active jobs."""
+    out: dict[str | None, tuple[int, int, int]] = {}
+    rows = s.execute(
+        select(Job.owner, Job.status, func.count(), func.coalesce(func.sum(Job.gpus), 0))
+        .where(Job.status.in_(("running", "queued")))
+        .group_by(Job.owner, Job.status)
+    ).all()
+    for owner, status, n, devices in rows:
+        running, held, queued = out.get(owner, (0, 0, 0))
+        out[owner] = (n, int(devices), queued) if status == "running" else (running, held, n)
+    return out
 
 
 def owner_is_admin(s: Session, owner: str | None) -> bool:

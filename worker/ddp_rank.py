@@ -19,12 +19,12 @@ from typing import Any
 
 from icd_core.engine.callbacks import Callback, TrainingStopped
 from icd_core.engine.distributed import TORCHRUN, die_with_parent
+from icd_core.run_layout import SPEC_FILE
 
 log = logging.getLogger("worker.ddp_rank")
 
 GROUP_DIR = "group"
 STOP_FILE = "stop"
-SPEC_FILE = "spec.json"
 
 
 def outcome_path(group_dir: Path, rank: int) -> Path:

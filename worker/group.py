@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from typing import Any
 
 from icd_core.engine.callbacks import EvalResult, TrainingStopped
 from icd_core.engine.distributed import die_with_parent
+from icd_core.run_layout import LOG_FILE
+from icd_core.torchrun import torchrun_argv
 from worker.ddp_rank import GROUP_DIR, SPEC_FILE, STOP_FILE, outcome_path, pid_path
 from worker.threads import openmp_env, rank_threads
 
@@ -54,23 +55,7 @@ class GroupResult:
 
 def torchrun_command(gpus: int, job_id: int, attempt: int, job_dir: Path) -> list[str]:
     """`torchrun --standalone --nproc-per-node N` (a free local port) running worker.ddp_rank."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(gpus),
-        "--max-restarts",
-        "0",
-        "--monitor-interval",
-        "0.5",
-        "-m",
-        "worker.ddp_rank",
-        str(job_id),
-        str(attempt),
-        str(job_dir),
-    ]
+    return torchrun_argv(gpus, "worker.ddp_rank", str(job_id), str(attempt), str(job_dir), monitor_interval_s=0.5)
 
 
 def rank_env(ranks: int) -> dict[str, str]:
@@ -100,7 +85,7 @@ def run_group(
     shutil.rmtree(group_dir, ignore_errors=True)  # a previous attempt's outcomes and stop file
     group_dir.mkdir(parents=True)
     (group_dir / SPEC_FILE).write_text(json.dumps(spec))
-    log_path = job_dir / "job.log"
+    log_path = job_dir / LOG_FILE
     log.info("job %s: starting a %d-rank torchrun group", job_id, gpus)
     with open(log_path, "ab") as job_log:  # the ranks' log lines join the job's log
         proc = subprocess.Popen(

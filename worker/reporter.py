@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from icd_core.engine.callbacks import Callback, CheckpointInfo, EvalResult
 from icd_core.json_numbers import finite_floats
 from store.artifacts import ArtifactStore
-from store.jobs import is_cancel_requested, update_progress
+from store.jobs import stop_requests, update_progress
 from store.results import (
     add_checkpoint,
     add_evaluation,
@@ -72,6 +72,7 @@ class DbReporter(Callback):
         self.step = 0
         self.total: int | None = None
         self.cancel_requested = False
+        self.preempted_by: int | None = None  # a job of higher priority asked this one to make room
         self.flushes = 0
         self._rows: list[tuple[str, int, float]] = []
         self._calls = 0
@@ -163,7 +164,15 @@ class DbReporter(Callback):
                 self.flush()
             if now - self._last_cancel_check >= self.cancel_check_s:
                 self._check_cancel(now)
-        return self.cancel_requested
+        return self.cancel_requested or self.preempted_by is not None
+
+    def poll_preemption(self) -> bool:
+        """For a job this reporter does not drive step by step (a DDP group): read the stop requests at
+        most once per cancel_check_s; True once a preemption was requested."""
+        now = self.clock()
+        if self.preempted_by is None and now - self._last_cancel_check >= self.cancel_check_s:
+            self._check_cancel(now)
+        return self.preempted_by is not None
 
     def confirm_ownership(self) -> bool:
         """Before the final files: renew the lease now, synchronously (the heartbeat's `confirm_lease`),
@@ -207,7 +216,10 @@ class DbReporter(Callback):
             return
         try:
             with self.sessions() as s:
-                self.cancel_requested = is_cancel_requested(s, self.job_id)
+                self.cancel_requested, preempt = stop_requests(s, self.job_id)
+            if preempt is not None and self.preempted_by is None:
+                log.warning("job %s: preempted by job %s; checkpointing at the next step", self.job_id, preempt)
+                self.preempted_by = preempt
         except Exception as exc:  # a busy database must not stop training
             log.warning("job %s: cancel check failed: %s", self.job_id, exc)
 

@@ -25,7 +25,7 @@ from icd_core.spec import ICD_PRETRAINED, StudySpec, parse_spec
 from icd_core.study_plan import check_study, child_specs, preflight, result_from_job, teacher_train_spec
 from icd_core.teacher_eval import evaluate_teacher
 from store.artifacts import ArtifactStore
-from store.dispatch import queue_for
+from store.dispatch import group_size, queue_for
 from store.jobs import (
     JobStateError,
     claim_study_close,
@@ -74,7 +74,15 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
         tspec = teacher_train_spec(study)
         assert tspec is not None
         teacher_job = create_job(
-            s, tspec.model_dump(mode="json"), "train", tspec.name, queue_for(tspec), parent_id=job.id, owner=job.owner
+            s,
+            tspec.model_dump(mode="json"),
+            "train",
+            tspec.name,
+            queue_for(tspec),
+            parent_id=job.id,
+            owner=job.owner,
+            priority=job.priority,  # the study's current priority (POST /jobs/{id}/priority may have changed it)
+            gpus=group_size(tspec),
         )
         teacher_ref = f"job:{teacher_job.id}"
 
@@ -95,6 +103,8 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
                 parent_id=job.id,
                 status="waiting" if waits else "queued",
                 owner=job.owner,
+                priority=job.priority,
+                gpus=group_size(child),
             )
         )
         if method == ICD_PRETRAINED and first_pretrained is None:

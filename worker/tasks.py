@@ -1,6 +1,7 @@
 """The one Celery task, `icd.run_job(job_id)`, and the worker process's start/stop hooks.
 
-The task claims the job in the database (a redelivered or canceled job claims nothing), runs the
+The task claims a job in the database (the first on the worker's queues in the scheduler's order,
+docs/scheduling.md; a redelivered or canceled job claims nothing), runs the
 spec with `icd_core.runner.run_spec` into the job's run folder (resuming from its last checkpoint),
 and records the outcome. Whatever happens, the job never stays 'running': errors a user can fix
 become a failed job whose message says what to change.
@@ -22,6 +23,7 @@ from celery import signals
 from celery.exceptions import Reject
 
 from icd_core.json_numbers import finite_floats
+from icd_core.run_layout import CHECKPOINT_DIR, LOG_FILE
 from icd_core.spec import parse_job_ref
 from store.artifacts import ArtifactStore
 from store.checkpoint_refs import resolve_job_ref
@@ -30,6 +32,7 @@ from store.dispatch import TASK_NAME, group_size
 from store.jobs import (
     LeaseLost,
     claim_job,
+    claim_next,
     expire_leases_of,
     fail_if_running_on,
     fail_job,
@@ -38,10 +41,12 @@ from store.jobs import (
     mark_canceled,
     release_dependents,
     requeue_interrupted,
+    requeue_preempted,
     undelivered_queued,
     update_progress,
 )
 from store.reaper import reaper_pass
+from store.scheduler import queued_heads
 from store.settings import get_settings
 from worker.app import app
 from worker.db import dispose, sessions
@@ -189,14 +194,22 @@ def run_job(self: Any, job_id: int) -> str:
     return execute_job(int(job_id), self.request.hostname or worker_name())
 
 
-def execute_job(job_id: int, worker: str) -> str:
-    """Claim, run and settle one job. Separate from the Celery task so it can run in-process."""
+def execute_job(job_id: int, worker: str, queues: str | None = None) -> str:
+    """Claim, run and settle one job. Separate from the Celery task so it can run in-process.
+
+    A Celery worker (which knows its queues) treats the message as a wake-up: it claims the job the
+    database puts first on all its queues (docs/scheduling.md), which may be another one than `job_id`;
+    that one's wake-up is then sent again, so every queued job keeps a message. Called without queues
+    (tests, in-process runs), it claims exactly `job_id`.
+    """
     factory = sessions()
     settings = get_settings()
+    queues = queues if queues is not None else _worker_queues or None
     with factory() as s:
-        job = claim_job(s, job_id, worker, lease_s=settings.lease_timeout_s)
+        job = _claim(s, job_id, worker, queues, settings.lease_timeout_s)
         if job is None:
             return _not_claimed(s, job_id, worker)
+        job_id = job.id
         kind, spec_dict, attempt = job.kind, dict(job.spec), job.attempt  # loaded: usable after close
 
     artifacts = ArtifactStore(settings.artifact_root)
@@ -205,7 +218,7 @@ def execute_job(job_id: int, worker: str) -> str:
         _heartbeat.set_job(job_id, attempt)
     status = "failed"
     try:
-        with job_log(job_dir / "job.log"):
+        with job_log(job_dir / LOG_FILE):
             how = "starts" if attempt <= 1 else "resumes from its last checkpoint (if any)"
             log.info("job %s (%s) attempt %s %s on %s", job_id, kind, attempt, how, worker)
             _remove_stale_temporaries(job_dir)
@@ -224,7 +237,35 @@ def execute_job(job_id: int, worker: str) -> str:
             _heartbeat.set_job(None)
         if status != "queued":  # a hand-back logged its end before another attempt could start
             log_attempt_end(job_id, attempt, worker, status)
+        if queues:
+            _wake_queued()
     return status
+
+
+def _wake_queued() -> None:
+    """A job left its worker, so a quota may have freed: one wake-up on each queue that has queued jobs
+    (a message that finds nothing to claim is a no-op), so a job its quota held starts now rather than
+    after the idle sweep."""
+    try:
+        with sessions()() as s:
+            for job_id, queue in queued_heads(s):
+                _send(job_id, queue)
+    except Exception:
+        log.exception("waking workers for queued jobs failed")
+
+
+def _claim(s: Any, hint: int, worker: str, queues: str | None, lease_s: float) -> Any:
+    """The job this worker runs now: the database's first on `queues`, else exactly `hint`. When the
+    first is another job, `hint` (if still queued) gets a new wake-up: every queued job keeps a message."""
+    if not queues:
+        return claim_job(s, hint, worker, lease_s=lease_s)
+    job = claim_next(s, worker, [q for q in queues.split(",") if q], lease_s=lease_s)
+    if job is not None and job.id != hint:
+        hinted = get_job(s, hint)
+        if hinted is not None and hinted.status == "queued":
+            _send(hint, hinted.queue)
+        log.info("job %s claimed on the wake-up of job %s (database order)", job.id, hint)
+    return job
 
 
 def log_attempt_end(job_id: int, attempt: int, worker: str, outcome: str) -> None:
@@ -238,7 +279,7 @@ def _remove_stale_temporaries(job_dir: Path) -> None:
     """A killed checkpoint write leaves `<name>.tmp` (tens of MB); no writer of this job runs now."""
     from icd_core.engine.checkpoint import remove_stale_temporaries
 
-    removed = remove_stale_temporaries(job_dir / "checkpoints")
+    removed = remove_stale_temporaries(job_dir / CHECKPOINT_DIR)
     if removed:
         log.info("removed %d stale temporary file(s): %s", len(removed), [p.name for p in removed])
 
@@ -341,7 +382,7 @@ def _run_group(spec_dict: dict[str, Any], gpus: int, job_dir: Path, reporter: Db
             spec_dict,
             gpus,
             job_dir,
-            should_stop=lambda: shutdown_requested.is_set() or _lease_lost(reporter),
+            should_stop=lambda: shutdown_requested.is_set() or _lease_lost(reporter) or reporter.poll_preemption(),
             on_tick=_heartbeat.beat_if_due if _heartbeat is not None else None,
             stop_grace_s=get_settings().ddp_stop_grace_s,
         )
@@ -439,6 +480,8 @@ def _record_failure(job_id: int, attempt: int, exc: BaseException, reporter: DbR
     with sessions()() as s:
         if isinstance(exc, TrainingStopped) and reporter.lease_lost is not None and reporter.lease_lost.is_set():
             raise LeaseLost(f"job {job_id}: attempt {attempt} was reaped at step {exc.step}")
+        if isinstance(exc, TrainingStopped) and reporter.preempted_by is not None and not reporter.cancel_requested:
+            return _hand_back_preempted(s, job_id, attempt, exc.step, reporter.preempted_by)
         if isinstance(exc, TrainingStopped) and shutdown_requested.is_set() and not reporter.cancel_requested:
             # A worker shutdown, not the user: give the job back to the queue; it resumes from the
             # checkpoint the trainer just wrote.
@@ -458,6 +501,22 @@ def _record_failure(job_id: int, attempt: int, exc: BaseException, reporter: DbR
         log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(exc)))
         fail_job(s, job_id, failure_message(job_id, exc, reporter.step + 1 if reporter.step else None), attempt=attempt)
         return "failed"
+
+
+def _hand_back_preempted(s: Any, job_id: int, attempt: int, step: int, by_job: int) -> str:
+    """A preemption: the trainer checkpointed `step`; the job goes back to the queue (not counted against
+    max_attempts) and resumes there on the next free worker; the job that asked takes this worker."""
+    log_attempt_end(job_id, attempt, worker_name(), f"preempted by job {by_job}")
+    job = requeue_preempted(s, job_id, attempt, step, by_job)
+    if job is None:
+        current = get_job(s, job_id)
+        if current is not None and current.status == "running" and current.attempt == attempt:
+            mark_canceled(s, job_id, attempt=attempt)  # a cancel came in meanwhile: it wins, as in finish_job
+            return "canceled"
+        return current.status if current is not None else "missing"
+    log.warning("job %s: preempted by job %s, checkpointed at step %s and re-queued", job_id, by_job, step)
+    _send(job_id, job.queue)
+    return "queued"
 
 
 def _never_left_running(job_id: int, worker: str, attempt: int) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import logging
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response, status
 from fastapi.responses import JSONResponse
@@ -12,7 +13,16 @@ from api.auth import UNAUTHORIZED, Caller, get_caller
 from api.bodies import YAML_REQUEST_BODY, YamlBodyRoute
 from api.deps import JobId, get_app_settings, get_artifacts, get_session, job_or_404
 from api.docs import SUBMIT_EXAMPLES
-from api.schemas import ErrorOut, EvaluationOut, JobDetail, JobList, JobOut, MetricsOut, ValidationErrorOut
+from api.schemas import (
+    ErrorOut,
+    EvaluationOut,
+    JobDetail,
+    JobList,
+    JobOut,
+    MetricsOut,
+    PriorityIn,
+    ValidationErrorOut,
+)
 from api.validation import (
     confine_paths,
     field_error,
@@ -26,13 +36,16 @@ from icd_core.study_plan import check_study
 from store import jobs as q
 from store.artifacts import ArtifactStore
 from store.checkpoint_refs import job_ref_state
-from store.dispatch import BrokerUnavailable, enqueue, queue_for
+from store.dispatch import BrokerUnavailable, enqueue, group_size, queue_for
 from store.models import Job, JobKind
 from store.paging import page_jobs
+from store.preemption import preemption_pass
 from store.reaper import status_detail
 from store.results import get_metrics, list_evaluations
 from store.settings import Settings
+from store.tokens import priority_cap
 
+log = logging.getLogger(__name__)
 _UNPROCESSABLE = {422: {"model": ValidationErrorOut, "description": "Invalid parameters: each entry names the field"}}
 router = APIRouter(
     prefix="/jobs",
@@ -153,6 +166,8 @@ def submit_job(
     """
     spec, errors = _validated_spec(s, spec, settings, caller)
     waits = _check_job_refs(s, spec, settings, caller, errors) if not errors else []
+    if (why := _above_cap(s, caller, spec.priority)) is not None:
+        errors.append(field_error("priority", why))
     if isinstance(spec, StudySpec):
         try:
             check_study(spec)  # an incompatible teacher/student pair fails now, not after the teacher trains
@@ -169,6 +184,8 @@ def submit_job(
         depends_on=waits,
         status="waiting" if waits else "queued",
         owner=caller.name,
+        priority=spec.priority,
+        gpus=group_size(spec),
     )
     response.headers["Location"] = f"/jobs/{job.id}"
     if waits:
@@ -177,7 +194,31 @@ def submit_job(
             _dispatch_new(s, settings, released)
     else:
         _dispatch_new(s, settings, job)
+        _preempt_now(s, settings)
     return JobDetail.model_validate(job_or_404(s, job.id, caller))
+
+
+def _above_cap(s: Session, caller: Caller, priority: int) -> str | None:
+    """Why a non-admin may not use this priority (None: it may): above the cap its admin set."""
+    if caller.admin:
+        return None
+    cap = priority_cap(s, caller.name)
+    if priority <= cap:
+        return None
+    return (
+        f"priority {priority} is above the cap of token {caller.name!r} ({cap}); use {cap} or lower, or ask an "
+        f"admin to raise it (`icd token set-quota {caller.name} --max-priority N`)"
+    )
+
+
+def _preempt_now(s: Session, settings: Settings) -> None:
+    """A new job of high priority makes room at once instead of at the next reaper pass; a failure here is
+    only logged (the reaper's pass does the same within ICD_REAPER_INTERVAL_S)."""
+    try:
+        preemption_pass(s, settings)
+    except Exception:  # noqa: BLE001 - the submit succeeded; preemption is retried by the reaper
+        s.rollback()
+        log.exception("preemption after submit failed")
 
 
 @router.get("", response_model=JobList)
@@ -196,6 +237,13 @@ def list_jobs(
         str | None,
         Query(max_length=200, description="next_cursor of the previous page: the jobs after it, newest first"),
     ] = None,
+    sort: Annotated[
+        Literal["newest", "priority"],
+        Query(
+            description="newest (default; pages by cursor) or priority: highest first, oldest first within one "
+            "(pages by offset)"
+        ),
+    ] = "newest",
     caller: Caller = Depends(get_caller),
 ) -> JobList:
     """Jobs newest first, filtered, one page at a time; a non-admin token sees only its own jobs.
@@ -210,6 +258,11 @@ def list_jobs(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             detail=[_query_error("offset", "offset: use either cursor or offset, not both")],
         )
+    if cursor and sort == "priority":
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=[_query_error("cursor", "cursor: sort=priority pages by offset")],
+        )
     try:
         page = page_jobs(
             s,
@@ -222,6 +275,7 @@ def list_jobs(
             cursor=cursor,
             search=search,
             owner=None if caller.admin else caller.name,
+            by_priority=sort == "priority",
         )
     except ValueError as exc:
         field = "cursor" if str(exc).startswith("cursor") else "status"
@@ -268,6 +322,30 @@ def cancel_job(job_id: JobId, s: Session = Depends(get_session), caller: Caller 
     if job.status == "canceled":
         q.release_dependents(s, job_id)  # jobs waiting for it fail with a message saying so
     return JobDetail.model_validate(job_or_404(s, job_id, caller))
+
+
+@router.post("/{job_id}/priority", response_model=JobDetail, responses=_ERRORS | _STATE)
+def set_priority(
+    job_id: JobId,
+    body: PriorityIn,
+    s: Session = Depends(get_session),
+    settings: Settings = Depends(get_app_settings),
+    caller: Caller = Depends(get_caller),
+) -> JobDetail:
+    """Re-prioritise a queued or waiting job (a study: with its unstarted children); its owner or an admin.
+    A non-admin stays within its token's cap (422 naming `priority`); 409 once the job runs or ended."""
+    job_or_404(s, job_id, caller)
+    if (why := _above_cap(s, caller, body.priority)) is not None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=[field_error("priority", why)])
+    try:
+        q.set_priority(s, job_id, body.priority)
+    except q.JobStateError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
+    _preempt_now(s, settings)
+    job = job_or_404(s, job_id, caller)
+    detail = JobDetail.model_validate(job)
+    detail.status_detail = status_detail(s, job, settings)
+    return detail
 
 
 @router.post(

@@ -16,12 +16,13 @@ from sqlalchemy.orm import Session
 
 from api.auth import UNAUTHORIZED, Caller, get_caller
 from api.deps import get_app_settings, get_session
-from api.schemas import CheckResult, HealthOut, VersionOut, WorkerOut
+from api.schemas import CheckResult, HealthOut, QuotaOut, VersionOut, WorkerOut
 from store.db import current_revision
 from store.dispatch import check_broker
 from store.jobs import get_job
 from store.reaper import unservable_warnings
 from store.settings import Settings
+from store.tokens import list_tokens, usage
 from store.workers import list_workers
 
 router = APIRouter(tags=["system"])
@@ -50,6 +51,31 @@ def workers(
         job = get_job(s, w.current_job_id) if w.current_job_id is not None else None
         hidden.append(w if job is not None and caller.can_see(job) else w.model_copy(update={"current_job_id": None}))
     return hidden
+
+
+@router.get("/quotas", response_model=list[QuotaOut], responses=UNAUTHORIZED)
+def quotas(s: Session = Depends(get_session), caller: Caller = Depends(get_caller)) -> list[QuotaOut]:
+    """Every token's quotas and what its jobs hold now (an admin); a non-admin token sees its own row.
+    Quotas hold queued jobs back (the job's status_detail says which), they never refuse a submit."""
+    used = usage(s)
+    rows = []
+    for t in list_tokens(s):
+        if not caller.admin and t.name != caller.name:
+            continue
+        running, devices, queued = used.get(t.name, (0, 0, 0))
+        rows.append(
+            QuotaOut(
+                name=t.name,
+                admin=t.admin,
+                max_running=t.max_running,
+                max_gpus=t.max_gpus,
+                max_priority=t.max_priority,
+                running=running,
+                devices=devices,
+                queued=queued,
+            )
+        )
+    return rows
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})

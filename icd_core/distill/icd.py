@@ -45,6 +45,7 @@ from icd_core.distill.icd_queries import (
     build_queries,
     descriptor_dims,
 )
+from icd_core.spec import INT32_MAX
 
 if TYPE_CHECKING:
     from icd_core.data.priors import ClassPriors
@@ -140,7 +141,7 @@ class ICDDistiller(Distiller):
         self.register_buffer("prior_wh_mean", mean, persistent=False)
         self.register_buffer("prior_wh_std", std, persistent=False)
         if seed is None:  # drawn from the (seeded) global RNG; kept in state_dict for exact resume
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            seed = int(torch.randint(0, INT32_MAX, (1,)).item())
         self.sample_seed = int(seed)  # saved as the module's extra state
         self._layout_key: tuple | None = None
         self._layout: KeyLayout | None = None

@@ -31,6 +31,7 @@ from torch import Tensor
 from icd_core.distill.base import DistillBatch
 from icd_core.distill.icd_diagnostics import identification_auc
 from icd_core.engine import checkpoint as ckpt
+from icd_core.spec import INT32_MAX
 
 if TYPE_CHECKING:
     from icd_core.detectors import Detector
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 DECODER_PREFIXES = ("encoder.", "decoder.", "aux_head.")
 ARTIFACT_FORMAT = 1
-HOLDOUT_STEP = 2**31 - 1  # query sampling of the held-out check: fixed, never a training step's
+HOLDOUT_STEP = INT32_MAX  # query sampling of the held-out check: fixed, never a training step's
 Batch = tuple[list[Tensor], list[dict[str, Any]]]
 
 

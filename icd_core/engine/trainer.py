@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..detectors import Detector, load_weights
 from ..distill.base import DistillBatch, Distiller
+from ..run_layout import CHECKPOINT_DIR
 from ..spec import ScheduleSpec
 from . import checkpoint as ckpt
 from .amp import AmpConfig, make_scaler, resolve_amp
@@ -130,7 +131,7 @@ class Trainer:
         self.schedule = schedule
         self.batches = batches
         self.output_dir = Path(output_dir)
-        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.checkpoint_dir = self.output_dir / CHECKPOINT_DIR
         self.device = device
         self.evaluator = evaluator
         self.callbacks = list(callbacks)

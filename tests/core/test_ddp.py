@@ -27,6 +27,7 @@ from icd_core.engine.metrics_log import read_metrics_log
 from icd_core.evaluate import METRIC_NAMES
 from icd_core.runner import run_spec
 from icd_core.spec import parse_spec
+from icd_core.torchrun import torchrun_argv
 
 pytestmark = pytest.mark.slow
 
@@ -42,21 +43,7 @@ def torchrun(spec: dict[str, Any], out: Path, cache: Path, nproc: int = 2, *extr
     """Run icd_core.ddp_main under torchrun; fail the test with its output if the group fails."""
     spec_path = out.parent / f"{out.name}.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        "icd_core.ddp_main",
-        str(spec_path),
-        str(out),
-        "--cache-dir",
-        str(cache),
-        *extra,
-    ]
+    cmd = torchrun_argv(nproc, "icd_core.ddp_main", str(spec_path), str(out), "--cache-dir", str(cache), *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

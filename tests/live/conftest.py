@@ -29,6 +29,7 @@ from tests.helpers import (
     stop_process,
     wait_for,
 )
+from worker.supervisor import WorkerSpec
 
 
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:
@@ -91,24 +92,7 @@ def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServi
             stderr=subprocess.STDOUT,
         )
         worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--pool",
-                "solo",
-                "-Q",
-                "cpu,any",
-                "-n",
-                "live@localhost",
-                "--loglevel",
-                "INFO",
-                "--without-mingle",
-                "--without-gossip",
-            ],
+            WorkerSpec(name="live@localhost", queues="cpu,any", loglevel="INFO").command(),
             cwd=REPO,
             env=env,
             stdout=worker_log,

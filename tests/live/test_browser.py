@@ -7,6 +7,7 @@ through the DOM. Outside hosts are unresolvable in this browser, so a page that 
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -208,6 +209,12 @@ def test_study_page_fills_its_leaderboard_and_compare_overlays_children(
         "the study to succeed",
         ec.presence_of_element_located((By.CSS_SELECTOR, '#job-head [data-status="succeeded"]')),
     )
+    # The report's verdict opens the leaderboard; with one seed it says no gain can be judged yet.
+    verdict = until(browser, 30, "the verdict", lambda d: (v := d.find_element(By.ID, "verdict")).is_displayed() and v)
+    report = live_service.http.get(f"/jobs/{study['id']}/report").json()
+    assert verdict.text == report["verdict"] and verdict.text.startswith("One seed per method cannot separate")
+    paired = browser.find_element(By.CSS_SELECTOR, '#leaderboard tr[data-method="icd"] td.paired').text
+    assert re.fullmatch(r"[+−]\d+\.\d \(1 seed\)", paired), paired
     # The best student's predictions beside its teacher's, rendered from the run's own PNGs.
     preds = until(browser, 60, "the predictions", lambda d: js(d, "return window.icd.predictions"))
     assert preds["images"] > 0 and preds["teacher"] == preds["images"], preds

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from tests.helpers import REPO, TINY_MODEL, service_env, stop_process, tiny_data, wait_for
 from tests.helpers import flushed_redis_url as redis_url
 from tests.service.test_worker_e2e import wait_status
+from worker.supervisor import WorkerSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(900)]
 
@@ -64,24 +64,7 @@ class Stack:
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the process's life
         env = {**self.env, "ICD_WORKER_GPUS": str(gpus), "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--pool",
-                "solo",
-                "-Q",
-                group_queues("cpu,any", gpus),
-                "-n",
-                f"{name}@localhost",
-                "--loglevel",
-                "INFO",
-                "--without-mingle",
-                "--without-gossip",
-            ],
+            WorkerSpec(name=f"{name}@localhost", queues=group_queues("cpu,any", gpus), loglevel="INFO").command(),
             cwd=REPO,
             env=env,
             stdout=log,

@@ -31,6 +31,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.helpers import flushed_redis_url as redis_url
+from worker.supervisor import WorkerSpec
 from worker.threads import choose_threads
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -89,24 +90,7 @@ def redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
     log_path = tmp / "worker.log"
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--pool",
-                "solo",
-                "-Q",
-                "cpu,any",
-                "-n",
-                "e2e@localhost",
-                "--loglevel",
-                "INFO",
-                "--without-mingle",
-                "--without-gossip",
-            ],
+            WorkerSpec(name="e2e@localhost", queues="cpu,any", loglevel="INFO").command(),
             cwd=REPO,
             env=env,
             stdout=log,

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from store.db import upgrade_database
 from store.jobs import create_job, get_job, request_cancel
 from store.settings import get_settings
+from worker.supervisor import WorkerSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -192,7 +193,7 @@ def test_icd_db_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_a_worker_refuses_an_unmigrated_database(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "ICD_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "WARNING"],
+        WorkerSpec(name="unmigrated@localhost", queues="cpu,any", loglevel="WARNING").command(),
         env=env,
         capture_output=True,
         text=True,

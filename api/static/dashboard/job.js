@@ -90,6 +90,7 @@ export function jobView(main, jobId) {
 
   function renderHead(job) {
     const eta = job.status === "running" && job.eta_s != null ? fmtDuration(job.eta_s) : "";
+    const preempted = (job.attempts || []).filter((a) => a.status === "preempted").pop();
     const deps = job.depends_on.length ? job.depends_on.map((d) => `<a href="#/jobs/${d}">${d}</a>`).join(", ") : "";
     $("#job-head").innerHTML = `
       <h1>${esc(job.name)} <span class="muted">#${job.id} · ${esc(job.kind)}</span> ${statusBadge(job.status)}</h1>
@@ -97,6 +98,7 @@ export function jobView(main, jobId) {
         ${job.progress_step}${job.progress_total ? "/" + job.progress_total : ""}</span> ${eta ? `· ETA <b>${eta}</b>` : ""}</div>
       <div class="facts">
         ${fact("attempt", job.attempt)}${fact("worker", esc(job.worker))}${fact("queue", esc(job.queue))}
+        ${fact("priority", job.priority ?? 0)}${job.preemptions ? fact("preempted", `${job.preemptions}×`) : ""}
         ${fact("s/step", fmtNum(job.sec_per_step, 3))}${fact("created", fmtTime(job.created_at))}
         ${fact("started", fmtTime(job.started_at))}${fact("finished", fmtTime(job.finished_at))}
         ${job.parent_id ? `<div><span>study</span><a href="#/jobs/${job.parent_id}">${job.parent_id}</a></div>` : ""}
@@ -105,6 +107,8 @@ export function jobView(main, jobId) {
           .map(([k, v]) => `${esc(k)} ${fmtNum(v, 2)}`).join(" · ")}</div>` : ""}
         ${teacherFact(job.final_metrics)}
       </div>
+      ${job.status_detail ? `<div class="muted" id="job-wait">${esc(job.status_detail)}</div>`
+        : preempted ? `<div class="muted" id="job-wait">attempt ${preempted.number} ${esc(preempted.error)}</div>` : ""}
       ${job.error ? `<div class="error" id="job-error">${esc(job.error)}</div>` : ""}`;
     const active = !isFinished(job);
     $("#cancel").disabled = !active || job.cancel_requested;

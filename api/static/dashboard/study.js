@@ -44,11 +44,21 @@ function barChart(box, rows) {
   }, [xs, done.map((r) => r.mean)], box);
 }
 
+// "+2.1 [+0.4, +3.8]"; "≈0" marks an interval containing 0 (not distinguishable from `none`).
+function pairedText(p) {
+  if (!p) return "";
+  const signed = (v) => (v >= 0 ? "+" : "−") + Math.abs(v).toFixed(1);
+  if (p.ci_low == null) return `${signed(p.mean)} (${p.n} seed${p.n === 1 ? "" : "s"})`;
+  return `${signed(p.mean)} [${signed(p.ci_low)}, ${signed(p.ci_high)}]${p.distinguishable ? "" : " ≈0"}`;
+}
+
 export function studyPanel(box, study) {
   box.innerHTML = `<h2>Children</h2><div id="children" class="muted">none yet</div>
     <h2>Leaderboard <span class="muted" id="lb-state"></span></h2>
+    <p id="verdict" class="verdict" hidden></p>
     <table id="leaderboard"><thead><tr><th>method</th><th class="num">AP mean</th><th class="num">± std</th>
-      <th class="num">Δ vs none</th><th class="num">seeds done</th></tr></thead><tbody></tbody></table>
+      <th class="num">Δ vs none</th><th class="num" title="mean of (method − none) over shared seeds, 95 % t interval">paired Δ (95 % CI)</th>
+      <th class="num">seeds done</th></tr></thead><tbody></tbody></table>
     <div class="chart" id="lb-chart" style="margin-top:.8em;max-width:680px"></div>
     <p id="compare-children"></p><p id="report-links"></p><div id="study-predictions"></div>`;
   let bars = null;
@@ -66,10 +76,17 @@ export function studyPanel(box, study) {
       <td>${progressBar(c)}</td><td class="num">${fmtNum(c.final_metrics?.AP)}</td></tr>`).join("")}</tbody></table>`
       : `<span class="muted">the study creates its children when a worker starts it</span>`;
     const rows = leaderboard(details);
+    const report = isFinished(job) && job.status === "succeeded" ? await api.get(`/jobs/${study.id}/report`).catch(() => null) : null;
+    const paired = Object.fromEntries((report?.methods ?? []).map((m) => [m.method, m.paired_delta_AP]));
     box.querySelector("#leaderboard tbody").innerHTML = rows.map((r) => `
       <tr data-method="${esc(r.method)}"><td>${esc(r.method)}</td><td class="num">${fmtNum(r.mean, 2)}</td>
       <td class="num">${fmtNum(r.std, 2)}</td><td class="num">${r.delta == null ? "" : (r.delta >= 0 ? "+" : "") + fmtNum(r.delta, 2)}</td>
-      <td class="num">${r.n}/${r.total}</td></tr>`).join("");
+      <td class="num paired">${pairedText(paired[r.method])}</td><td class="num">${r.n}/${r.total}</td></tr>`).join("");
+    if (report?.verdict) {
+      const verdict = box.querySelector("#verdict");
+      verdict.textContent = report.verdict;
+      verdict.hidden = false;
+    }
     const students = children.filter((c) => c.kind === "distill").map((c) => c.id);
     box.querySelector("#compare-children").innerHTML = students.length > 1
       ? `<a class="button" href="#/compare?ids=${students.join(",")}&series=loss">Compare the students' curves</a>` : "";
