@@ -121,13 +121,13 @@ def _family(keys: set[str], retinanet: str, fcos: str, faster_rcnn: str) -> str 
     if retinanet in keys:
         return "retinanet"
     if faster_rcnn in keys:
-        return "fasterrcnn"
+        return "faster_rcnn"
     return None
 
 
-def _arch(family: str | None, depth: int | None) -> str | None:
-    """detectron2 and MMDetection sources are named like torchvision's: `<family>_resnet<depth>_fpn`."""
-    return f"{family}_resnet{depth}_fpn" if family and depth in (50, 101) else None
+def _arch(name: str, family: str | None, depth: int | None) -> str | None:
+    """An architecture in its own project's words (`name` formats family and depth), R50 and R101 only."""
+    return name.format(family=family, depth=depth) if family and depth in (50, 101) else None
 
 
 def _detectron2(keys: set[str], path: str | Path) -> Verdict | None:
@@ -135,7 +135,7 @@ def _detectron2(keys: set[str], path: str | Path) -> Verdict | None:
         return None
     family = _family(keys, "head.cls_score.weight", "head.ctrness.weight", "roi_heads.box_predictor.cls_score.weight")
     depth = _resnet_depth(keys, [f"backbone.bottom_up.res{i}." for i in range(2, 6)])
-    return Verdict("a detectron2 checkpoint", "detectron2", _arch(family, depth))
+    return Verdict("a detectron2 checkpoint", "detectron2", _arch("{family}_R_{depth}_FPN", family, depth))
 
 
 def _mmdet(keys: set[str], path: str | Path) -> Verdict | None:
@@ -145,7 +145,7 @@ def _mmdet(keys: set[str], path: str | Path) -> Verdict | None:
         keys, "bbox_head.retina_cls.weight", "bbox_head.conv_centerness.weight", "roi_head.bbox_head.fc_cls.weight"
     )
     depth = _resnet_depth(keys, [f"backbone.layer{i}." for i in range(1, 5)])
-    return Verdict("an MMDetection checkpoint", "mmdet", _arch(family, depth))
+    return Verdict("an MMDetection checkpoint", "mmdet", _arch("{family}_r{depth}_fpn", family, depth))
 
 
 def _torchvision(keys: set[str], path: str | Path) -> Verdict | None:

@@ -71,7 +71,7 @@ def test_detectron2_and_mmdetection_layouts_are_told_apart_with_their_arch(tmp_p
     d2 = _resnet([f"backbone.bottom_up.res{i}." for i in range(2, 6)], 101)
     d2 += ["backbone.bottom_up.stem.conv1.weight", "backbone.fpn_lateral3.weight", "head.cls_score.weight"]
     verdict = identify({"model": _zeros(d2), "__author__": "Detectron2 Model Zoo"}, "x.pth")
-    assert verdict is not None and (verdict.source, verdict.arch) == ("detectron2", "retinanet_resnet101_fpn")
+    assert verdict is not None and (verdict.source, verdict.arch) == ("detectron2", "retinanet_R_101_FPN")
 
     mm = _resnet([f"backbone.layer{i}." for i in range(1, 5)], 50)
     mm += ["backbone.conv1.weight", "neck.lateral_convs.0.conv.weight", "rpn_head.rpn_conv.weight"]
@@ -82,7 +82,7 @@ def test_detectron2_and_mmdetection_layouts_are_told_apart_with_their_arch(tmp_p
         read_verdict(path)[1]
         .message(path)
         .endswith(  # type: ignore[union-attr]
-            f"icd import-teacher {path} --from mmdet --arch fasterrcnn_resnet50_fpn -o teacher.pt"
+            f"icd import-teacher {path} --from mmdet --arch faster_rcnn_r50_fpn -o teacher.pt"
         )
     )
 
