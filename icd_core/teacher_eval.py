@@ -24,6 +24,7 @@ from typing import Any
 from .atomic_files import write_text_atomic
 from .hashing import sha256_file
 from .leaderboard import AP_METRICS, TEACHER_PREFIX
+from .run_layout import SUMMARY_FILE
 from .spec import DataSpec, ModelSpec
 from .study_plan import preflight
 
@@ -129,7 +130,7 @@ def evaluate_teacher(
     log.info("teacher %s: evaluating on data.val once (cache key %s)", path, key[:24])
     with tempfile.TemporaryDirectory(prefix="icd-teacher-eval-") as tmp:
         evaluation = evaluate_checkpoint(path, data, cache_dir, model, tmp, device=device, batch_size=batch_size)
-        summary = json.loads((Path(tmp) / "summary.json").read_text())
+        summary = json.loads((Path(tmp) / SUMMARY_FILE).read_text())
     result = TeacherEval(
         metrics={k: float(v) for k, v in evaluation.metrics.items()},
         per_class={k: float(v) for k, v in evaluation.per_class.items()},
