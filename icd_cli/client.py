@@ -224,7 +224,21 @@ def status_cmd(job_id: int, as_json: bool, server: str, token: str | None) -> No
         )
         click.echo(f"  last evaluation (step {e['step']}): {aps}")
     if job.get("final_metrics"):
+        teacher = _teacher_line(job["final_metrics"])
+        if teacher:
+            click.echo(teacher)
         click.echo("  final: " + json.dumps(job["final_metrics"]))
+
+
+def _teacher_line(metrics: dict[str, Any]) -> str:
+    """A distill job's teacher AP (measured on data.val before training) beside its student's."""
+    if metrics.get("teacher_AP") is None:
+        return ""
+    teacher = "  ".join(
+        f"{k} {metrics['teacher_' + k]:.2f}" for k in ("AP", "AP50") if metrics.get("teacher_" + k) is not None
+    )
+    student = f"AP {metrics['AP']:.2f}" if metrics.get("AP") is not None else "-"
+    return f"  teacher: {teacher}  (student: {student})"
 
 
 @click.command("logs")
@@ -395,9 +409,11 @@ def retry_cmd(job_id: int, server: str, token: str | None) -> None:
 @click.command("validate")
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def validate_cmd(spec: Path) -> None:
-    """Check a spec file without running it or asking a server: schema, study compatibility, paths."""
+    """Check a spec file without running it or asking a server: schema, study compatibility, paths, and
+    that every checkpoint file is this service's and of the spec's architecture."""
     from pydantic import ValidationError
 
+    from icd_core.checkpoint_gate import checkpoint_problems
     from icd_core.spec import SpecSyntaxError, StudySpec, check_paths, load_spec
     from icd_core.study import check_study
 
@@ -410,7 +426,10 @@ def validate_cmd(spec: Path) -> None:
         raise click.ClickException(f"{spec} is not a valid job spec:\n" + "\n".join(lines)) from exc
     except (ValueError, OSError) as exc:
         raise click.ClickException(f"{spec}: {exc}") from exc
-    problems = [f"  {field}: {reason}" for field, reason in check_paths(parsed)]
+    path_problems = check_paths(parsed)
+    problems = [f"  {field}: {reason}" for field, reason in path_problems]
+    skip = {field for field, _ in path_problems}
+    problems += [f"  {field}: {reason}" for field, reason in checkpoint_problems(parsed, skip=skip)]
     if isinstance(parsed, StudySpec):
         try:
             check_study(parsed)

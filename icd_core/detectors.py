@@ -27,6 +27,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _onnx_merge_levels, _setup_scales
 
+from icd_core.checkpoint_format import detectron2_pickle, identify
 from icd_core.engine.checkpoint import load_checkpoint
 from icd_core.spec import LEVEL_NAMES, ModelSpec
 
@@ -513,12 +514,13 @@ def load_weights(detector: Detector, state: dict[str, Tensor], source: str = "ch
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint dict on the CPU, with a clear error for a missing or foreign file."""
+    pickled = detectron2_pickle(path)  # never unpickled, not even weights-only
+    if pickled is not None and Path(path).is_file():
+        raise ValueError(pickled.message(path))
     ckpt = load_checkpoint(path)  # weights_only=True: the only torch.load of a file a user names
-    if "model" not in ckpt or "model_spec" not in ckpt:
-        raise ValueError(
-            f"{path} is a torch file but not a detector checkpoint written by this service "
-            "(no 'model'/'model_spec' keys)"
-        )
+    verdict = identify(ckpt, path)  # a detector trained elsewhere: say what it is and how to import it
+    if verdict is not None:
+        raise ValueError(verdict.message(path))
     return ckpt
 
 

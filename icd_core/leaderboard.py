@@ -9,7 +9,8 @@ and the service (rows read from the database). One child result looks like
 
 (`sec_per_step` and `peak_memory_mb` may also sit inside `metrics`; `metrics: None` marks a child that
 failed or was canceled: it is counted, not averaged). The teacher row is `{"metrics": {...}}` plus
-optional `name`/`checkpoint`.
+optional `name`/`checkpoint`; without one, the teacher AP the runs measured before training
+(`teacher_AP`, ... in their metrics) makes it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from .paired_stats import paired_delta
 
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 BASELINE = "none"
+# The teacher's AP as each distill run measured it before training (icd_core.teacher_eval): teacher_AP, ...
+TEACHER_PREFIX = "teacher_"
+TEACHER_AP_METRICS = tuple(TEACHER_PREFIX + m for m in AP_METRICS)
 # Deployment cost of a row's model: `cost_<key>` (and `teacher_cost_<key>`) in its metrics, from run_report.
 COST_KEYS = (
     "params_m",
@@ -122,7 +126,7 @@ def build_leaderboard(
 
     # Methods with no finished run sink to the bottom; ties keep the order of the input.
     methods.sort(key=lambda m: -m["AP"]["mean"] if m["n"] else math.inf)
-    teacher_row = _teacher_row(teacher)
+    teacher_row = _teacher_row(teacher if teacher is not None else _teacher_from_runs(results))
     if teacher_row is not None:
         teacher_row["model_cost"] = _teacher_cost(teacher, results)
         for entry in methods:
@@ -226,6 +230,16 @@ def _teacher_row(teacher: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return row
 
 
+def _teacher_from_runs(results: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The teacher's row from what the runs measured of it (every run of a study shares one teacher), for a
+    report given no teacher evaluation of its own; None when no run recorded one."""
+    measured = [r for r in results if _cost(r, TEACHER_AP_METRICS[0]) is not None]
+    if not measured:
+        return None
+    metrics = {m: _mean_or_none([_cost(r, TEACHER_PREFIX + m) for r in measured]) or 0.0 for m in AP_METRICS}
+    return {"name": "as evaluated by the runs", "metrics": metrics}
+
+
 def cost_from_metrics(metrics: Mapping[str, Any] | None) -> dict[str, dict[str, float]] | None:
     """{"student"|"model": {params_m, gflops, ...}, "teacher": {...}} from a run's flat `cost_*` metrics."""
     if not metrics:
@@ -301,6 +315,9 @@ def _run_row(row: Mapping[str, Any]) -> dict[str, Any]:
         "peak_memory_mb": _cost(row, "peak_memory_mb"),
         "model_cost": _model_cost([row]),
     }
+    teacher_ap = _cost(row, TEACHER_AP_METRICS[0])
+    if teacher_ap is not None:  # the teacher this run distilled from, evaluated before it trained
+        out["teacher_AP"] = teacher_ap
     diagnostics = {key: _diagnostic(row, key) for key in ICD_DIAGNOSTICS if _diagnostic(row, key) is not None}
     if diagnostics:
         out["icd_diagnostics"] = diagnostics

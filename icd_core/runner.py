@@ -20,22 +20,34 @@ from .data import CocoDataset, build_dataset, compute_priors, make_train_loader
 from .detectors import Detector, build_detector, detector_meta, load_detector, load_weights, read_checkpoint
 from .distill import build_distiller
 from .distill.icd import ICDDistiller
-from .distill.inherit import inherit_from_teacher
+from .distill.inherit import inherit_from_teacher, require_inherited
 from .engine import checkpoint as ckpt
 from .engine.callbacks import Callback, EvalResult, TrainingStopped
 from .engine.metrics_log import MetricsLog
 from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
+from .leaderboard import TEACHER_AP_METRICS
 from .pretrain import heldout_diagnostics, prepare_decoder
 from .run_layout import CHECKPOINT_DIR, SPEC_FILE, SUMMARY_FILE
 from .run_report import deploy_report
-from .spec import ARCHITECTURE_FIELDS, DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, SweepSpec, TrainSpec
+from .spec import (
+    DistillJobSpec,
+    EvaluateSpec,
+    ModelSpec,
+    StudySpec,
+    SweepSpec,
+    TrainSpec,
+    architecture_mismatch,
+)
+from .teacher_eval import TeacherEval, check_teacher_min_ap, evaluate_teacher
 from .trunk_weights import load_trunk_weights
 
 if TYPE_CHECKING:
     from .engine.distributed import RankGroup
 
 log = logging.getLogger(__name__)
+# Run counts a summary's final metrics carry next to the evaluation (teacher_AP, ... join them).
+_COUNTS = ("inherit_copied", "inherit_skipped", "icd_pretrain_steps", "icd_pretrain_seconds")
 
 AnySpec = TrainSpec | DistillJobSpec | EvaluateSpec | StudySpec
 ResolveCheckpoint = Callable[[str], Path]
@@ -146,19 +158,28 @@ def _short(ids: list[int]) -> str:
 
 def _check_teacher_spec(spec_teacher: ModelSpec, ckpt_spec: dict[str, Any], path: Path) -> None:
     """The spec's teacher fields drive validation (levels, inherit); they must describe the checkpoint."""
-    saved = ModelSpec.model_validate({**ckpt_spec, "checkpoint": None})
-    diffs = [
-        f"{f}: spec {getattr(spec_teacher, f)} vs checkpoint {getattr(saved, f)}"
-        for f in ARCHITECTURE_FIELDS
-        if getattr(spec_teacher, f) != getattr(saved, f)
-    ]
-    if spec_teacher.resolved_levels != saved.resolved_levels:
-        diffs.append(f"levels: spec {spec_teacher.resolved_levels} vs checkpoint {saved.resolved_levels}")
+    diffs = architecture_mismatch(spec_teacher, ckpt_spec)
     if diffs:
         raise ValueError(
             f"teacher: does not describe teacher.checkpoint {path} ({'; '.join(diffs)}); "
             "make the teacher fields match the checkpoint"
         )
+
+
+def _teacher_gate(
+    spec: DistillJobSpec, teacher_path: Path, cache_dir: Path, device: Any, group: RankGroup | None
+) -> TeacherEval:
+    """The teacher's AP on data.val (evaluated once per teacher file, data and sizes: icd_core.teacher_eval),
+    and a failure before training when it is below teacher_min_ap. The run's RNG streams are left as they
+    were, so a run that found the evaluation cached trains exactly as one that evaluated."""
+    per_rank = spec.schedule.batch_size // (group.world if group is not None else 1)
+    rng = ckpt.capture_rng()
+    try:
+        result = evaluate_teacher(teacher_path, spec.data, cache_dir, spec.teacher, str(device), per_rank)
+    finally:
+        ckpt.restore_rng(rng)
+    check_teacher_min_ap(result, spec.teacher_min_ap)
+    return result
 
 
 def _write_summary(output_dir: Path, spec: AnySpec, result: RunResult, extra: dict[str, Any]) -> None:
@@ -250,9 +271,13 @@ def build_trainer(
         if spec.distill.inherit:
             report = inherit_from_teacher(teacher, student)
             log.info("%s", report.summary())
+            require_inherited(report)  # asked to inherit and nothing matched: a failure, not a warning
             extra["inherit_copied"] = float(len(report.copied))
             extra["inherit_skipped"] = float(len(report.skipped))
             extra["inherit"] = {"copied": report.copied, "skipped": [list(s) for s in report.skipped]}
+        teacher_eval = _teacher_gate(spec, teacher_path, cache_dir, device, group)
+        extra["teacher_eval"] = teacher_eval.summary()
+        extra.update(teacher_eval.flat())
         priors = compute_priors(train_ds, cache_dir) if spec.distill.method == "icd" else None
         distiller = build_distiller(spec.distill, teacher, student, spec.schedule.total_iterations(), priors)
         extra["teacher_checkpoint"] = str(teacher_path)
@@ -346,11 +371,7 @@ def _run_training(
             spec, output_dir, callbacks, resolve, cache_dir, load_initial_weights=resume_from is None, group=group
         )
     out = trainer.train(resume_from=resume_from)
-    counts = {
-        k: extra[k]
-        for k in ("inherit_copied", "inherit_skipped", "icd_pretrain_steps", "icd_pretrain_seconds")
-        if k in extra
-    }
+    counts = {k: extra[k] for k in (*_COUNTS, *TEACHER_AP_METRICS) if k in extra}
     if not writes:  # in a group, rank 0 alone measures the model and writes the summary
         # ... and the others wait for it: a rank that tears its process group down while rank 0 still
         # works can abort the group (gloo: "terminate called without an active exception", seen in CI).

@@ -517,6 +517,13 @@ class DistillJobSpec(_JobBase):
     teacher: ModelSpec
     student: ModelSpec
     distill: DistillSpec = Field(default_factory=DistillSpec)
+    teacher_min_ap: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="Fail the job before training when the teacher's AP on data.val is below this "
+        "(null: record the teacher's AP, refuse none).",
+    )
 
     @model_validator(mode="after")
     def _check_pair(self) -> DistillJobSpec:
@@ -763,20 +770,29 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-def architecture_mismatch(expected: ModelSpec, saved: dict[str, Any]) -> list[str]:
-    """'field: spec X vs checkpoint Y' for each way a checkpoint trained as `saved` cannot be `expected`."""
+def architecture_diffs(expected: ModelSpec, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, spec value, checkpoint value) for each way a checkpoint trained as `saved` cannot be
+    `expected`; field "" with the reason when `saved` is no valid model spec at all."""
     try:
         other = ModelSpec.model_validate({**saved, "checkpoint": None})
     except ValueError as exc:
-        return [f"its model spec is invalid ({exc.__class__.__name__})"]
-    diffs = [
-        f"{f}: spec {getattr(expected, f)} vs checkpoint {getattr(other, f)}"
+        return [("", f"its model spec is invalid ({exc.__class__.__name__})", None)]
+    diffs: list[tuple[str, Any, Any]] = [
+        (f, getattr(expected, f), getattr(other, f))
         for f in ARCHITECTURE_FIELDS
         if getattr(expected, f) != getattr(other, f)
     ]
     if expected.resolved_levels != other.resolved_levels:
-        diffs.append(f"levels: spec {expected.resolved_levels} vs checkpoint {other.resolved_levels}")
+        diffs.append(("levels", expected.resolved_levels, other.resolved_levels))
     return diffs
+
+
+def architecture_mismatch(expected: ModelSpec, saved: dict[str, Any]) -> list[str]:
+    """'field: spec X vs checkpoint Y' for each way a checkpoint trained as `saved` cannot be `expected`."""
+    return [
+        f"{f}: spec {mine} vs checkpoint {theirs}" if f else str(mine)
+        for f, mine, theirs in architecture_diffs(expected, saved)
+    ]
 
 
 def parse_spec(data: dict[str, Any]) -> AnyJobSpec:

@@ -26,6 +26,7 @@ from .study_plan import (
     row_label,
     teacher_train_spec,
 )
+from .teacher_eval import evaluate_teacher
 
 log = logging.getLogger(__name__)
 CallbacksFactory = Callable[[str], Sequence[Callback]]
@@ -122,26 +123,19 @@ def run_study_local(
         teacher_path = Path(summary["final_checkpoint"])
     teacher_path = teacher_path.resolve()
 
-    # 2. Pre-flight on the checkpoint the children will load.
-    teacher_eval = evaluate_checkpoint(
-        teacher_path,
-        study.data,
-        cache,
-        model=study.teacher,
-        output_dir=out / "teacher-eval",
-        device=study.device,
-        batch_size=study.schedule.batch_size,
+    # 2. Pre-flight on the checkpoint the children will load (cached: each child's teacher check reads it).
+    teacher_eval = evaluate_teacher(
+        teacher_path, study.data, cache, model=study.teacher, device=study.device, batch_size=study.schedule.batch_size
     )
     teacher_row = {
         "name": f"{study.teacher.detector} {study.teacher.backbone}",
         "checkpoint": str(teacher_path),
         "metrics": teacher_eval.metrics,
     }
-    preflight(teacher_eval, None, study.teacher_min_ap)
+    preflight(teacher_eval.metrics, None, study.teacher_min_ap)
 
     notes = []
-    eval_device = (_read_json(out / "teacher-eval" / SUMMARY_FILE) or {}).get("device")
-    if eval_device == "cpu":
+    if teacher_eval.device == "cpu":
         notes.append(
             "on the CPU, peak memory is the process's resident-set high-water mark and the children run "
             "one after another in one process, so it only grows: compare memory on a GPU run"
@@ -170,7 +164,7 @@ def run_study_local(
         if method == BASELINE and not checked_baseline:
             checked_baseline = True
             preflight(
-                teacher_eval,
+                teacher_eval.metrics,
                 float(row["metrics"]["AP"]),
                 study.teacher_min_ap,
                 require_better=study.require_teacher_better,

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .engine.callbacks import EvalResult
-from .leaderboard import BASELINE
+from .leaderboard import BASELINE, TEACHER_AP_METRICS
 from .spec import (
     ICD_PRETRAINED,
     PAPER_WARMUP_ITERS,
@@ -147,9 +147,10 @@ def preflight(
     ap = float(metrics["AP"])
     if ap < min_ap:
         raise ValueError(
-            f"teacher AP {ap:.1f} is below teacher_min_ap {min_ap:.1f}: check teacher.checkpoint (the file, and "
-            "that the teacher fields describe it) or train the teacher longer (teacher_schedule); "
-            "lower teacher_min_ap only if this AP is expected"
+            f"teacher AP {ap:.1f} is below teacher_min_ap {min_ap:.1f} (AP50 {float(metrics.get('AP50', 0.0)):.1f}, "
+            "on data.val): check teacher.checkpoint (the file, that the teacher fields describe it, and that it "
+            "knows data.val's categories: icd import-teacher --classes) or train the teacher longer (a study: "
+            "teacher_schedule); lower teacher_min_ap only if this AP is expected"
         )
     if require_better and baseline_ap is not None and min_lead > 0 and ap < baseline_ap + min_lead:
         raise ValueError(
@@ -181,8 +182,9 @@ def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, erro
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "status": "succeeded",
         **diagnostics,
-        # model cost (cost_*, teacher_cost_*) lives in final_metrics, next to but not in the evaluation
-        **{k: v for k, v in (summary.get("final_metrics") or {}).items() if "cost_" in k},
+        # model cost (cost_*, teacher_cost_*) and the teacher's AP (teacher_AP, ...) live in final_metrics,
+        # next to but not in the evaluation
+        **{k: v for k, v in (summary.get("final_metrics") or {}).items() if "cost_" in k or k in TEACHER_AP_METRICS},
     }
 
 

@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session, aliased
 from icd_core.atomic_files import write_text_atomic
 from icd_core.leaderboard import BASELINE, write_report
 from icd_core.spec import ICD_PRETRAINED, StudySpec, parse_spec
-from icd_core.study import evaluate_checkpoint
 from icd_core.study_plan import check_study, child_specs, preflight, result_from_job, teacher_train_spec
+from icd_core.teacher_eval import evaluate_teacher
 from store.artifacts import ArtifactStore
 from store.dispatch import group_size, queue_for
 from store.jobs import (
@@ -60,9 +60,16 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
     if study.teacher.checkpoint:
         teacher_ref = study.teacher.checkpoint
         path = resolve_checkpoint(teacher_ref)
-        result = evaluate_checkpoint(path, study.data, settings.cache_dir, model=study.teacher, device=study.device)
+        result = evaluate_teacher(  # cached: each child's own teacher check reads this evaluation
+            path,
+            study.data,
+            settings.cache_dir,
+            model=study.teacher,
+            device=study.device,
+            batch_size=study.schedule.batch_size,
+        )
         _save_teacher(artifacts, job.id, result.metrics)
-        preflight(result, None, study.teacher_min_ap)
+        preflight(result.metrics, None, study.teacher_min_ap)
     else:
         tspec = teacher_train_spec(study)
         assert tspec is not None

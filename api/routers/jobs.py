@@ -31,6 +31,7 @@ from api.validation import (
     sweep_limit_errors,
     unstorable_fields,
 )
+from icd_core.checkpoint_gate import checkpoint_problems
 from icd_core.spec import (
     INT32_MAX,
     JobSpec,
@@ -80,9 +81,12 @@ def _validated_spec(s: Session, spec: Any, settings: Settings, caller: Caller) -
     spec, errors = confine_paths(spec, settings, lambda job_id: _may_read(s, caller, job_id))
     if errors:
         return spec, errors
-    errors = [field_error(f, r) for f, r in check_paths(spec)]
+    path_problems = check_paths(spec)
+    errors = [field_error(f, r) for f, r in path_problems]
     limits = sweep_limit_errors if isinstance(spec, SweepSpec) else limit_errors
     errors += [field_error(f, r) for f, r in limits(spec, settings)]
+    # A teacher file of another format (or architecture) is refused now, with the command that imports it.
+    errors += [field_error(f, r) for f, r in checkpoint_problems(spec, skip={f for f, _ in path_problems})]
     return spec, errors
 
 
@@ -166,8 +170,10 @@ def submit_job(
     """Submit a job spec (JSON, or YAML with `Content-Type: application/yaml`). It is queued at once, or
     waits while a `checkpoint: job:<id>` job still runs.
 
-    Paths outside the allowed roots, unreadable files, values above the server's caps and `job:<id>`
-    references of another architecture are rejected here (422 naming the field).
+    Paths outside the allowed roots, unreadable files, values above the server's caps, checkpoint files
+    that are not this service's (a torchvision, detectron2 or MMDetection detector: the message gives the
+    `icd import-teacher` command) and checkpoints or `job:<id>` references of another architecture are
+    rejected here (422 naming the field).
     """
     spec, errors = _validated_spec(s, spec, settings, caller)
     waits = _check_job_refs(s, spec, settings, caller, errors) if not errors else []

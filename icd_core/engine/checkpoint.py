@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -237,17 +238,27 @@ def not_a_checkpoint_message(path: Path | str) -> str:
     return f"{path} is not a checkpoint written by this service (or by torch.save of a state dict)"
 
 
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """The one reader of checkpoint files in the project: `weights_only=True`, so a file anyone names
-    (a teacher, a model to fine-tune, a checkpoint to evaluate) is data and never runs code on load."""
+    (a teacher, a model to fine-tune, a checkpoint to evaluate) is data and never runs code on load.
+
+    mmap: map the tensors instead of reading them (a look at the keys and shapes of a large file reads
+    only its index); a file in torch's legacy format, which cannot be mapped, is read whole.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = _torch_load(path, map_location, mmap)
     except Exception as err:  # unpickling refused or failed: say what the file is not, then why
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise NotACheckpoint(f"{not_a_checkpoint_message(path)}: {type(err).__name__}: {reason}") from err
     if not isinstance(obj, dict):
         raise NotACheckpoint(f"{not_a_checkpoint_message(path)}: it holds a {type(obj).__name__}, not a dict")
     return obj
+
+
+def _torch_load(path: Path, map_location: str | torch.device, mmap: bool) -> Any:
+    if mmap and zipfile.is_zipfile(path):  # torch.save's format since 1.6; the legacy one cannot be mapped
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    return torch.load(path, map_location=map_location, weights_only=True)

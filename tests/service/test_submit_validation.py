@@ -238,3 +238,39 @@ def test_icd_train_honours_data_roots(tmp_path: Path, dataset: Path, monkeypatch
     r = CliRunner().invoke(cli, ["train", str(tmp_path / "spec.yaml"), "--output", str(tmp_path / "out")])
     assert "in none of the roots; tried" in r.output
     assert str(tmp_path / "elsewhere" / "missing.json") in r.output and str(dataset / "missing.json") in r.output
+
+
+def test_a_torchvision_teacher_file_is_422_with_the_import_command(client: TestClient, tmp_path: Path) -> None:
+    """The model zoo's format (a bare state dict) passed validation before and failed on the worker after the
+    data had loaded; now the submit names the field and the command that converts it."""
+    import torch
+    import torchvision
+
+    model = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    path = tmp_path / "data" / "retinanet_resnet50_fpn_coco.pth"
+    torch.save(model.state_dict(), path)
+    spec = copy.deepcopy(DISTILL_EXAMPLE)
+    spec["teacher"]["checkpoint"] = "retinanet_resnet50_fpn_coco.pth"  # relative: found in the data root
+    msg = _only(client.post("/jobs", json=spec), "teacher.checkpoint")
+    assert msg == (
+        f"{path} is a torchvision state dict, not a checkpoint of this service; convert it with: "
+        f"icd import-teacher {path} --from torchvision --arch retinanet_resnet50_fpn -o teacher.pt"
+    )
+    assert client.get("/jobs").json()["total"] == 0
+
+
+def test_a_teacher_checkpoint_of_another_architecture_names_the_field(client: TestClient, tmp_path: Path) -> None:
+    import torch
+
+    from icd_core.detectors import build_detector, detector_meta
+    from icd_core.spec import ModelSpec
+
+    spec = copy.deepcopy(DISTILL_EXAMPLE)
+    det = build_detector(ModelSpec.model_validate({**spec["teacher"], "checkpoint": None}), 6, 128, 128)
+    path = tmp_path / "data" / "teacher.pt"
+    torch.save({"model": det.state_dict(), **detector_meta(det, [str(i) for i in range(6)], list(range(6)))}, path)
+    spec["teacher"]["checkpoint"] = str(path)
+    assert client.post("/jobs", json=spec).status_code == 201
+    spec["teacher"]["backbone"] = "resnet18"
+    msg = _only(client.post("/jobs", json=spec), "teacher.backbone")
+    assert msg.startswith(f"spec resnet18, checkpoint resnet34 (teacher.checkpoint {path})")

@@ -170,6 +170,36 @@ def test_bad_checkpoint_path_is_rejected_at_submit(redis_stack: tuple[Any, Path]
     assert any(d.get("field") == "teacher.checkpoint" for d in r.json()["detail"]), r.json()
 
 
+@pytest.mark.redis
+def test_distill_jobs_measure_their_teacher_once_and_honour_teacher_min_ap(redis_stack: tuple[Any, Path]) -> None:
+    """The teacher's AP shows beside the student's; the second job of the same teacher reads the cached
+    evaluation (its log says so); a teacher below teacher_min_ap fails the job before a step, with its AP."""
+    client, _ = redis_stack
+    teacher_spec = {**tiny_train_spec("gate-teacher"), "seed": 5}  # weights no other test's teacher has
+    teacher = client.post("/jobs", json=teacher_spec).json()["id"]
+    ref = f"job:{teacher}"
+    first = client.post("/jobs", json=tiny_distill_spec(ref, "gate-first")).json()["id"]
+    a = wait_status(client, first, {"succeeded"})
+    assert isinstance(a["final_metrics"]["teacher_AP"], float) and "teacher_AP50" in a["final_metrics"]
+    assert "AP" in a["final_metrics"]
+    log = client.get(f"/jobs/{first}/logs").text
+    assert "evaluating on data.val once" in log and "reused from the teacher-evaluation cache" not in log
+
+    second = client.post("/jobs", json={**tiny_distill_spec(ref, "gate-second"), "distill": {"method": "none"}})
+    b = wait_status(client, second.json()["id"], {"succeeded"})
+    assert b["final_metrics"]["teacher_AP"] == a["final_metrics"]["teacher_AP"]
+    log = client.get(f"/jobs/{b['id']}/logs").text
+    assert "reused from the teacher-evaluation cache" in log and "evaluating on data.val once" not in log
+
+    weak = client.post("/jobs", json={**tiny_distill_spec(ref, "gate-weak"), "teacher_min_ap": 99.0})
+    assert weak.status_code == 201, weak.text
+    c = wait_status(client, weak.json()["id"], {"failed"})
+    ap = a["final_metrics"]["teacher_AP"]
+    assert c["error"].startswith(f"teacher AP {ap:.1f} is below teacher_min_ap 99.0"), c["error"]
+    assert "lower teacher_min_ap only if this AP is expected" in c["error"]
+    assert c["progress_step"] == 0 and not client.get(f"/jobs/{c['id']}/checkpoints").json()
+
+
 # --- `icd serve`, embedded mode, as a user starts it ----------------------------------------------
 
 

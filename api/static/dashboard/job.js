@@ -36,6 +36,12 @@ async function downloadWithToken(event) {
 const SUMMARY_KEYS = ["AP", "AP50", "AP75", "icd_ident_auc", "icd_inbox_mass", "loss"];
 const summaryMetrics = (metrics) =>
   SUMMARY_KEYS.filter((k) => typeof metrics[k] === "number").slice(0, 5).map((k) => [k, metrics[k]]);
+// A distill job's teacher, evaluated on the validation set before training (icd_core/teacher_eval.py).
+const teacherFact = (metrics) =>
+  typeof metrics?.teacher_AP === "number"
+    ? `<div id="teacher-summary"><span>teacher</span>AP ${fmtNum(metrics.teacher_AP, 2)}` +
+      `${typeof metrics.teacher_AP50 === "number" ? ` · AP50 ${fmtNum(metrics.teacher_AP50, 2)}` : ""}</div>`
+    : "";
 const fact = (label, value) => (value === "" || value == null ? "" : `<div><span>${label}</span>${value}</div>`);
 
 export function jobView(main, jobId) {
@@ -100,6 +106,7 @@ export function jobView(main, jobId) {
         ${deps ? `<div><span>waits for</span>${deps}</div>` : ""}
         ${job.final_metrics ? `<div id="final-summary"><span>final</span>${summaryMetrics(job.final_metrics)
           .map(([k, v]) => `${esc(k)} ${fmtNum(v, 2)}`).join(" · ")}</div>` : ""}
+        ${teacherFact(job.final_metrics)}
       </div>
       ${job.status_detail ? `<div class="muted" id="job-wait">${esc(job.status_detail)}</div>`
         : preempted ? `<div class="muted" id="job-wait">attempt ${preempted.number} ${esc(preempted.error)}</div>` : ""}
