@@ -28,7 +28,7 @@ from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
 from .pretrain import heldout_diagnostics, prepare_decoder
 from .run_report import deploy_report
-from .spec import ARCHITECTURE_FIELDS, DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec
+from .spec import ARCHITECTURE_FIELDS, DistillJobSpec, EvaluateSpec, ModelSpec, StudySpec, TrainSpec, saved_model_spec
 
 if TYPE_CHECKING:
     from .engine.distributed import RankGroup
@@ -127,7 +127,7 @@ def _check_class_count(field: str, path: Path, ckpt_classes: int, dataset: CocoD
 
 def _check_teacher_spec(spec_teacher: ModelSpec, ckpt_spec: dict[str, Any], path: Path) -> None:
     """The spec's teacher fields drive validation (levels, inherit); they must describe the checkpoint."""
-    saved = ModelSpec.model_validate({**ckpt_spec, "checkpoint": None})
+    saved = saved_model_spec(ckpt_spec)
     diffs = [
         f"{f}: spec {getattr(spec_teacher, f)} vs checkpoint {getattr(saved, f)}"
         for f in ARCHITECTURE_FIELDS
