@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from . import client, core, deploy, service, study, tokens
+from . import client, core, deploy, service, study, teacher, tokens
 
 
 @click.group()
@@ -26,6 +26,7 @@ main.add_command(core.shapes_group)
 main.add_command(deploy.export_cmd)
 main.add_command(deploy.predict_cmd)
 main.add_command(study.study_command)
+main.add_command(teacher.import_teacher_cmd)
 # The service.
 main.add_command(service.serve)
 main.add_command(service.worker_cmd)

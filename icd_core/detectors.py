@@ -29,7 +29,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from icd_core.engine.checkpoint import load_checkpoint
-from icd_core.spec import LEVEL_NAMES, ModelSpec, saved_model_spec
+from icd_core.spec import LEVEL_NAMES, DataSpec, ModelSpec, saved_model_spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -481,6 +481,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "(no 'model'/'model_spec' keys)"
         )
     return ckpt
+
+
+def evaluation_sizes(ckpt: dict[str, Any]) -> tuple[int, int] | None:
+    """(short side, long side cap) a checkpoint is evaluated at: its run's data sizes or, for an imported
+    model (no run), the `input_size` of the project it came from; None when it records neither."""
+    data = (ckpt.get("spec") or {}).get("data")
+    if data:
+        spec = DataSpec.model_validate(data)
+        return spec.test_size, spec.max_size
+    size = ckpt.get("input_size")
+    if size:
+        return int(size["test_size"]), int(size["max_size"])
+    return None
 
 
 def load_detector(

@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from icd_core.spec import saved_model_spec
+from icd_core.detectors import build_detector
+from icd_core.spec import ModelSpec, saved_model_spec
 
 from .coco_categories import COCO_IDS
 from .layout import ImportedDetector
@@ -98,22 +99,54 @@ def our_key(key: str) -> str:
     return f"model.{key}"
 
 
-def _label_cat_ids(state: dict[str, Tensor], detector: str) -> list[int | None]:
-    """COCO id of each of our output labels; Faster R-CNN's torchvision label 0 is its background row."""
+def torchvision_key(ours: str) -> str:
+    """Our key -> torchvision's (the inverse of `our_key`), to name keys in the user's terms."""
+    key = ours.removeprefix("model.")
+    for src, dst in (*_TRUNK.items(), *_EXTRA.items()):
+        for prefix in ("backbone.body.", "backbone.fpn.extra_blocks."):
+            if key.startswith(prefix + dst + "."):
+                return prefix + src + key[len(prefix + dst) :]
+    return key
+
+
+def layout_differences(spec: ModelSpec, num_labels: int, state: dict[str, Tensor]) -> list[str]:
+    """What keeps `state` (our keys) from loading into the model `spec` builds, in torchvision's key names."""
+    own = build_detector(spec, num_labels, 64, 64).state_dict()
+
+    def show(keys: list[str]) -> str:
+        named = [torchvision_key(k) for k in keys]
+        return ", ".join(named[:4]) + (f" (+{len(named) - 4} more)" if len(named) > 4 else "")
+
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    parts = [f"missing keys: {show(missing)}"] if missing else []
+    parts += [f"unexpected keys: {show(unexpected)}"] if unexpected else []
+    if shapes:
+        first = shapes[0]
+        parts.append(f"shapes differ: {show(shapes)} (e.g. {tuple(state[first].shape)} vs {tuple(own[first].shape)})")
+    return parts
+
+
+def _trunk_is_frozen(state: dict[str, Tensor]) -> bool:
+    """FrozenBatchNorm2d saves no `num_batches_tracked`; BatchNorm2d does."""
+    return not any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in state)
+
+
+def _label_count(state: dict[str, Tensor], detector: str) -> int:
+    """How many labels the classifier predicts (torchvision's COCO count when it is missing: the key check
+    then names it). Faster R-CNN's count leaves out its background row."""
     if detector == "faster_rcnn":
         rows = state.get("roi_heads.box_predictor.cls_score.bias")
-        n, first = (None if rows is None else rows.shape[0]), 1
-    else:
-        rows = state.get("head.classification_head.cls_logits.bias")
-        n_anchors = 1 if detector == "fcos" else 9
-        n, first = (None if rows is None else rows.shape[0] // n_anchors), 0
-    if n is None:
-        return [None] * (TORCHVISION_COCO_LABELS - first)  # the strict load names the missing classifier
-    if n != TORCHVISION_COCO_LABELS:
-        raise LayoutError(
-            f"predicts {n} labels, not torchvision's {TORCHVISION_COCO_LABELS} COCO labels; only COCO-trained "
-            "torchvision detectors can be imported so far"
-        )
+        return TORCHVISION_COCO_LABELS - 1 if rows is None else rows.shape[0] - 1
+    rows = state.get("head.classification_head.cls_logits.bias")
+    per_location = 1 if detector == "fcos" else 9
+    return TORCHVISION_COCO_LABELS if rows is None else rows.shape[0] // per_location
+
+
+def _label_cat_ids(detector: str) -> list[int | None]:
+    """COCO id of each of our output labels; Faster R-CNN's torchvision label 0 is its background row."""
+    first = 1 if detector == "faster_rcnn" else 0
     coco = set(COCO_IDS)
     return [label if label in coco else None for label in range(first, TORCHVISION_COCO_LABELS)]
 
@@ -126,7 +159,7 @@ def convert(obj: dict[str, Any], arch: str) -> ImportedDetector:
     """
     spec_arch = architecture(arch)
     state = state_dict_of(obj)
-    frozen = not any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in state)
+    frozen = _trunk_is_frozen(state)
     fields = dict(spec_arch.fields)
     notes = list(spec_arch.notes)
     if frozen:
@@ -134,17 +167,41 @@ def convert(obj: dict[str, Any], arch: str) -> ImportedDetector:
         if spec_arch.zoo_frozen_bn_eps != 1e-5:
             notes.append(
                 f"FrozenBatchNorm trunk: eps {spec_arch.zoo_frozen_bn_eps:g}, as torchvision's {arch} sets for its "
-                "COCO weights (a model trained from ImageNet weights only keeps 1e-5: change bn_eps if so)"
+                "COCO weights (one trained from ImageNet trunk weights alone used 1e-5: a tiny difference)"
             )
     else:
         fields["norm"] = "bn"
     spec = saved_model_spec(fields)
+    ours = {our_key(k): v for k, v in state.items()}
+    labels = _label_cat_ids(spec.detector)
+    count = _label_count(state, spec.detector)
+    differences = layout_differences(spec, count, ours)
+    if differences:
+        raise LayoutError(f"not a torchvision {arch} state dict: {'; '.join(differences)}{_guess(state, arch)}")
+    if count != len(labels):
+        raise LayoutError(
+            f"predicts {count} labels, not the {len(labels)} of torchvision's COCO models; only COCO-trained "
+            "torchvision detectors can be imported so far"
+        )
     return ImportedDetector(
         spec,
-        {our_key(k): v for k, v in state.items()},
-        _label_cat_ids(state, spec.detector),
+        ours,
+        labels,
         spec_arch.test_size,
         spec_arch.max_size,
         source=f"torchvision {arch}",
         notes=notes,
     )
+
+
+def _guess(state: dict[str, Tensor], arch: str) -> str:
+    """', it looks like NAME' when the keys fit another architecture (only run when the named one failed)."""
+    ours = {our_key(k): v for k, v in state.items()}
+    frozen = _trunk_is_frozen(state)
+    for name, other in ARCHITECTURES.items():
+        if name == arch:
+            continue
+        spec = saved_model_spec({**other.fields, "norm": "frozen_bn" if frozen else "bn"})
+        if not layout_differences(spec, _label_count(state, spec.detector), ours):
+            return f"; its keys fit --arch {name}"
+    return "; check --arch"
