@@ -229,20 +229,25 @@ def train_cmd(spec_path: Path, output: Path | None, resume: bool, device: str | 
 
 
 def _eval_data(
-    checkpoint: Path, run_data: dict[str, Any], images: Path | None, annotations: Path | None, data_spec: Path | None
+    checkpoint: Path,
+    run_data: dict[str, Any],
+    images: Path | None,
+    annotations: Path | None,
+    data_spec: Path | None,
+    sizes_from: str = "the checkpoint's run",
 ) -> tuple[dict[str, Any], str]:
     """data for evaluating a checkpoint, and where its sizes come from: the flags' COCO files at the run's
-    sizes, another spec's data with its sizes, or the checkpoint's own run."""
+    sizes (or an imported model's input size), another spec's data with its sizes, or the checkpoint's own run."""
     if images or annotations:
         if not (images and annotations):
             raise click.ClickException("give both --data-val-images and --data-val-annotations")
         val = {"format": "coco", "images": str(images), "annotations": str(annotations)}
         sizes = {k: run_data[k] for k in ("min_size", "max_size") if k in run_data}
-        origin = "the checkpoint's run" if sizes else "the defaults: the checkpoint records no run sizes"
+        origin = sizes_from if sizes else "the defaults: the checkpoint records no run sizes"
         return {"train": val, "val": val, **sizes}, origin
     if data_spec is not None:
         return dict(_load(data_spec).data.model_dump(mode="json")), str(data_spec)
-    if run_data:
+    if "val" in run_data:
         return dict(run_data), "the checkpoint's run"
     raise click.ClickException(
         f"{checkpoint} records no dataset; give --data-val-images and --data-val-annotations, or --spec"
@@ -269,7 +274,11 @@ def _eval_spec_from_checkpoint(
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     run_data = dict((saved.get("spec") or {}).get("data") or {})
-    data, origin = _eval_data(checkpoint, run_data, images, annotations, data_spec)
+    sizes_from = "the checkpoint's run"
+    if not run_data and saved.get("input_size"):  # an imported model: the sizes of the project it came from
+        size, sizes_from = saved["input_size"], "the imported model's input size"
+        run_data = {"min_size": int(size["test_size"]), "max_size": int(size["max_size"])}
+    data, origin = _eval_data(checkpoint, run_data, images, annotations, data_spec, sizes_from)
     data["train"] = data["val"]  # an evaluate run reads only data.val
     spec = parse_spec(
         {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from . import client, core, deploy, service, study, sweep, tokens
+from . import client, core, deploy, service, study, sweep, teacher, tokens
 
 
 @click.group()
@@ -27,6 +27,7 @@ main.add_command(deploy.export_cmd)
 main.add_command(deploy.predict_cmd)
 main.add_command(study.study_command)
 main.add_command(sweep.sweep_command)
+main.add_command(teacher.import_teacher_cmd)
 # The service.
 main.add_command(service.serve)
 main.add_command(service.worker_cmd)

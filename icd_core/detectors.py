@@ -20,8 +20,10 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -29,7 +31,7 @@ from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _onnx
 
 from icd_core.checkpoint_format import detectron2_pickle, identify
 from icd_core.engine.checkpoint import load_checkpoint
-from icd_core.spec import LEVEL_NAMES, ModelSpec
+from icd_core.spec import LEVEL_NAMES, DataSpec, ModelSpec, saved_model_spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,16 +41,19 @@ CAFFE_STD = (1 / 255, 1 / 255, 1 / 255)
 LEVEL_STRIDE = {name: 2 ** (i + 2) for i, name in enumerate(LEVEL_NAMES)}  # p2 -> 4 ... p7 -> 128
 
 
-def _norm_layer(norm: str) -> type[nn.Module] | partial:
+def _norm_layer(norm: str, eps: float = 1e-5) -> partial:
     if norm == "frozen_bn":
-        return FrozenBatchNorm2d
+        return partial(FrozenBatchNorm2d, eps=eps)
     if norm == "gn":
         return partial(_group_norm)
-    return nn.BatchNorm2d
+    return partial(nn.BatchNorm2d, eps=eps)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+_FPN_NORM: dict[str, Any] = {"none": None, "gn": _group_norm, "bn": nn.BatchNorm2d}
 
 
 class Trunk(nn.Module):
@@ -84,7 +89,9 @@ class Trunk(nn.Module):
 
 
 def _resnet_trunk(spec: ModelSpec, in_levels: list[str]) -> Trunk:
-    net = getattr(torchvision.models, spec.backbone)(weights=None, norm_layer=_norm_layer(spec.resolved_norm))
+    net = getattr(torchvision.models, spec.backbone)(
+        weights=None, norm_layer=_norm_layer(spec.resolved_norm, spec.bn_eps)
+    )
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     stages = nn.ModuleList([stem, net.layer1, net.layer2, net.layer3, net.layer4])
     names = ["", "p2", "p3", "p4", "p5"]
@@ -99,7 +106,7 @@ def _resnet_trunk(spec: ModelSpec, in_levels: list[str]) -> Trunk:
 
 
 def _mobilenet_trunk(spec: ModelSpec, in_levels: list[str]) -> Trunk:
-    norm = _norm_layer(spec.resolved_norm)
+    norm = _norm_layer(spec.resolved_norm, spec.bn_eps)
     if spec.backbone == "mobilenet_v2":
         net = torchvision.models.mobilenet_v2(weights=None, norm_layer=norm)
         if spec.pretrained_backbone:
@@ -214,7 +221,7 @@ class TrunkWithFPN(nn.Module):
             trunk.out_channels,
             channels,
             extra_blocks=extra_block if extra else None,
-            norm_layer=_group_norm if spec.resolved_norm == "gn" else None,
+            norm_layer=_FPN_NORM[spec.resolved_fpn_norm],
         )
         self.out_channels = channels
 
@@ -346,7 +353,7 @@ def build_detector(
     )
     grid = partial(_anchor_grid, spec)
     if spec.detector == "retinanet":
-        anchors = grid(tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels))
+        anchors = grid(_octave_sizes(sizes, spec.anchor_scales_truncated), ((0.5, 1.0, 2.0),) * len(levels))
         head = RetinaNetHead(
             backbone.out_channels,
             anchors.num_anchors_per_location()[0],
@@ -363,10 +370,11 @@ def build_detector(
             **common,
         )
         _trim_head(model.head.classification_head, model.head.regression_head, spec.head_convs)
+        model.head.regression_head._loss_type = spec.box_loss  # torchvision's switch; "l1" is its default
     elif spec.detector == "fcos":
         anchors = grid(tuple((s,) for s in sizes), ((1.0,),) * len(levels))
         model = FCOS(backbone, num_classes, anchor_generator=anchors, **common)
-        _trim_head(model.head.classification_head, model.head.regression_head, spec.head_convs)
+        _trim_head(model.head.classification_head, model.head.regression_head, spec.head_convs, modules_per_conv=3)
     else:
         anchors = grid(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(levels))
         roi_levels = [lv for lv in levels if lv != "p6"]
@@ -375,7 +383,15 @@ def build_detector(
             if spec.roi_align_aligned
             else MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=spec.roi_sampling_ratio)
         )
-        model = FasterRCNN(backbone, num_classes + 1, rpn_anchor_generator=anchors, box_roi_pool=pool, **common)
+        model = FasterRCNN(
+            backbone,
+            num_classes + 1,
+            rpn_anchor_generator=anchors,
+            rpn_head=RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], conv_depth=spec.rpn_convs),
+            box_roi_pool=pool,
+            box_head=_box_head(spec, backbone.out_channels),
+            **common,
+        )
     return Detector(model, spec, num_classes)
 
 
@@ -461,6 +477,21 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
         return result
 
 
+def _octave_sizes(sizes: list[float], truncated: bool) -> tuple[tuple[float, ...], ...]:
+    """RetinaNet's three sizes per level, s * 2^(k/3); torchvision's builders truncate them with int()."""
+    octaves = [[s * 2 ** (k / 3) for k in range(3)] for s in sizes]
+    if truncated:
+        octaves = [[float(int(o)) for o in level] for level in octaves]
+    return tuple(tuple(level) for level in octaves)
+
+
+def _box_head(spec: ModelSpec, channels: int) -> nn.Module:
+    """Faster R-CNN's box head: torchvision's default two fc layers, or v2's four convs (BatchNorm) and one fc."""
+    if spec.box_head == "4conv1fc":
+        return FastRCNNConvFCHead((channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d)
+    return TwoMLPHead(channels * 7 * 7, 1024)
+
+
 def _unrounded_cell(sizes: tuple[float, ...], ratios: tuple[float, ...]) -> Tensor:
     scales = torch.as_tensor(sizes, dtype=torch.float32)
     h_ratios = torch.sqrt(torch.as_tensor(ratios, dtype=torch.float32))
@@ -470,10 +501,13 @@ def _unrounded_cell(sizes: tuple[float, ...], ratios: tuple[float, ...]) -> Tens
     return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
 
 
-def _trim_head(cls_head: nn.Module, reg_head: nn.Module, n: int) -> None:
-    """torchvision builds 4 convs per branch; keep the first n (a spec option for light CPU models)."""
+def _trim_head(cls_head: nn.Module, reg_head: nn.Module, n: int, modules_per_conv: int = 1) -> None:
+    """torchvision builds 4 convs per branch; keep the first n (a spec option for light CPU models).
+
+    RetinaNet's branch holds one block per conv; FCOS's holds conv, GroupNorm and ReLU as three modules.
+    """
     for head in (cls_head, reg_head):
-        head.conv = head.conv[:n]
+        head.conv = head.conv[: n * modules_per_conv]
 
 
 def _freeze_trunk(trunk: Trunk, trainable_stages: int) -> None:
@@ -524,12 +558,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def evaluation_sizes(ckpt: dict[str, Any]) -> tuple[int, int] | None:
+    """(short side, long side cap) a checkpoint is evaluated at: its run's data sizes or, for an imported
+    model (no run), the `input_size` of the project it came from; None when it records neither."""
+    data = (ckpt.get("spec") or {}).get("data")
+    if data:
+        spec = DataSpec.model_validate(data)
+        return spec.test_size, spec.max_size
+    size = ckpt.get("input_size")
+    if size:
+        return int(size["test_size"]), int(size["max_size"])
+    return None
+
+
 def load_detector(
     path: str | Path, min_size: int | tuple[int, ...] = 800, max_size: int = 1333
 ) -> tuple[Detector, dict[str, Any]]:
     """Rebuild the detector a checkpoint was trained as and load its weights; returns (detector, checkpoint)."""
     ckpt = read_checkpoint(path)
-    spec = ModelSpec.model_validate({**ckpt["model_spec"], "checkpoint": None})
+    spec = saved_model_spec(ckpt["model_spec"])
     det = build_detector(spec, int(ckpt["num_classes"]), min_size, max_size)
     load_weights(det, ckpt["model"], source=str(path))
     return det, ckpt

@@ -23,7 +23,7 @@ import torch
 
 from .detectors import Detector, build_detector
 from .export import ExportError, export_meta, write_export
-from .spec import ModelSpec
+from .spec import saved_model_spec
 
 ERRORS_FILE = "export_errors.json"
 
@@ -68,7 +68,7 @@ def export_in_child(
 def _export_from_file(source: Path, out_dir: Path, formats: Sequence[str]) -> dict[str, str]:
     """The child's side: rebuild the detector from the saved spec and weights, export each format."""
     saved = torch.load(source, map_location="cpu", weights_only=True)
-    spec = ModelSpec.model_validate({**saved["model_spec"], "checkpoint": None})  # weights: from `state`
+    spec = saved_model_spec(saved["model_spec"])  # weights: from `state`
     detector = build_detector(spec, int(saved["num_classes"]), tuple(saved["min_size"]), int(saved["max_size"]))
     detector.load_state_dict(saved["state"])
     detector.eval()

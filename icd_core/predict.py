@@ -1,8 +1,8 @@
 """Detections you can look at: run a model on image files, write COCO-format JSON and annotated PNGs.
 
-A model is a training checkpoint (rebuilt at its run's evaluation size) or an exported TorchScript /
-ONNX file (`icd export`); both answer `predict([image])` with 0-based labels, mapped to the dataset's
-category ids and names from the checkpoint or the export's metadata.
+A model is a checkpoint (rebuilt at its run's evaluation size, or an imported model's input size) or an
+exported TorchScript / ONNX file (`icd export`); both answer `predict([image])` with 0-based labels,
+mapped to the dataset's category ids and names from the checkpoint or the export's metadata.
 """
 
 from __future__ import annotations
@@ -61,15 +61,10 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
         exported = ExportedDetector(path)
         meta = exported.meta
         return LoadedModel(exported, list(meta["class_names"]), list(meta["label_to_cat_id"]), str(path))
-    from .detectors import load_detector, read_checkpoint
+    from .detectors import evaluation_sizes, load_detector, read_checkpoint
     from .export import readable_checkpoint
-    from .spec import DataSpec
 
-    saved_spec = readable_checkpoint(path, read_checkpoint).get("spec") or {}
-    size, max_size = 800, 1333
-    if saved_spec.get("data"):
-        data = DataSpec.model_validate(saved_spec["data"])
-        size, max_size = data.test_size, data.max_size
+    size, max_size = evaluation_sizes(readable_checkpoint(path, read_checkpoint)) or (800, 1333)
     detector, ckpt = load_detector(path, size, max_size)
     detector.to(device).eval()
     n = detector.num_classes

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     Tag,
     TypeAdapter,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -200,6 +201,36 @@ class ModelSpec(StrictModel):
         description="faster_rcnn: RoIAlign sample points per bin side (torchvision 2); 0: adaptive, "
         "ceil(RoI side / 7) (detectron2, MMDetection).",
     )
+    anchor_scales_truncated: bool = Field(
+        False,
+        description="RetinaNet: cut each level's octave sizes s*2^(1/3), s*2^(2/3) to whole pixels before the "
+        "aspect ratios are applied (torchvision's retinanet_resnet50_fpn and _v2 do); false keeps them exact.",
+    )
+    bn_eps: float = Field(
+        1e-5,
+        ge=0.0,
+        le=0.01,
+        description="Epsilon of the trunk's batch norms. torchvision's COCO zoo retinanet_resnet50_fpn and "
+        "fasterrcnn_resnet50_fpn (FrozenBatchNorm) evaluate with 0.",
+    )
+    fpn_norm: Literal["auto", "none", "bn", "gn"] = Field(
+        "auto",
+        description="Norm after each FPN conv. auto: gn when norm is gn, else none; bn: torchvision's "
+        "fasterrcnn_resnet50_fpn_v2.",
+    )
+    rpn_convs: int = Field(
+        1, ge=1, le=4, description="Faster R-CNN: 3x3 convs in the RPN head (torchvision's fasterrcnn _v2: 2)."
+    )
+    box_head: Literal["2fc", "4conv1fc"] = Field(
+        "2fc",
+        description="Faster R-CNN box head: two 1024-wide fc layers, or four 3x3 convs with BatchNorm and one fc "
+        "(torchvision's fasterrcnn_resnet50_fpn_v2).",
+    )
+    box_loss: Literal["l1", "giou"] = Field(
+        "l1",
+        description="RetinaNet box regression loss: L1 on the encoded deltas, or GIoU on the decoded boxes "
+        "(torchvision's retinanet_resnet50_fpn_v2). Training only: inference is the same.",
+    )
     fg_iou_thresh: float = Field(0.5, gt=0.0, le=1.0, description="RetinaNet: anchor IoU to count as foreground.")
     bg_iou_thresh: float = Field(0.4, ge=0.0, le=1.0, description="RetinaNet: anchor IoU below which it is background.")
     trainable_layers: int = Field(3, ge=0, le=5, description="Trunk stages trained when pretrained.")
@@ -223,7 +254,7 @@ class ModelSpec(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> ModelSpec:  # noqa: C901 - a flat list of independent guards, one message each
+    def _check(self, info: ValidationInfo) -> ModelSpec:  # noqa: C901 - a flat list of independent guards, one message each
         if self.pretrained_backbone and self.backbone != "mobilenet_v2" and not self.backbone_weights:
             raise ValueError(
                 f"pretrained_backbone: no offline ImageNet weights for {self.backbone}; name the file in "
@@ -234,9 +265,10 @@ class ModelSpec(StrictModel):
                 "backbone_weights: for a resnet trunk with pretrained_backbone: true "
                 "(mobilenet_v2's ImageNet weights ship offline)"
             )
-        if self.norm == "frozen_bn" and not self.pretrained_backbone:
+        if self.norm == "frozen_bn" and not (self.pretrained_backbone or self.checkpoint or _weights_loaded(info)):
             raise ValueError(
-                "norm: frozen_bn with a randomly initialized trunk normalizes nothing; use bn or gn (or auto)"
+                "norm: frozen_bn with a randomly initialized trunk normalizes nothing; use bn or gn (or auto), "
+                "or name the trained weights in checkpoint (frozen_bn is for a pretrained trunk or a checkpoint's)"
             )
         if self.bg_iou_thresh > self.fg_iou_thresh:
             raise ValueError("bg_iou_thresh must not exceed fg_iou_thresh")
@@ -267,6 +299,20 @@ class ModelSpec(StrictModel):
             raise ValueError("extra_levels_from: faster_rcnn's P6 is a max-pool of P5; leave it p5")
         return self
 
+    @model_validator(mode="after")
+    def _check_detector_options(self) -> ModelSpec:
+        """Options that belong to one detector: set on another, they would be silently ignored."""
+        only = {
+            "anchor_scales_truncated": ("retinanet", False),
+            "box_loss": ("retinanet", "l1"),
+            "rpn_convs": ("faster_rcnn", 1),
+            "box_head": ("faster_rcnn", "2fc"),
+        }
+        for field, (detector, default) in only.items():
+            if self.detector != detector and getattr(self, field) != default:
+                raise ValueError(f"{field}: only {detector} has it; leave it {default!r} for {self.detector}")
+        return self
+
     @property
     def resolved_levels(self) -> list[str]:
         return list(self.levels or DEFAULT_LEVELS[self.detector])
@@ -276,6 +322,12 @@ class ModelSpec(StrictModel):
         if self.norm != "auto":
             return self.norm
         return "frozen_bn" if self.pretrained_backbone else "bn"
+
+    @property
+    def resolved_fpn_norm(self) -> str:
+        if self.fpn_norm != "auto":
+            return self.fpn_norm
+        return "gn" if self.resolved_norm == "gn" else "none"
 
 
 class ICDPretrainSpec(StrictModel):
@@ -767,14 +819,31 @@ ARCHITECTURE_FIELDS = (
     "anchor_stride",
     "roi_align_aligned",
     "roi_sampling_ratio",
+    "anchor_scales_truncated",
+    "bn_eps",
+    "fpn_norm",
+    "rpn_convs",
+    "box_head",
 )
+# Not architecture: box_loss (training only; a teacher or a loaded checkpoint computes the same with either).
+WEIGHTS_LOADED = "weights_loaded"  # validation context: the spec is rebuilt to load a checkpoint's own weights
+
+
+def _weights_loaded(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(WEIGHTS_LOADED))
+
+
+def saved_model_spec(fields: dict[str, Any]) -> ModelSpec:
+    """The ModelSpec a checkpoint records, rebuilt to load that checkpoint's weights (so frozen_bn is allowed:
+    the statistics come with the weights, e.g. an imported torchvision zoo model)."""
+    return ModelSpec.model_validate({**fields, "checkpoint": None}, context={WEIGHTS_LOADED: True})
 
 
 def architecture_diffs(expected: ModelSpec, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(field, spec value, checkpoint value) for each way a checkpoint trained as `saved` cannot be
     `expected`; field "" with the reason when `saved` is no valid model spec at all."""
     try:
-        other = ModelSpec.model_validate({**saved, "checkpoint": None})
+        other = saved_model_spec(saved)
     except ValueError as exc:
         return [("", f"its model spec is invalid ({exc.__class__.__name__})", None)]
     diffs: list[tuple[str, Any, Any]] = [

@@ -40,6 +40,27 @@ DETECTORS = {
         "levels": ["p2", "p3", "p4", "p5"],
         "anchor_sizes": [8, 16, 32, 64],
     },
+    # The options torchvision's v2 detectors are imported with (docs/usage.md#bring-your-own-teacher).
+    "retinanet_v2_options": {
+        **TINY_MODEL,
+        "fpn_channels": 64,  # GroupNorm(32) needs more than one value per group on a 1x1 P6
+        "levels": ["p3", "p4", "p5", "p6"],  # P6 from C5
+        "anchor_sizes": [8, 16, 32, 64],
+        "extra_levels_from": "c5",
+        "head_norm": "gn",
+        "anchor_scales_truncated": True,
+        "box_loss": "giou",
+    },
+    "faster_rcnn_v2_options": {
+        **TINY_MODEL,
+        "detector": "faster_rcnn",
+        "levels": ["p2", "p3", "p4", "p5"],
+        "anchor_sizes": [8, 16, 32, 64],
+        "fpn_norm": "bn",
+        "rpn_convs": 2,
+        "box_head": "4conv1fc",
+        "bn_eps": 0.0,
+    },
 }
 CHECKPOINT_META = {
     "class_names": ["a", "b", "c", "d"],
@@ -53,7 +74,7 @@ def tiny_detector(kind: str) -> Detector:
     """A random tiny detector whose scores spread over 0..1 (a fresh RetinaNet/FCOS prior keeps all below 0.05)."""
     torch.manual_seed(0)
     det = build_detector(ModelSpec.model_validate(DETECTORS[kind]), 4, 64, 64).eval()
-    if kind != "faster_rcnn":
+    if det.spec.detector != "faster_rcnn":
         torch.nn.init.normal_(det.model.head.classification_head.cls_logits.bias, 0.0, 1.0)
     return det
 

@@ -146,3 +146,27 @@ def test_inheriting_a_head_needs_the_anchors_it_was_trained_with() -> None:
     assert inherit_incompatibility(teacher, teacher.model_copy(update={"backbone": "resnet101"})) == ""
     problems = inherit_incompatibility(teacher, ModelSpec(extra_levels_from="c5"))
     assert "anchor_rounding: False vs True" in problems and "anchor_stride: level vs image_over_grid" in problems
+
+
+def test_truncated_octave_sizes_give_torchvisions_retinanet_anchors() -> None:
+    from torchvision.models.detection.retinanet import _default_anchorgen
+
+    det = build_detector(ModelSpec(backbone="resnet18", fpn_channels=32, anchor_scales_truncated=True), 3, 128, 160)
+    ours, ref = det.model.anchor_generator.cell_anchors, _default_anchorgen().cell_anchors
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
+    assert not torch.equal(_det().model.anchor_generator.cell_anchors[0], ref[0])  # the exact sizes differ
+
+
+def test_frozen_bn_needs_trained_weights_and_detector_options_stay_on_their_detector() -> None:
+    from pydantic import ValidationError
+
+    from icd_core.spec import saved_model_spec
+
+    with pytest.raises(ValidationError, match="name the trained weights in checkpoint"):
+        ModelSpec(norm="frozen_bn")
+    assert ModelSpec(norm="frozen_bn", checkpoint="teacher.pt").resolved_norm == "frozen_bn"
+    assert saved_model_spec({"norm": "frozen_bn", "bn_eps": 0.0}).bn_eps == 0.0  # a checkpoint's own weights
+    with pytest.raises(ValidationError, match="rpn_convs: only faster_rcnn"):
+        ModelSpec(rpn_convs=2)
+    with pytest.raises(ValidationError, match="box_loss: only retinanet"):
+        ModelSpec(detector="fcos", box_loss="giou")
