@@ -89,7 +89,7 @@ export function studyPanel(box, study) {
     }
     const students = children.filter((c) => c.kind === "distill").map((c) => c.id);
     box.querySelector("#compare-children").innerHTML = students.length > 1
-      ? `<a class="button" href="#/compare?ids=${students.join(",")}&series=loss">Compare the students' curves</a>` : "";
+      ? `<a class="button" href="#/compare?ids=${students.join(",")}">Compare the students' curves</a>` : "";
     box.querySelector("#lb-state").textContent = isFinished(job) ? `(${job.status})` : "(filling in)";
     bars?.destroy();
     bars = barChart(box.querySelector("#lb-chart"), rows);
