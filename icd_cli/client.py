@@ -165,9 +165,7 @@ def _check_statuses(ctx: click.Context, param: click.Parameter, value: str | Non
 
 
 @click.command("jobs")
-@click.option(
-    "--status", default=None, callback=_check_statuses, help="One status or several, comma-separated."
-)
+@click.option("--status", default=None, callback=_check_statuses, help="One status or several, comma-separated.")
 @click.option("--kind", default=None, type=click.Choice(["train", "distill", "evaluate", "study"]))
 @click.option("--search", default=None, help="Name contains this, or the id.")
 @click.option("--parent", "parent_id", default=None, type=int, help="Only the children of this study.")
