@@ -12,6 +12,8 @@ function tickLabel(v) {
   return a >= 100 ? String(Math.round(v)) : String(Number(v.toPrecision(3)));
 }
 
+const STEP_INCRS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].map((e) => m * e)).sort((a, b) => a - b);
+
 /** Registry the browser tests and the benchmark read: chart id → LineChart. */
 window.icd = window.icd || {};
 window.icd.charts = window.icd.charts || {};
@@ -152,7 +154,9 @@ export class LineChart {
       width: this.width(), height: o.height || 240,
       scales: { x: { time: false }, y: this.log ? { distr: 3, log: 10 } : {} },
       axes: [
-        { label: this.xAxis.label, values: xFmt ? (_, ticks) => ticks.map(xFmt) : undefined },
+        // Steps are whole numbers: no 2.5 ticks when a run has logged only a few.
+        { label: this.xAxis.label, values: xFmt ? (_, ticks) => ticks.map(xFmt) : undefined,
+          incrs: this.xAxis.map ? undefined : STEP_INCRS },
         { label: o.yLabel, size: 64, values: (_, ticks) => ticks.map(tickLabel) },
       ],
       series: [{ label: this.xAxis.label, value: xFmt ? (_, v) => (v == null ? "" : xFmt(v)) : undefined },
