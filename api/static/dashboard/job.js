@@ -39,6 +39,7 @@ export function jobView(main, jobId) {
   let stopped = false;
   let timer = null;
   const charts = new Map(); // panel -> LineChart
+  const panelOfSeries = new Map(); // name -> panel, fixed at its first points so a line never moves
   let xAxis = null; // the page-wide step / training-time switch
   const cursor = { metricsStep: null, evalStep: null, logOffset: 0, evalCount: 0, status: null, ticks: 0 };
   let study = null;
@@ -125,7 +126,11 @@ export function jobView(main, jobId) {
     if (m.last_step != null) cursor.metricsStep = Math.max(cursor.metricsStep ?? -1, m.last_step);
     else if (cursor.metricsStep == null) cursor.metricsStep = -1;
     const byGroup = {};
-    for (const [name, pts] of Object.entries(m.series)) (byGroup[panelOf(name)] ||= {})[name] = pts;
+    const names = Object.keys(m.series);
+    for (const [name, pts] of Object.entries(m.series)) {
+      if (!panelOfSeries.has(name)) panelOfSeries.set(name, panelOf(name, { names, points: pts }));
+      (byGroup[panelOfSeries.get(name)] ||= {})[name] = pts;
+    }
     for (const [group, series] of Object.entries(byGroup)) chartFor(group).append(series);
   }
 

@@ -11,24 +11,35 @@ const MEMORY = new Set(["peak_memory_mb"]);
 // Sizes of things (queries built, decoders trained): integers that would squash fractions to a line at 0.
 const COUNT = /(^|_)(queries|decoders|count|num)(_|$)/;
 
-/** The panel of series `name`: losses | distill | lr | diagnostics | counts | time | memory. */
-export function panelOf(name) {
+const isDistillLoss = (name) => name.startsWith("loss_") && !DETECTOR_LOSSES.has(name);
+
+/**
+ * The panel of series `name`: losses | distill | lr | diagnostics | scales | counts | time | memory.
+ * `names`: the run's other series; in a distillation run the total `loss` (detection + distillation
+ * terms, often 10x the detector's) goes beside the distillation terms, so the detector's stay readable.
+ * `points`: its first [[step, value], ...]; a diagnostic outside [0, 1] (an entropy, an error in pixels)
+ * goes to its own panel, so the fractions (AUC, recall, attention mass) keep the whole y axis.
+ */
+export function panelOf(name, { names = [], points = [] } = {}) {
+  if (name === "loss" && names.some(isDistillLoss)) return "distill";
   if (DETECTOR_LOSSES.has(name)) return "losses";
-  if (name.startsWith("loss_")) return "distill";
+  if (isDistillLoss(name)) return "distill";
   if (name === "lr" || name.startsWith("lr_")) return "lr";
   if (TIME.has(name)) return "time";
   if (MEMORY.has(name)) return "memory";
-  return COUNT.test(name) ? "counts" : "diagnostics";
+  if (COUNT.test(name)) return "counts";
+  return points.every(([, v]) => v == null || (v >= 0 && v <= 1)) ? "diagnostics" : "scales";
 }
 
 // Panel order on the page, their titles and y labels; `smooth` is the EMA weight a panel starts with
 // (noisy per-step losses start smoothed, the rest raw).
 export const PANELS = {
-  losses: { title: "Total and detection losses", yLabel: "loss", smooth: 0.6 },
-  distill: { title: "Distillation losses", yLabel: "loss", smooth: 0.6 },
+  losses: { title: "Detection losses", yLabel: "loss", smooth: 0.6 },
+  distill: { title: "Distillation losses and the total", yLabel: "loss", smooth: 0.6 },
   ap: { title: "COCO AP over evaluations", yLabel: "AP (%)", points: true },
   lr: { title: "Learning rates", yLabel: "lr", log: true },
-  diagnostics: { title: "Distiller diagnostics", yLabel: "value" },
+  diagnostics: { title: "Distiller diagnostics (fractions)", yLabel: "0 – 1" },
+  scales: { title: "Distiller diagnostics (other scales)", yLabel: "value" },
   counts: { title: "Distiller counts", yLabel: "count" },
   time: { title: "Time per step", yLabel: "seconds" },
   memory: { title: "Peak memory", yLabel: "MiB" },

@@ -58,7 +58,7 @@ export function studyPanel(box, study) {
       <th>kind</th><th>status</th><th>progress</th><th class="num">AP</th></tr></thead><tbody>${details.map((c) => `
       <tr data-child="${c.id}"><td class="num"><a href="#/jobs/${c.id}">${c.id}</a></td><td>${esc(c.name)}</td>
       <td>${esc(c.kind)}${c.spec?.distill ? ` · ${esc(c.spec.distill.method)}` : ""}</td><td>${statusBadge(c.status)}</td>
-      <td>${progressBar(c)}</td><td class="num">${fmtNum(c.final_metrics?.AP)}</td></tr>`).join("")}</tbody></table>`
+      <td>${progressBar(c)}</td><td class="num">${fmtNum(c.final_metrics?.AP, 2)}</td></tr>`).join("")}</tbody></table>`
       : `<span class="muted">the study creates its children when a worker starts it</span>`;
     const rows = leaderboard(details);
     const report = isFinished(job) && job.status === "succeeded" ? await api.get(`/jobs/${study.id}/report`).catch(() => null) : null;
