@@ -20,6 +20,8 @@ from typing import Any
 import click
 import httpx
 
+from icd_cli.status_format import duration as _duration
+from icd_cli.status_format import status_lines, wait_postfix
 from icd_core.spec import PRIORITY_MAX, PRIORITY_MIN
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -51,7 +53,9 @@ def format_detail(detail: Any) -> str:
         for d in detail:
             if isinstance(d, dict):
                 field = d.get("field") or ".".join(str(x) for x in d.get("loc", []) if x != "body") or "(spec)"
-                lines.append(f"  {field}: {d.get('msg', d)}")
+                msg = str(d.get("msg", d))
+                msg = msg.removeprefix(f"{field}: ")  # some reasons already name their field
+                lines.append(f"  {field}: {msg}")
             else:
                 lines.append(f"  {d}")
         return "\n".join(lines)
@@ -131,12 +135,6 @@ def _job_line(job: dict[str, Any]) -> str:
     )
 
 
-def _duration(s: float | None) -> str:
-    if s is None:
-        return ""
-    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
-
-
 # --- commands -------------------------------------------------------------------------------------
 
 
@@ -155,8 +153,22 @@ def submit_cmd(spec: Path, wait_: bool, server: str, token: str | None) -> None:
         sys.exit(_wait(c, job["id"], timeout=None, interval=2.0))
 
 
+def _check_statuses(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Unknown statuses fail here, in one sentence that lists the valid ones."""
+    if not value:
+        return value
+    from store.models import JOB_STATUSES  # lazy: only a --status filter pays for SQLAlchemy
+
+    bad = [x for x in value.split(",") if x and x not in JOB_STATUSES]
+    if bad:
+        raise click.ClickException(
+            f"--status: unknown status {', '.join(map(repr, bad))}; valid statuses: {', '.join(JOB_STATUSES)}"
+        )
+    return value
+
+
 @click.command("jobs")
-@click.option("--status", default=None, help="One status or several, comma-separated.")
+@click.option("--status", default=None, callback=_check_statuses, help="One status or several, comma-separated.")
 @click.option("--kind", default=None, type=click.Choice(["train", "distill", "evaluate", "study", "sweep"]))
 @click.option("--search", default=None, help="Name contains this, or the id.")
 @click.option("--parent", "parent_id", default=None, type=int, help="Only the children of this study.")
@@ -198,47 +210,16 @@ def jobs_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 @server_options
 def status_cmd(job_id: int, as_json: bool, server: str, token: str | None) -> None:
-    """One job: status, progress, ETA, attempt, error, final metrics and its last evaluation."""
+    """One job: status, progress, timing, key metrics rounded (AP, loss, ICD's diagnostics) and any error;
+    --json prints everything."""
     c = _connect(server, token)
     job = c.get(f"/jobs/{job_id}")
     if as_json:
         click.echo(json.dumps(job, indent=2))
         return
-    click.echo(_job_line(job))
-    total = job.get("progress_total")
-    click.echo(
-        f"  step {job['progress_step']}{'/' + str(total) if total else ''}, attempt {job['attempt']}, "
-        f"worker {job.get('worker') or '-'}"
-    )
-    if job.get("error"):
-        click.echo(f"  error: {job['error']}")
-    if job.get("status_detail"):
-        click.echo(f"  {job['status_detail']}")
-    evals = c.get(f"/jobs/{job_id}/evaluations")
-    if evals:
-        e = evals[-1]
-        aps = "  ".join(
-            f"{k} {e[key]:.2f}"
-            for k, key in (("AP", "ap"), ("AP50", "ap50"), ("AP75", "ap75"))
-            if e.get(key) is not None
-        )
-        click.echo(f"  last evaluation (step {e['step']}): {aps}")
-    if job.get("final_metrics"):
-        teacher = _teacher_line(job["final_metrics"])
-        if teacher:
-            click.echo(teacher)
-        click.echo("  final: " + json.dumps(job["final_metrics"]))
-
-
-def _teacher_line(metrics: dict[str, Any]) -> str:
-    """A distill job's teacher AP (measured on data.val before training) beside its student's."""
-    if metrics.get("teacher_AP") is None:
-        return ""
-    teacher = "  ".join(
-        f"{k} {metrics['teacher_' + k]:.2f}" for k in ("AP", "AP50") if metrics.get("teacher_" + k) is not None
-    )
-    student = f"AP {metrics['AP']:.2f}" if metrics.get("AP") is not None else "-"
-    return f"  teacher: {teacher}  (student: {student})"
+    evals = [] if job.get("final_metrics") else c.get(f"/jobs/{job_id}/evaluations")
+    for line in status_lines(job, evals[-1] if evals else None):
+        click.echo(line)
 
 
 @click.command("logs")
@@ -280,7 +261,16 @@ def _wait(c: Client, job_id: int, timeout: float | None, interval: float) -> int
     from tqdm import tqdm
 
     deadline = None if timeout is None else time.monotonic() + timeout
-    bar = tqdm(total=None, unit="step", desc=f"job {job_id}", file=sys.stderr, dynamic_ncols=True)
+    # tqdm's own rate and remaining time count from when this command attached: the postfix carries the
+    # job's step time and ETA from the server instead.
+    bar = tqdm(
+        total=None,
+        unit="step",
+        desc=f"job {job_id}",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
+    )
     try:
         while True:
             job = c.get(f"/jobs/{job_id}")
@@ -288,7 +278,7 @@ def _wait(c: Client, job_id: int, timeout: float | None, interval: float) -> int
             if total and bar.total != total:
                 bar.total = total
             bar.n = job.get("progress_step") or 0
-            bar.set_postfix_str(job["status"] + (f", ETA {_duration(job['eta_s'])}" if job.get("eta_s") else ""))
+            bar.set_postfix_str(wait_postfix(job))
             bar.refresh()
             if job["status"] in TERMINAL:
                 break

@@ -81,12 +81,17 @@ def run_model(model: Any, image: Tensor) -> dict[str, Tensor]:
     return {k: out[k].detach().float().cpu() if k != "labels" else out[k].detach().cpu() for k in out}
 
 
+def to_pil(image: Tensor) -> Image.Image:
+    """An image [3, H, W] in 0..1 as an 8-bit RGB PIL image."""
+    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
 def draw_detections(
     image: Tensor, detections: dict[str, Tensor], class_names: Sequence[str], score_min: float = DEFAULT_SCORE_MIN
 ) -> Image.Image:
     """The image with a labeled box ("name 0.87") per detection scoring at least `score_min`."""
-    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    canvas = Image.fromarray(array, mode="RGB")
+    canvas = to_pil(image)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     width = max(1, round(min(canvas.size) / 200))
@@ -162,10 +167,14 @@ def write_predictions(
     images: Sequence[tuple[int, str, Tensor]],
     out_dir: str | Path,
     score_min: float = DEFAULT_SCORE_MIN,
+    raw: bool = False,
 ) -> WrittenPredictions:
-    """Predict on [(image_id, file_name, image)], write detections.json and one PNG per image."""
+    """Predict on [(image_id, file_name, image)], write detections.json and one PNG per image; with `raw`,
+    also the image without boxes as raw/<name>.png (a viewer draws the boxes itself, by class)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if raw:
+        (out / "raw").mkdir(exist_ok=True)
     infos, dets, pngs = [], [], []
     for image_id, file_name, image in images:
         det = run_model(loaded.model, image)
@@ -175,10 +184,14 @@ def write_predictions(
         dets.append(det)
         png = out / f"{Path(file_name).stem}.png"
         draw_detections(image, det, loaded.class_names, score_min).save(png)
+        if raw:
+            to_pil(image).save(out / "raw" / png.name)
         pngs.append(png)
     path = out / "detections.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(coco_detections(infos, dets, loaded.class_names, loaded.label_to_cat_id)))
+    coco = coco_detections(infos, dets, loaded.class_names, loaded.label_to_cat_id)
+    coco["info"] = {"drawn_score_min": score_min}  # the threshold of the PNGs' boxes, for viewers to match
+    tmp.write_text(json.dumps(coco))
     tmp.replace(path)
     drawn = [int((d["scores"] >= score_min).sum()) for d in dets]
     best = [float(d["scores"].max()) if d["scores"].numel() else None for d in dets]

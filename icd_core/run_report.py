@@ -92,7 +92,8 @@ def flat_cost(cost: dict[str, Any], prefix: str = "cost_") -> dict[str, float]:
 
 
 def render_predictions(detector: Detector, val: Any, count: int, out_dir: Path) -> Path | None:
-    """detections.json + one PNG per image for the first `count` validation images (None when count is 0)."""
+    """detections.json + one PNG per image (and raw/, without boxes) for the first `count` validation images
+    (None when count is 0)."""
     if count <= 0:
         return None
     images = []
@@ -103,7 +104,7 @@ def render_predictions(detector: Detector, val: Any, count: int, out_dir: Path) 
     detector.eval()
     try:
         loaded = LoadedModel(detector, list(val.class_names), list(val.label_to_cat_id), "run")
-        path = write_predictions(loaded, images, out_dir).path
+        path = write_predictions(loaded, images, out_dir, raw=True).path
     finally:
         detector.train(was_training)
     return path

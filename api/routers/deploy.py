@@ -45,6 +45,7 @@ _TIMEOUT_S = 3600
 class PredictionImage(BaseModel):
     name: str
     url: str
+    raw_url: str | None = Field(None, description="The same image without boxes (runs since raw images are kept).")
 
 
 class PredictionsOut(BaseModel):
@@ -53,12 +54,24 @@ class PredictionsOut(BaseModel):
     model: list[PredictionImage] = Field(description="The job's model (the student of a distill job).")
     teacher: list[PredictionImage] = Field(description="The teacher's, on the same images (distill jobs).")
     detections_url: str | None = Field(description="COCO-format detections of the job's model.")
+    teacher_detections_url: str | None = Field(None, description="The teacher's, on the same images.")
 
 
 def _pngs(folder: Path, url: str) -> list[PredictionImage]:
     if not folder.is_dir():
         return []
-    return [PredictionImage(name=p.name, url=f"{url}/{p.name}") for p in sorted(folder.glob("*.png"))]
+    return [
+        PredictionImage(
+            name=p.name,
+            url=f"{url}/{p.name}",
+            raw_url=f"{url}/raw/{p.name}" if (folder / "raw" / p.name).is_file() else None,
+        )
+        for p in sorted(folder.glob("*.png"))
+    ]
+
+
+def _json_url(folder: Path, url: str) -> str | None:
+    return f"{url}/detections.json" if (folder / "detections.json").is_file() else None
 
 
 @router.get("/{job_id}/predictions", response_model=PredictionsOut, responses={404: {"model": ErrorOut}})
@@ -72,11 +85,11 @@ def job_predictions(
     job_or_404(s, job_id, caller)
     folder = artifacts.job_dir(job_id) / "predictions"
     base = f"/jobs/{job_id}/predictions"
-    has_json = (folder / "detections.json").is_file()
     return PredictionsOut(
         model=_pngs(folder, base),
         teacher=_pngs(folder / "teacher", f"{base}/teacher"),
-        detections_url=f"{base}/detections.json" if has_json else None,
+        detections_url=_json_url(folder, base),
+        teacher_detections_url=_json_url(folder / "teacher", f"{base}/teacher"),
     )
 
 
@@ -97,6 +110,32 @@ _FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}, "application/json": {}}, "description": "The PNG or the detections JSON"},
     404: {"model": ErrorOut},
 }
+
+
+@router.get("/{job_id}/predictions/teacher/raw/{name}", response_class=FileResponse, responses=_FILE_RESPONSES)
+def teacher_raw_prediction_file(
+    job_id: JobId,
+    name: str,
+    s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+    artifacts: ArtifactStore = Depends(get_artifacts),
+) -> FileResponse:
+    """One of the teacher's validation images without boxes (a viewer draws them from the JSON)."""
+    job_or_404(s, job_id, caller)
+    return _prediction_file(artifacts, job_id, ["teacher", "raw", name])
+
+
+@router.get("/{job_id}/predictions/raw/{name}", response_class=FileResponse, responses=_FILE_RESPONSES)
+def raw_prediction_file(
+    job_id: JobId,
+    name: str,
+    s: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+    artifacts: ArtifactStore = Depends(get_artifacts),
+) -> FileResponse:
+    """One validation image without boxes (a viewer draws them from detections.json)."""
+    job_or_404(s, job_id, caller)
+    return _prediction_file(artifacts, job_id, ["raw", name])
 
 
 @router.get("/{job_id}/predictions/teacher/{name}", response_class=FileResponse, responses=_FILE_RESPONSES)

@@ -14,7 +14,7 @@ from trainer_specs import train_spec
 
 from icd_cli.main import main as cli
 from icd_core.detectors import read_checkpoint
-from icd_core.predict import draw_detections
+from icd_core.predict import LoadedModel, draw_detections, write_predictions
 from icd_core.runner import run_spec
 from icd_core.spec import parse_spec
 
@@ -106,6 +106,30 @@ def test_draw_detections_draws_boxes_above_the_score() -> None:
     pixels = torch.tensor(list(canvas.getdata())).reshape(40, 60, 3)
     assert pixels[35, 15].sum() > 0  # the kept box's bottom edge (y2 = 35)
     assert pixels[29, 45].sum() == 0  # the low-scoring box is not drawn
+
+
+class _FixedModel:
+    """Answers every image with one confident box of class 1 (enough to test what gets written)."""
+
+    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        box = torch.tensor([[4.0, 4.0, 20.0, 20.0]])
+        return [{"boxes": box, "scores": torch.tensor([0.8]), "labels": torch.tensor([1])} for _ in images]
+
+
+def test_write_predictions_keeps_the_raw_image_for_viewers_that_draw_boxes(tmp_path: Path) -> None:
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loaded = LoadedModel(_FixedModel(), ["cat", "dog"], [1, 2], "fixed")
+    written = write_predictions(loaded, [(7, "img7.jpg", image)], tmp_path, raw=True)
+    with Image.open(tmp_path / "raw" / "img7.png") as raw, Image.open(written.pngs[0]) as boxed:
+        expected = (image * 255).round().byte().permute(1, 2, 0)
+        assert torch.equal(torch.tensor(list(raw.getdata()), dtype=torch.uint8).reshape(32, 32, 3), expected)
+        assert list(raw.getdata()) != list(boxed.getdata())  # the box is drawn on the PNG only
+    coco = json.loads(written.path.read_text())
+    assert coco["info"] == {"drawn_score_min": 0.3}  # what a viewer needs to draw the same boxes
+    assert coco["annotations"][0]["category_id"] == 2 and coco["images"][0]["file_name"] == "img7.jpg"
+    assert not (tmp_path / "other" / "raw").exists()
+    write_predictions(loaded, [(7, "img7.jpg", image)], tmp_path / "other")  # `icd predict`: no raw/ folder
+    assert not (tmp_path / "other" / "raw").exists()
 
 
 @pytest.mark.parametrize(("suffix", "what"), [(".onnx", "an ONNX model"), (".ts", "a TorchScript file")])

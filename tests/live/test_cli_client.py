@@ -4,6 +4,8 @@ real worker, run as a user runs them (a subprocess, the server from ICD_SERVER).
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,11 +36,17 @@ def test_submit_wait_logs_download(live_service: LiveService, tmp_path: Path) ->
     job_id = int(r.stdout.split()[1])
     assert f"{live_service.url}/#/jobs/{job_id}" in r.stdout
     assert f"job {job_id} succeeded" in r.stdout
+    # One ETA and the job's own step time from the server; none of tqdm's own rate or remaining time,
+    # which count from when the command attached.
+    frames = [f for f in r.stderr.replace("\n", "\r").split("\r") if f.startswith(f"job {job_id}:")]
+    assert frames and all(f.count("ETA") <= 1 and "step/s" not in f and "<" not in f for f in frames), frames
 
     listed = icd(live_service, "jobs", "--search", "cli-tiny")
     assert listed.returncode == 0 and f"{job_id}  succeeded" in listed.stdout
     status = icd(live_service, "status", str(job_id))
-    assert "step 6/6" in status.stdout and "last evaluation (step 6): AP" in status.stdout
+    assert "6/6 steps (100 %)" in status.stdout and re.search(r"^  eval +AP \d+\.\d\d · AP50", status.stdout, re.M)
+    assert "{" not in status.stdout, status.stdout  # the final metrics are rounded lines, not one JSON line
+    assert json.loads(icd(live_service, "status", str(job_id), "--json").stdout)["final_metrics"]["AP"] >= 0
 
     # A finished job's followed log is its whole log, and the stream ends by itself.
     logs = icd(live_service, "logs", str(job_id), "--follow", timeout=30)
@@ -114,6 +122,11 @@ def test_api_errors_print_field_and_reason(live_service: LiveService, tmp_path: 
     assert "HTTP 422" in r.stderr
     assert "schedule.lr: Input should be greater than 0" in r.stderr
     assert "schedule.batchsize: Extra inputs are not permitted" in r.stderr
+    bogus = icd(live_service, "jobs", "--status", "bogus")
+    assert bogus.returncode == 1 and bogus.stderr == (
+        "Error: --status: unknown status 'bogus'; valid statuses: waiting, queued, running, succeeded, failed, "
+        "canceled\n"
+    )
     missing = icd(live_service, "status", "999999")
     assert missing.returncode == 1 and "HTTP 404" in missing.stderr and "job 999999 not found" in missing.stderr
     unreachable = subprocess.run(

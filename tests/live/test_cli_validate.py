@@ -7,7 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from icd_cli.client import _teacher_line, validate_cmd
+from icd_cli.client import validate_cmd
+from icd_cli.status_format import teacher_line as _teacher_line
 from tests.helpers import tiny_distill_spec, tiny_study_spec, tiny_train_spec
 from tests.live.conftest import write_spec
 

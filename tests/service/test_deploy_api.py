@@ -100,7 +100,11 @@ def test_cost_predictions_and_a_verified_onnx_export(client: TestClient, setting
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(png.content)) as im:
         assert im.size == (64, 64)
-    assert client.get(preds["detections_url"]).json()["images"][0]["width"] == 64
+    detections = client.get(preds["detections_url"]).json()
+    assert detections["images"][0]["width"] == 64 and detections["info"]["drawn_score_min"] == 0.3
+    raw = client.get(preds["model"][0]["raw_url"])  # the image without boxes, for a viewer that draws them
+    with Image.open(io.BytesIO(raw.content)) as im:
+        assert raw.headers["content-type"] == "image/png" and im.size == (64, 64)
     assert client.get(f"/jobs/{job_id}/predictions/..%2Fsummary.json").status_code == 404
     assert client.get(f"/jobs/{job_id}/predictions/nope.png").status_code == 404
 
@@ -132,7 +136,12 @@ def test_export_requests_that_cannot_work_say_why(client: TestClient, settings: 
     assert client.post("/jobs/999999/exports", json={}).status_code == 404
     assert client.get(f"/jobs/{queued}/exports/onnx").status_code == 404
     assert client.get(f"/jobs/{queued}/exports/onnx/file").status_code == 404
-    assert client.get(f"/jobs/{queued}/predictions").json() == {"model": [], "teacher": [], "detections_url": None}
+    assert client.get(f"/jobs/{queued}/predictions").json() == {
+        "model": [],
+        "teacher": [],
+        "detections_url": None,
+        "teacher_detections_url": None,
+    }
 
 
 def test_study_report_serves_cost_columns_and_the_ap_latency_plot(client: TestClient, settings: Settings) -> None:

@@ -12,6 +12,8 @@ function tickLabel(v) {
   return a >= 100 ? String(Math.round(v)) : String(Number(v.toPrecision(3)));
 }
 
+const STEP_INCRS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].map((e) => m * e)).sort((a, b) => a - b);
+
 /** Registry the browser tests and the benchmark read: chart id → LineChart. */
 window.icd = window.icd || {};
 window.icd.charts = window.icd.charts || {};
@@ -20,18 +22,55 @@ export class LineChart {
   /**
    * @param {HTMLElement} box  container; the chart fills its width
    * @param {string} id        registry key (window.icd.charts[id])
-   * @param {{title: string, yLabel: string, xLabel?: string, points?: boolean, height?: number}} opts
+   * @param {{title: string, yLabel: string, xLabel?: string, points?: boolean, height?: number,
+   *          log?: boolean, smooth?: number, controls?: boolean}} opts
+   *   log: start on a log y scale; smooth: the EMA weight it starts with (0: raw); controls: show the
+   *   log toggle and the smoothing slider (default true)
    */
   constructor(box, id, opts) {
     this.box = box;
     this.id = id;
     this.opts = opts;
-    this.series = new Map(); // name -> {xs: number[], ys: number[]}
+    this.series = new Map(); // name -> {xs: number[], ys: number[]}  (x: the step, always)
     this.u = null;
-    this.names = [];
-    box.innerHTML = `<h3>${opts.title}</h3><div class="plot"><div class="empty">no points yet</div></div>`;
+    this.shape = "";
+    this.log = !!opts.log;
+    this.smooth = opts.smooth ?? 0;
+    this.xAxis = { label: opts.xLabel || "step", map: null, fmt: null }; // map: step -> x shown
+    box.innerHTML = `<div class="chart-head"><h3>${opts.title}</h3>${opts.controls === false ? "" : chartControls(this)}</div>
+      <div class="plot"><div class="empty">no points yet</div></div>`;
     this.plotBox = box.querySelector(".plot");
+    this.bindControls();
     window.icd.charts[id] = this;
+  }
+
+  bindControls() {
+    const log = this.box.querySelector("[data-log]");
+    const smooth = this.box.querySelector("[data-smooth]");
+    if (log) log.onchange = () => this.setLog(log.checked);
+    if (smooth) smooth.oninput = () => this.setSmoothing(Number(smooth.value));
+  }
+
+  /** Log y scale on or off (values <= 0 have no place on it and are left out). */
+  setLog(on) {
+    this.log = !!on;
+    const box = this.box.querySelector("[data-log]");
+    if (box) box.checked = this.log;
+    if (this.series.size) this.render();
+  }
+
+  /** EMA weight in [0, 0.99]: 0 draws the raw line only; above, the smoothed line over a faint raw one. */
+  setSmoothing(w) {
+    this.smooth = Math.min(0.99, Math.max(0, Number(w) || 0));
+    const out = this.box.querySelector("[data-smooth-value]");
+    if (out) out.textContent = this.smooth.toFixed(2);
+    if (this.series.size) this.render();
+  }
+
+  /** What the x axis shows: `map(step)` (null: the step itself), its label and a tick formatter. */
+  setXAxis(label, map = null, fmt = null) {
+    this.xAxis = { label, map, fmt };
+    if (this.series.size) this.render();
   }
 
   /** Add [[step, value], ...] per series name; points at or before a series' last step replace old ones. */
@@ -78,32 +117,71 @@ export class LineChart {
     return { names, data };
   }
 
-  render() {
+  /** uPlot's data: x mapped, y cleaned for the log scale, and per name [raw, smoothed] when smoothing. */
+  plotData() {
     const { names, data } = this.aligned();
-    if (this.u && names.join("\n") === this.names.join("\n")) {
+    const xs = this.xAxis.map ? data[0].map(this.xAxis.map) : data[0];
+    const clean = (ys) => (this.log ? ys.map((v) => (v != null && v > 0 ? v : null)) : ys);
+    const out = [xs];
+    const lines = [];
+    names.forEach((n, i) => {
+      const ys = clean(data[i + 1]);
+      if (this.smooth > 0) {
+        out.push(ys, ema(ys, this.smooth));
+        lines.push({ name: n, raw: true, color: i }, { name: n, raw: false, color: i });
+      } else {
+        out.push(ys);
+        lines.push({ name: n, raw: false, color: i });
+      }
+    });
+    return { lines, data: out };
+  }
+
+  render() {
+    const { lines, data } = this.plotData();
+    const shape = JSON.stringify([lines, this.log, this.xAxis.label]);
+    if (this.u && shape === this.shape) {
       this.u.setData(data);
       return;
     }
-    this.names = names;
+    this.shape = shape;
     if (this.u) this.u.destroy();
     this.plotBox.innerHTML = "";
-    const width = Math.max(320, this.box.clientWidth - 16);
     const o = this.opts;
+    const xFmt = this.xAxis.fmt;
+    const smoothed = this.smooth > 0;
     this.u = new uPlot({
-      width, height: o.height || 240,
-      scales: { x: { time: false } },
-      axes: [{ label: o.xLabel || "step" }, { label: o.yLabel, size: 64, values: (_, ticks) => ticks.map(tickLabel) }],
-      series: [{ label: o.xLabel || "step" }, ...names.map((n, i) => ({
-        label: n, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true,
-        points: { show: o.points ?? false, size: 6 },
-      }))],
+      width: this.width(), height: o.height || 240,
+      scales: { x: { time: false }, y: this.log ? { distr: 3, log: 10 } : {} },
+      axes: [
+        // Steps are whole numbers: no 2.5 ticks when a run has logged only a few.
+        { label: this.xAxis.label, values: xFmt ? (_, ticks) => ticks.map(xFmt) : undefined,
+          incrs: this.xAxis.map ? undefined : STEP_INCRS },
+        { label: o.yLabel, size: 64, values: (_, ticks) => ticks.map(tickLabel) },
+      ],
+      series: [{ label: this.xAxis.label, value: xFmt ? (_, v) => (v == null ? "" : xFmt(v)) : undefined },
+        ...lines.map((l) => ({
+          label: l.raw ? `${l.name} (raw)` : l.name,
+          stroke: PALETTE[l.color % PALETTE.length] + (l.raw && smoothed ? "40" : ""),
+          width: l.raw ? 1 : 1.5, spanGaps: true,
+          points: { show: !l.raw && (o.points ?? false), size: 6 },
+        }))],
       legend: { live: true },
+      hooks: { setSeries: [(u, i, opts) => pairRaw(u, i, opts)] },
     }, data, this.plotBox);
+    // The faint raw lines stay out of the legend: their smoothed line's entry shows and hides both.
+    this.u.series.forEach((s, i) => {
+      if (i && s.label.endsWith(" (raw)")) this.u.root.querySelectorAll(".u-legend .u-series")[i].style.display = "none";
+    });
     window.icd.firstChartMs ??= performance.now(); // ms since navigation: read by benchmarks/dashboard_perf.py
   }
 
+  width() {
+    return Math.max(280, this.box.clientWidth - 16);
+  }
+
   resize() {
-    if (this.u) this.u.setSize({ width: Math.max(320, this.box.clientWidth - 16), height: this.opts.height || 240 });
+    if (this.u) this.u.setSize({ width: this.width(), height: this.opts.height || 240 });
   }
 
   destroy() {
@@ -112,27 +190,33 @@ export class LineChart {
   }
 }
 
-const DIAGNOSTIC = /acc|fraction|frac|total|norm|ratio|entropy|count|kept|pct|grad|cos|sim/;
-
-/** Which chart a metric series goes on: one y scale per chart keeps every line readable. The trainer logs the
- * detector's and the distiller's loss terms under their own names (classification, loss_box_reg, icd, ...),
- * so anything that is not lr, time, memory or a distiller statistic is a loss term. */
-export function chartGroup(name) {
-  if (name === "lr" || name.startsWith("lr")) return "lr";
-  if (name === "sec_per_step" || name === "data_time") return "speed";
-  if (name === "peak_memory_mb") return "memory";
-  if (name.includes("loss")) return "losses";
-  return DIAGNOSTIC.test(name) ? "diagnostics" : "losses";
+/** The log toggle and the smoothing slider of a chart's head. */
+function chartControls(c) {
+  return `<span class="chart-controls">
+    <label title="logarithmic y axis"><input type="checkbox" data-log ${c.log ? "checked" : ""}> log</label>
+    <label title="exponential moving average of the logged points (0: raw); the raw line stays faint behind">smooth
+      <input type="range" data-smooth min="0" max="0.99" step="0.01" value="${c.smooth}">
+      <output data-smooth-value>${c.smooth.toFixed(2)}</output></label></span>`;
 }
 
-export const CHART_GROUPS = {
-  losses: { title: "Losses", yLabel: "loss" },
-  lr: { title: "Learning rate", yLabel: "lr" },
-  speed: { title: "Time per step", yLabel: "seconds" },
-  memory: { title: "Peak memory", yLabel: "MiB" },
-  diagnostics: { title: "Distiller diagnostics", yLabel: "value" },
-  ap: { title: "COCO AP over evaluations", yLabel: "AP (%)", points: true },
-};
+/** Showing or hiding a smoothed line (legend click) does the same to its raw line just before it. */
+function pairRaw(u, i, opts) {
+  const raw = u.series[i - 1];
+  if (opts?.show === undefined || !raw || raw.label !== `${u.series[i].label} (raw)`) return;
+  if (raw.show !== opts.show) u.setSeries(i - 1, { show: opts.show }, false);
+}
+
+/** TensorBoard's smoothing: an EMA debiased for its start, skipping gaps (null stays null). */
+export function ema(ys, w) {
+  let acc = 0;
+  let n = 0;
+  return ys.map((v) => {
+    if (v == null) return null;
+    acc = acc * w + (1 - w) * v;
+    n++;
+    return acc / (1 - w ** n);
+  });
+}
 
 export const AP_KEYS = ["ap", "ap50", "ap75", "aps", "apm", "apl"];
 export const AP_LABELS = { ap: "AP", ap50: "AP50", ap75: "AP75", aps: "APs", apm: "APm", apl: "APl" };

@@ -4,7 +4,10 @@
 // byte offset) and stop once the job is finished.
 
 import { api, token } from "./api.js";
-import { AP_KEYS, apSeries, CHART_GROUPS, chartGroup, LineChart } from "./charts.js";
+import { AP_KEYS, apSeries, LineChart } from "./charts.js";
+import { xAxisToggle } from "./xaxis.js";
+import { durationFact, finalFact } from "./facts.js";
+import { PANEL_ORDER, PANELS, panelOf } from "./panels.js";
 import { predictionsPanel } from "./predictions.js";
 import { studyPanel } from "./study.js";
 import { sweepPanel } from "./sweep.js";
@@ -31,11 +34,6 @@ async function downloadWithToken(event) {
   }
 }
 
-// The job's headline numbers: AP first, then ICD's diagnostics that can say "not working" (AUC,
-// in-box attention mass), never the accuracy at a threshold that sits at the fake-query share.
-const SUMMARY_KEYS = ["AP", "AP50", "AP75", "icd_ident_auc", "icd_inbox_mass", "loss"];
-const summaryMetrics = (metrics) =>
-  SUMMARY_KEYS.filter((k) => typeof metrics[k] === "number").slice(0, 5).map((k) => [k, metrics[k]]);
 // A distill job's teacher, evaluated on the validation set before training (icd_core/teacher_eval.py).
 const teacherFact = (metrics) =>
   typeof metrics?.teacher_AP === "number"
@@ -47,7 +45,9 @@ const fact = (label, value) => (value === "" || value == null ? "" : `<div><span
 export function jobView(main, jobId) {
   let stopped = false;
   let timer = null;
-  const charts = new Map(); // group -> LineChart
+  const charts = new Map(); // panel -> LineChart
+  const panelOfSeries = new Map(); // name -> panel, fixed at its first points so a line never moves
+  let xAxis = null; // the page-wide step / training-time switch
   const cursor = { metricsStep: null, evalStep: null, logOffset: 0, evalCount: 0, status: null, ticks: 0 };
   let study = null;
 
@@ -59,7 +59,7 @@ export function jobView(main, jobId) {
       <a class="button" href="#/compare?ids=${jobId}">Compare…</a>
     </div>
     <div id="study"></div>
-    <div id="training"><h2>Charts</h2><div class="charts" id="charts"><p class="muted" id="no-charts">No metrics yet.</p></div>
+    <div id="training"><h2>Charts <span id="x-axis"></span></h2><div class="charts" id="charts"><p class="muted" id="no-charts">No metrics yet.</p></div>
     <h2>Checkpoints</h2><div id="checkpoints" class="muted">none yet</div><div id="predictions"></div></div>
     <div class="two">
       <div><h2>Log <span class="muted" id="log-state"></span></h2><pre class="log" id="log"></pre></div>
@@ -104,8 +104,7 @@ export function jobView(main, jobId) {
         ${fact("started", fmtTime(job.started_at))}${fact("finished", fmtTime(job.finished_at))}
         ${job.parent_id ? `<div><span>parent</span><a href="#/jobs/${job.parent_id}">${job.parent_id}</a></div>` : ""}
         ${deps ? `<div><span>waits for</span>${deps}</div>` : ""}
-        ${job.final_metrics ? `<div id="final-summary"><span>final</span>${summaryMetrics(job.final_metrics)
-          .map(([k, v]) => `${esc(k)} ${fmtNum(v, 2)}`).join(" · ")}</div>` : ""}
+        <div id="run-duration">${durationFact(job, xAxis?.clock.total())}</div>${finalFact(job)}
         ${teacherFact(job.final_metrics)}
       </div>
       ${job.status_detail ? `<div class="muted" id="job-wait">${esc(job.status_detail)}</div>`
@@ -125,10 +124,10 @@ export function jobView(main, jobId) {
       const box = document.createElement("div");
       box.className = "chart";
       box.dataset.chart = group;
-      const order = ["losses", "ap", "lr", "speed", "diagnostics", "memory"];
-      const after = [...$("#charts").children].find((c) => order.indexOf(c.dataset.chart) > order.indexOf(group));
+      const rank = (g) => PANEL_ORDER.indexOf(g);
+      const after = [...$("#charts").children].find((c) => rank(c.dataset.chart) > rank(group));
       $("#charts").insertBefore(box, after || null);
-      charts.set(group, new LineChart(box, group, CHART_GROUPS[group]));
+      charts.set(group, xAxis.apply(new LineChart(box, group, PANELS[group])));
     }
     return charts.get(group);
   }
@@ -139,7 +138,11 @@ export function jobView(main, jobId) {
     if (m.last_step != null) cursor.metricsStep = Math.max(cursor.metricsStep ?? -1, m.last_step);
     else if (cursor.metricsStep == null) cursor.metricsStep = -1;
     const byGroup = {};
-    for (const [name, pts] of Object.entries(m.series)) (byGroup[chartGroup(name)] ||= {})[name] = pts;
+    const names = Object.keys(m.series);
+    for (const [name, pts] of Object.entries(m.series)) {
+      if (!panelOfSeries.has(name)) panelOfSeries.set(name, panelOf(name, { names, points: pts }));
+      (byGroup[panelOfSeries.get(name)] ||= {})[name] = pts;
+    }
     for (const [group, series] of Object.entries(byGroup)) chartFor(group).append(series);
   }
 
@@ -205,6 +208,7 @@ export function jobView(main, jobId) {
     try {
       const [, newEval] = await Promise.all([pollMetrics(), pollEvaluations(), pollLog(), study?.refresh(job)]);
       if (first || changed || newEval || cursor.ticks % 5 === 0) await loadCheckpoints();
+      $("#run-duration").innerHTML = durationFact(job, xAxis.clock.total());
       if ((first || changed) && job.status === "succeeded" && ["train", "distill"].includes(job.kind)) {
         await predictionsPanel($("#predictions"), job);
       }
@@ -222,6 +226,7 @@ export function jobView(main, jobId) {
     tick();
   }
 
+  xAxis = xAxisToggle($("#x-axis"), () => charts.get("time")?.series.get("sec_per_step"), () => charts);
   const onResize = () => charts.forEach((c) => c.resize());
   window.addEventListener("resize", onResize);
   tick();

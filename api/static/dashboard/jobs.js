@@ -71,7 +71,7 @@ export function jobsView(main, params) {
       <tr data-job="${j.id}">
         <td><input type="checkbox" data-pick="${j.id}" ${picked.has(j.id) ? "checked" : ""} aria-label="compare ${j.id}"></td>
         <td class="num"><a href="#/jobs/${j.id}">${j.id}</a></td>
-        <td><a href="#/jobs/${j.id}">${esc(j.name)}</a>${j.parent_id ? ` <span class="muted">(study ${j.parent_id})</span>` : ""}</td>
+        <td><a href="#/jobs/${j.id}">${esc(j.name).replaceAll("/", "/<wbr>")}</a>${j.parent_id ? ` <span class="muted">(study ${j.parent_id})</span>` : ""}</td>
         <td>${esc(j.kind)}</td><td class="num">${j.priority ?? 0}</td><td>${statusBadge(j.status)}</td><td>${progressBar(j)}</td>
         <td class="num">${j.status === "running" ? fmtDuration(j.eta_s) : ""}</td>
         <td class="num">${fmtNum(headlineAp(j))}</td><td class="muted">${fmtTime(j.created_at)}</td>

@@ -2,6 +2,7 @@
 // method over seeds) computed from the children as they finish, as a table and a bar chart.
 
 import { api } from "./api.js";
+import { leaderboardChart } from "./lbchart.js";
 import { predictionsPanel } from "./predictions.js";
 import { esc, fmtNum, isFinished, progressBar, statusBadge } from "./util.js";
 
@@ -26,22 +27,6 @@ function leaderboard(children) {
   const base = rows.find((r) => r.method === "none")?.mean;
   for (const r of rows) r.delta = base != null && r.mean != null ? r.mean - base : null;
   return rows.sort((a, b) => (b.mean ?? -1) - (a.mean ?? -1));
-}
-
-function barChart(box, rows) {
-  const done = rows.filter((r) => r.mean != null);
-  box.innerHTML = done.length ? "" : `<div class="empty">the chart fills in as children succeed</div>`;
-  if (!done.length) return null;
-  const xs = done.map((_, i) => i);
-  return new uPlot({
-    width: Math.min(640, Math.max(320, box.clientWidth - 16)), height: 220,
-    scales: { x: { time: false, range: [-0.6, done.length - 0.4] } },
-    axes: [{ label: "method", values: (_, ticks) => ticks.map((t) => done[t]?.method ?? ""), splits: () => xs },
-      { label: "AP (%)", size: 55 }],
-    series: [{ label: "method", value: (_, i) => done[i]?.method ?? "" },
-      { label: "mean AP", stroke: "#0969da", fill: "#0969da55", paths: uPlot.paths.bars({ size: [0.6, 80] }),
-        points: { show: false } }],
-  }, [xs, done.map((r) => r.mean)], box);
 }
 
 // "+2.1 [+0.4, +3.8]"; "≈0" marks an interval containing 0 (not distinguishable from `none`).
@@ -73,7 +58,7 @@ export function studyPanel(box, study) {
       <th>kind</th><th>status</th><th>progress</th><th class="num">AP</th></tr></thead><tbody>${details.map((c) => `
       <tr data-child="${c.id}"><td class="num"><a href="#/jobs/${c.id}">${c.id}</a></td><td>${esc(c.name)}</td>
       <td>${esc(c.kind)}${c.spec?.distill ? ` · ${esc(c.spec.distill.method)}` : ""}</td><td>${statusBadge(c.status)}</td>
-      <td>${progressBar(c)}</td><td class="num">${fmtNum(c.final_metrics?.AP)}</td></tr>`).join("")}</tbody></table>`
+      <td>${progressBar(c)}</td><td class="num">${fmtNum(c.final_metrics?.AP, 2)}</td></tr>`).join("")}</tbody></table>`
       : `<span class="muted">the study creates its children when a worker starts it</span>`;
     const rows = leaderboard(details);
     const report = isFinished(job) && job.status === "succeeded" ? await api.get(`/jobs/${study.id}/report`).catch(() => null) : null;
@@ -89,10 +74,12 @@ export function studyPanel(box, study) {
     }
     const students = children.filter((c) => c.kind === "distill").map((c) => c.id);
     box.querySelector("#compare-children").innerHTML = students.length > 1
-      ? `<a class="button" href="#/compare?ids=${students.join(",")}&series=loss">Compare the students' curves</a>` : "";
+      ? `<a class="button" href="#/compare?ids=${students.join(",")}">Compare the students' curves</a>` : "";
     box.querySelector("#lb-state").textContent = isFinished(job) ? `(${job.status})` : "(filling in)";
     bars?.destroy();
-    bars = barChart(box.querySelector("#lb-chart"), rows);
+    // The teacher's AP: the report's teacher row, else (before the report) the teacher the study trained.
+    const teacherAp = report?.teacher?.AP ?? details.find((c) => c.kind === "train")?.final_metrics?.AP;
+    bars = leaderboardChart(box.querySelector("#lb-chart"), rows, teacherAp);
     window.icd.leaderboard = rows.map(({ method, mean, n, total }) => ({ method, mean, n, total }));
     if (isFinished(job)) {
       finalShown = true;
