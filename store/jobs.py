@@ -309,7 +309,16 @@ def _transition(
         _close_attempt(s, job_id, close_attempt, values.get("error"))
     if commit:
         s.commit()
+        _released_if_ended(s, job_id, to)
     return _require(s, job_id)
+
+
+def _released_if_ended(s: Session, job_id: int, status: str) -> None:
+    """Every terminal transition releases the jobs waiting for this one itself (after its commit), so no
+    caller can forget: they are queued when it succeeded, failed with the reason when it did not. The
+    workers' wake-ups after a job ends (worker.outcome.after_end) and the idle sweep start the queued ones."""
+    if status in TERMINAL_STATUSES:
+        release_dependents(s, job_id)
 
 
 def _end(
@@ -345,7 +354,7 @@ def _held(job: Job | None, job_id: int, attempt: int | None) -> Job | None:
 
 
 def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None, attempt: int | None = None) -> Job | None:
-    """running → succeeded with the run's final metrics (callers then run release_dependents). With
+    """running → succeeded with the run's final metrics, releasing the jobs that waited for it. With
     `attempt`, only that attempt may (LeaseLost otherwise).
 
     A cancel accepted while the run was finishing (writing final.pt, say) wins: the API answered it 200,
@@ -363,9 +372,9 @@ def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None, at
 
 
 def fail_job(s: Session, job_id: int, error: str, attempt: int | None = None) -> Job | None:
-    """queued|waiting|running → failed, with a message that says what to change (callers then run
-    release_dependents). A job that already ended keeps its outcome. With `attempt`, only that
-    attempt may (LeaseLost otherwise)."""
+    """queued|waiting|running → failed, with a message that says what to change; the jobs that waited
+    for it fail in turn. A job that already ended keeps its outcome. With `attempt`, only that attempt
+    may (LeaseLost otherwise)."""
     return _held(_end(s, job_id, ACTIVE, "failed", error, *_own(attempt)), job_id, attempt)
 
 
@@ -656,8 +665,7 @@ def settle_waiting(s: Session, job_id: int) -> Job | None:
         return None
     problem, ready = _dependency_problem(s, job.depends_on or [])
     if problem:
-        if _transition(s, job_id, ("waiting",), "failed", error=problem, finished_at=utcnow()) is not None:
-            release_dependents(s, job_id)  # its own dependents fail in turn
+        _transition(s, job_id, ("waiting",), "failed", error=problem, finished_at=utcnow())  # its own fail in turn
         return None
     if not ready:
         return None
@@ -666,8 +674,9 @@ def settle_waiting(s: Session, job_id: int) -> Job | None:
 
 
 def release_dependents(s: Session, finished_job_id: int) -> list[Job]:
-    """After a job ends: waiting jobs whose dependencies all succeeded become queued (returned, the
-    caller enqueues them); those depending on a failed/canceled job fail with a message saying so."""
+    """After a job ends: waiting jobs whose dependencies all succeeded become queued (returned), those
+    depending on a failed/canceled job fail with a message saying so. Every terminal transition calls it
+    (`_released_if_ended`); calling it again releases nothing twice (each change is guarded)."""
     waiting = s.execute(select(Job.id, Job.depends_on).where(Job.status == "waiting")).all()
     released: list[Job] = []
     for job_id, deps in waiting:
@@ -758,7 +767,8 @@ def lost_message(worker: str | None, step: int, attempts: int) -> str:
 
 @dataclass
 class Reaped:
-    """What one reaper pass did: jobs to enqueue again, and jobs it ended (release their dependents)."""
+    """What one reaper pass did: jobs to enqueue again, and jobs it ended (their transitions released their
+    dependents)."""
 
     requeued: list[Job] = field(default_factory=list)
     ended: list[int] = field(default_factory=list)
@@ -782,13 +792,15 @@ def _take_back(s: Session, job_id: int, attempt: int, now: datetime, to: str, lo
         return None  # renewed, ended or reaped by someone else meanwhile
     _close_attempt(s, job_id, "lost", lost)
     s.commit()
-    return job
+    _released_if_ended(s, job_id, to)
+    return _require(s, job_id)
 
 
 def reap_expired_leases(s: Session, now: datetime | None = None, max_attempts: int = 3) -> Reaped:
     """Expired leases → queued as a new attempt (it resumes from the last complete checkpoint), or
     failed with the reason once `max_attempts` (the spec's, else this default) are used, or canceled
-    when a cancel was requested. The caller enqueues `requeued` and releases the dependents of `ended`."""
+    when a cancel was requested. The caller enqueues `requeued`; the dependents of `ended` were released
+    by the transitions themselves."""
     now = now or utcnow()
     out = Reaped()
     rows = s.execute(

@@ -17,7 +17,6 @@ from store.jobs import (
     Reaped,
     fail_unservable,
     reap_expired_leases,
-    release_dependents,
     unservable_message,
     unservable_queues,
 )
@@ -32,15 +31,14 @@ log = logging.getLogger(__name__)
 
 def reaper_pass(s: Session, settings: Settings, now: datetime | None = None) -> Reaped:
     """One pass: expired leases re-queued (or failed past max_attempts), unservable jobs failed after
-    `unservable_timeout_s`, and the dependents of every job it ended released or failed in turn."""
+    `unservable_timeout_s` (the jobs waiting for those fail in turn, in store.jobs)."""
     reaped = reap_expired_leases(s, now, settings.max_attempts)
     live = live_queues(s, alive_within_s=3 * settings.worker_heartbeat_s)
     reaped.ended += fail_unservable(s, live, settings.unservable_timeout_s, now)
     for job in reaped.requeued:
         log.warning("job %s: its worker's lease expired; re-queued as attempt %s", job.id, job.attempt + 1)
-    for job_id in reaped.ended:
+    for job_id in reaped.ended:  # their transitions released (failed) the jobs that waited for them
         log.warning("job %s ended by the reaper", job_id)
-        reaped.requeued += release_dependents(s, job_id)
     try:
         preemption_pass(s, settings, now)
     except Exception:  # a failed pass is tried again on the next; the reaper's work above is committed

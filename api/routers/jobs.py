@@ -13,6 +13,7 @@ from api.auth import UNAUTHORIZED, Caller, get_caller
 from api.bodies import YAML_REQUEST_BODY, YamlBodyRoute
 from api.deps import JobId, get_app_settings, get_artifacts, get_session, job_or_404
 from api.docs import SUBMIT_EXAMPLES
+from api.enqueue import dispatch_new
 from api.schemas import (
     ErrorOut,
     EvaluationOut,
@@ -118,20 +119,6 @@ def _dispatch(s: Session, settings: Settings, job: Job) -> None:
         ) from exc
 
 
-def _dispatch_new(s: Session, settings: Settings, job: Job) -> None:
-    """Publish a just-created job, or delete it and answer 503: a submit is all or nothing, so a client
-    that retries after a 503 makes no duplicate."""
-    try:
-        enqueue(job.id, job.queue, settings.broker_url)
-    except BrokerUnavailable as exc:
-        q.discard_unsent(s, job.id)
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            detail=f"{exc}; nothing was recorded: submit again when the broker is back",
-            headers={"Retry-After": "5"},
-        ) from exc
-
-
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -185,9 +172,9 @@ def submit_job(
     if waits:
         released = q.settle_waiting(s, job.id)  # a dependency may have finished meanwhile
         if released is not None:
-            _dispatch_new(s, settings, released)
+            dispatch_new(s, settings, released)
     else:
-        _dispatch_new(s, settings, job)
+        dispatch_new(s, settings, job)
         _preempt_now(s, settings)
     return JobDetail.model_validate(job_or_404(s, job.id, caller))
 
@@ -313,8 +300,6 @@ def cancel_job(job_id: JobId, s: Session = Depends(get_session), caller: Caller 
         job = q.request_cancel(s, job_id)
     except q.JobStateError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
-    if job.status == "canceled":
-        q.release_dependents(s, job_id)  # jobs waiting for it fail with a message saying so
     return JobDetail.model_validate(job_or_404(s, job_id, caller))
 
 
