@@ -297,7 +297,7 @@ def cancel_job(job_id: JobId, s: Session = Depends(get_session), caller: Caller 
     the job already finished (also when it finished while this request was being answered)."""
     job_or_404(s, job_id, caller)
     try:
-        job = q.request_cancel(s, job_id)
+        q.request_cancel(s, job_id)
     except q.JobStateError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
     return JobDetail.model_validate(job_or_404(s, job_id, caller))
