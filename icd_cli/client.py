@@ -21,10 +21,11 @@ import click
 import httpx
 
 from icd_core.spec import PRIORITY_MAX, PRIORITY_MIN
+from store.models import JOB_KINDS, JOB_STATUSES, JobStatus
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "canceled")
-EXIT_CODES = {"succeeded": 0, "failed": 1, "canceled": 2}
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+EXIT_CODES = {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 1, JobStatus.CANCELED: 2}
 EXIT_TIMEOUT = 3
 YAML = "application/yaml"
 
@@ -112,7 +113,7 @@ def _read_spec(path: Path) -> str:
 
 def _job_line(job: dict[str, Any]) -> str:
     pct = f"{job['percent']:.0f}%" if job.get("percent") is not None else ""
-    eta = f"ETA {_duration(job['eta_s'])}" if job.get("status") == "running" and job.get("eta_s") else ""
+    eta = f"ETA {_duration(job['eta_s'])}" if job.get("status") == JobStatus.RUNNING and job.get("eta_s") else ""
     ap = (job.get("final_metrics") or {}).get("AP")
     return "  ".join(
         x
@@ -154,9 +155,25 @@ def submit_cmd(spec: Path, wait_: bool, server: str, token: str | None) -> None:
         sys.exit(_wait(c, job["id"], timeout=None, interval=2.0))
 
 
+def _statuses(value: str | None) -> str | None:
+    """`--status a,b` checked against store.models.JobStatus here, so a typo names the choices."""
+    if not value:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in names if v not in JOB_STATUSES]
+    if bad:
+        raise click.BadParameter(f"unknown {', '.join(map(repr, bad))}; choose from {', '.join(JOB_STATUSES)}")
+    return ",".join(names)
+
+
 @click.command("jobs")
-@click.option("--status", default=None, help="One status or several, comma-separated.")
-@click.option("--kind", default=None, type=click.Choice(["train", "distill", "evaluate", "study"]))
+@click.option(
+    "--status",
+    default=None,
+    callback=lambda ctx, param, value: _statuses(value),
+    help=f"One status or several, comma-separated: {', '.join(JOB_STATUSES)}.",
+)
+@click.option("--kind", default=None, type=click.Choice(JOB_KINDS))
 @click.option("--search", default=None, help="Name contains this, or the id.")
 @click.option("--parent", "parent_id", default=None, type=int, help="Only the children of this study.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500))
@@ -367,7 +384,7 @@ def fetch_checkpoint(c: Client, path: str, dest: Path, sha256: str, size: int) -
 def cancel_cmd(job_id: int, server: str, token: str | None) -> None:
     """Cancel a job (a running one stops at its next step)."""
     job = _connect(server, token).post(f"/jobs/{job_id}/cancel")
-    click.echo(f"job {job_id} {job['status']}" + (" (cancel requested)" if job["status"] == "running" else ""))
+    click.echo(f"job {job_id} {job['status']}" + (" (cancel requested)" if job["status"] == JobStatus.RUNNING else ""))
 
 
 @click.command("priority")

@@ -20,7 +20,7 @@ from store.jobs import (
     unservable_message,
     unservable_queues,
 )
-from store.models import Job, utcnow
+from store.models import AttemptStatus, Job, JobStatus, utcnow
 from store.preemption import preemption_pass
 from store.scheduler import jobs_ahead, quota_hold
 from store.settings import Settings
@@ -54,20 +54,20 @@ def _alive_window(settings: Settings) -> float:
 def status_detail(s: Session, job: Job, settings: Settings) -> str | None:
     """Why a queued or running job is not progressing, and what happens next (None when it is fine)."""
     now = utcnow()
-    if job.status == "queued" and job.queue not in live_queues(s, _alive_window(settings)):
+    if job.status == JobStatus.QUEUED and job.queue not in live_queues(s, _alive_window(settings)):
         waited = (now - job.updated_at).total_seconds()
         left = max(0.0, settings.unservable_timeout_s - waited)
         return f"{unservable_message(job.queue, waited)}; it fails in {left:.0f} s unless one starts"
-    if job.status == "running" and job.lease_expires_at is not None and job.lease_expires_at < now:
+    if job.status == JobStatus.RUNNING and job.lease_expires_at is not None and job.lease_expires_at < now:
         return (
             f"worker {job.worker} stopped renewing its lease {(now - job.lease_expires_at).total_seconds():.0f} s "
             "ago; the reaper re-queues the job to resume from its last checkpoint"
         )
-    if job.status == "running" and job.preempt_requested_by is not None:
+    if job.status == JobStatus.RUNNING and job.preempt_requested_by is not None:
         return (
             f"preempted by job {job.preempt_requested_by}: it checkpoints at its next step and goes back to the queue"
         )
-    if job.status == "queued":
+    if job.status == JobStatus.QUEUED:
         return queued_detail(s, job, settings)
     return None
 
@@ -86,7 +86,7 @@ def queued_detail(s: Session, job: Job, settings: Settings) -> str | None:
     elif why is None and not _free_worker_for(s, job.queue, settings):
         why = f"next on queue {job.queue!r} (priority {job.priority}): every worker that takes it is busy"
     last = max(job.attempts, key=lambda a: a.number, default=None)
-    if last is not None and last.status == "preempted" and last.error:
+    if last is not None and last.status == AttemptStatus.PREEMPTED and last.error:
         why = f"{last.error}; {why}" if why else last.error
     return why
 

@@ -25,7 +25,7 @@ from store.artifacts import ArtifactStore
 from store.checkpoint_refs import resolve_job_ref
 from store.dispatch import group_size
 from store.jobs import LeaseLost, claim_job, claim_next, expire_leases_of, finish_job, get_job, update_progress
-from store.models import JobStatus
+from store.models import AttemptStatus, JobStatus
 from store.settings import get_settings
 from worker.db import sessions
 from worker.outcome import after_end, log_attempt_end, never_left_running, record_failure
@@ -70,7 +70,7 @@ def execute_job(job_id: int, worker: str, queues: str | None = None) -> str:
                 log.info("job %s %s", job_id, status)
     except LeaseLost as exc:
         log.error("job %s: %s; another attempt owns it now, nothing recorded", job_id, exc)
-        status = "lost"
+        status = AttemptStatus.LOST
     finally:
         never_left_running(job_id, worker, attempt)
         if heartbeat is not None:

@@ -37,7 +37,7 @@ from store import jobs as q
 from store.artifacts import ArtifactStore
 from store.checkpoint_refs import job_ref_state
 from store.dispatch import BrokerUnavailable, enqueue, group_size, queue_for
-from store.models import Job, JobKind
+from store.models import JOB_STATUSES, Job, JobKind, JobStatus
 from store.paging import page_jobs
 from store.preemption import preemption_pass
 from store.reaper import status_detail
@@ -163,7 +163,7 @@ def submit_job(
         name=spec.name,
         queue=queue_for(spec),
         depends_on=waits,
-        status="waiting" if waits else "queued",
+        status=JobStatus.WAITING if waits else JobStatus.QUEUED,
         owner=caller.name,
         priority=spec.priority,
         gpus=group_size(spec),
@@ -206,9 +206,10 @@ def _preempt_now(s: Session, settings: Settings) -> None:
 def list_jobs(
     s: Session = Depends(get_session),
     status_: Annotated[
-        str | None, Query(alias="status", description="One status or several, comma-separated: queued,running")
+        str | None,
+        Query(alias="status", description=f"One status or several, comma-separated: {', '.join(JOB_STATUSES)}"),
     ] = None,
-    kind: Annotated[JobKind | None, Query(description="train | distill | evaluate | study")] = None,
+    kind: JobKind | None = None,
     name: Annotated[str | None, Query(max_length=200)] = None,
     parent_id: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -344,7 +345,7 @@ def retry_job(
         job = q.retry_job(s, job_id)
     except q.JobStateError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
-    if job.status == "waiting":
+    if job.status == JobStatus.WAITING:
         released = q.settle_waiting(s, job_id)
         if released is not None:
             _dispatch(s, settings, released)
