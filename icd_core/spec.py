@@ -39,6 +39,7 @@ PAPER_WARMUP_ITERS = 1000  # the paper's LR warm-up (at 1x); short integer sched
 SEED_MAX = 2**63 - 1  # torch.manual_seed's range; larger seeds would fail on the worker, not at submit
 # Steps, ids and counts are 32-bit INTEGER columns in the database: the one bound every such field shares.
 INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
 MAX_IMAGE_SIDE = 8192  # no detector here is trained or evaluated on larger images; caps anchors and sizes too
 MAX_CUDA_INDEX = 63
 

@@ -15,8 +15,10 @@ from typing import Any
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
+from icd_core.spec import INT32_MAX
 from store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, AttemptStatus, Job, JobStatus, utcnow
 from store.scheduler import Candidate, OwnerLoad, lock_scheduler, next_for
+from store.settings import DEFAULT_LEASE_S
 
 
 class JobNotFound(LookupError):
@@ -29,9 +31,6 @@ class JobStateError(ValueError):
 
 class LeaseLost(JobStateError):
     """This attempt no longer holds the job (its lease was reaped and the job re-queued or ended)."""
-
-
-DEFAULT_LEASE_S = 20.0
 
 
 def create_job(
@@ -129,7 +128,7 @@ def _search_condition(search: str) -> Any:
     """A free-text search: the name contains it (case-insensitive), or it is the job's id."""
     escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     cond = Job.name.ilike(f"%{escaped}%", escape="\\")
-    return or_(cond, Job.id == int(search)) if search.isdigit() and int(search) < 2**31 else cond  # ids are int32
+    return or_(cond, Job.id == int(search)) if search.isdigit() and int(search) <= INT32_MAX else cond
 
 
 def list_jobs(
