@@ -555,6 +555,7 @@ class StudySpec(_JobBase):
 
 ExportFormat = Literal["onnx", "torchscript"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+EXPORT_SUFFIX = {"torchscript": ".ts", "onnx": ".onnx"}  # model.ts, model.onnx
 
 
 class ExportSpec(StrictModel):

@@ -189,6 +189,7 @@ export function jobView(main, jobId) {
         study = studyPanel($("#study"), job);
         $("#training").hidden = true; // a study trains nothing itself: its children have the curves
       }
+      if (job.kind === "export") $("#training").hidden = true; // its files: GET /jobs/{source}/exports
     }
     try {
       const [, newEval] = await Promise.all([pollMetrics(), pollEvaluations(), pollLog(), study?.refresh(job)]);
