@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from icd_core.spec import EXPORT_SUFFIX, parse_job_ref
+from store.models import JobStatus
 
 from .client import EXIT_CODES, Client, fetch_checkpoint, server_options
 from .core import _setup_logging, default_cache_dir
@@ -85,7 +86,7 @@ def _export_on_server(c: Client, job_id: int, body: dict[str, object], output: P
     export = c.post(f"/jobs/{job_id}/exports", json=body)
     click.echo(f"export job {export['job_id']} {export['status']}", err=True)
     code = _wait(c, export["job_id"], timeout=None, interval=2.0)
-    if code != EXIT_CODES["succeeded"]:
+    if code != EXIT_CODES[JobStatus.SUCCEEDED]:
         return code
     done = c.get(f"/jobs/{job_id}/exports/{body['format']}")
     name = f"job{job_id}{EXPORT_SUFFIX[str(body['format'])]}"

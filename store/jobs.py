@@ -271,7 +271,7 @@ def update_progress(
 
 # --- state transitions ------------------------------------------------------------------------------
 # Every status change of a job is a function in this file, each one guarded UPDATE (`_transition`) from
-# named states to one state: `grep -n '"failed"' store/jobs.py` answers "where does a job get marked failed".
+# named states to one state: `grep -n 'JobStatus.FAILED' store/jobs.py` answers "where does a job get marked failed".
 ACTIVE = (JobStatus.QUEUED, JobStatus.WAITING, JobStatus.RUNNING)  # every status a job can still leave
 
 
