@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, computed_fiel
 from icd_core.leaderboard import cost_from_metrics
 from icd_core.spec import PRIORITY_MAX, PRIORITY_MIN
 from store.dispatch import gpus_served
+from store.models import AttemptStatus, JobStatus
 
 
 class _Out(BaseModel):
@@ -19,8 +20,8 @@ class _Out(BaseModel):
 class AttemptOut(_Out):
     number: int
     worker: str | None
-    status: str = Field(
-        description="running | succeeded | failed | canceled | lost (its worker stopped renewing the lease)"
+    status: AttemptStatus = Field(
+        description="lost: its worker stopped renewing the lease; preempted: it made room for a job of higher priority"
     )
     error: str | None
     started_at: datetime
@@ -34,9 +35,9 @@ class JobOut(_Out):
     id: int
     name: str
     kind: str
-    status: str = Field(
-        description="waiting | queued | running | succeeded | failed | canceled | pruned (a sweep's trial its "
-        "pruner stopped early, the reason in `error`: an outcome, not a failure)"
+    status: JobStatus = Field(
+        description="pruned: a sweep's trial its pruner stopped early, the reason in `error` (an outcome, not a "
+        "failure)"
     )
     queue: str
     attempt: int = Field(description="Runs started so far (0 before the first).")

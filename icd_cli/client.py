@@ -23,11 +23,12 @@ import httpx
 from icd_cli.status_format import duration as _duration
 from icd_cli.status_format import status_lines, wait_postfix
 from icd_core.spec import PRIORITY_MAX, PRIORITY_MIN
+from store.models import JOB_KINDS, JOB_STATUSES, JobStatus
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "canceled", "pruned")
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.PRUNED)
 # pruned: a sweep's trial its pruner stopped (docs/sweeps.md#pruned-trials), an outcome rather than a failure.
-EXIT_CODES = {"succeeded": 0, "failed": 1, "canceled": 2, "pruned": 4}
+EXIT_CODES = {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 1, JobStatus.CANCELED: 2, JobStatus.PRUNED: 4}
 EXIT_TIMEOUT = 3
 YAML = "application/yaml"
 
@@ -117,7 +118,7 @@ def _read_spec(path: Path) -> str:
 
 def _job_line(job: dict[str, Any]) -> str:
     pct = f"{job['percent']:.0f}%" if job.get("percent") is not None else ""
-    eta = f"ETA {_duration(job['eta_s'])}" if job.get("status") == "running" and job.get("eta_s") else ""
+    eta = f"ETA {_duration(job['eta_s'])}" if job.get("status") == JobStatus.RUNNING and job.get("eta_s") else ""
     ap = (job.get("final_metrics") or {}).get("AP")
     return "  ".join(
         x
@@ -154,22 +155,21 @@ def submit_cmd(spec: Path, wait_: bool, server: str, token: str | None) -> None:
 
 
 def _check_statuses(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Unknown statuses fail here, in one sentence that lists the valid ones."""
+    """Unknown statuses fail here, in one sentence that lists the valid ones (store.models.JobStatus)."""
     if not value:
-        return value
-    from store.models import JOB_STATUSES  # lazy: only a --status filter pays for SQLAlchemy
-
-    bad = [x for x in value.split(",") if x and x not in JOB_STATUSES]
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in names if v not in JOB_STATUSES]
     if bad:
         raise click.ClickException(
             f"--status: unknown status {', '.join(map(repr, bad))}; valid statuses: {', '.join(JOB_STATUSES)}"
         )
-    return value
+    return ",".join(names)
 
 
 @click.command("jobs")
 @click.option("--status", default=None, callback=_check_statuses, help="One status or several, comma-separated.")
-@click.option("--kind", default=None, type=click.Choice(["train", "distill", "evaluate", "study", "sweep"]))
+@click.option("--kind", default=None, type=click.Choice(JOB_KINDS))
 @click.option("--search", default=None, help="Name contains this, or the id.")
 @click.option("--parent", "parent_id", default=None, type=int, help="Only the children of this study.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500))
@@ -372,7 +372,7 @@ def fetch_checkpoint(c: Client, path: str, dest: Path, sha256: str, size: int) -
 def cancel_cmd(job_id: int, server: str, token: str | None) -> None:
     """Cancel a job (a running one stops at its next step)."""
     job = _connect(server, token).post(f"/jobs/{job_id}/cancel")
-    click.echo(f"job {job_id} {job['status']}" + (" (cancel requested)" if job["status"] == "running" else ""))
+    click.echo(f"job {job_id} {job['status']}" + (" (cancel requested)" if job["status"] == JobStatus.RUNNING else ""))
 
 
 @click.command("priority")

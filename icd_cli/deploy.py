@@ -1,5 +1,6 @@
-"""The deployment commands: `icd export` (a verified TorchScript/ONNX file of a run's model) and
-`icd predict` (COCO-format detections and annotated PNGs). torch loads only when a command runs."""
+"""The deployment commands: `icd export` (a verified TorchScript/ONNX file of a run's model: here from a
+checkpoint file, or as an export job on the service for `job:<id>`) and `icd predict` (COCO-format
+detections and annotated PNGs). torch loads only when a local command runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from pathlib import Path
 
 import click
 
+from icd_core.spec import EXPORT_SUFFIX, parse_job_ref
+from store.models import JobStatus
+
+from .client import EXIT_CODES, Client, fetch_checkpoint, server_options
 from .core import _setup_logging, default_cache_dir
 
 
@@ -35,6 +40,7 @@ from .core import _setup_logging, default_cache_dir
     default=None,
     help="Generated datasets (default: $ICD_CACHE_DIR or the service's cache).",
 )
+@server_options
 def export_cmd(
     checkpoint: Path,
     fmt: str,
@@ -43,8 +49,17 @@ def export_cmd(
     eval_images: int | None,
     opset: int,
     cache_dir: Path | None,
+    server: str,
+    token: str | None,
 ) -> None:
-    """Export a train/distill CHECKPOINT's model (the student only) and verify it against the eager model."""
+    """Export a train/distill CHECKPOINT's model (the student only) and verify it against the eager model.
+
+    CHECKPOINT `job:<id>` exports that service job's model as an export job run by a worker (--server),
+    waits for it and downloads the verified file."""
+    job_id = parse_job_ref(str(checkpoint))
+    if job_id is not None:
+        body = {"format": fmt, "verify_images": verify_images, "eval_images": eval_images}
+        raise SystemExit(_export_on_server(Client(server, token), job_id, body, output))
     _setup_logging()
     from icd_core.export import ExportError, export_checkpoint
 
@@ -62,6 +77,23 @@ def export_cmd(
         f"verified: detections on {v.images} images match (max box difference {diff}); "
         f"COCO AP {v.exported_AP:.2f} exported vs {v.eager_AP:.2f} eager on {v.eval_images} images"
     )
+
+
+def _export_on_server(c: Client, job_id: int, body: dict[str, object], output: Path | None) -> int:
+    """POST /jobs/{id}/exports, wait for the export job, download its file; the exit code of its outcome."""
+    from .client import _wait
+
+    export = c.post(f"/jobs/{job_id}/exports", json=body)
+    click.echo(f"export job {export['job_id']} {export['status']}", err=True)
+    code = _wait(c, export["job_id"], timeout=None, interval=2.0)
+    if code != EXIT_CODES[JobStatus.SUCCEEDED]:
+        return code
+    done = c.get(f"/jobs/{job_id}/exports/{body['format']}")
+    name = f"job{job_id}{EXPORT_SUFFIX[str(body['format'])]}"
+    dest = (output / name) if output is not None and output.is_dir() else (output or Path(name))
+    fetch_checkpoint(c, done["url"], dest, done["sha256"], done["size_bytes"])
+    click.echo(f"exported {body['format']}: {dest}  sha256 {done['sha256']} (verified)")
+    return 0
 
 
 @click.command("predict")

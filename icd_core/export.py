@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from .detectors import Detector
 from .export_resize import probe_images, with_exact_resize
+from .spec import EXPORT_SUFFIX
 
-FORMATS = ("torchscript", "onnx")
-SUFFIX = {"torchscript": ".ts", "onnx": ".onnx"}
+FORMATS = tuple(EXPORT_SUFFIX)
+SUFFIX = EXPORT_SUFFIX
 ONNX_OPSET = 17
 MIN_ONNX_OPSET = 11  # torchvision's detection ops (RoIAlign, NMS, resize) need at least opset 11
 META_KEY = "icd_meta"

@@ -6,7 +6,10 @@ heartbeat thread that renews the job's lease: the job was reaped and started aga
 this attempt was still exporting. Here the parent only waits: it calls `check` (which raises to stop,
 e.g. on a cancel or a lost lease) a few times a second and kills the child when it does.
 
-    python -m icd_core.export_process INPUT.pt OUT_DIR FORMAT...   (what the parent runs)
+    python -m icd_core.export_process INPUT.pt OUT_DIR FORMAT...       (a run's model, for its latency)
+    python -m icd_core.export_process --request OUT_DIR/request.json  (a verified export: an export job)
+
+The child dies with its parent (a worker killed with SIGKILL leaves no export running behind it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from .export import ExportError, export_meta, write_export
 from .spec import saved_model_spec
 
 ERRORS_FILE = "export_errors.json"
+REQUEST_FILE = "export_request.json"
+PARENT_ENV = "ICD_EXPORT_PARENT_PID"
 
 
 def export_in_child(
@@ -46,9 +51,50 @@ def export_in_child(
         },
         source,
     )
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    cmd = [sys.executable, "-m", "icd_core.export_process", str(source), str(out_dir), *formats]
+    try:
+        return _run_child(cmd, out_dir, formats, check, poll_s)
+    finally:
+        source.unlink(missing_ok=True)
+
+
+def export_checkpoint_in_child(
+    checkpoint: Path,
+    out_dir: Path,
+    formats: Sequence[str],
+    cache_dir: Path,
+    verify_images: int,
+    eval_images: int | None,
+    check: Callable[[], None],
+    poll_s: float = 0.2,
+) -> dict[str, str]:
+    """`icd_core.export.export_checkpoint` for each format, verified against the eager model, from a child
+    process: `out_dir/model.<suffix>` with its metadata beside it; {format: why} for those that failed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    request = out_dir / REQUEST_FILE
+    request.write_text(
+        json.dumps(
+            {
+                "checkpoint": str(checkpoint),
+                "formats": list(formats),
+                "cache_dir": str(cache_dir),
+                "verify_images": verify_images,
+                "eval_images": eval_images,
+            }
+        )
+    )
+    cmd = [sys.executable, "-m", "icd_core.export_process", "--request", str(request)]
+    return _run_child(cmd, out_dir, formats, check, poll_s)
+
+
+def _run_child(
+    cmd: list[str], out_dir: Path, formats: Sequence[str], check: Callable[[], None], poll_s: float
+) -> dict[str, str]:
+    """Run the child, calling `check` while it works (the child is killed when `check` raises); its
+    {format: why} file, or its log's tail for every format when it crashed."""
+    (out_dir / ERRORS_FILE).unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), PARENT_ENV: str(os.getpid())}
     with open(out_dir / "export.log", "wb") as log:
-        cmd = [sys.executable, "-m", "icd_core.export_process", str(source), str(out_dir), *formats]
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             while child.poll() is None:
@@ -58,7 +104,6 @@ def export_in_child(
             if child.poll() is None:
                 child.kill()
                 child.wait()
-    source.unlink(missing_ok=True)
     if child.returncode != 0:
         tail = (out_dir / "export.log").read_text(errors="replace")[-500:]
         return {fmt: f"the export process failed (exit {child.returncode}): {tail}" for fmt in formats}
@@ -81,10 +126,45 @@ def _export_from_file(source: Path, out_dir: Path, formats: Sequence[str]) -> di
     return errors
 
 
-if __name__ == "__main__":
-    source_arg, out_arg, *format_args = sys.argv[1:]
+def _export_requested(request: Path) -> dict[str, str]:
+    """The child's side of an export job: each format exported from the checkpoint and verified."""
+    from .export import export_checkpoint
+
+    req = json.loads(request.read_text())
+    errors = {}
+    for fmt in req["formats"]:
+        try:
+            export_checkpoint(
+                req["checkpoint"], fmt, request.parent, req["cache_dir"], req["verify_images"], req["eval_images"]
+            )
+        except (ExportError, ValueError, FileNotFoundError) as err:  # what the user can act on
+            errors[fmt] = str(err)
+    return errors
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this child when the process that started it dies; exit now if it died already."""
+    from .engine.distributed import die_with_parent
+
+    die_with_parent()
+    parent = os.environ.get(PARENT_ENV)
+    if parent is not None and str(os.getppid()) != parent:
+        os._exit(1)
+
+
+def main(args: list[str]) -> None:
+    _die_with_parent()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    # Fault tests only: a slow post-training phase (a large model's exports) without a large model.
+    # Fault tests only: a slow export (a large model's) without a large model.
     time.sleep(float(os.environ.get("ICD_TEST_EXPORT_DELAY_S", "0")))
-    found = _export_from_file(Path(source_arg), Path(out_arg), format_args)
-    (Path(out_arg) / ERRORS_FILE).write_text(json.dumps(found))
+    if args[0] == "--request":
+        request = Path(args[1])
+        out_dir, found = request.parent, _export_requested(request)
+    else:
+        source_arg, out_arg, *format_args = args
+        out_dir, found = Path(out_arg), _export_from_file(Path(source_arg), Path(out_arg), format_args)
+    (out_dir / ERRORS_FILE).write_text(json.dumps(found))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

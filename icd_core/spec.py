@@ -50,6 +50,7 @@ PAPER_WARMUP_ITERS = 1000  # the paper's LR warm-up (at 1x); short integer sched
 SEED_MAX = 2**63 - 1  # torch.manual_seed's range; larger seeds would fail on the worker, not at submit
 # Steps, ids and counts are 32-bit INTEGER columns in the database: the one bound every such field shares.
 INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
 MAX_IMAGE_SIDE = 8192  # no detector here is trained or evaluated on larger images; caps anchors and sizes too
 MAX_CUDA_INDEX = 63
 
@@ -641,6 +642,36 @@ class StudySpec(_JobBase):
         if not self.teacher.checkpoint and self.teacher_schedule is None:
             raise ValueError("teacher: give teacher.checkpoint or a teacher_schedule to train it")
         return self
+
+
+ExportFormat = Literal["onnx", "torchscript"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+EXPORT_SUFFIX = {"torchscript": ".ts", "onnx": ".onnx"}  # model.ts, model.onnx
+
+
+class ExportSpec(StrictModel):
+    """Export a finished train/distill run's model (a distill run's student) to TorchScript and/or ONNX,
+    each verified against the eager model on the run's validation images. A job of its own kind, claimed,
+    leased and retried like any other; it keeps no checkpoint, so a retry starts over
+    (docs/architecture.md#exports-are-jobs). Submitted by `POST /jobs/{id}/exports`, not `POST /jobs`."""
+
+    kind: Literal["export"] = "export"
+    name: str = Field("export", max_length=200)
+    checkpoint: CheckpointRef = Field(description="job:<id> of a succeeded train or distill job, or its final.pt.")
+    formats: list[ExportFormat] = Field(default_factory=lambda: ["onnx"], min_length=1, max_length=2)
+    verify_images: int = Field(4, ge=1, le=100, description="Validation images whose detections must match eager.")
+    eval_images: int | None = Field(
+        None, ge=1, le=INT32_MAX, description="Limit the COCO AP check (null: the whole validation set)."
+    )
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    priority: int = Field(DEFAULT_PRIORITY, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+
+    @field_validator("formats")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"formats: name each format once, got {v}")
+        return v
 
 
 # --- sweeps (docs/sweeps.md) ------------------------------------------------------------------------------

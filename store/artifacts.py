@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from icd_core.hashing import sha256_file
-from icd_core.run_layout import CHECKPOINT_DIR, LOG_FILE
+from icd_core.run_layout import CHECKPOINT_DIR, EXPORTS_DIR, LOG_FILE
 
 REPORT_DIR = "report"  # a study's leaderboard files: report.json / .md / .png
 
@@ -31,6 +31,10 @@ class ArtifactStore:
 
     def checkpoint_dir(self, job_id: int) -> Path:
         return self.root / "jobs" / str(int(job_id)) / CHECKPOINT_DIR
+
+    def exports_dir(self, job_id: int) -> Path:
+        """Where an export job writes its verified files (the worker) and the API serves them from."""
+        return self.root / "jobs" / str(int(job_id)) / EXPORTS_DIR
 
     def report_dir(self, job_id: int) -> Path:
         """Where a study's leaderboard report is written (the worker) and served from (the API)."""

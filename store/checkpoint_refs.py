@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from icd_core.spec import parse_job_ref
-from store.models import Job
+from store.models import Job, JobStatus
 from store.results import final_checkpoint_path
 
 
@@ -22,9 +22,9 @@ def job_ref_state(s: Session, artifact_root: str | Path, job_id: int) -> tuple[s
         return f"job {job_id} does not exist", False
     if dep.kind not in ("train", "distill"):
         return f"job {job_id} is a {dep.kind} job and produces no checkpoint", False
-    if dep.status in ("failed", "canceled"):
+    if dep.status in (JobStatus.FAILED, JobStatus.CANCELED):
         return f"job {job_id} is {dep.status}; retry it (POST /jobs/{job_id}/retry) first", False
-    if dep.status == "succeeded":
+    if dep.status == JobStatus.SUCCEEDED:
         path = final_checkpoint_path(s, artifact_root, job_id)
         if path is None or not path.is_file():
             return f"job {job_id} succeeded but has no final checkpoint file", False

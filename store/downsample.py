@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session
 
+from icd_core.spec import INT32_MIN
 from store.models import ROLLUP_BLOCK_STEPS
 
 MIN_POINTS = 2
@@ -102,7 +103,7 @@ def rollup_buckets(max_points: int) -> int:
 
 def _first_full_block(since_step: int | None) -> int:
     if since_step is None:
-        return -(2**31) // ROLLUP_BLOCK_STEPS
+        return INT32_MIN // ROLLUP_BLOCK_STEPS
     return -(-(since_step + 1) // ROLLUP_BLOCK_STEPS)  # ceil((since_step + 1) / block)
 
 
@@ -141,7 +142,7 @@ def downsample(s: Session, job_id: int, names: Sequence[str] | None, since_step:
             "name": name,
             "nb": rollup_buckets(max_points),
             "first_block": first_block,
-            "since": since_step if since_step is not None else -(2**31),
+            "since": since_step if since_step is not None else INT32_MIN,
         }
         out[name] = _points(s, ROLLUP_SQL.format(block_steps=ROLLUP_BLOCK_STEPS), params)
     return {name: pts for name, pts in sorted(out.items()) if pts}

@@ -15,8 +15,10 @@ from typing import Any
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, Job, utcnow
+from icd_core.spec import INT32_MAX
+from store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, AttemptStatus, Job, JobStatus, utcnow
 from store.scheduler import Candidate, OwnerLoad, lock_scheduler, next_for
+from store.settings import DEFAULT_LEASE_S
 
 
 class JobNotFound(LookupError):
@@ -31,9 +33,6 @@ class LeaseLost(JobStateError):
     """This attempt no longer holds the job (its lease was reaped and the job re-queued or ended)."""
 
 
-DEFAULT_LEASE_S = 20.0
-
-
 def create_job(
     s: Session,
     spec_dict: dict[str, Any],
@@ -42,7 +41,7 @@ def create_job(
     queue: str,
     depends_on: Sequence[int] = (),
     parent_id: int | None = None,
-    status: str = "queued",
+    status: str = JobStatus.QUEUED,
     owner: str | None = None,
     priority: int = 0,
     gpus: int = 1,
@@ -54,7 +53,7 @@ def create_job(
     commit=False only flushes (the id is set), so a caller can add rows that belong to it in one commit."""
     if kind not in JOB_KINDS:
         raise ValueError(f"kind must be one of {JOB_KINDS}, got {kind!r}")
-    if status not in ("queued", "waiting"):
+    if status not in (JobStatus.QUEUED, JobStatus.WAITING):
         raise ValueError(f"a new job is queued or waiting, not {status!r}")
     job = Job(
         spec=spec_dict,
@@ -84,7 +83,7 @@ def discard_unsent(s: Session, job_id: int) -> bool:
     row (a client that retries makes no duplicate). Guarded: a job a worker has claimed stays."""
     res = s.execute(
         delete(Job)
-        .where(Job.id == job_id, Job.status.in_(("queued", "waiting")), Job.attempt == 0)
+        .where(Job.id == job_id, Job.status.in_((JobStatus.QUEUED, JobStatus.WAITING)), Job.attempt == 0)
         .execution_options(synchronize_session=False)
     )
     s.commit()
@@ -118,7 +117,7 @@ def _filters(
         statuses = [status] if isinstance(status, str) else list(status)
         bad = [x for x in statuses if x not in JOB_STATUSES]
         if bad:
-            raise ValueError(f"status: unknown {bad}; choose from {list(JOB_STATUSES)}")
+            raise ValueError(f"unknown {', '.join(map(repr, bad))}; choose from {', '.join(JOB_STATUSES)}")
         conds.append(Job.status == statuses[0] if len(statuses) == 1 else Job.status.in_(statuses))
     if kind:
         conds.append(Job.kind == kind)
@@ -135,7 +134,7 @@ def _search_condition(search: str) -> Any:
     """A free-text search: the name contains it (case-insensitive), or it is the job's id."""
     escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     cond = Job.name.ilike(f"%{escaped}%", escape="\\")
-    return or_(cond, Job.id == int(search)) if search.isdigit() and int(search) < 2**31 else cond  # ids are int32
+    return or_(cond, Job.id == int(search)) if search.isdigit() and int(search) <= INT32_MAX else cond
 
 
 def list_jobs(
@@ -186,10 +185,12 @@ def claim_job(s: Session, job_id: int, worker: str, lease_s: float = DEFAULT_LEA
     finished or canceled claims nothing.
     """
     now = utcnow()
-    job = _transition(s, job_id, ("queued",), "running", commit=False, **_claim_values(worker, lease_s, now))
+    job = _transition(
+        s, job_id, (JobStatus.QUEUED,), JobStatus.RUNNING, commit=False, **_claim_values(worker, lease_s, now)
+    )
     if job is None:
         return None
-    s.add(Attempt(job_id=job_id, number=job.attempt, worker=worker, status="running", started_at=now))
+    s.add(Attempt(job_id=job_id, number=job.attempt, worker=worker, status=AttemptStatus.RUNNING, started_at=now))
     s.commit()
     return job
 
@@ -224,13 +225,15 @@ def claim_next(s: Session, worker: str, queues: Sequence[str], lease_s: float = 
         load = loads.get(cand.owner) or OwnerLoad()
         res = s.execute(
             update(Job)
-            .where(Job.id == cand.id, Job.status == "queued", *_quota_guard(cand, load))
-            .values(status="running", updated_at=now, **_claim_values(worker, lease_s, now))
+            .where(Job.id == cand.id, Job.status == JobStatus.QUEUED, *_quota_guard(cand, load))
+            .values(status=JobStatus.RUNNING, updated_at=now, **_claim_values(worker, lease_s, now))
             .execution_options(synchronize_session=False)
         )
         if res.rowcount == 1:  # type: ignore[attr-defined]
             job = _require(s, cand.id)
-            s.add(Attempt(job_id=job.id, number=job.attempt, worker=worker, status="running", started_at=now))
+            s.add(
+                Attempt(job_id=job.id, number=job.attempt, worker=worker, status=AttemptStatus.RUNNING, started_at=now)
+            )
             s.commit()
             return job
     s.rollback()  # ends the read transaction and frees the scheduler lock
@@ -240,7 +243,9 @@ def claim_next(s: Session, worker: str, queues: Sequence[str], lease_s: float = 
 def _quota_guard(cand: Candidate, load: OwnerLoad) -> list[Any]:
     """The owner's quotas as conditions of the claim's UPDATE, evaluated inside the write."""
     other = aliased(Job)
-    mine = (other.owner.is_(None) if cand.owner is None else other.owner == cand.owner) & (other.status == "running")
+    mine = (other.owner.is_(None) if cand.owner is None else other.owner == cand.owner) & (
+        other.status == JobStatus.RUNNING
+    )
     conds: list[Any] = []
     if load.max_running is not None:
         running = select(func.count()).select_from(other).where(mine).scalar_subquery()
@@ -272,8 +277,8 @@ def update_progress(
 
 # --- state transitions ------------------------------------------------------------------------------
 # Every status change of a job is a function in this file, each one guarded UPDATE (`_transition`) from
-# named states to one state: `grep -n '"failed"' store/jobs.py` answers "where does a job get marked failed".
-ACTIVE = ("queued", "waiting", "running")  # every status a job can still leave
+# named states to one state: `grep -n 'JobStatus.FAILED' store/jobs.py` answers "where does a job get marked failed".
+ACTIVE = (JobStatus.QUEUED, JobStatus.WAITING, JobStatus.RUNNING)  # every status a job can still leave
 
 
 def _close_attempt(s: Session, job_id: int, status: str, error: str | None) -> None:
@@ -315,7 +320,16 @@ def _transition(
         _close_attempt(s, job_id, close_attempt, values.get("error"))
     if commit:
         s.commit()
+        _released_if_ended(s, job_id, to)
     return _require(s, job_id)
+
+
+def _released_if_ended(s: Session, job_id: int, status: str) -> None:
+    """Every terminal transition releases the jobs waiting for this one itself (after its commit), so no
+    caller can forget: they are queued when it succeeded, failed with the reason when it did not. The
+    workers' wake-ups after a job ends (worker.outcome.after_end) and the idle sweep start the queued ones."""
+    if status in TERMINAL_STATUSES:
+        release_dependents(s, job_id)
 
 
 def _end(
@@ -331,7 +345,7 @@ def _end(
     values: dict[str, Any] = {
         "finished_at": utcnow(),
         "error": error,
-        "eta_s": 0.0 if status == "succeeded" else None,
+        "eta_s": 0.0 if status == JobStatus.SUCCEEDED else None,
         "cancel_requested": False,
         "lease_expires_at": None,
         **extra,
@@ -351,7 +365,7 @@ def _held(job: Job | None, job_id: int, attempt: int | None) -> Job | None:
 
 
 def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None, attempt: int | None = None) -> Job | None:
-    """running → succeeded with the run's final metrics (callers then run release_dependents). With
+    """running → succeeded with the run's final metrics, releasing the jobs that waited for it. With
     `attempt`, only that attempt may (LeaseLost otherwise).
 
     A cancel accepted while the run was finishing (writing final.pt, say) wins: the API answered it 200,
@@ -362,27 +376,29 @@ def finish_job(s: Session, job_id: int, final_metrics: dict[str, Any] | None, at
     if job.progress_total:
         extra["progress_step"] = job.progress_total
     own = _own(attempt)
-    done = _end(s, job_id, ("running",), "succeeded", None, Job.cancel_requested.is_not(True), *own, **extra)
+    done = _end(
+        s, job_id, (JobStatus.RUNNING,), JobStatus.SUCCEEDED, None, Job.cancel_requested.is_not(True), *own, **extra
+    )
     if done is None:
-        done = _end(s, job_id, ("running",), "canceled", None, Job.cancel_requested.is_(True), *own)
+        done = _end(s, job_id, (JobStatus.RUNNING,), JobStatus.CANCELED, None, Job.cancel_requested.is_(True), *own)
     return _held(done, job_id, attempt)
 
 
 def fail_job(s: Session, job_id: int, error: str, attempt: int | None = None) -> Job | None:
-    """queued|waiting|running → failed, with a message that says what to change (callers then run
-    release_dependents). A job that already ended keeps its outcome. With `attempt`, only that
-    attempt may (LeaseLost otherwise)."""
-    return _held(_end(s, job_id, ACTIVE, "failed", error, *_own(attempt)), job_id, attempt)
+    """queued|waiting|running → failed, with a message that says what to change; the jobs that waited
+    for it fail in turn. A job that already ended keeps its outcome. With `attempt`, only that attempt
+    may (LeaseLost otherwise)."""
+    return _held(_end(s, job_id, ACTIVE, JobStatus.FAILED, error, *_own(attempt)), job_id, attempt)
 
 
 def fail_if_running_on(s: Session, job_id: int, worker: str, error: str, attempt: int | None = None) -> Job | None:
     """running on `worker` → failed: the safety net for a process that died or could not record its result."""
-    return _end(s, job_id, ("running",), "failed", error, Job.worker == worker, *_own(attempt))
+    return _end(s, job_id, (JobStatus.RUNNING,), JobStatus.FAILED, error, Job.worker == worker, *_own(attempt))
 
 
 def mark_canceled(s: Session, job_id: int, attempt: int | None = None) -> Job | None:
     """running → canceled: the worker stopped cooperatively after a cancel request."""
-    return _held(_end(s, job_id, ("running",), "canceled", None, *_own(attempt)), job_id, attempt)
+    return _held(_end(s, job_id, (JobStatus.RUNNING,), JobStatus.CANCELED, None, *_own(attempt)), job_id, attempt)
 
 
 def mark_pruned(
@@ -395,9 +411,10 @@ def mark_pruned(
     only that attempt may (LeaseLost otherwise)."""
     own = _own(attempt)
     extra = {"final_metrics": final_metrics, "progress_step": step}
-    done = _end(s, job_id, ("running",), "pruned", reason, Job.cancel_requested.is_not(True), *own, **extra)
+    running = (JobStatus.RUNNING,)
+    done = _end(s, job_id, running, JobStatus.PRUNED, reason, Job.cancel_requested.is_not(True), *own, **extra)
     if done is None:
-        done = _end(s, job_id, ("running",), "canceled", None, Job.cancel_requested.is_(True), *own)
+        done = _end(s, job_id, running, JobStatus.CANCELED, None, Job.cancel_requested.is_(True), *own)
     return _held(done, job_id, attempt)
 
 
@@ -409,9 +426,9 @@ def park_study(s: Session, job_id: int, children: int) -> Job | None:
     return _transition(
         s,
         job_id,
-        ("running",),
-        "waiting",
-        close_attempt="succeeded",
+        (JobStatus.RUNNING,),
+        JobStatus.WAITING,
+        close_attempt=JobStatus.SUCCEEDED,
         depends_on=[],
         progress_step=0,
         progress_total=children,
@@ -434,7 +451,7 @@ def claim_study_close(s: Session, job_id: int, hold_s: float = STUDY_CLOSE_HOLD_
     now = utcnow()
     res = s.execute(
         update(Job)
-        .where(Job.id == job_id, Job.kind.in_(PARENT_KINDS), Job.status == "waiting", _lease_expired(now))
+        .where(Job.id == job_id, Job.kind.in_(PARENT_KINDS), Job.status == JobStatus.WAITING, _lease_expired(now))
         .values(lease_expires_at=now + timedelta(seconds=hold_s), updated_at=now)
         .execution_options(synchronize_session=False)
     )
@@ -444,7 +461,7 @@ def claim_study_close(s: Session, job_id: int, hold_s: float = STUDY_CLOSE_HOLD_
 
 def finish_study(s: Session, job_id: int, final_metrics: dict[str, Any]) -> Job | None:
     """waiting → succeeded: every child of the study ended and its report is written."""
-    return _end(s, job_id, ("waiting",), "succeeded", None, final_metrics=final_metrics)
+    return _end(s, job_id, (JobStatus.WAITING,), JobStatus.SUCCEEDED, None, final_metrics=final_metrics)
 
 
 def requeue_interrupted(s: Session, job_id: int, reason: str, attempt: int | None = None) -> Job | None:
@@ -455,8 +472,8 @@ def requeue_interrupted(s: Session, job_id: int, reason: str, attempt: int | Non
     job = _transition(
         s,
         job_id,
-        ("running",),
-        "queued",
+        (JobStatus.RUNNING,),
+        JobStatus.QUEUED,
         *_own(attempt),
         commit=False,
         worker=None,
@@ -469,7 +486,7 @@ def requeue_interrupted(s: Session, job_id: int, reason: str, attempt: int | Non
     )
     if job is None:
         return None
-    _close_attempt(s, job_id, "failed", reason)
+    _close_attempt(s, job_id, AttemptStatus.FAILED, reason)
     s.commit()
     return job
 
@@ -489,8 +506,8 @@ def requeue_preempted(s: Session, job_id: int, attempt: int, step: int, by_job: 
     job = _transition(
         s,
         job_id,
-        ("running",),
-        "queued",
+        (JobStatus.RUNNING,),
+        JobStatus.QUEUED,
         Job.attempt == attempt,
         Job.cancel_requested.is_not(True),
         commit=False,
@@ -504,7 +521,7 @@ def requeue_preempted(s: Session, job_id: int, attempt: int, step: int, by_job: 
     )
     if job is None:
         return None
-    _close_attempt(s, job_id, "preempted", reason)
+    _close_attempt(s, job_id, AttemptStatus.PREEMPTED, reason)
     s.commit()
     return _require(s, job_id)
 
@@ -517,7 +534,7 @@ def request_preemption(s: Session, victim_id: int, attempt: int, by_job: int) ->
         update(Job)
         .where(
             Job.id == victim_id,
-            Job.status == "running",
+            Job.status == JobStatus.RUNNING,
             Job.attempt == attempt,
             Job.preempt_requested_by.is_(None),
             Job.cancel_requested.is_not(True),
@@ -531,10 +548,14 @@ def request_preemption(s: Session, victim_id: int, attempt: int, by_job: int) ->
 def withdraw_stale_preemptions(s: Session) -> int:
     """Drop preemption requests whose job no longer waits (another worker took it, it was canceled):
     a victim that has not stopped yet keeps running. Uncommitted, like request_preemption."""
-    waiting = select(Job.id).where(Job.status == "queued")
+    waiting = select(Job.id).where(Job.status == JobStatus.QUEUED)
     res = s.execute(
         update(Job)
-        .where(Job.status == "running", Job.preempt_requested_by.is_not(None), Job.preempt_requested_by.not_in(waiting))
+        .where(
+            Job.status == JobStatus.RUNNING,
+            Job.preempt_requested_by.is_not(None),
+            Job.preempt_requested_by.not_in(waiting),
+        )
         .values(preempt_requested_by=None)
         .execution_options(synchronize_session=False)
     )
@@ -545,7 +566,7 @@ def set_priority(s: Session, job_id: int, priority: int) -> Job:
     """Re-prioritise a job that has not started (queued or waiting), and the unstarted children of a
     study; JobStateError for a job that runs or ended (it keeps its place until it ends or is preempted).
     Not a status change: one UPDATE guarded by the status, which stays as it is."""
-    unstarted = Job.status.in_(("queued", "waiting"))
+    unstarted = Job.status.in_((JobStatus.QUEUED, JobStatus.WAITING))
     res = s.execute(
         update(Job)
         .where(Job.id == job_id, unstarted)
@@ -573,7 +594,7 @@ def stop_requests(s: Session, job_id: int) -> tuple[bool, int | None]:
     s.rollback()
     if row is None:
         return True, None
-    return bool(row[0]) or row[1] == "canceled", row[2]
+    return bool(row[0]) or row[1] == JobStatus.CANCELED, row[2]
 
 
 def request_cancel(s: Session, job_id: int) -> Job:
@@ -597,11 +618,14 @@ def request_cancel(s: Session, job_id: int) -> Job:
 
 def _cancel_or_flag(s: Session, job_id: int) -> bool:
     """queued/waiting → canceled, or flag a running job; False when the job was in neither state."""
-    if _transition(s, job_id, ("queued", "waiting"), "canceled", finished_at=utcnow()) is not None:
+    if (
+        _transition(s, job_id, (JobStatus.QUEUED, JobStatus.WAITING), JobStatus.CANCELED, finished_at=utcnow())
+        is not None
+    ):
         return True
     res = s.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running")
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
         .values(cancel_requested=True, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )
@@ -614,7 +638,7 @@ def is_cancel_requested(s: Session, job_id: int) -> bool:
     row = s.execute(select(Job.cancel_requested, Job.status).where(Job.id == job_id)).first()
     if row is None:
         return True
-    return bool(row[0]) or row[1] == "canceled"
+    return bool(row[0]) or row[1] == JobStatus.CANCELED
 
 
 def _dependency_problem(s: Session, depends_on: Sequence[int]) -> tuple[str | None, bool]:
@@ -627,11 +651,11 @@ def _dependency_problem(s: Session, depends_on: Sequence[int]) -> tuple[str | No
         if dep not in rows:
             return f"teacher/checkpoint job {dep} no longer exists; resubmit this job with another checkpoint", False
         status, error = rows[dep]
-        if status == "failed":
+        if status == JobStatus.FAILED:
             return f"teacher/checkpoint job {dep} failed: {error or 'no message'}; retry it, then retry this job", False
-        if status == "canceled":
+        if status == JobStatus.CANCELED:
             return f"teacher/checkpoint job {dep} was canceled; retry it, then retry this job", False
-        all_done = all_done and status == "succeeded"
+        all_done = all_done and status == JobStatus.SUCCEEDED
     return None, all_done
 
 
@@ -639,7 +663,7 @@ def retry_job(s: Session, job_id: int) -> Job:
     """failed|canceled → queued (or waiting while its dependencies still run); the run folder is kept,
     so the worker resumes from the last checkpoint."""
     job = _require(s, job_id)
-    if job.status not in ("failed", "canceled"):
+    if job.status not in (JobStatus.FAILED, JobStatus.CANCELED):
         raise JobStateError(f"job {job_id} is {job.status}; only failed or canceled jobs can be retried")
     problem, ready = _dependency_problem(s, job.depends_on or [])
     if problem:
@@ -647,8 +671,8 @@ def retry_job(s: Session, job_id: int) -> Job:
     retried = _transition(
         s,
         job_id,
-        ("failed", "canceled"),
-        "queued" if ready else "waiting",
+        (JobStatus.FAILED, JobStatus.CANCELED),
+        JobStatus.QUEUED if ready else JobStatus.WAITING,
         cancel_requested=False,
         error=None,
         finished_at=None,
@@ -675,23 +699,25 @@ def settle_waiting(s: Session, job_id: int) -> Job | None:
     race where the dependency finished between the API's check and its commit.
     """
     job = _require(s, job_id)
-    if job.status != "waiting":
+    if job.status != JobStatus.WAITING:
         return None
     problem, ready = _dependency_problem(s, job.depends_on or [])
     if problem:
-        if _transition(s, job_id, ("waiting",), "failed", error=problem, finished_at=utcnow()) is not None:
-            release_dependents(s, job_id)  # its own dependents fail in turn
+        _transition(
+            s, job_id, (JobStatus.WAITING,), JobStatus.FAILED, error=problem, finished_at=utcnow()
+        )  # its own fail in turn
         return None
     if not ready:
         return None
     # Only the process whose UPDATE won enqueues it, so a racing API and worker never send it twice.
-    return _transition(s, job_id, ("waiting",), "queued")
+    return _transition(s, job_id, (JobStatus.WAITING,), JobStatus.QUEUED)
 
 
 def release_dependents(s: Session, finished_job_id: int) -> list[Job]:
-    """After a job ends: waiting jobs whose dependencies all succeeded become queued (returned, the
-    caller enqueues them); those depending on a failed/canceled job fail with a message saying so."""
-    waiting = s.execute(select(Job.id, Job.depends_on).where(Job.status == "waiting")).all()
+    """After a job ends: waiting jobs whose dependencies all succeeded become queued (returned), those
+    depending on a failed/canceled job fail with a message saying so. Every terminal transition calls it
+    (`_released_if_ended`); calling it again releases nothing twice (each change is guarded)."""
+    waiting = s.execute(select(Job.id, Job.depends_on).where(Job.status == JobStatus.WAITING)).all()
     released: list[Job] = []
     for job_id, deps in waiting:
         if finished_job_id in (deps or []):
@@ -712,7 +738,7 @@ def undelivered_queued(s: Session, queues: Sequence[str], older_than_s: float, l
     jobs = list(
         s.scalars(
             select(Job)
-            .where(Job.status == "queued", Job.queue.in_(list(queues)), Job.updated_at < cutoff)
+            .where(Job.status == JobStatus.QUEUED, Job.queue.in_(list(queues)), Job.updated_at < cutoff)
             .order_by(Job.id)
             .limit(limit)
         )
@@ -736,7 +762,7 @@ def _lease_expired(now: datetime) -> Any:
 
 def _stale(now: datetime) -> Any:
     """Running under an expired lease."""
-    return (Job.status == "running") & _lease_expired(now)
+    return (Job.status == JobStatus.RUNNING) & _lease_expired(now)
 
 
 def renew_lease(s: Session, job_id: int, worker: str, attempt: int, lease_s: float) -> bool:
@@ -744,7 +770,7 @@ def renew_lease(s: Session, job_id: int, worker: str, attempt: int, lease_s: flo
     now = utcnow()
     res = s.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.worker == worker, Job.attempt == attempt)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker == worker, Job.attempt == attempt)
         .values(lease_expires_at=now + timedelta(seconds=lease_s))
         .execution_options(synchronize_session=False)
     )
@@ -768,7 +794,7 @@ def taken_over(s: Session, job_id: int, attempt: int) -> bool:
     if row is None:
         return False  # the job was deleted, which only an ended job can be
     status, finished_at = row
-    return finished_at is None or status == "lost"  # open: the job moved on without this attempt closing it
+    return finished_at is None or status == AttemptStatus.LOST  # open: the job moved on without this attempt closing it
 
 
 def lost_message(worker: str | None, step: int, attempts: int) -> str:
@@ -781,7 +807,8 @@ def lost_message(worker: str | None, step: int, attempts: int) -> str:
 
 @dataclass
 class Reaped:
-    """What one reaper pass did: jobs to enqueue again, and jobs it ended (release their dependents)."""
+    """What one reaper pass did: jobs to enqueue again, and jobs it ended (their transitions released their
+    dependents)."""
 
     requeued: list[Job] = field(default_factory=list)
     ended: list[int] = field(default_factory=list)
@@ -793,7 +820,7 @@ def _take_back(s: Session, job_id: int, attempt: int, now: datetime, to: str, lo
     job = _transition(
         s,
         job_id,
-        ("running",),
+        (JobStatus.RUNNING,),
         to,
         Job.attempt == attempt,
         _lease_expired(now),
@@ -803,15 +830,17 @@ def _take_back(s: Session, job_id: int, attempt: int, now: datetime, to: str, lo
     )
     if job is None:
         return None  # renewed, ended or reaped by someone else meanwhile
-    _close_attempt(s, job_id, "lost", lost)
+    _close_attempt(s, job_id, AttemptStatus.LOST, lost)
     s.commit()
-    return job
+    _released_if_ended(s, job_id, to)
+    return _require(s, job_id)
 
 
 def reap_expired_leases(s: Session, now: datetime | None = None, max_attempts: int = 3) -> Reaped:
     """Expired leases → queued as a new attempt (it resumes from the last complete checkpoint), or
     failed with the reason once `max_attempts` (the spec's, else this default) are used, or canceled
-    when a cancel was requested. The caller enqueues `requeued` and releases the dependents of `ended`."""
+    when a cancel was requested. The caller enqueues `requeued`; the dependents of `ended` were released
+    by the transitions themselves."""
     now = now or utcnow()
     out = Reaped()
     rows = s.execute(
@@ -824,17 +853,24 @@ def reap_expired_leases(s: Session, now: datetime | None = None, max_attempts: i
         limit = int((spec or {}).get("max_attempts") or max_attempts)
         lost = f"worker {worker or '?'} lost at step {step} (no heartbeat before its lease expired)"
         if cancel:
-            job = _take_back(s, job_id, attempt, now, "canceled", lost, finished_at=now, cancel_requested=False)
+            job = _take_back(s, job_id, attempt, now, JobStatus.CANCELED, lost, finished_at=now, cancel_requested=False)
         elif attempt - (preempted or 0) >= limit:  # preempted attempts do not count
             job = _take_back(
-                s, job_id, attempt, now, "failed", lost, finished_at=now, error=lost_message(worker, step, attempt)
+                s,
+                job_id,
+                attempt,
+                now,
+                JobStatus.FAILED,
+                lost,
+                finished_at=now,
+                error=lost_message(worker, step, attempt),
             )
         else:
             job = _take_back(
-                s, job_id, attempt, now, "queued", lost, worker=None, eta_s=None, preempt_requested_by=None
+                s, job_id, attempt, now, JobStatus.QUEUED, lost, worker=None, eta_s=None, preempt_requested_by=None
             )
         if job is not None:
-            (out.requeued.append(job) if job.status == "queued" else out.ended.append(job_id))
+            (out.requeued.append(job) if job.status == JobStatus.QUEUED else out.ended.append(job_id))
     return out
 
 
@@ -843,7 +879,7 @@ def expire_leases_of(s: Session, worker: str) -> int:
     expired now instead of at their timeout (the next reap_expired_leases re-queues the jobs)."""
     res = s.execute(
         update(Job)
-        .where(Job.status == "running", Job.worker == worker)
+        .where(Job.status == JobStatus.RUNNING, Job.worker == worker)
         .values(lease_expires_at=utcnow() - timedelta(seconds=1))
         .execution_options(synchronize_session=False)
     )
@@ -864,7 +900,7 @@ def _cancel_if_worker_lost(s: Session, job_id: int) -> None:
             job_id,
             attempt,
             now,
-            "canceled",
+            JobStatus.CANCELED,
             f"worker {worker or '?'} lost at step {step}; canceled",
             finished_at=now,
             cancel_requested=False,
@@ -874,7 +910,7 @@ def _cancel_if_worker_lost(s: Session, job_id: int) -> None:
 def _unservable(live_queues: Iterable[str]) -> Any:
     """Queued, on a queue that no live worker consumes."""
     live = sorted(set(live_queues))
-    return (Job.status == "queued") & Job.queue.not_in(live) if live else Job.status == "queued"
+    return (Job.status == JobStatus.QUEUED) & Job.queue.not_in(live) if live else Job.status == JobStatus.QUEUED
 
 
 def unservable_queued(
@@ -894,7 +930,10 @@ def unservable_queues(s: Session, live_queues: Iterable[str], per_queue: int = 1
     return {
         queue: list(
             s.scalars(
-                select(Job.id).where(Job.status == "queued", Job.queue == queue).order_by(Job.id).limit(per_queue + 1)
+                select(Job.id)
+                .where(Job.status == JobStatus.QUEUED, Job.queue == queue)
+                .order_by(Job.id)
+                .limit(per_queue + 1)
             )
         )
         for queue in s.scalars(queued)
@@ -914,8 +953,8 @@ def fail_unservable(s: Session, live_queues: Iterable[str], wait_s: float, now: 
             _transition(
                 s,
                 job.id,
-                ("queued",),
-                "failed",
+                (JobStatus.QUEUED,),
+                JobStatus.FAILED,
                 Job.updated_at == job.updated_at,
                 finished_at=now,
                 error=unservable_message(job.queue, wait_s),

@@ -7,6 +7,7 @@ specs, timezone-aware UTC timestamps (SQLite drops the zone, so `UTCDateTime` pu
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Literal, get_args
 
 from sqlalchemy import (
@@ -27,12 +28,41 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-JobKind = Literal["train", "distill", "evaluate", "study", "sweep"]
+JobKind = Literal["train", "distill", "evaluate", "study", "sweep", "export"]
 JOB_KINDS: tuple[str, ...] = get_args(JobKind)
-# pruned: a sweep's trial stopped early by its pruner (docs/sweeps.md#pruned-trials); an outcome, not a failure.
-JOB_STATUSES = ("waiting", "queued", "running", "succeeded", "failed", "canceled", "pruned")
-TERMINAL_STATUSES = ("succeeded", "failed", "canceled", "pruned")
-ACTIVE_STATUSES = ("waiting", "queued", "running")
+
+
+class JobStatus(StrEnum):
+    """A job's status: the one list of names. The column stays a string (a StrEnum member is one), so
+    stored rows and clients that send strings are unchanged; the API's schemas list these values."""
+
+    WAITING = "waiting"  # for the jobs it depends on (`checkpoint: job:<id>`), or a study for its children
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    # a sweep's trial stopped early by its pruner (docs/sweeps.md#pruned-trials): an outcome, not a failure
+    PRUNED = "pruned"
+
+
+JOB_STATUSES: tuple[JobStatus, ...] = tuple(JobStatus)
+TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.PRUNED)
+ACTIVE_STATUSES = (JobStatus.WAITING, JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class AttemptStatus(StrEnum):
+    """How one attempt ended (`attempts.status`): a job's terminal statuses, plus `lost` (its worker
+    vanished: the reaper took the job back) and `preempted` (it made room for a job of higher priority)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    PRUNED = "pruned"
+    LOST = "lost"
+    PREEMPTED = "preempted"
+
 
 # Deterministic constraint names so migrations are identical on every backend.
 NAMING = {
@@ -96,7 +126,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     queue: Mapped[str] = mapped_column(String(64), default="any")
     attempt: Mapped[int] = mapped_column(Integer, default=0)
@@ -151,7 +181,7 @@ class Attempt(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="running")
+    status: Mapped[str] = mapped_column(String(16), default=AttemptStatus.RUNNING)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from icd_core.spec import INT32_MAX
 from store.jobs import _filters, list_jobs
 from store.models import Job
 
@@ -45,7 +46,9 @@ def decode_cursor(cursor: str) -> int:
         before = data["before"]
     except (binascii.Error, ValueError, TypeError, KeyError) as exc:
         raise BadCursor("cursor: not a cursor from this API; pass next_cursor of the previous page") from exc
-    if not isinstance(before, int) or isinstance(before, bool) or not 0 < before <= 2**31:  # ids are int32
+    if (
+        not isinstance(before, int) or isinstance(before, bool) or not 0 < before <= INT32_MAX + 1
+    ):  # just past the last int32 id
         raise BadCursor("cursor: not a cursor from this API; pass next_cursor of the previous page")
     return before
 

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from store.jobs import request_preemption, withdraw_stale_preemptions
-from store.models import Job, Worker, utcnow
+from store.models import Job, JobStatus, Worker, utcnow
 from store.scheduler import Candidate, claim_order, lock_scheduler, owner_loads, queued_candidates
 from store.settings import Settings
 from store.workers import list_workers
@@ -113,7 +113,7 @@ def _running(s: Session) -> list[Running]:
             Job.preempt_requested_by,
             Job.progress_step,
             Job.progress_total,
-        ).where(Job.status == "running", Job.kind.in_(PREEMPTIBLE_KINDS))
+        ).where(Job.status == JobStatus.RUNNING, Job.kind.in_(PREEMPTIBLE_KINDS))
     ).all()
     return [
         Running(

@@ -17,11 +17,10 @@ from store.jobs import (
     Reaped,
     fail_unservable,
     reap_expired_leases,
-    release_dependents,
     unservable_message,
     unservable_queues,
 )
-from store.models import Job, utcnow
+from store.models import AttemptStatus, Job, JobStatus, utcnow
 from store.preemption import preemption_pass
 from store.scheduler import jobs_ahead, quota_hold
 from store.settings import Settings
@@ -32,15 +31,14 @@ log = logging.getLogger(__name__)
 
 def reaper_pass(s: Session, settings: Settings, now: datetime | None = None) -> Reaped:
     """One pass: expired leases re-queued (or failed past max_attempts), unservable jobs failed after
-    `unservable_timeout_s`, and the dependents of every job it ended released or failed in turn."""
+    `unservable_timeout_s` (the jobs waiting for those fail in turn, in store.jobs)."""
     reaped = reap_expired_leases(s, now, settings.max_attempts)
     live = live_queues(s, alive_within_s=3 * settings.worker_heartbeat_s)
     reaped.ended += fail_unservable(s, live, settings.unservable_timeout_s, now)
     for job in reaped.requeued:
         log.warning("job %s: its worker's lease expired; re-queued as attempt %s", job.id, job.attempt + 1)
-    for job_id in reaped.ended:
+    for job_id in reaped.ended:  # their transitions released (failed) the jobs that waited for them
         log.warning("job %s ended by the reaper", job_id)
-        reaped.requeued += release_dependents(s, job_id)
     try:
         preemption_pass(s, settings, now)
     except Exception:  # a failed pass is tried again on the next; the reaper's work above is committed
@@ -57,22 +55,22 @@ def status_detail(s: Session, job: Job, settings: Settings) -> str | None:
     """Why a queued or running job is not progressing, and what happens next (None when it is fine);
     why a sweep pruned a trial (docs/sweeps.md#pruned-trials)."""
     now = utcnow()
-    if job.status == "pruned":
+    if job.status == JobStatus.PRUNED:
         return f"pruned by its sweep: {job.error}" if job.error else "pruned by its sweep"
-    if job.status == "queued" and job.queue not in live_queues(s, _alive_window(settings)):
+    if job.status == JobStatus.QUEUED and job.queue not in live_queues(s, _alive_window(settings)):
         waited = (now - job.updated_at).total_seconds()
         left = max(0.0, settings.unservable_timeout_s - waited)
         return f"{unservable_message(job.queue, waited)}; it fails in {left:.0f} s unless one starts"
-    if job.status == "running" and job.lease_expires_at is not None and job.lease_expires_at < now:
+    if job.status == JobStatus.RUNNING and job.lease_expires_at is not None and job.lease_expires_at < now:
         return (
             f"worker {job.worker} stopped renewing its lease {(now - job.lease_expires_at).total_seconds():.0f} s "
             "ago; the reaper re-queues the job to resume from its last checkpoint"
         )
-    if job.status == "running" and job.preempt_requested_by is not None:
+    if job.status == JobStatus.RUNNING and job.preempt_requested_by is not None:
         return (
             f"preempted by job {job.preempt_requested_by}: it checkpoints at its next step and goes back to the queue"
         )
-    if job.status == "queued":
+    if job.status == JobStatus.QUEUED:
         return queued_detail(s, job, settings)
     return None
 
@@ -91,7 +89,7 @@ def queued_detail(s: Session, job: Job, settings: Settings) -> str | None:
     elif why is None and not _free_worker_for(s, job.queue, settings):
         why = f"next on queue {job.queue!r} (priority {job.priority}): every worker that takes it is busy"
     last = max(job.attempts, key=lambda a: a.number, default=None)
-    if last is not None and last.status == "preempted" and last.error:
+    if last is not None and last.status == AttemptStatus.PREEMPTED and last.error:
         why = f"{last.error}; {why}" if why else last.error
     return why
 

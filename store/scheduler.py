@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from store.models import ApiToken, Job
+from store.models import ApiToken, Job, JobStatus
 
 PER_OWNER = 16  # queued jobs read per owner: the first that fits its quota is that owner's candidate
 _NEVER = datetime.min.replace(tzinfo=UTC)
@@ -67,7 +67,7 @@ def owner_loads(s: Session, owners: Iterable[str | None]) -> dict[str | None, Ow
     """Running jobs, quotas and last start of each owner in `owners` (and of every owner running now)."""
     loads: dict[str | None, OwnerLoad] = {o: OwnerLoad() for o in owners}
     for job_id, owner, gpus, worker in s.execute(
-        select(Job.id, Job.owner, Job.gpus, Job.worker).where(Job.status == "running")
+        select(Job.id, Job.owner, Job.gpus, Job.worker).where(Job.status == JobStatus.RUNNING)
     ).all():
         loads.setdefault(owner, OwnerLoad()).running.append((job_id, int(gpus or 1), worker))
     named = [o for o in loads if o is not None]
@@ -85,7 +85,7 @@ def owner_loads(s: Session, owners: Iterable[str | None]) -> dict[str | None, Ow
 def queued_candidates(s: Session, queues: Sequence[str] | None, min_priority: int | None = None) -> list[Candidate]:
     """Each owner's first PER_OWNER queued jobs on `queues` (None: every queue), by priority then age."""
     rank = func.row_number().over(partition_by=Job.owner, order_by=(Job.priority.desc(), Job.id)).label("rank")
-    conds: list[Any] = [Job.status == "queued"]
+    conds: list[Any] = [Job.status == JobStatus.QUEUED]
     if queues is not None:
         conds.append(Job.queue.in_(list(queues)))
     if min_priority is not None:
@@ -119,7 +119,9 @@ def next_for(s: Session, queues: Sequence[str] | None) -> tuple[list[Candidate],
 
 def queued_heads(s: Session) -> list[tuple[int, str]]:
     """(first queued job, queue) for every queue that has queued jobs: where to send wake-ups."""
-    rows = s.execute(select(func.min(Job.id), Job.queue).where(Job.status == "queued").group_by(Job.queue)).all()
+    rows = s.execute(
+        select(func.min(Job.id), Job.queue).where(Job.status == JobStatus.QUEUED).group_by(Job.queue)
+    ).all()
     return [(int(r[0]), str(r[1])) for r in rows]
 
 
@@ -143,4 +145,4 @@ def jobs_ahead(s: Session, job: Job) -> int:
     """Queued jobs on the same queue that a worker takes before this one (higher priority, or older at
     the same priority; the owner turn-taking can move it forward)."""
     ahead = (Job.priority > job.priority) | ((Job.priority == job.priority) & (Job.id < job.id))
-    return int(s.scalar(select(func.count()).where(Job.status == "queued", Job.queue == job.queue, ahead)) or 0)
+    return int(s.scalar(select(func.count()).where(Job.status == JobStatus.QUEUED, Job.queue == job.queue, ahead)) or 0)

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+DEFAULT_LEASE_S = 20.0  # ICD_LEASE_TIMEOUT_S's default, and the lease of a claim that names none
+
 
 class Settings(BaseSettings):
     """One object for every knob of the API, the store and the workers."""
@@ -40,7 +42,7 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = 5.0  # also renews the running job's lease: 4 beats per lease timeout
     redeliver_after_s: float = 30.0  # an idle worker re-sends a job left 'queued' this long (lost message)
     # A running job's lease: renewed by its worker's heartbeat, reaped (job re-queued) once this stale.
-    lease_timeout_s: float = 20.0
+    lease_timeout_s: float = DEFAULT_LEASE_S
     reaper_interval_s: float = 2.0  # how often the API and every worker look for expired leases
     max_attempts: int = 3  # attempts a job gets when a worker is lost (a spec's `max_attempts` wins)
     # Preemption (docs/scheduling.md): a queued job of higher priority may stop a running one at its next

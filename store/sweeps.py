@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from icd_core.sweep import TrialRecord
 from store.jobs import claim_study_close, create_job
-from store.models import Evaluation, Job, SweepTrial, utcnow
+from store.models import Evaluation, Job, JobStatus, SweepTrial, utcnow
 
 # A process that took a sweep's turn (to create trials or close it) and died frees it after this; the
 # workers' periodic upkeep then takes the turn again.
@@ -88,7 +88,7 @@ def trial_records(s: Session, sweep_id: int, metric: str) -> list[TrialRecord]:
     out = []
     for trial, job in rows:
         final = job.final_metrics or {}
-        value = final.get(metric) if job.status in ("succeeded", "pruned") else None
+        value = final.get(metric) if job.status in (JobStatus.SUCCEEDED, JobStatus.PRUNED) else None
         out.append(
             TrialRecord(
                 number=trial.number,
@@ -127,7 +127,7 @@ def end_turn(s: Session, sweep_id: int) -> None:
     """Give the turn back (a sweep still waiting for its trials)."""
     s.execute(
         update(Job)
-        .where(Job.id == sweep_id, Job.kind == "sweep", Job.status == "waiting")
+        .where(Job.id == sweep_id, Job.kind == "sweep", Job.status == JobStatus.WAITING)
         .values(lease_expires_at=None, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )

@@ -11,7 +11,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from icd_core.spec import DEFAULT_PRIORITY, INT32_MAX, PRIORITY_MAX, PRIORITY_MIN
-from store.models import ApiToken, Job
+from store.models import ApiToken, Job, JobStatus
 
 SECRET_PREFIX = "icd_"  # recognisable in logs and secret scanners
 LEGACY_OWNER = "ICD_API_TOKEN"  # the owner recorded for the shared admin token (settings.api_token)
@@ -116,12 +116,12 @@ def usage(s: Session) -> dict[str | None, tuple[int, int, int]]:
     out: dict[str | None, tuple[int, int, int]] = {}
     rows = s.execute(
         select(Job.owner, Job.status, func.count(), func.coalesce(func.sum(Job.gpus), 0))
-        .where(Job.status.in_(("running", "queued")))
+        .where(Job.status.in_((JobStatus.RUNNING, JobStatus.QUEUED)))
         .group_by(Job.owner, Job.status)
     ).all()
     for owner, status, n, devices in rows:
         running, held, queued = out.get(owner, (0, 0, 0))
-        out[owner] = (n, int(devices), queued) if status == "running" else (running, held, n)
+        out[owner] = (n, int(devices), queued) if status == JobStatus.RUNNING else (running, held, n)
     return out
 
 

@@ -82,6 +82,44 @@ def test_the_walker_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
     assert not _violates("icd_core.engineer", "icd_core.engine")
 
 
+# What runs a job and records its outcome is Celery-free, so a DDP rank (worker.ddp_rank) loads no Celery.
+CELERY_FREE = ("worker.ddp_rank", "worker.run_job", "worker.outcome", "worker.export", "worker.state", "worker.upkeep")
+
+
+@pytest.mark.parametrize("module", CELERY_FREE)
+def test_running_a_job_never_imports_celery(module: str) -> None:
+    """Neither in its own imports (lazy ones included) nor through the modules it loads."""
+    path = REPO / (module.replace(".", "/") + ".py")
+    banned = ("celery", "kombu", "worker.tasks", "worker.app")
+    assert [name for _, name in _imports(path) if any(_violates(name, b) for b in banned)] == []
+    code = (
+        f"import sys, {module}, worker.outcome, worker.run_job\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('celery', 'kombu')], 'celery was imported'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+# The API submits and serves; work runs in workers. The only process it starts is `git rev-parse` for
+# GET /version, and its only thread is the periodic reaper's (api/periodic.py).
+API_CONCURRENCY = {
+    "subprocess": {"api/routers/system.py"},
+    "threading": {"api/periodic.py"},
+    "multiprocessing": set(),
+    "concurrent": set(),
+}
+
+
+def test_the_api_starts_no_process_or_thread_for_work() -> None:
+    found = {
+        (name.split(".")[0], str(path.relative_to(REPO)))
+        for path in sorted((REPO / "api").rglob("*.py"))
+        for _, name in _imports(path)
+        if name.split(".")[0] in API_CONCURRENCY
+    }
+    assert {(mod, path) for mod, path in found if path not in API_CONCURRENCY[mod]} == set()
+
+
 @pytest.mark.parametrize("module", ["api.main", "icd_core.study_plan", "icd_cli.main"])
 def test_light_modules_never_load_torch(module: str) -> None:
     """The API (and the planning it imports) and the `icd` group start without torch (nor CUDA)."""

@@ -61,8 +61,9 @@ def run_rank(job_id: int, attempt: int, job_dir: Path) -> dict[str, Any]:
     from store.artifacts import ArtifactStore
     from store.settings import get_settings
     from worker.db import sessions
+    from worker.outcome import failure_message
     from worker.reporter import DbReporter
-    from worker.tasks import failure_message, resolve_checkpoint
+    from worker.run_job import resolve_checkpoint
 
     group_dir = job_dir / GROUP_DIR
     settings = get_settings()

@@ -37,7 +37,7 @@ from store.jobs import (
     request_cancel,
     update_progress,
 )
-from store.models import TERMINAL_STATUSES, Job
+from store.models import TERMINAL_STATUSES, Job, JobStatus
 from store.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
                 queue_for(child),
                 depends_on=waits,
                 parent_id=job.id,
-                status="waiting" if waits else "queued",
+                status=JobStatus.WAITING if waits else JobStatus.QUEUED,
                 owner=job.owner,
                 priority=job.priority,
                 gpus=group_size(child),
@@ -110,7 +110,7 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
         if method == ICD_PRETRAINED and first_pretrained is None:
             first_pretrained = created[-1]
     park_study(s, job.id, len(created))
-    return [c for c in created if c.status == "queued"]
+    return [c for c in created if c.status == JobStatus.QUEUED]
 
 
 def child_ended(s: Session, child_id: int) -> bool:
@@ -185,7 +185,9 @@ def close_ended_studies(s: Session) -> list[int]:
     has_children = exists().where(child.parent_id == Job.id)
     active_child = exists().where(child.parent_id == Job.id, child.status.not_in(TERMINAL_STATUSES))
     stuck = list(
-        s.scalars(select(Job.id).where(Job.kind == "study", Job.status == "waiting", has_children, ~active_child))
+        s.scalars(
+            select(Job.id).where(Job.kind == "study", Job.status == JobStatus.WAITING, has_children, ~active_child)
+        )
     )
     return [study_id for study_id in stuck if _close_stuck(s, study_id)]
 
@@ -197,7 +199,7 @@ def _close_stuck(s: Session, study_id: int) -> bool:
         select(Job).where(Job.parent_id == study_id).order_by(Job.finished_at.desc(), Job.id.desc()).limit(1)
     ).first()
     parent = get_job(s, study_id)
-    if last is None or parent is None or parent.status != "waiting":
+    if last is None or parent is None or parent.status != JobStatus.WAITING:
         return False
     study = parse_spec(parent.spec)
     assert isinstance(study, StudySpec)
@@ -237,7 +239,7 @@ def write_study_report(
 def _preflight_problem(study: StudySpec, child: Job, artifacts: ArtifactStore, study_id: int) -> str | None:
     """A reason to stop the study now, or None: the teacher failed or is too weak, or not above `none`."""
     if child.kind == "train":  # the study's own teacher
-        if child.status != "succeeded":
+        if child.status != JobStatus.SUCCEEDED:
             return f"teacher training job {child.id} {child.status}: {child.error or 'no error recorded'}"
         metrics = child.final_metrics or {}
         _save_teacher(artifacts, study_id, metrics)
@@ -249,7 +251,7 @@ def _preflight_problem(study: StudySpec, child: Job, artifacts: ArtifactStore, s
     spec = child.spec or {}
     if (
         spec.get("distill", {}).get("method") == BASELINE
-        and child.status == "succeeded"
+        and child.status == JobStatus.SUCCEEDED
         and study.require_teacher_better
         and int(spec.get("seed", -1)) == study.seeds[0]
     ):

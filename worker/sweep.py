@@ -36,7 +36,7 @@ from icd_core.sweep import (
 from store.artifacts import ArtifactStore
 from store.dispatch import queue_for
 from store.jobs import JobStateError, fail_job, finish_study, get_job, park_study, request_cancel, update_progress
-from store.models import Job
+from store.models import Job, JobStatus
 from store.settings import get_settings
 from store.sweeps import (
     create_trial,
@@ -115,7 +115,7 @@ def child_ended(s: Session, child_id: int) -> list[Job] | None:
     parent = get_job(s, trial.sweep_id)
     if child is None or parent is None or parent.status != "waiting":
         return []
-    why = f": {child.error}" if child.status in ("pruned", "failed") and child.error else ""
+    why = f": {child.error}" if child.status in (JobStatus.PRUNED, JobStatus.FAILED) and child.error else ""
     _log_to_sweep(parent.id, f"trial {trial.number} (job {child_id}) ended {child.status}{why}")
     return advance(s, parent.id)
 
@@ -167,7 +167,7 @@ def advance_idle_sweeps(s: Session) -> list[Job]:
     A trial ended where no task advanced its sweep (the reaper failed it at max_attempts, a cancel of a
     job whose worker died, or the turn was held when it ended) would otherwise leave the sweep waiting.
     Advancing a sweep with nothing to do only reads it."""
-    ids = list(s.scalars(select(Job.id).where(Job.kind == "sweep", Job.status == "waiting").order_by(Job.id)))
+    ids = list(s.scalars(select(Job.id).where(Job.kind == "sweep", Job.status == JobStatus.WAITING).order_by(Job.id)))
     created: list[Job] = []
     for sweep_id in ids:
         created += advance(s, sweep_id)

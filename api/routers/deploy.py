@@ -1,23 +1,17 @@
 """A finished job's model for deployment: its rendered predictions, and verified TorchScript / ONNX exports.
 
 Predictions are rendered by the run itself (`predictions/` in its folder: the first validation images,
-the teacher's too for a distill job). An export runs `python -m icd_cli export` in a child process of
-the API (torch never loads into the API process); its state is `exports/<format>.json` beside the
-file, and the file is downloadable like a checkpoint once it has passed verification.
+the teacher's too for a distill job). An export is a job of its own (kind `export`, docs/architecture.md#
+exports-are-jobs): these endpoints submit it and serve its state and its files, which the worker that ran it
+wrote into the export job's folder; the API process runs no export itself.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.responses import FileResponse
@@ -26,19 +20,22 @@ from sqlalchemy.orm import Session
 
 from api.auth import UNAUTHORIZED, Caller, get_caller
 from api.deps import JobId, get_app_settings, get_artifacts, get_session, job_or_404
+from api.enqueue import dispatch_new
 from api.schemas import ErrorOut, json_error
+from api.validation import confine_paths
+from icd_core.run_layout import EXPORTS_RECORD
+from icd_core.spec import EXPORT_FORMATS, INT32_MAX, JOB_REF_PREFIX, ExportFormat, ExportSpec
+from store import jobs as q
 from store.artifacts import ArtifactStore
-from store.models import Job
-from store.results import final_checkpoint_path
+from store.checkpoint_refs import job_ref_state
+from store.dispatch import queue_for
+from store.exports import export_jobs
+from store.models import ACTIVE_STATUSES, Job, JobStatus
 from store.settings import Settings
 
 router = APIRouter(prefix="/jobs", tags=["deploy"], dependencies=[Depends(get_caller)], responses=UNAUTHORIZED)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
-_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
-_RUNNING: set[tuple[int, str]] = set()  # exports this API process is running now
-_LOCK = threading.Lock()
-_TIMEOUT_S = 3600
 
 
 # --- predictions ------------------------------------------------------------------------------------
@@ -165,136 +162,82 @@ def prediction_file(
 
 
 # --- exports ----------------------------------------------------------------------------------------
+# An export is a job of kind `export` (icd_core.spec.ExportSpec) that a worker claims, leases and retries
+# like any other (worker/export.py); these endpoints submit it and serve its state and files.
 class ExportRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
-    format: Literal["onnx", "torchscript"] = "onnx"
+    format: ExportFormat = "onnx"
     verify_images: int = Field(4, ge=1, le=100, description="Validation images whose detections must match eager.")
-    eval_images: int | None = Field(None, ge=1, description="Limit the COCO AP check (default: the whole val set).")
+    eval_images: int | None = Field(
+        None, ge=1, le=INT32_MAX, description="Limit the COCO AP check (default: the whole val set)."
+    )
 
 
 class ExportOut(BaseModel):
     format: str
-    status: str = Field(description="running | succeeded | failed")
+    job_id: int = Field(description="The export job (GET /jobs/{job_id} for its attempts, GET its logs).")
+    status: JobStatus = Field(description="The export job's status.")
     error: str | None = None
     url: str | None = Field(None, description="Download URL once it succeeded.")
     sha256: str | None = None
     size_bytes: int | None = None
-    started_at: float | None = None
+    started_at: float | None = Field(None, description="Unix time its current attempt started.")
     finished_at: float | None = None
     meta: dict[str, Any] | None = Field(None, description="The export's embedded metadata, with its verification.")
 
 
-def _export_dir(artifacts: ArtifactStore, job_id: int) -> Path:
-    return artifacts.job_dir(job_id) / "exports"
+def _record(artifacts: ArtifactStore, export: Job, fmt: str) -> tuple[dict[str, Any] | None, Path | None]:
+    """(the worker's record of `fmt`: file, sha256, size; the file) of a succeeded export job."""
+    folder = artifacts.exports_dir(export.id)
+    path = folder / EXPORTS_RECORD
+    if export.status != JobStatus.SUCCEEDED or not path.is_file():
+        return None, None
+    entry = json.loads(path.read_text()).get(fmt)
+    if not entry or not _NAME.match(str(entry.get("file", ""))):
+        return None, None
+    return entry, folder / entry["file"]
 
 
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(path)
-
-
-def _read_state(artifacts: ArtifactStore, job_id: int, fmt: str) -> ExportOut | None:
-    path = _export_dir(artifacts, job_id) / f"{fmt}.json"
-    if not path.is_file():
-        return None
-    state = json.loads(path.read_text())
-    if state["status"] == "running" and not _still_running(state, job_id, fmt):
-        state.update(status="failed", error="interrupted: the API process running this export stopped; POST again")
-    out = ExportOut.model_validate({k: v for k, v in state.items() if k in ExportOut.model_fields})
-    if out.status == "succeeded":
-        out.url = f"/jobs/{job_id}/exports/{fmt}/file"
+def _export_out(artifacts: ArtifactStore, source_id: int, export: Job, fmt: str) -> ExportOut:
+    entry, file = _record(artifacts, export, fmt)
+    out = ExportOut(
+        format=fmt,
+        job_id=export.id,
+        status=JobStatus(export.status),
+        error=export.error,
+        started_at=export.started_at.timestamp() if export.started_at else None,
+        finished_at=export.finished_at.timestamp() if export.finished_at else None,
+    )
+    if entry is not None and file is not None and file.is_file():
+        sidecar = file.with_name(file.name + ".json")  # icd_core.export.meta_sidecar
+        out.meta = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+        out.url = f"/jobs/{source_id}/exports/{fmt}/file"
+        out.sha256, out.size_bytes = entry["sha256"], entry["size_bytes"]
     return out
 
 
-def _still_running(state: dict[str, Any], job_id: int, fmt: str) -> bool:
-    """Ours and in flight, or another live API process's on this host (a lost process reads as failed)."""
-    if state.get("host") != socket.gethostname():
-        return time.time() - float(state.get("started_at") or 0) < _TIMEOUT_S
-    if state.get("pid") == os.getpid():
-        return (job_id, fmt) in _RUNNING
-    try:
-        os.kill(int(state["pid"]), 0)
-    except (OSError, KeyError, ValueError):
-        return False
-    return True
+def _latest(s: Session, caller: Caller, source_id: int, fmt: str) -> Job | None:
+    """The newest export of `fmt` of the job that the caller may see."""
+    return next(
+        (job for job in export_jobs(s, source_id) if fmt in job.spec.get("formats", []) and caller.can_see(job)),
+        None,
+    )
 
 
-def _run_export(job_id: int, req: ExportRequest, checkpoint: Path, folder: Path, cache_dir: Path, state: dict) -> None:
-    """The child process, then the final state (with the verification the export embedded)."""
-    target = folder / f"model{_SUFFIX[req.format]}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "icd_cli",
-        "export",
-        str(checkpoint),
-        "--format",
-        req.format,
-        "-o",
-        str(target),
-        "--verify-images",
-        str(req.verify_images),
-        "--cache-dir",
-        str(cache_dir),
-    ]
-    if req.eval_images:
-        cmd += ["--eval-images", str(req.eval_images)]
-    state_path = folder / f"{req.format}.json"
-    try:
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=_TIMEOUT_S,
-            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
-        )
-        if proc.returncode == 0 and target.is_file():
-            sidecar = target.with_name(target.name + ".json")  # icd_core.export.meta_sidecar
-            meta = json.loads(sidecar.read_text()) if sidecar.is_file() else None
-            state.update(
-                status="succeeded",
-                sha256=ArtifactStore.sha256_file(target),
-                size_bytes=target.stat().st_size,
-                meta=meta,
-            )
-        else:
-            state.update(status="failed", error=_error_line(proc.stderr) or f"icd export exited {proc.returncode}")
-    except subprocess.TimeoutExpired:
-        state.update(status="failed", error=f"export took longer than {_TIMEOUT_S} s; lower eval_images")
-    except Exception as exc:  # never leave the state `running`
-        state.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-    finally:
-        state["finished_at"] = time.time()
-        _write_state(state_path, state)
-        with _LOCK:
-            _RUNNING.discard((job_id, req.format))
-
-
-def _error_line(stderr: str) -> str | None:
-    """click's `Error: ...` line (what icd export says to fix), else the last line."""
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if ln.startswith("Error: "):
-            return ln[len("Error: ") :]
-    return lines[-1] if lines else None
-
-
-def _exportable_checkpoint(s: Session, job: Job, settings: Settings) -> Path:
+def _exportable(s: Session, job: Job, settings: Settings) -> None:
     if job.kind not in ("train", "distill"):
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             detail=f"job {job.id} is a {job.kind} job: only train and distill jobs have a model to export",
         )
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         raise HTTPException(
             status.HTTP_409_CONFLICT, detail=f"job {job.id} is {job.status}: export it once it has succeeded"
         )
-    path = final_checkpoint_path(s, settings.artifact_root or "", job.id)
-    if path is None or not Path(path).is_file():
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job.id} has no final checkpoint file to export")
-    return Path(path)
+    problem, _ = job_ref_state(s, settings.artifact_root or "", job.id)
+    if problem:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"{problem}: nothing to export")
 
 
 @router.post(
@@ -305,6 +248,7 @@ def _exportable_checkpoint(s: Session, job: Job, settings: Settings) -> Path:
         400: {"model": ErrorOut, "description": "The body is not JSON"},
         404: {"model": ErrorOut},
         409: {"model": ErrorOut, "description": "Not exportable now"},
+        503: {"model": ErrorOut, "description": "Broker unreachable: nothing was recorded; submit again later"},
     },
 )
 def create_export(
@@ -317,37 +261,34 @@ def create_export(
 ) -> ExportOut:
     """Export a succeeded train/distill job's model (the student only) and verify it against the eager model.
 
-    Runs in the background: poll `GET /jobs/{id}/exports/{format}` until `succeeded` (then download
-    `url`) or `failed` (`error` says why: a detector or opset that cannot export, or a verification
-    mismatch). POSTing again replaces a finished export; one already running answers 409.
+    Submits an export job (kind `export`), which a worker runs like any other job (a lost worker's export is
+    retried from the start): poll `GET /jobs/{id}/exports/{format}` until `succeeded` (then download `url`)
+    or `failed` (`error` says why: a detector or opset that cannot export, or a verification mismatch).
+    POSTing again replaces a finished export; one still queued or running answers 409.
     """
     job = job_or_404(s, job_id, caller)
-    checkpoint = _exportable_checkpoint(s, job, settings)
-    folder = _export_dir(artifacts, job_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    with _LOCK:
-        current = _read_state(artifacts, job_id, req.format)
-        if (job_id, req.format) in _RUNNING or (current is not None and current.status == "running"):
-            raise HTTPException(status.HTTP_409_CONFLICT, detail=f"a {req.format} export of job {job_id} is running")
-        _RUNNING.add((job_id, req.format))
-        state = {
-            "format": req.format,
-            "status": "running",
-            "started_at": time.time(),
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-        }
-        _write_state(folder / f"{req.format}.json", state)
-    thread = threading.Thread(
-        target=_run_export,
-        name=f"export-{job_id}-{req.format}",
-        daemon=True,
-        args=(job_id, req, checkpoint, folder, Path(settings.cache_dir), dict(state)),
+    _exportable(s, job, settings)
+    current = _latest(s, caller, job_id, req.format)
+    if current is not None and current.status in ACTIVE_STATUSES:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"a {req.format} export of job {job_id} is {current.status} (job {current.id})",
+        )
+    spec = ExportSpec(
+        name=f"{job.name}-{req.format}",
+        checkpoint=f"{JOB_REF_PREFIX}{job_id}",
+        formats=[req.format],
+        verify_images=req.verify_images,
+        eval_images=req.eval_images,
     )
-    thread.start()
-    out = _read_state(artifacts, job_id, req.format)
-    assert out is not None
-    return out
+    spec, errors = confine_paths(spec, settings, lambda ref: ref == job_id)  # the one path rule
+    if errors:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
+    export = q.create_job(
+        s, spec.model_dump(mode="json"), kind=spec.kind, name=spec.name, queue=queue_for(spec), owner=caller.name
+    )
+    dispatch_new(s, settings, export)
+    return _export_out(artifacts, job_id, export, req.format)
 
 
 @router.get("/{job_id}/exports", response_model=list[ExportOut], responses={404: {"model": ErrorOut}})
@@ -357,25 +298,26 @@ def list_exports(
     caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> list[ExportOut]:
-    """The job's exports, one per format that was requested."""
+    """The job's newest export per format that was requested."""
     job_or_404(s, job_id, caller)
-    return [out for fmt in _SUFFIX if (out := _read_state(artifacts, job_id, fmt)) is not None]
+    latest = {fmt: _latest(s, caller, job_id, fmt) for fmt in EXPORT_FORMATS}
+    return [_export_out(artifacts, job_id, export, fmt) for fmt, export in latest.items() if export is not None]
 
 
 @router.get("/{job_id}/exports/{fmt}", response_model=ExportOut, responses={404: {"model": ErrorOut}})
 def get_export(
     job_id: JobId,
-    fmt: Literal["onnx", "torchscript"],
+    fmt: ExportFormat,
     s: Session = Depends(get_session),
     caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> ExportOut:
-    """One export's state, error or verification."""
+    """The newest export's state, error or verification."""
     job_or_404(s, job_id, caller)
-    out = _read_state(artifacts, job_id, fmt)
-    if out is None:
+    export = _latest(s, caller, job_id, fmt)
+    if export is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no {fmt} export; POST one first")
-    return out
+    return _export_out(artifacts, job_id, export, fmt)
 
 
 @router.get(
@@ -385,22 +327,22 @@ def get_export(
 )
 def download_export(
     job_id: JobId,
-    fmt: Literal["onnx", "torchscript"],
+    fmt: ExportFormat,
     s: Session = Depends(get_session),
     caller: Caller = Depends(get_caller),
     artifacts: ArtifactStore = Depends(get_artifacts),
 ) -> FileResponse:
     """Stream a verified export (`X-Export-SHA256` / ETag to check it; HTTP ranges resume a download)."""
     job_or_404(s, job_id, caller)
-    out = _read_state(artifacts, job_id, fmt)
-    path = _export_dir(artifacts, job_id) / f"model{_SUFFIX[fmt]}"
-    if out is None or out.status != "succeeded" or not path.is_file():
+    export = _latest(s, caller, job_id, fmt)
+    entry, path = _record(artifacts, export, fmt) if export is not None else (None, None)
+    if entry is None or path is None or not path.is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no finished {fmt} export")
     return FileResponse(
         path,
         media_type="application/octet-stream",
-        filename=f"job{job_id}{_SUFFIX[fmt]}",
-        headers={"X-Export-SHA256": out.sha256 or "", "ETag": f'"{out.sha256}"'},
+        filename=f"job{job_id}{path.suffix}",
+        headers={"X-Export-SHA256": entry["sha256"], "ETag": f'"{entry["sha256"]}"'},
     )
 
 

@@ -13,6 +13,7 @@ from api.auth import UNAUTHORIZED, Caller, get_caller
 from api.bodies import YAML_REQUEST_BODY, YamlBodyRoute
 from api.deps import JobId, get_app_settings, get_artifacts, get_session, job_or_404
 from api.docs import SUBMIT_EXAMPLES
+from api.enqueue import dispatch_new
 from api.schemas import (
     ErrorOut,
     EvaluationOut,
@@ -47,7 +48,7 @@ from store import jobs as q
 from store.artifacts import ArtifactStore
 from store.checkpoint_refs import job_ref_state
 from store.dispatch import BrokerUnavailable, enqueue, group_size, queue_for
-from store.models import Job, JobKind
+from store.models import JOB_KINDS, JOB_STATUSES, Job, JobKind, JobStatus
 from store.paging import page_jobs
 from store.preemption import preemption_pass
 from store.reaper import status_detail
@@ -133,20 +134,6 @@ def _dispatch(s: Session, settings: Settings, job: Job) -> None:
         ) from exc
 
 
-def _dispatch_new(s: Session, settings: Settings, job: Job) -> None:
-    """Publish a just-created job, or delete it and answer 503: a submit is all or nothing, so a client
-    that retries after a 503 makes no duplicate."""
-    try:
-        enqueue(job.id, job.queue, settings.broker_url)
-    except BrokerUnavailable as exc:
-        q.discard_unsent(s, job.id)
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            detail=f"{exc}; nothing was recorded: submit again when the broker is back",
-            headers={"Retry-After": "5"},
-        ) from exc
-
-
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -193,7 +180,7 @@ def submit_job(
         name=spec.name,
         queue=queue_for(spec),
         depends_on=waits,
-        status="waiting" if waits else "queued",
+        status=JobStatus.WAITING if waits else JobStatus.QUEUED,
         owner=caller.name,
         priority=spec.priority,
         gpus=group_size(spec),
@@ -202,9 +189,9 @@ def submit_job(
     if waits:
         released = q.settle_waiting(s, job.id)  # a dependency may have finished meanwhile
         if released is not None:
-            _dispatch_new(s, settings, released)
+            dispatch_new(s, settings, released)
     else:
-        _dispatch_new(s, settings, job)
+        dispatch_new(s, settings, job)
         _preempt_now(s, settings)
     return JobDetail.model_validate(job_or_404(s, job.id, caller))
 
@@ -236,9 +223,10 @@ def _preempt_now(s: Session, settings: Settings) -> None:
 def list_jobs(
     s: Session = Depends(get_session),
     status_: Annotated[
-        str | None, Query(alias="status", description="One status or several, comma-separated: queued,running")
+        str | None,
+        Query(alias="status", description=f"One status or several, comma-separated: {', '.join(JOB_STATUSES)}"),
     ] = None,
-    kind: Annotated[JobKind | None, Query(description="train | distill | evaluate | study | sweep")] = None,
+    kind: Annotated[JobKind | None, Query(description=" | ".join(JOB_KINDS))] = None,
     name: Annotated[str | None, Query(max_length=200)] = None,
     parent_id: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -327,11 +315,9 @@ def cancel_job(job_id: JobId, s: Session = Depends(get_session), caller: Caller 
     the job already finished (also when it finished while this request was being answered)."""
     job_or_404(s, job_id, caller)
     try:
-        job = q.request_cancel(s, job_id)
+        q.request_cancel(s, job_id)
     except q.JobStateError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
-    if job.status == "canceled":
-        q.release_dependents(s, job_id)  # jobs waiting for it fail with a message saying so
     return JobDetail.model_validate(job_or_404(s, job_id, caller))
 
 
@@ -376,7 +362,7 @@ def retry_job(
         job = q.retry_job(s, job_id)
     except q.JobStateError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
-    if job.status == "waiting":
+    if job.status == JobStatus.WAITING:
         released = q.settle_waiting(s, job_id)
         if released is not None:
             _dispatch(s, settings, released)

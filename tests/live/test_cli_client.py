@@ -125,7 +125,7 @@ def test_api_errors_print_field_and_reason(live_service: LiveService, tmp_path: 
     bogus = icd(live_service, "jobs", "--status", "bogus")
     assert bogus.returncode == 1 and bogus.stderr == (
         "Error: --status: unknown status 'bogus'; valid statuses: waiting, queued, running, succeeded, failed, "
-        "canceled\n"
+        "canceled, pruned\n"
     )
     missing = icd(live_service, "status", "999999")
     assert missing.returncode == 1 and "HTTP 404" in missing.stderr and "job 999999 not found" in missing.stderr

@@ -1,11 +1,11 @@
 """The deployment endpoints on a real run: model cost in GET /jobs/{id}, rendered predictions, and an
-ONNX export made in the background, verified, and downloadable with its sha256."""
+ONNX export submitted as an export job, run by the worker's code (in-process here), verified, and
+downloadable with its sha256."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from store.artifacts import ArtifactStore
 from store.db import make_engine, session_factory
 from store.jobs import claim_job, create_job, finish_job
 from store.results import add_checkpoint
-from store.settings import Settings
+from store.settings import Settings, get_settings
 
 MODEL = {
     "detector": "retinanet",
@@ -54,7 +54,7 @@ def _finished_job(settings: Settings) -> int:
     try:
         with session_factory(engine)() as s:
             job = create_job(s, SPEC, "train", "deploy", "cpu")
-            claim_job(s, job.id, "test@host")
+            claim_job(s, job.id, "test@host", lease_s=3600)  # no heartbeat renews it here
             folder = artifacts.job_dir(job.id)
             result = run_spec(parse_spec(SPEC), folder, cache_dir=settings.cache_dir)
             ck = Path(result.final_checkpoint)
@@ -75,19 +75,20 @@ def _finished_job(settings: Settings) -> int:
         engine.dispose()
 
 
-def _poll(client: TestClient, url: str, timeout_s: float = 300.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        body = client.get(url).json()
-        if body["status"] != "running":
-            return body
-        time.sleep(0.5)
-    raise AssertionError(f"{url} still running after {timeout_s} s")
+def _run_export(client: TestClient, job_id: int, fmt: str, **body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """POST the export, run its job as a worker does, and read the export back (submitted, finished)."""
+    from worker.run_job import execute_job
+
+    started = client.post(f"/jobs/{job_id}/exports", json={"format": fmt, **body})
+    assert started.status_code == 202, started.text
+    execute_job(started.json()["job_id"], "test@host")
+    return started.json(), client.get(f"/jobs/{job_id}/exports/{fmt}").json()
 
 
 @pytest.mark.slow
-def test_cost_predictions_and_a_verified_onnx_export(client: TestClient, settings: Settings) -> None:
-    job_id = _finished_job(settings)
+def test_cost_predictions_and_a_verified_onnx_export(api_and_worker: TestClient) -> None:
+    client = api_and_worker
+    job_id = _finished_job(get_settings())
 
     job = client.get(f"/jobs/{job_id}").json()
     cost = job["model_cost"]["model"]
@@ -110,16 +111,26 @@ def test_cost_predictions_and_a_verified_onnx_export(client: TestClient, setting
 
     assert client.get(f"/jobs/{job_id}/exports").json() == []
     started = client.post(f"/jobs/{job_id}/exports", json={"format": "onnx", "eval_images": 2})
-    assert started.status_code == 202 and started.json()["status"] == "running"
-    assert client.post(f"/jobs/{job_id}/exports", json={"format": "onnx"}).status_code == 409  # one at a time
-    done = _poll(client, f"/jobs/{job_id}/exports/onnx")
-    assert done["status"] == "succeeded", done
+    assert started.status_code == 202 and started.json()["status"] == "queued"
+    export_id = started.json()["job_id"]
+    again = client.post(f"/jobs/{job_id}/exports", json={"format": "onnx"})
+    assert again.status_code == 409 and f"is queued (job {export_id})" in again.json()["detail"]  # one at a time
+    export_job = client.get(f"/jobs/{export_id}").json()  # an export is a job like any other
+    assert export_job["kind"] == "export" and export_job["spec"]["checkpoint"] == f"job:{job_id}"
+
+    from worker.run_job import execute_job
+
+    assert execute_job(export_id, "test@host") == "succeeded"
+    done = client.get(f"/jobs/{job_id}/exports/onnx").json()
+    assert done["status"] == "succeeded" and done["job_id"] == export_id, done
     assert done["meta"]["verification"]["eval_images"] == 2 and done["meta"]["format"] == "onnx"
     assert done["meta"]["class_names"] and done["meta"]["source_spec"]["name"] == "deploy"
     file = client.get(done["url"])
     assert file.status_code == 200 and hashlib.sha256(file.content).hexdigest() == done["sha256"]
     assert file.headers["x-export-sha256"] == done["sha256"] and len(file.content) == done["size_bytes"]
     assert [e["format"] for e in client.get(f"/jobs/{job_id}/exports").json()] == ["onnx"]
+    finished = client.get(f"/jobs/{export_id}").json()
+    assert finished["status"] == "succeeded" and finished["final_metrics"]["onnx_size_mb"] > 0
 
 
 def test_export_requests_that_cannot_work_say_why(client: TestClient, settings: Settings) -> None:
@@ -161,26 +172,19 @@ def test_study_report_serves_cost_columns_and_the_ap_latency_plot(client: TestCl
 
 
 @pytest.mark.slow
-def test_a_failed_or_interrupted_export_reads_as_failed_with_the_reason(client: TestClient, settings: Settings) -> None:
-    job_id = _finished_job(settings)
-    folder = ArtifactStore(settings.artifact_root).job_dir(job_id)
-    (folder / "checkpoints" / "final.pt").write_bytes(b"not a checkpoint")  # the file the export reads
-    client.post(f"/jobs/{job_id}/exports", json={"format": "torchscript"})
-    failed = _poll(client, f"/jobs/{job_id}/exports/torchscript")
+def test_a_failed_export_reads_as_failed_with_the_reason(api_and_worker: TestClient) -> None:
+    client = api_and_worker
+    job_id = _finished_job(get_settings())
+    folder = ArtifactStore(get_settings().artifact_root).job_dir(job_id)
+    final = folder / "checkpoints" / "final.pt"
+    good = final.read_bytes()
+    final.write_bytes(b"not a checkpoint")  # the file the export reads
+    _, failed = _run_export(client, job_id, "torchscript")
     assert failed["status"] == "failed" and failed["url"] is None and "final.pt" in failed["error"], failed
     assert client.get(f"/jobs/{job_id}/exports/torchscript/file").status_code == 404
 
-    # An export whose API process died (no such pid on this host) is failed, not running forever.
-    import json as _json
-    import socket
-
-    state = {
-        "format": "onnx",
-        "status": "running",
-        "started_at": time.time(),
-        "pid": 2**22 + 17,
-        "host": socket.gethostname(),
-    }
-    (folder / "exports" / "onnx.json").write_text(_json.dumps(state))
-    lost = client.get(f"/jobs/{job_id}/exports/onnx").json()
-    assert lost["status"] == "failed" and lost["error"].startswith("interrupted")
+    # POSTing again after a failure submits a new export job, which the fixed file lets succeed.
+    final.write_bytes(good)
+    started, done = _run_export(client, job_id, "torchscript")
+    assert started["job_id"] != failed["job_id"] and done["status"] == "succeeded", done
+    assert client.get(f"/jobs/{job_id}/exports/torchscript/file").status_code == 200

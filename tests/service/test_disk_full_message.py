@@ -15,7 +15,7 @@ from tests.service.test_worker_task import sessions  # noqa: F401  (fixture: ICD
 
 
 def test_a_checkpoint_on_a_full_disk_fails_the_job_with_that_message(tmp_path: Path) -> None:
-    from worker.tasks import failure_message
+    from worker.outcome import failure_message
 
     exc = ckpt.DiskFull(ckpt.disk_full_message(tmp_path, "final.pt"))
     text = failure_message(7, exc, step=100)
@@ -23,7 +23,7 @@ def test_a_checkpoint_on_a_full_disk_fails_the_job_with_that_message(tmp_path: P
 
 
 def test_any_enospc_write_fails_the_job_as_a_full_disk(sessions: Any, tmp_path: Path) -> None:  # noqa: F811
-    from worker.tasks import failure_message
+    from worker.outcome import failure_message
 
     log = tmp_path / "home" / "artifacts" / "jobs" / "7" / "metrics.jsonl"
     text = failure_message(7, OSError(errno.ENOSPC, "No space left on device", str(log)))
@@ -35,7 +35,7 @@ def test_torch_write_error_on_a_nearly_empty_disk_is_a_full_disk(
     sessions: Any,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from worker.tasks import failure_message
+    from worker.outcome import failure_message
 
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(2**30, 2**30, 0))  # type: ignore[attr-defined]
     text = failure_message(7, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"))

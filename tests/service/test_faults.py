@@ -8,6 +8,7 @@ from which checkpoint it resumed, and that its loss series has every step exactl
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -180,6 +181,35 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(stk: Stack
     assert not list(folder.glob("*.tmp"))  # the stale temporary was removed at the attempt's start
     names = [c["name"] for c in stk.client.get(f"/jobs/{job_id}/checkpoints").json()]
     assert all((folder / n).is_file() for n in names)  # pruned ones left the list
+
+
+def test_kill9_mid_export_leaves_an_export_that_is_retried_and_succeeds(stk: Stack) -> None:
+    """An export is a job: the worker running it dies (its export child with it), the reaper re-queues it,
+    and another worker runs it again from the start (exports keep no checkpoint)."""
+    stk.start_worker("m", ICD_TEST_EXPORT_DELAY_S="600")  # its export child waits: killed mid-export
+    stk.wait_workers_alive("m")
+    spec = tiny_train_spec("to-export", iterations=2, checkpoint_every=0)
+    spec["deploy"] = {**spec["deploy"], "exported_latency": False}  # the run's own exports would wait too
+    train = stk.submit(spec)
+    assert stk.wait_end(train)["status"] == "succeeded", _dump(stk, train)
+    r = stk.client.post(f"/jobs/{train}/exports", json={"format": "torchscript", "verify_images": 1, "eval_images": 2})
+    assert r.status_code == 202, r.text
+    export = r.json()["job_id"]
+    folder = stk.tmp / "home" / "artifacts" / "jobs" / str(export) / "exports"
+    wait_for(lambda: (folder / "export.log").is_file(), 120, "the export child to start")
+    stk.start_worker("n")
+    stk.wait_workers_alive("n")
+    assert stk.job(export)["status"] == "running" and stk.job(export)["worker"] == f"m@{HOST}"
+    stk.kill_worker("m")
+
+    job = stk.wait_end(export, timeout=240)
+    assert job["status"] == "succeeded" and job["kind"] == "export", _dump(stk, export)
+    assert job["attempt"] == 2 and job["worker"] == f"n@{HOST}", _dump(stk, export)
+    assert [a["status"] for a in job["attempts"]] == ["lost", "succeeded"]
+    done = stk.client.get(f"/jobs/{train}/exports/torchscript").json()
+    assert done["status"] == "succeeded" and done["job_id"] == export, done
+    file = stk.client.get(done["url"])
+    assert file.status_code == 200 and hashlib.sha256(file.content).hexdigest() == done["sha256"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL])

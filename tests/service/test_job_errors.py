@@ -44,7 +44,7 @@ def _coco_job(train: str, val: str, iterations: int = 2) -> dict[str, Any]:
 def test_a_bad_validation_image_fails_the_job_by_name_after_final_pt(
     api_and_worker: TestClient, tmp_path: Path
 ) -> None:
-    from worker.tasks import execute_job
+    from worker.run_job import execute_job
 
     data = tmp_path / "data"
     shutil.copytree(MINI, data / "train")
@@ -72,7 +72,7 @@ def test_a_bad_validation_image_fails_the_job_by_name_after_final_pt(
 
 
 def test_a_corrupt_annotation_file_fails_the_job_naming_it(api_and_worker: TestClient, tmp_path: Path) -> None:
-    from worker.tasks import execute_job
+    from worker.run_job import execute_job
 
     data = tmp_path / "data"
     shutil.copytree(MINI, data / "train")

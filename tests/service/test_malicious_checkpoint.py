@@ -23,7 +23,7 @@ DATA = {
 def test_a_malicious_checkpoint_runs_nothing_through_api_and_worker(
     api_and_worker: TestClient, tmp_path: Path, field: str, malicious_checkpoint: Any
 ) -> None:
-    from worker.tasks import execute_job
+    from worker.run_job import execute_job
 
     marker = tmp_path / "pwned"
     malicious_checkpoint(tmp_path / "data" / "evil.pt", marker)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -13,7 +14,7 @@ from icd_core.data_roots import resolve_in_roots
 from store import jobs as q
 from store.artifacts import ArtifactStore
 from store.dispatch import queue_for
-from store.models import Attempt, Worker, utcnow
+from store.models import Attempt, Job, JobStatus, Worker, utcnow
 from store.results import (
     add_checkpoint,
     add_evaluation,
@@ -139,9 +140,8 @@ def test_dependencies_release_and_fail(session: Session) -> None:
     grandchild = _job(session, status="waiting", depends_on=[student])
     q.claim_job(session, teacher, "w")
     assert q.settle_waiting(session, student) is None  # teacher still running
-    q.finish_job(session, teacher, {})
-    released = q.release_dependents(session, teacher)
-    assert [j.id for j in released] == [student]
+    q.finish_job(session, teacher, {})  # the transition itself releases the student
+    assert _status(session, student) == JobStatus.QUEUED
     assert q.release_dependents(session, teacher) == []  # released once only
 
     q.claim_job(session, student, "w")
@@ -155,6 +155,69 @@ def test_dependencies_release_and_fail(session: Session) -> None:
 
     q.retry_job(session, student)
     assert q.retry_job(session, grandchild).status == "waiting"
+
+
+def _status(s: Session, job_id: int) -> str:
+    job = q.get_job(s, job_id)
+    assert job is not None
+    return job.status
+
+
+def _running(s: Session) -> int:
+    job_id = _job(s)
+    q.claim_job(s, job_id, "w@host", lease_s=60)
+    return job_id
+
+
+def _expired(s: Session, job_id: int) -> None:
+    s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=5)))
+    s.commit()
+
+
+def _by_the_reaper(s: Session, job_id: int, cancel: bool) -> None:
+    if cancel:
+        s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+    _expired(s, job_id)
+    assert job_id in q.reap_expired_leases(s, max_attempts=1).ended
+
+
+def _canceled_while_its_worker_is_dead(s: Session, job_id: int) -> None:
+    _expired(s, job_id)
+    q.request_cancel(s, job_id)
+
+
+# Every way a job ends other than succeeding: (how, whether it ran first, the status it ends in).
+ENDINGS = [
+    ("fail_job", lambda s, j: q.fail_job(s, j, "broke", attempt=1), True, "failed"),
+    ("fail_job of a queued job", lambda s, j: q.fail_job(s, j, "broker down"), False, "failed"),
+    ("fail_if_running_on", lambda s, j: q.fail_if_running_on(s, j, "w@host", "died", 1), True, "failed"),
+    ("mark_canceled", lambda s, j: q.mark_canceled(s, j, attempt=1), True, "canceled"),
+    ("request_cancel of a queued job", q.request_cancel, False, "canceled"),
+    ("the reaper at max_attempts", lambda s, j: _by_the_reaper(s, j, cancel=False), True, "failed"),
+    ("the reaper after a cancel", lambda s, j: _by_the_reaper(s, j, cancel=True), True, "canceled"),
+    ("a cancel of a job whose worker died", _canceled_while_its_worker_is_dead, True, "canceled"),
+    ("no live worker", lambda s, j: q.fail_unservable(s, [], 0.0, utcnow() + timedelta(seconds=5)), False, "failed"),
+]
+
+
+@pytest.mark.parametrize(("how", "end", "ran", "ends"), ENDINGS, ids=[e[0] for e in ENDINGS])
+def test_every_terminal_transition_releases_its_dependents(
+    session: Session, how: str, end: Any, ran: bool, ends: str
+) -> None:
+    """No caller has to remember release_dependents: the waiting job fails with the reason, at once."""
+    dep = _running(session) if ran else _job(session)
+    waiting = _job(session, status="waiting", depends_on=[dep])
+    end(session, dep)
+    assert _status(session, dep) == ends, how
+    assert _status(session, waiting) == JobStatus.FAILED, how
+    assert f"job {dep} " in (q.get_job(session, waiting).error or ""), how
+
+
+def test_a_success_queues_its_dependents(session: Session) -> None:
+    dep = _running(session)
+    waiting = _job(session, status="waiting", depends_on=[dep])
+    q.finish_job(session, dep, {"AP": 1.0}, attempt=1)
+    assert _status(session, waiting) == JobStatus.QUEUED
 
 
 def test_workers_heartbeat_and_alive_window(session: Session) -> None:

@@ -45,7 +45,7 @@ def _study_with_children_done(s: Session) -> tuple[int, int]:
     q.claim_job(s, teacher.id, "w1")
     q.finish_job(s, teacher.id, {"AP": 30.0})
     child_ended(s, teacher.id)
-    (child,) = q.release_dependents(s, teacher.id)
+    (child,) = q.list_jobs(s, parent_id=study.id, status="queued")  # finishing the teacher released it
     q.claim_job(s, child.id, "w2")
     q.finish_job(s, child.id, {"AP": 20.0})
     return study.id, child.id

@@ -61,7 +61,7 @@ def _spec(kind: str, **extra: Any) -> dict[str, Any]:
 
 
 def test_missing_teacher_checkpoint_fails_the_job_and_its_dependents(sessions: Any) -> None:
-    from worker.tasks import execute_job
+    from worker.run_job import execute_job
 
     with sessions() as s:
         teacher = create_job(s, _spec("train"), "train", "teacher", "cpu", [])
@@ -85,7 +85,7 @@ def test_missing_teacher_checkpoint_fails_the_job_and_its_dependents(sessions: A
 
 
 def test_unclaimable_messages_change_nothing(sessions: Any) -> None:
-    from worker.tasks import execute_job
+    from worker.run_job import execute_job
 
     with sessions() as s:
         job = create_job(s, _spec("train"), "train", "t", "cpu", [])
@@ -99,7 +99,7 @@ def test_unclaimable_messages_change_nothing(sessions: Any) -> None:
 
 def test_a_run_that_died_with_its_process_is_requeued_on_redelivery(sessions: Any) -> None:
     from store.jobs import claim_job
-    from worker.tasks import execute_job
+    from worker.run_job import execute_job
 
     with sessions() as s:
         job = create_job(s, _spec("train"), "train", "t", "cpu", [])
@@ -114,7 +114,7 @@ def test_a_run_that_died_with_its_process_is_requeued_on_redelivery(sessions: An
 
 
 def test_a_broken_study_spec_fails_with_the_fields_named(sessions: Any) -> None:
-    from worker.tasks import execute_job
+    from worker.run_job import execute_job
 
     with sessions() as s:
         job = create_job(s, {"kind": "study"}, "study", "st", "any", [])
@@ -127,7 +127,7 @@ def test_a_broken_study_spec_fails_with_the_fields_named(sessions: Any) -> None:
 
 def test_failure_messages_say_what_to_change() -> None:
     from icd_core.engine.callbacks import TrainingDiverged
-    from worker.tasks import failure_message
+    from worker.outcome import failure_message
 
     oom = failure_message(3, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), step=7)
     assert oom.startswith("out of GPU memory at batch 7: lower schedule.batch_size or data.max_size")

@@ -204,6 +204,7 @@ export function jobView(main, jobId) {
         study = sweepPanel($("#study"), job); // the same place and polling as a study's panel
         $("#training").hidden = true;
       }
+      if (job.kind === "export") $("#training").hidden = true; // its files: GET /jobs/{source}/exports
     }
     try {
       const [, newEval] = await Promise.all([pollMetrics(), pollEvaluations(), pollLog(), study?.refresh(job)]);

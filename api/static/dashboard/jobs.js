@@ -6,7 +6,7 @@ import { esc, fmtDuration, fmtNum, fmtTime, headlineAp, isFinished, progressBar,
 
 const PAGE = 25;
 const STATUSES = ["", "waiting", "queued", "running", "succeeded", "failed", "canceled", "pruned"];
-const KINDS = ["", "train", "distill", "evaluate", "study", "sweep"];
+const KINDS = ["", "train", "distill", "evaluate", "study", "sweep", "export"];
 const REFRESH_MS = 3000;
 
 export function jobsView(main, params) {
