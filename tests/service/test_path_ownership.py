@@ -29,6 +29,9 @@ from tests.helpers import succeed_with_checkpoint
 
 # String fields that are not paths, by "<Model>.<field>": anything else typed str must carry UserPath.
 NOT_PATHS = {"_JobBase.name", "_JobBase.device", "ModelSpec.levels", "DistillSpec.options", "ExportSpec.name"}
+# A sweep's space and enqueued values set fields of its base spec: each trial is a child job whose spec the
+# worker confines again with the owner's rights before it opens a file (worker.run_job.confined_spec).
+NOT_PATHS |= {"SweepSpec.name", "SweepSpec.space", "SweepSpec.enqueue", "ChoiceDim.choice"}
 
 
 def _has_str(annotation: Any) -> bool:
