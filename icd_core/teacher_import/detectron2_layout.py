@@ -26,12 +26,11 @@ from .keymap import (
     LayoutError,
     Rule,
     add_batchnorm_counters,
-    background_first,
     check_shapes,
+    move_background_first,
     permute_anchor_rows,
     rename,
     size_major_to_ratio_major,
-    with_background_boxes,
 )
 from .layout import ImportedDetector
 from .safe_pickle import load_weights_pickle, to_tensors
@@ -153,11 +152,7 @@ def convert_state(raw: dict[str, Tensor], spec: ModelSpec, source: str) -> tuple
             state[key] = permute_anchor_rows(state[key], perm)
         notes.append("RetinaNet head rows permuted from size-major to torchvision's ratio-major anchor order")
     else:
-        for key in [k for k in state if ".box_predictor.cls_score." in k]:
-            state[key] = background_first(state[key])
-        for key in [k for k in state if ".box_predictor.bbox_pred." in k]:
-            state[key] = with_background_boxes(state[key])
-        notes.append("Faster R-CNN classifier: background moved from the last row to row 0; zero background boxes")
+        notes.append(move_background_first(state))
     add_batchnorm_counters(state)
     return state, notes
 

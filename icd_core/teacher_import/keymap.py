@@ -97,3 +97,13 @@ def with_background_boxes(bbox_pred: Tensor) -> Tensor:
     """Class-specific box rows (4 per class) preceded by 4 zero rows for the background (torchvision's layout;
     its decoder never reads them)."""
     return torch.cat([bbox_pred.new_zeros((4, *bbox_pred.shape[1:])), bbox_pred])
+
+
+def move_background_first(state: dict[str, Tensor]) -> str:
+    """Faster R-CNN predictor of detectron2/MMDetection (background last, class-specific boxes without one)
+    rewritten in place to torchvision's (background row 0, zero background boxes); returns the note."""
+    for key in [k for k in state if ".box_predictor.cls_score." in k]:
+        state[key] = background_first(state[key])
+    for key in [k for k in state if ".box_predictor.bbox_pred." in k]:
+        state[key] = with_background_boxes(state[key])
+    return "Faster R-CNN classifier: background moved from the last row to row 0; zero background boxes"

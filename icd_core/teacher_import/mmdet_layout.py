@@ -26,10 +26,9 @@ from .keymap import (
     LayoutError,
     Rule,
     add_batchnorm_counters,
-    background_first,
     check_shapes,
+    move_background_first,
     rename,
-    with_background_boxes,
 )
 from .layout import ImportedDetector
 
@@ -141,11 +140,7 @@ def convert_state(raw: dict[str, Tensor], spec: ModelSpec, source: str) -> tuple
     state = rename(raw, rules, (), source)
     notes: list[str] = []
     if not retinanet:
-        for key in [k for k in state if ".box_predictor.cls_score." in k]:
-            state[key] = background_first(state[key])
-        for key in [k for k in state if ".box_predictor.bbox_pred." in k]:
-            state[key] = with_background_boxes(state[key])
-        notes.append("Faster R-CNN classifier: background moved from the last row to row 0; zero background boxes")
+        notes.append(move_background_first(state))
     add_batchnorm_counters(state)
     return state, notes
 
