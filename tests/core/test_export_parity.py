@@ -47,7 +47,11 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def default_levels_detector(kind: str) -> Detector:
     """A tiny random detector at its default levels; spread classification biases give it detections."""
     torch.manual_seed(0)
-    spec = ModelSpec.model_validate({"detector": kind, "backbone": "resnet18", "fpn_channels": 32, "head_convs": 1})
+    # FCOS's head convs carry GroupNorm(32): 64 channels keep two per group on the 1x1 P7 of a small image
+    channels = 64 if kind == "fcos" else 32
+    spec = ModelSpec.model_validate(
+        {"detector": kind, "backbone": "resnet18", "fpn_channels": channels, "head_convs": 1}
+    )
     assert spec.resolved_levels == DEFAULT_LEVELS[kind]
     det = build_detector(spec, 3, MIN_SIZE, MAX_SIZE).eval()
     if kind != "faster_rcnn":
