@@ -174,7 +174,7 @@ class ExtraLevels(ExtraFPNBlock):
         self.maxpool = maxpool
         self.from_trunk = from_trunk
         self.relu_between = relu_between
-        widths = [in_channels or channels] + [channels] * (len(names) - 1)
+        widths = [in_channels or channels] + [channels] * (len(names) - 1) if names else []
         self.convs = (
             nn.ModuleList()
             if maxpool
