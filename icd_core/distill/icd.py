@@ -114,11 +114,12 @@ class ICDDistiller(Distiller):
         super().__init__()
         opts = dspec.icd
         detector = student.spec.detector
-        channels = int(student.channels)
-        if int(getattr(teacher, "channels", channels)) != channels:
-            raise ValueError(f"ICD needs equal FPN widths (teacher {teacher.channels}, student {channels})")
+        # The decoder works in the teacher's feature space; the adapter maps the student's FPN width onto it,
+        # so a narrower (cheaper) student neck can learn from a wider teacher's.
+        channels = int(getattr(teacher, "channels", student.channels))
+        self.student_channels = int(student.channels)
         if channels % opts.heads:
-            raise ValueError(f"distill.icd.heads ({opts.heads}) must divide the FPN channels ({channels})")
+            raise ValueError(f"distill.icd.heads ({opts.heads}) must divide the teacher's FPN channels ({channels})")
         self.opts = opts
         self.detector = detector
         self.num_classes = int(student.num_classes)
@@ -132,7 +133,7 @@ class ICDDistiller(Distiller):
         self.encoder = InstanceEncoder(descriptor_dims(self.num_classes), channels)
         self.decoder = ConditionalDecoder(channels, opts.heads, opts.layers)
         self.aux_head = AuxHead(channels)
-        self.adapter = nn.Linear(channels, channels)  # the adapter (docs/method/icd.md#conditional-decoder)
+        self.adapter = nn.Linear(self.student_channels, channels)  # the adapter (docs/method/icd.md#conditional-decoder)
         nn.init.xavier_uniform_(self.adapter.weight)
         nn.init.zeros_(self.adapter.bias)
 
@@ -215,8 +216,11 @@ class ICDDistiller(Distiller):
         teacher, shapes = flatten_levels(batch.teacher_features)
         teacher = teacher.detach().float()
         student, s_shapes = flatten_levels(batch.student_features)
-        if s_shapes != shapes or student.shape[-1] != self.channels:
-            raise ValueError(f"student features {s_shapes} do not match the teacher's {shapes}")
+        if s_shapes != shapes or student.shape[-1] != self.student_channels:
+            raise ValueError(
+                f"student features {s_shapes}x{student.shape[-1]} do not match the teacher's {shapes} "
+                f"and the adapter's input width {self.student_channels}"
+            )
         if batch.step < self.bypass_iters:
             student = student.detach()
         layout = self._key_layout(batch, shapes, teacher.device)
@@ -315,7 +319,7 @@ class ICDDistiller(Distiller):
         weighted sum over s is one batched matmul [N,h,S]·[N,S,h·d] whose (head, head) diagonal blocks
         are the per-head sums.
         """
-        n, s, c = student.shape
+        n, s, c = student.shape[0], student.shape[1], self.channels
         d = c // self.heads
         s_v = F.layer_norm(self.adapter(student).float().view(n, s, self.heads, d), (d,))
         t_v = F.layer_norm(teacher_v.float(), (d,)).transpose(1, 2)  # [N, S, h, d] view

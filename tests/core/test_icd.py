@@ -363,3 +363,24 @@ def test_one_step_with_real_detectors() -> None:
     d.clip_gradients()
     opt.step()
     sched.step()
+
+
+def test_a_narrower_student_learns_through_the_adapter_in_the_teachers_width() -> None:
+    """Teacher FPN 32 wide, student 16: the decoder works at 32, the adapter maps 16 -> 32, and the
+    distillation loss reaches the student's features (after the bypass)."""
+    torch.manual_seed(0)
+    teacher = fake_detector()
+    student = SimpleNamespace(num_classes=3, channels=16, spec=ModelSpec(detector="retinanet", fpn_channels=16))
+    d = ICDDistiller(DistillSpec(icd=ICDOptions()), teacher, student, total_steps=100, seed=123)
+    assert tuple(d.adapter.weight.shape) == (C, 16)
+    g = torch.Generator().manual_seed(3)
+    narrow = OrderedDict(
+        (f"p{i + 3}", torch.randn(2, 16, h, w, generator=g).requires_grad_(True)) for i, (h, w) in enumerate(SHAPES)
+    )
+    out = d.compute(batch([TWO, ONE], [(128, 128), (96, 128)], student=narrow))
+    assert out.losses["loss_icd_distill"].item() > 0
+    out.losses["loss_icd_distill"].backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in narrow.values())
+    wrong = OrderedDict((k, torch.randn(2, 24, *v.shape[-2:])) for k, v in narrow.items())
+    with pytest.raises(ValueError, match="adapter's input width 16"):
+        d.compute(batch([TWO, ONE], [(128, 128), (96, 128)], student=wrong))
