@@ -87,10 +87,12 @@ def build_leaderboard(
     teacher: Mapping[str, Any] | None = None,
     name: str = "study",
     notes: Sequence[str] = (),
+    tuning: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Aggregate child results into the report dict (JSON-ready); methods sorted by mean AP, best first.
 
     notes: caveats printed under the markdown table (e.g. how memory was measured).
+    tuning: a tuned study's summary (icd_core.study.tune_methods): the split and each method's sweep.
     """
     by_method: dict[str, list[Mapping[str, Any]]] = {}
     for row in results:
@@ -140,6 +142,8 @@ def build_leaderboard(
         "runs": [_run_row(r) for r in results],
         "notes": list(notes),
     }
+    if tuning is not None:
+        report["tuning"] = dict(tuning)
     return finite_or_none(report)
 
 
@@ -406,6 +410,7 @@ def leaderboard_markdown(report: Mapping[str, Any]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.extend(icd_diagnostics_markdown(report))
+    lines.extend(tuning_markdown(report.get("tuning")))
     lines.append("")
     lines.append("AP metrics: mean ± sample std over seeds; Δ and costs against the `none` mean.")
     lines.append(
@@ -421,6 +426,37 @@ def leaderboard_markdown(report: Mapping[str, Any]) -> str:
 
 
 COST_HEAD = ("params M", "GFLOPs", "infer MB", "ms", "ms ts", "ms ort")
+
+
+def tuning_markdown(tuning: Mapping[str, Any] | None) -> list[str]:
+    """How each method's setting was found: the split it was tuned on, and its sweep's trials and cost."""
+    if not tuning:
+        return []
+    split = tuning.get("split") or {}
+    sizes = (
+        f" ({split['trained_on_images']} images to train, {split['evaluated_on_images']} held out)"
+        if split.get("trained_on_images") is not None and split.get("evaluated_on_images") is not None
+        else ""
+    )
+    lines = [
+        "",
+        f"Tuned on a split of {split.get('of', 'data.train')}{sizes}: {_fmt(100 * (split.get('fraction') or 0), 0)} % "
+        f"held out with seed {split.get('seed')}; each trial trained on the rest and was evaluated on the held-out "
+        "part. data.val, which the table reports, was read only by the seeds above. "
+        f"Trials used training seed {tuning.get('seed')}.",
+        "",
+        "| method | best setting | tuning AP | paper setting | trials | pruned | failed | steps | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, t in (tuning.get("methods") or {}).items():
+        counts = t.get("counts") or {}
+        best = setting_text(t.get("best_params")) or "none finished: paper setting"
+        lines.append(
+            f"| {method} | {best} | {_fmt(t.get('best_value'))} | {setting_text(t.get('paper_params')) or '–'} | "
+            f"{sum(counts.values())} | {counts.get('pruned', 0)} | {counts.get('failed', 0)} | "
+            f"{t.get('steps_total', 0)} | {_fmt(t.get('wall_s'), 0)} |"
+        )
+    return lines
 
 
 def _cost_cells(cost: Mapping[str, float | None] | None) -> list[str]:
@@ -562,12 +598,13 @@ def write_report(
     teacher: Mapping[str, Any] | None = None,
     name: str = "study",
     notes: Sequence[str] = (),
+    tuning: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write report.json, report.md, report.png (and ap_latency.png once latencies exist) into out_dir;
     returns their paths by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = build_leaderboard(results, teacher, name=name, notes=notes)
+    report = build_leaderboard(results, teacher, name=name, notes=notes, tuning=tuning)
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
     write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
     write_text_atomic(paths["md"], f"# {name}\n\n{report['verdict']}\n\n" + leaderboard_markdown(report))

@@ -38,6 +38,10 @@ DETECTORS: tuple[str, ...] = get_args(Detector)
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 METHODS: tuple[str, ...] = get_args(Method)
 ICD_PRETRAINED = "icd_pretrained"
+# Each method's loss weight in its paper (distill.weight: null). The distillers use these; a tuned study
+# centres its default search range on them (icd_core.tuning).
+PAPER_WEIGHT: dict[str, float] = {"fitnet": 1.0, "fgfi": 0.01, "defeat": 1.0, "fgd": 1.0}
+ICD_PAPER_WEIGHT: dict[str, float] = {"retinanet": 8.0, "fcos": 8.0, "faster_rcnn": 3.0}
 LEVEL_NAMES = ("p2", "p3", "p4", "p5", "p6", "p7")
 DEFAULT_LEVELS = {
     "retinanet": ["p3", "p4", "p5", "p6", "p7"],
@@ -79,10 +83,23 @@ DataPath = Annotated[str, UserPath("data")]
 CheckpointRef = Annotated[str, UserPath("checkpoint")]
 
 
+class SubsetSpec(StrictModel):
+    """A seeded part of a source's images: the tuning split a tuned study carves from data.train.
+
+    `round(fraction · n)` images, drawn with `seed`, are the held-out part; the rest are the other part. The
+    two parts of one (fraction, seed) are disjoint and together are the whole source (icd_core.data.subset).
+    """
+
+    fraction: float = Field(gt=0.0, lt=1.0, description="Share of the images that is held out.")
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    part: Literal["held_out", "rest"] = Field(description="held_out: the drawn images; rest: the others.")
+
+
 class CocoSource(StrictModel):
     format: Literal["coco"] = "coco"
     images: DataPath = Field(description="Folder holding the images named in the annotation file.")
     annotations: DataPath = Field(description="COCO-format instances JSON.")
+    subset: SubsetSpec | None = Field(None, description="Use only a seeded part of the images (null: all).")
 
 
 class ShapesSource(StrictModel):
@@ -94,6 +111,7 @@ class ShapesSource(StrictModel):
     min_object: int = Field(8, ge=2, le=4096, description="Smallest object side in pixels.")
     max_object: int = Field(96, ge=4, le=4096, description="Largest object side in pixels.")
     max_objects: int = Field(8, ge=1, le=100, description="Objects per image drawn from 0..max_objects.")
+    subset: SubsetSpec | None = Field(None, description="Use only a seeded part of the images (null: all).")
 
     @model_validator(mode="after")
     def _objects_fit(self) -> ShapesSource:
@@ -632,6 +650,16 @@ class StudySpec(_JobBase):
     scale_iterations: bool = Field(
         True, description="Scale the paper's 1x iteration counts (warm-up, ICD bypass) to this schedule's length."
     )
+    settings: dict[StudyMethod, dict[str, ChoiceValue]] = Field(
+        default_factory=dict,
+        description="Per-method values of the child spec's dotted fields, e.g. {fgd: {distill.weight: 0.5}}: "
+        "each method at its own setting (a tuned study fills this from its sweeps). Shown in the row.",
+    )
+    tune: TuneSpec | None = Field(
+        None,
+        description="Tune each method on a split carved from data.train before the seeds run at its best "
+        "setting (docs/sweeps.md#tuned-studies); null: every method at its paper setting.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StudySpec:
@@ -641,6 +669,13 @@ class StudySpec(_JobBase):
             raise ValueError("seeds: give at least one")
         if not self.teacher.checkpoint and self.teacher_schedule is None:
             raise ValueError("teacher: give teacher.checkpoint or a teacher_schedule to train it")
+        for method in self.settings:
+            if method not in self.methods and method != "none":
+                raise ValueError(f"settings.{method}: not one of methods {self.methods}")
+        if self.tune is not None:
+            from .tuning import check_tune  # pure; imported here because it imports this module
+
+            check_tune(self)
         return self
 
 
@@ -752,6 +787,31 @@ class NoPrunerSpec(StrictModel):
 
 PrunerSpec = Annotated[MedianPrunerSpec | SuccessiveHalvingPrunerSpec | NoPrunerSpec, Field(discriminator="kind")]
 MAX_SWEEP_TRIALS = 1000
+
+
+class TuneSpec(StrictModel):
+    """How a study tunes each method before comparing: one sweep per method on the tuning split."""
+
+    trials: int = Field(6, ge=1, le=MAX_SWEEP_TRIALS, description="Trials per method (pruned ones included).")
+    space: dict[StudyMethod, dict[str, SearchDim]] = Field(
+        default_factory=dict,
+        description="Per-method search space; a method not named gets the default: distill.weight log-uniform "
+        "over [paper weight / 8, paper weight × 8], and for icd/icd_pretrained also distill.icd.adapter_lr "
+        "over [1e-4, 1e-2]. `none` is not tuned unless named here.",
+    )
+    split: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Share of data.train held out to evaluate the trials (the tuning split)."
+    )
+    split_seed: int = Field(0, ge=0, le=SEED_MAX)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=MedianPrunerSpec)
+    metric: Literal["AP", "AP50", "AP75", "APs", "APm", "APl"] = "AP"
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="The trials' training seed (null: the study's first seed)."
+    )
+
+
+StudySpec.model_rebuild()  # its `tune` and `settings` refer to the sweep types defined above
 
 
 class SweepSpec(StrictModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from .study_plan import (
     teacher_train_spec,
 )
 from .teacher_eval import evaluate_teacher
+from .tuning import tuned_methods, tuning_seed, tuning_sweep
 
 log = logging.getLogger(__name__)
 CallbacksFactory = Callable[[str], Sequence[Callback]]
@@ -83,6 +85,27 @@ def _check_same_spec(folder: Path, spec: Any) -> None:
 
 
 # --- running a study locally ----------------------------------------------------------------------------
+def _teacher_checkpoint(
+    study: StudySpec, folder: Path, cache: Path, callbacks: Callable[[str], list[Callback]]
+) -> Path:
+    """The study's teacher checkpoint: the given one, or the one trained into `folder` first (resumable)."""
+    from .runner import default_resolve_checkpoint, run_spec
+
+    train = teacher_train_spec(study)
+    if train is None:
+        path = default_resolve_checkpoint(str(study.teacher.checkpoint))
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher.checkpoint: checkpoint not found: {path}")
+        return path.resolve()
+    _check_same_spec(folder, train)
+    summary = _read_json(folder / SUMMARY_FILE)
+    if summary is None:
+        log.info("training the teacher into %s", folder)
+        run_spec(train, folder, callbacks(train.name), resume=True, cache_dir=cache)
+        summary = _read_json(folder / SUMMARY_FILE)
+    return Path(summary["final_checkpoint"]).resolve()
+
+
 def run_study_local(
     study: StudySpec,
     output_dir: str | Path,
@@ -96,7 +119,7 @@ def run_study_local(
     on; a user-fixable error (bad path, wrong teacher) stops it. callbacks_factory(name) gives the
     callbacks of each run (e.g. a progress bar). Returns the report dict.
     """
-    from .runner import default_resolve_checkpoint, run_spec
+    from .runner import run_spec
 
     check_study(study)
     out, cache = Path(output_dir), Path(cache_dir)
@@ -107,21 +130,7 @@ def run_study_local(
         return list(callbacks_factory(name)) if callbacks_factory else []
 
     # 1. The teacher: a given checkpoint, or one trained here first.
-    train = teacher_train_spec(study)
-    if train is None:
-        teacher_path = default_resolve_checkpoint(str(study.teacher.checkpoint))
-        if not teacher_path.is_file():
-            raise FileNotFoundError(f"teacher.checkpoint: checkpoint not found: {teacher_path}")
-    else:
-        tdir = out / "teacher"
-        _check_same_spec(tdir, train)
-        summary = _read_json(tdir / SUMMARY_FILE)
-        if summary is None:
-            log.info("training the teacher into %s", tdir)
-            run_spec(train, tdir, callbacks(train.name), resume=True, cache_dir=cache)
-            summary = _read_json(tdir / SUMMARY_FILE)
-        teacher_path = Path(summary["final_checkpoint"])
-    teacher_path = teacher_path.resolve()
+    teacher_path = _teacher_checkpoint(study, out / "teacher", cache, callbacks)
 
     # 2. Pre-flight on the checkpoint the children will load (cached: each child's teacher check reads it).
     teacher_eval = evaluate_teacher(
@@ -141,7 +150,12 @@ def run_study_local(
             "one after another in one process, so it only grows: compare memory on a GPU run"
         )
 
-    # 3. The children, `none` of the first seed first so a useless teacher stops the study early.
+    # 3. A tuned study first finds each method's best setting on the tuning split (never data.val).
+    tuning = None
+    if study.tune is not None:
+        study, tuning = tune_methods(study, str(teacher_path), out / "tune", cache, callbacks_factory)
+
+    # 4. The children, `none` of the first seed first so a useless teacher stops the study early.
     results: list[dict[str, Any]] = []
     checked_baseline = False
     for method, seed, spec in child_specs(study, str(teacher_path)):
@@ -154,13 +168,13 @@ def run_study_local(
                 run_spec(spec, folder, callbacks(spec.name), resume=True, cache_dir=cache)
             except TrainingDiverged as exc:
                 log.warning("%s failed: %s", spec.name, exc)
-                results.append(child_result(row_label(method, spec), seed, None, error=str(exc)))
+                results.append(child_result(row_label(method, spec), seed, None, str(exc), study.settings.get(method)))
                 continue
             summary = _read_json(folder / SUMMARY_FILE)
-        row = child_result(row_label(method, spec), seed, summary)
+        row = child_result(row_label(method, spec), seed, summary, params=study.settings.get(method))
         results.append(row)
         # A partial report after every child, so a long study can be watched (and survives a stop).
-        write_report(results, out, teacher=teacher_row, name=study.name, notes=notes)
+        write_report(results, out, teacher=teacher_row, name=study.name, notes=notes, tuning=tuning)
         if method == BASELINE and not checked_baseline:
             checked_baseline = True
             preflight(
@@ -171,8 +185,66 @@ def run_study_local(
                 min_lead=study.teacher_lead_ap,
             )
 
-    write_report(results, out, teacher=teacher_row, name=study.name, notes=notes)
-    return build_leaderboard(results, teacher_row, name=study.name, notes=notes)
+    write_report(results, out, teacher=teacher_row, name=study.name, notes=notes, tuning=tuning)
+    return build_leaderboard(results, teacher_row, name=study.name, notes=notes, tuning=tuning)
+
+
+def tune_methods(
+    study: StudySpec,
+    teacher_checkpoint: str,
+    output_dir: Path,
+    cache_dir: Path,
+    callbacks_factory: CallbacksFactory | None = None,
+) -> tuple[StudySpec, dict[str, Any]]:
+    """Run each tuned method's sweep into output_dir/<method>/ (resumable, like `icd sweep`); returns the
+    study with every method's best setting in `settings`, and the tuning summary the report shows.
+
+    A method whose sweep finished no trial keeps its paper setting, and the summary says so.
+    """
+    from .sweep import run_sweep_local  # torch-heavy
+
+    assert study.tune is not None
+    seed = tuning_seed(study)
+    children = {m: spec for m, s, spec in child_specs(study, teacher_checkpoint) if s == study.seeds[0]}
+    settings = dict(study.settings)
+    summary: dict[str, Any] = {"seed": seed, "methods": {}}
+    for method in tuned_methods(study):
+        sweep = tuning_sweep(study, method, children[method].model_copy(update={"seed": seed}))
+        summary.setdefault("split", split_summary(sweep, cache_dir))
+        start = time.monotonic()
+        report = run_sweep_local(sweep, output_dir / method, cache_dir, callbacks_factory)
+        best = report["best"]
+        if best is not None:
+            settings[method] = dict(best["params"])
+        summary["methods"][method] = {
+            "best_params": dict(best["params"]) if best else None,
+            "best_value": best["value"] if best else None,
+            "paper_params": sweep.enqueue[0] if sweep.enqueue else None,
+            "space": report["space"],
+            "counts": report["counts"],
+            "steps_total": report["steps_total"],
+            "wall_s": round(time.monotonic() - start, 1),
+            "metric": report["metric"],
+            "folder": str(output_dir / method),
+        }
+    return study.model_copy(update={"settings": settings}), summary
+
+
+def split_summary(sweep: Any, cache_dir: Path) -> dict[str, Any]:
+    """What the tuning split holds and what the trials were evaluated on: the held-out images of data.train."""
+    from .data import resolve_source
+
+    data = sweep.base.data
+    _, fit = resolve_source(data.train, cache_dir)
+    _, held = resolve_source(data.val, cache_dir)
+    count = lambda path: len(json.loads(Path(path).read_text()).get("images", []))  # noqa: E731
+    return {
+        "of": "data.train",
+        "fraction": data.val.subset.fraction,
+        "seed": data.val.subset.seed,
+        "trained_on_images": count(fit),
+        "evaluated_on_images": count(held),
+    }
 
 
 __all__ = ["evaluate_checkpoint", "run_study_local"]

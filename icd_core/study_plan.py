@@ -27,6 +27,7 @@ from .spec import (
     StudySpec,
     TrainSpec,
 )
+from .sweep_space import apply_params
 
 # The paper fixes iteration counts for COCO 1x (90k iterations at batch 16): LR warm-up 1000 and the
 # ICD bypass 1000 (docs/method/icd.md#bypass). A study keeps the warm-up's share of training (see `scaled_iterations`).
@@ -64,7 +65,8 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
     decoder's head start in absolute steps (see `icd_core.distill.icd.bypass_steps`). LR steps are
     written out explicitly (null: 2/3 and 8/9 of training), so each child spec states the full schedule it ran.
     `icd_pretrained` children are `icd` with `distill.icd.pretrain` set (the study's, else its defaults);
-    plain `icd` children never pre-train (the paper's joint protocol).
+    plain `icd` children never pre-train (the paper's joint protocol). A method named in `study.settings`
+    has those dotted fields set (its own, e.g. tuned, setting).
     """
     total = study.schedule.total_iterations()
     schedule = study.schedule.model_copy(update={"steps": study.schedule.resolved_steps()})
@@ -97,7 +99,10 @@ def child_specs(study: StudySpec, teacher_checkpoint: str) -> list[tuple[str, in
                     "icd": (pretrained_icd if method == ICD_PRETRAINED else joint_icd).model_dump(mode="json"),
                 },
             }
-            children.append((method, seed, DistillJobSpec.model_validate(data)))
+            spec = DistillJobSpec.model_validate(data)
+            if study.settings.get(method):
+                spec = apply_params(spec, study.settings[method])
+            children.append((method, seed, spec))
     return children
 
 
@@ -167,10 +172,19 @@ def preflight(
 
 
 # --- results --------------------------------------------------------------------------------------------
-def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, error: str | None = None) -> dict:
-    """The leaderboard row of one child from its runner summary.json (None: the child did not finish)."""
+def child_result(
+    method: str,
+    seed: int,
+    summary: Mapping[str, Any] | None,
+    error: str | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> dict:
+    """The leaderboard row of one child from its runner summary.json (None: the child did not finish).
+
+    params: the method's own setting (`StudySpec.settings`), shown in the row."""
+    setting = {"params": dict(params)} if params else {}
     if summary is None:
-        return {"method": method, "seed": seed, "metrics": None, "status": "failed", "error": error}
+        return {"method": method, "seed": seed, "metrics": None, "status": "failed", "error": error, **setting}
     evaluation = summary.get("evaluation") or {}
     metrics = evaluation.get("metrics") or summary.get("final_metrics") or {}
     diagnostics = {k: v for k, v in (summary.get("final_metrics") or {}).items() if k.startswith("icd_")}
@@ -181,6 +195,7 @@ def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, erro
         "sec_per_step": summary.get("sec_per_step"),
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "status": "succeeded",
+        **setting,
         **diagnostics,
         # model cost (cost_*, teacher_cost_*) and the teacher's AP (teacher_AP, ...) live in final_metrics,
         # next to but not in the evaluation
@@ -222,10 +237,15 @@ def result_from_job(
     peak_memory_mb: float | None = None,
     error: str | None = None,
     job_id: int | None = None,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The leaderboard row of a child job stored by the service (method and seed read from its spec)."""
+    """The leaderboard row of a child job stored by the service (method and seed read from its spec).
+
+    settings: the study's per-method settings; the child's method's one is shown in its row."""
     ok = status == "succeeded" and final_metrics is not None
+    params = (settings or {}).get(study_method(spec))
     return {
+        **({"params": dict(params)} if params else {}),
         "method": row_label(study_method(spec), spec),
         "seed": int(spec["seed"]),
         "metrics": dict(final_metrics) if ok else None,

@@ -436,6 +436,17 @@ def park_study(s: Session, job_id: int, children: int) -> Job | None:
     )
 
 
+def reopen_study(s: Session, job_id: int, done: int, total: int) -> None:
+    """A study that created more children (a tuned study's seeds) waits again: its close hold is freed and
+    its progress counts the new children. Left uncommitted: the caller commits it with those children."""
+    s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.WAITING)
+        .values(lease_expires_at=None, progress_step=done, progress_total=total, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
 PARENT_KINDS = ("study", "sweep")  # jobs that wait for their children (a sweep: docs/sweeps.md)
 STUDY_CLOSE_HOLD_S = 300.0  # a closer that died frees the study after this; the workers' sweep closes it
 

@@ -39,6 +39,7 @@ from store.jobs import (
 )
 from store.models import TERMINAL_STATUSES, Job, JobStatus
 from store.settings import get_settings
+from worker.study_tuning import needs_seeds, start_seeds, start_tuning, tuned_settings, tuning_summary
 
 log = logging.getLogger(__name__)
 TEACHER_FILE = "teacher_eval.json"
@@ -83,10 +84,16 @@ def start_study(s: Session, job: Job, resolve_checkpoint: Any) -> list[Job]:
             owner=job.owner,
             priority=job.priority,  # the study's current priority (POST /jobs/{id}/priority may have changed it)
             gpus=group_size(tspec),
+            commit=False,  # committed with the first child (or the sweeps): never a study with a teacher only
         )
         teacher_ref = f"job:{teacher_job.id}"
 
     created = [teacher_job] if teacher_job else []
+    if study.tune is not None:  # phase 1: each method's sweep; the seeds follow when they end (close_study)
+        created += start_tuning(s, job, study, teacher_ref, [teacher_job.id] if teacher_job else [])
+        s.commit()
+        park_study(s, job.id, len(created))
+        return [c for c in created if c.status == JobStatus.QUEUED]
     first_pretrained: Job | None = None  # pre-trains the decoder; the other icd_pretrained children reuse it
     for method, _seed, child in child_specs(study, teacher_ref):
         waits = [teacher_job.id] if teacher_job else []
@@ -146,6 +153,14 @@ def close_study(s: Session, study_id: int, study: StudySpec, artifacts: Artifact
     if not claim_study_close(s, study_id):
         return False  # another process is closing it, or it ended meanwhile
     children = _children(s, study_id)
+    if needs_seeds(study, children):  # a tuned study's sweeps ended: its seeds run now, at the tuned settings
+        parent = get_job(s, study_id)
+        assert parent is not None
+        lines = start_seeds(s, parent, study, children)
+        s.commit()
+        for line in lines:
+            _log_to_study(artifacts, study_id, line)
+        return False
     update_progress(s, study_id, len(children), len(children), None)
     paths = write_study_report(s, study_id, study, children, artifacts)
     report = json.loads(paths["json"].read_text())
@@ -227,13 +242,15 @@ def write_study_report(
     s: Session, study_id: int, study: StudySpec, children: list[Job], artifacts: ArtifactStore
 ) -> dict[str, Path]:
     """Leaderboard from the children's database rows, written next to the study's artifacts."""
+    settings = tuned_settings(study, children)
     rows = [
-        result_from_job(c.spec, c.status, c.final_metrics, c.sec_per_step, c.peak_memory_mb, c.error, c.id)
+        result_from_job(c.spec, c.status, c.final_metrics, c.sec_per_step, c.peak_memory_mb, c.error, c.id, settings)
         for c in children
         if c.kind == "distill"
     ]
     teacher = _load_teacher(artifacts, study_id)
-    return write_report(rows, artifacts.report_dir(study_id), teacher=teacher, name=study.name)
+    tuning = tuning_summary(children)
+    return write_report(rows, artifacts.report_dir(study_id), teacher=teacher, name=study.name, tuning=tuning)
 
 
 def _preflight_problem(study: StudySpec, child: Job, artifacts: ArtifactStore, study_id: int) -> str | None:

@@ -71,6 +71,7 @@ def advance(s: Session, sweep_id: int) -> list[Job]:
     up to `parallel`. Returns the trials created (to enqueue); [] when another process has the turn."""
     if not take_turn(s, sweep_id):
         return []
+    ended = False
     try:
         parent = get_job(s, sweep_id)
         if parent is None or parent.status != "waiting":
@@ -80,15 +81,26 @@ def advance(s: Session, sweep_id: int) -> list[Job]:
         active = [r for r in trials if r.status not in ENDED]
         update_progress(s, sweep_id, len(trials) - len(active), sweep.trials, None)
         if len(trials) >= sweep.trials and not active:
-            close_sweep(s, parent, sweep, trials)
+            ended = close_sweep(s, parent, sweep, trials)
             return []
         try:
             return _create_trials(s, parent, sweep, trials, len(active))
         except ValueError as exc:  # a sampled value the base spec refuses: say which, end the sweep
-            _fail_sweep(s, sweep_id, f"trial {len(trials)}: {exc}")
+            ended = _fail_sweep(s, sweep_id, f"trial {len(trials)}: {exc}")
             return []
     finally:
         end_turn(s, sweep_id)
+        if ended:
+            _tell_parent_study(s, sweep_id)
+
+
+def _tell_parent_study(s: Session, sweep_id: int) -> None:
+    """A tuned study's sweep ended: the study counts it (and, after its last sweep, starts its seeds)."""
+    from worker.study import child_ended  # the study module imports this one's callers
+
+    job = get_job(s, sweep_id)
+    if job is not None and job.parent_id is not None:
+        child_ended(s, sweep_id)
 
 
 def _create_trials(s: Session, parent: Job, sweep: SweepSpec, trials: list[TrialRecord], active: int) -> list[Job]:

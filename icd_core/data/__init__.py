@@ -18,6 +18,7 @@ from .loader import (
 )
 from .priors import ClassPriors, compute_priors
 from .shapes import CLASS_NAMES, GENERATOR_VERSION, ShapesParams, make_shapes
+from .subset import subset_annotations
 
 __all__ = [
     "CLASS_NAMES",
@@ -57,13 +58,19 @@ def shapes_dir_for(source: ShapesSource, cache_root: str | Path) -> Path:
 
 
 def resolve_source(source: CocoSource | ShapesSource, cache_root: str | Path) -> tuple[Path, Path]:
-    """(images_dir, annotations_json) of a spec data source, generating shapes into the cache if needed."""
+    """(images_dir, annotations_json) of a spec data source, generating shapes into the cache if needed.
+
+    A source with `subset` gets the cached annotation file of its part (icd_core.data.subset).
+    """
     if isinstance(source, ShapesSource):
-        p = _shapes_params(source)
-        return make_shapes(shapes_dir_for(source, cache_root), **asdict(p))
-    if isinstance(source, CocoSource):
-        return Path(source.images), Path(source.annotations)
-    raise TypeError(f"unknown data source {type(source).__name__}")
+        images, annotations = make_shapes(shapes_dir_for(source, cache_root), **asdict(_shapes_params(source)))
+    elif isinstance(source, CocoSource):
+        images, annotations = Path(source.images), Path(source.annotations)
+    else:
+        raise TypeError(f"unknown data source {type(source).__name__}")
+    if source.subset is not None:
+        annotations = subset_annotations(annotations, source.subset, cache_root)
+    return images, annotations
 
 
 def build_dataset(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from icd_core.spec import DistillSpec
+from icd_core.spec import PAPER_WEIGHT, DistillSpec
 
 from .base import DistillBatch, Distiller
 from .fgfi import tiny_normal_
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from icd_core.data.priors import ClassPriors
     from icd_core.detectors import Detector
 
-DEFAULT_WEIGHT = 1.0
+DEFAULT_WEIGHT = PAPER_WEIGHT["defeat"]
 CANONICAL_SIZE = 56.0
 
 

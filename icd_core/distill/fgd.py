@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from icd_core.spec import DistillSpec
+from icd_core.spec import PAPER_WEIGHT, DistillSpec
 
 from .base import DistillBatch, Distiller
 from .masks import fgd_masks, resolve_options
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from icd_core.data.priors import ClassPriors
     from icd_core.detectors import Detector
 
-DEFAULT_WEIGHT = 1.0
+DEFAULT_WEIGHT = PAPER_WEIGHT["fgd"]
 DEFAULTS: dict[str, dict[str, float]] = {
     "retinanet": {"temperature": 0.5, "alpha": 1e-3, "beta": 5e-4, "gamma": 5e-4, "lambda": 5e-6},
     "faster_rcnn": {"temperature": 0.5, "alpha": 5e-5, "beta": 2.5e-5, "gamma": 5e-5, "lambda": 5e-7},

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from icd_core.spec import DistillSpec
+from icd_core.spec import PAPER_WEIGHT, DistillSpec
 
 from .base import DistillBatch, Distiller
 from .masks import feature_grid_sizes, fgfi_mask, resolve_options, virtual_anchor_sizes, virtual_anchors
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from icd_core.data.priors import ClassPriors
     from icd_core.detectors import Detector
 
-DEFAULT_WEIGHT = 0.01
+DEFAULT_WEIGHT = PAPER_WEIGHT["fgfi"]
 DEFAULTS = {"psi": 0.5}
 ADAPTER_INIT_STD = 1e-4
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icd_core.spec import DistillSpec
+from icd_core.spec import PAPER_WEIGHT, DistillSpec
 
 from .base import DistillBatch, Distiller
 from .masks import resolve_options
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from icd_core.data.priors import ClassPriors
     from icd_core.detectors import Detector
 
-DEFAULT_WEIGHT = 1.0
+DEFAULT_WEIGHT = PAPER_WEIGHT["fitnet"]
 
 
 class FitNetDistiller(Distiller):

@@ -45,14 +45,14 @@ from icd_core.distill.icd_queries import (
     build_queries,
     descriptor_dims,
 )
-from icd_core.spec import INT32_MAX
+from icd_core.spec import ICD_PAPER_WEIGHT, INT32_MAX
 
 if TYPE_CHECKING:
     from icd_core.data.priors import ClassPriors
     from icd_core.detectors import Detector
     from icd_core.spec import DistillSpec
 
-DEFAULT_WEIGHT = {"retinanet": 8.0, "fcos": 8.0, "faster_rcnn": 3.0}
+DEFAULT_WEIGHT = ICD_PAPER_WEIGHT
 DEFAULT_MAX_QUERIES = {"retinanet": 300, "fcos": 300, "faster_rcnn": 100}
 UNIFORM_WH_MEAN = 0.2  # fake box prior when no dataset statistics are given
 UNIFORM_WH_STD = 0.1
@@ -133,7 +133,8 @@ class ICDDistiller(Distiller):
         self.encoder = InstanceEncoder(descriptor_dims(self.num_classes), channels)
         self.decoder = ConditionalDecoder(channels, opts.heads, opts.layers)
         self.aux_head = AuxHead(channels)
-        self.adapter = nn.Linear(self.student_channels, channels)  # the adapter (docs/method/icd.md#conditional-decoder)
+        # the adapter (docs/method/icd.md#conditional-decoder)
+        self.adapter = nn.Linear(self.student_channels, channels)
         nn.init.xavier_uniform_(self.adapter.weight)
         nn.init.zeros_(self.adapter.bias)
 
