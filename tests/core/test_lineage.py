@@ -1,4 +1,5 @@
-"""Lineage: the data hash follows the bytes and is cached by stat, the code version follows the git tree."""
+"""Lineage: the data hash follows the bytes and is cached by stat, the code version follows the git tree,
+and `icd status` prints it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from icd_cli.status_format import lineage_line
 from icd_core import data_hash, lineage
 from icd_core.data_hash import dataset_sha256
 
@@ -165,3 +167,25 @@ def test_collect_lineage_of_a_shapes_spec_hashes_the_generated_files(tmp_path: P
     assert images.parent == shapes_dir_for(spec.data.train, tmp_path / "cache")
     assert record["data"]["train"] == dataset_sha256(images, annotations)
     assert record["data"]["train"] != record["data"]["val"]  # other seeds, other images
+
+
+def _row(method: str, seed: int, code: str, train: str = "sha256:aa", job_id: int | None = None) -> dict[str, Any]:
+    return {
+        "method": method,
+        "seed": seed,
+        "metrics": {"AP": 1.0 + seed},
+        "job_id": job_id,
+        "lineage": {
+            "code": {"version": code, "sources_sha256": "5" * 64, "source": "git"},
+            "packages": {"python": "3.11.7", "torch": "2.14.1"},
+            "data": {"train": train, "val": "sha256:bb"},
+            "teacher_sha256": "c" * 64,
+        },
+    }
+
+
+def test_icd_status_prints_the_lineage_in_one_line() -> None:
+    job = {"lineage": _row("icd", 0, "abc1234-dirty")["lineage"]}
+    line = lineage_line(job)
+    assert "code abc1234-dirty" in line and "train aa, val bb" in line and f"teacher {'c' * 12}" in line
+    assert lineage_line({"lineage": None}) == ""
