@@ -181,6 +181,7 @@ def child_result(method: str, seed: int, summary: Mapping[str, Any] | None, erro
         "sec_per_step": summary.get("sec_per_step"),
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "status": "succeeded",
+        "lineage": summary.get("lineage"),
         **diagnostics,
         # model cost (cost_*, teacher_cost_*) and the teacher's AP (teacher_AP, ...) live in final_metrics,
         # next to but not in the evaluation
@@ -222,6 +223,7 @@ def result_from_job(
     peak_memory_mb: float | None = None,
     error: str | None = None,
     job_id: int | None = None,
+    lineage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The leaderboard row of a child job stored by the service (method and seed read from its spec)."""
     ok = status == "succeeded" and final_metrics is not None
@@ -234,4 +236,5 @@ def result_from_job(
         "status": status,
         "error": error,
         "job_id": job_id,
+        "lineage": dict(lineage) if lineage is not None else None,
     }

@@ -228,7 +228,9 @@ def write_study_report(
 ) -> dict[str, Path]:
     """Leaderboard from the children's database rows, written next to the study's artifacts."""
     rows = [
-        result_from_job(c.spec, c.status, c.final_metrics, c.sec_per_step, c.peak_memory_mb, c.error, c.id)
+        result_from_job(
+            c.spec, c.status, c.final_metrics, c.sec_per_step, c.peak_memory_mb, c.error, c.id, lineage=c.lineage
+        )
         for c in children
         if c.kind == "distill"
     ]

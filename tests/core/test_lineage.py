@@ -1,5 +1,5 @@
 """Lineage: the data hash follows the bytes and is cached by stat, the code version follows the git tree,
-and `icd status` prints it."""
+and the reports list what the runs ran on, flagging differences."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import pytest
 from icd_cli.status_format import lineage_line
 from icd_core import data_hash, lineage
 from icd_core.data_hash import dataset_sha256
+from icd_core.leaderboard import build_leaderboard, write_report
+from icd_core.lineage_report import lineage_summary
+from icd_core.study_plan import child_result, result_from_job
 
 
 @pytest.fixture
@@ -182,6 +185,47 @@ def _row(method: str, seed: int, code: str, train: str = "sha256:aa", job_id: in
             "teacher_sha256": "c" * 64,
         },
     }
+
+
+def test_the_report_lists_lineage_once_when_the_runs_agree(tmp_path: Path) -> None:
+    rows = [_row("none", 0, "abc"), _row("icd", 0, "abc")]
+    paths = write_report(rows, tmp_path, name="same")
+    md = paths["md"].read_text()
+    assert "## Lineage" in md and "Warning" not in md and "differs" not in md
+    assert "| code.version | `abc` | all |" in md and "| packages.torch | `2.14.1` | all |" in md
+    assert "| data.train | `sha256:aa` | all |" in md and f"| teacher_sha256 | `{'c' * 64}` | all |" in md
+    report = json.loads(paths["json"].read_text())
+    assert report["lineage"]["differs"] == []
+
+
+def test_the_report_flags_runs_that_differ_and_names_them(tmp_path: Path) -> None:
+    rows = [
+        _row("none", 0, "abc", job_id=4),
+        _row("icd", 0, "abc", job_id=5),
+        _row("icd", 1, "def-dirty", train="sha256:zz", job_id=6),
+        {"method": "icd", "seed": 2, "metrics": None, "status": "failed", "job_id": 7},
+    ]
+    md = write_report(rows, tmp_path, name="mixed")["md"].read_text()
+    warning = next(line for line in md.splitlines() if "Warning" in line)
+    assert "code.version, data.train" in warning
+    assert md.index("Warning") < md.index("| method")  # above the table, where it is read
+    assert "| **code.version (differs)** | `abc` | none seed 0 (job 4), icd seed 0 (job 5) |" in md
+    assert "| **code.version (differs)** | `def-dirty` | icd seed 1 (job 6) |" in md
+    assert "| **data.train (differs)** | `sha256:zz` | icd seed 1 (job 6) |" in md
+    assert "| data.val | `sha256:bb` | all |" in md
+    assert "No lineage recorded (ended before its run started): icd seed 2 (job 7)." in md
+
+
+def test_lineage_rides_on_the_rows_of_both_paths() -> None:
+    record = _row("icd", 0, "abc")["lineage"]
+    assert child_result("icd", 0, {"final_metrics": {"AP": 1.0}, "lineage": record})["lineage"] == record
+    assert child_result("icd", 0, None)["metrics"] is None
+    spec = {"seed": 0, "distill": {"method": "icd"}}
+    row = result_from_job(spec, "succeeded", {"AP": 2.0}, job_id=3, lineage=record)
+    assert row["lineage"] == record
+    summary = lineage_summary([row, _row("icd", 1, "other")])
+    assert summary is not None and summary["differs"] == ["code.version"]
+    assert build_leaderboard([{"method": "none", "seed": 0, "metrics": {"AP": 1.0}}])["lineage"] is None
 
 
 def test_icd_status_prints_the_lineage_in_one_line() -> None:
