@@ -75,6 +75,12 @@ class JobDetail(JobOut):
     """One job with its spec and its attempts."""
 
     spec: dict[str, Any]
+    lineage: dict[str, Any] | None = Field(
+        None,
+        description="What its last attempt ran on, recorded as the run started (docs/usage.md#lineage): `code` "
+        "(git commit or package version, sources_sha256), `packages` (versions), `data` (each split's content "
+        "sha256), `teacher_sha256` (distill jobs); null before a run started.",
+    )
     attempts: list[AttemptOut]
     lease_expires_at: datetime | None = Field(None, description="A running job's worker holds it until then.")
     status_detail: str | None = Field(

@@ -103,6 +103,28 @@ def metric_lines(job: dict[str, Any], last_eval: dict[str, Any] | None) -> list[
     return lines
 
 
+def _short_hash(value: Any) -> str:
+    """ "sha256:0a1b2c3d4e5f…" -> "0a1b2c3d4e5f": enough to tell two hashes apart at a glance."""
+    return str(value).removeprefix("sha256:")[:12]
+
+
+def lineage_line(job: dict[str, Any]) -> str:
+    """What the run ran on, in one line: code version, data hashes, teacher (`--json` has every field)."""
+    lineage = job.get("lineage")
+    if not isinstance(lineage, dict):
+        return ""
+    parts = [f"code {(lineage.get('code') or {}).get('version', '-')}"]
+    data = lineage.get("data") or {}
+    if data:
+        parts.append("data " + ", ".join(f"{split} {_short_hash(h)}" for split, h in data.items()))
+    if lineage.get("teacher_sha256"):
+        parts.append(f"teacher {_short_hash(lineage['teacher_sha256'])}")
+    torch = (lineage.get("packages") or {}).get("torch")
+    if torch:
+        parts.append(f"torch {torch}")
+    return _line("lineage", " · ".join(parts))
+
+
 def status_lines(job: dict[str, Any], last_eval: dict[str, Any] | None, now: datetime | None = None) -> list[str]:
     """The whole `icd status` block."""
     lines = [f"job {job['id']}  {job['name']}  ({job['kind']})  {job['status']}"]
@@ -120,6 +142,8 @@ def status_lines(job: dict[str, Any], last_eval: dict[str, Any] | None, now: dat
             )
         )
     lines += metric_lines(job, last_eval)
+    if lineage_line(job):
+        lines.append(lineage_line(job))
     if job.get("status_detail"):
         lines.append(_line("note", job["status_detail"]))
     if job.get("error"):

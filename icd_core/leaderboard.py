@@ -8,7 +8,8 @@ and the service (rows read from the database). One child result looks like
      "sec_per_step": 0.91, "peak_memory_mb": 812.0}
 
 (`sec_per_step` and `peak_memory_mb` may also sit inside `metrics`; `metrics: None` marks a child that
-failed or was canceled: it is counted, not averaged). The teacher row is `{"metrics": {...}}` plus
+failed or was canceled: it is counted, not averaged; `lineage`, what it ran on, is listed in the report's
+Lineage section, icd_core.lineage_report). The teacher row is `{"metrics": {...}}` plus
 optional `name`/`checkpoint`; without one, the teacher AP the runs measured before training
 (`teacher_AP`, ... in their metrics) makes it.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 from .atomic_files import replaced_atomically, write_text_atomic
 from .json_numbers import finite_or_none
+from .lineage_report import lineage_markdown, lineage_summary, lineage_warning
 from .paired_stats import paired_delta
 
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -141,6 +143,7 @@ def build_leaderboard(
         "methods": methods,
         "runs": [_run_row(r) for r in results],
         "notes": list(notes),
+        "lineage": lineage_summary(results),
     }
     if tuning is not None:
         report["tuning"] = dict(tuning)
@@ -369,7 +372,9 @@ def leaderboard_markdown(report: Mapping[str, Any]) -> str:
         *COST_HEAD,
         "vs teacher",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    warning = lineage_warning(report.get("lineage"))
+    lines = [warning, ""] if warning else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     teacher = report.get("teacher")
     if teacher:
         label = "teacher" + (f" ({teacher['name']})" if teacher.get("name") else "")
@@ -422,6 +427,7 @@ def leaderboard_markdown(report: Mapping[str, Any]) -> str:
         "warm, median, eager (ts = TorchScript, ort = ONNX Runtime, on the CPU)."
     )
     lines.extend(f"Note: {note}" for note in report.get("notes", []))
+    lines.extend(lineage_markdown(report.get("lineage")))
     return "\n".join(lines) + "\n"
 
 

@@ -27,6 +27,7 @@ from .engine.metrics_log import MetricsLog
 from .engine.trainer import Trainer, peak_memory_mb, resolve_device
 from .evaluate import evaluate_model
 from .leaderboard import TEACHER_AP_METRICS
+from .lineage import collect_lineage
 from .pretrain import heldout_diagnostics, prepare_decoder
 from .run_layout import CHECKPOINT_DIR, SPEC_FILE, SUMMARY_FILE
 from .run_report import deploy_report
@@ -180,6 +181,27 @@ def _teacher_gate(
         ckpt.restore_rng(rng)
     check_teacher_min_ap(result, spec.teacher_min_ap)
     return result
+
+
+def _record_lineage(
+    spec: TrainSpec | DistillJobSpec | EvaluateSpec,
+    cache_dir: Path,
+    callbacks: Sequence[Callback],
+    teacher_path: str | Path | None = None,
+    splits: tuple[str, ...] = ("train", "val"),
+) -> dict[str, Any]:
+    """The run's lineage (icd_core.lineage), told to the callbacks now, before training: the service stores
+    it at once, so a run that fails later still says what it ran on. Its summary.json keeps it too."""
+    lineage = collect_lineage(spec, cache_dir, teacher_path, splits)
+    log.info(
+        "lineage: code %s, data %s%s",
+        lineage["code"]["version"],
+        ", ".join(f"{k} {v}" for k, v in lineage["data"].items()),
+        f", teacher sha256 {lineage['teacher_sha256']}" if lineage["teacher_sha256"] else "",
+    )
+    for cb in callbacks:
+        cb.on_lineage(lineage)
+    return lineage
 
 
 def _write_summary(output_dir: Path, spec: AnySpec, result: RunResult, extra: dict[str, Any]) -> None:
@@ -370,6 +392,8 @@ def _run_training(
         trainer, extra = build_trainer(
             spec, output_dir, callbacks, resolve, cache_dir, load_initial_weights=resume_from is None, group=group
         )
+        if writes:  # after build_trainer: the data and the teacher were found and checked, shapes generated
+            extra["lineage"] = _record_lineage(spec, cache_dir, callbacks, extra.get("teacher_checkpoint"))
     out = trainer.train(resume_from=resume_from)
     counts = {k: extra[k] for k in (*_COUNTS, *TEACHER_AP_METRICS) if k in extra}
     if not writes:  # in a group, rank 0 alone measures the model and writes the summary
@@ -428,6 +452,7 @@ def _run_evaluate(
             f"data.val: its category ids differ from the ones {path} was trained with; "
             "evaluate on a split of the training dataset"
         )
+    lineage = _record_lineage(spec, cache_dir, callbacks, splits=("val",))
     detector.to(device)
     for cb in callbacks:
         cb.on_start(0, 0)
@@ -442,5 +467,5 @@ def _run_evaluate(
     result = RunResult(dict(evaluation.metrics), evaluation, None, None, peak_memory_mb(device))
     for cb in callbacks:
         cb.on_end(evaluation.step, result.final_metrics)
-    _write_summary(output_dir, spec, result, {"checkpoint": str(path), "device": str(device)})
+    _write_summary(output_dir, spec, result, {"checkpoint": str(path), "device": str(device), "lineage": lineage})
     return result

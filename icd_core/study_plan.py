@@ -196,6 +196,7 @@ def child_result(
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "status": "succeeded",
         **setting,
+        "lineage": summary.get("lineage"),
         **diagnostics,
         # model cost (cost_*, teacher_cost_*) and the teacher's AP (teacher_AP, ...) live in final_metrics,
         # next to but not in the evaluation
@@ -238,6 +239,7 @@ def result_from_job(
     error: str | None = None,
     job_id: int | None = None,
     settings: Mapping[str, Mapping[str, Any]] | None = None,
+    lineage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The leaderboard row of a child job stored by the service (method and seed read from its spec).
 
@@ -254,4 +256,5 @@ def result_from_job(
         "status": status,
         "error": error,
         "job_id": job_id,
+        "lineage": dict(lineage) if lineage is not None else None,
     }

@@ -27,6 +27,7 @@ from typing import Any
 
 from .atomic_files import write_text_atomic
 from .engine.callbacks import Callback, EvalResult, TrainingDiverged, TrainingStopped
+from .lineage_report import lineage_markdown, lineage_summary, lineage_warning
 from .spec import DistillJobSpec, SweepSpec, TrainSpec
 from .sweep_space import apply_params
 
@@ -50,6 +51,7 @@ class TrialRecord:
     reason: str | None = None  # why it was pruned or failed
     steps: int | None = None  # training steps it ran
     job_id: int | None = None  # the service's child job
+    lineage: dict[str, Any] | None = None  # what it ran on (icd_core.lineage), once its run started
 
 
 @dataclass
@@ -223,6 +225,16 @@ def _finished(record: TrialRecord) -> bool:
     return record.status == "succeeded" and record.value is not None
 
 
+class KeepLineage(Callback):
+    """Puts a trial's lineage on its record as its run starts, so a pruned or failed trial keeps it too."""
+
+    def __init__(self, record: TrialRecord) -> None:
+        self.record = record
+
+    def on_lineage(self, lineage: dict[str, Any]) -> None:
+        self.record.lineage = lineage
+
+
 class PruneOnEvaluation(Callback):
     """Asks the sweep at each periodic evaluation whether this trial goes on; a pruned trial stops at that
     step (the trainer checkpoints it and raises TrainingStopped) with `decision` set.
@@ -284,6 +296,7 @@ def sweep_report(sweep: SweepSpec, records: Sequence[TrialRecord]) -> dict[str, 
         "counts": counts,
         "steps_total": sum(r.steps or 0 for r in records),
         "trials": [asdict(r) for r in sorted(records, key=lambda r: r.number)],
+        "lineage": lineage_summary([asdict(r) for r in sorted(records, key=lambda r: r.number)]),
     }
 
 
@@ -304,6 +317,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines.append(f"No trial finished with a {metric}.")
     counts = ", ".join(f"{n} {status}" for status, n in sorted(report["counts"].items()))
     lines += [f"Trials: {counts} (budget {report['budget']}); {report['steps_total']} training steps in all.", ""]
+    warning = lineage_warning(report.get("lineage"))
+    lines += [warning, ""] if warning else []
     names = list(report["space"])
     lines.append("| trial | status | " + " | ".join(names) + f" | {metric} | steps | note |")
     lines.append("|---" * (len(names) + 5) + "|")
@@ -311,6 +326,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         value = f"{t['value']:.2f}" if t["value"] is not None else "-"
         cells = [str(t["number"]), t["status"], *(_fmt(t["params"].get(n)) for n in names), value]
         lines.append("| " + " | ".join([*cells, str(t["steps"] or "-"), (t["reason"] or "").replace("|", "/")]) + " |")
+    lines += lineage_markdown(report.get("lineage"))
     return "\n".join(lines) + "\n"
 
 
@@ -398,7 +414,8 @@ def _run_local_trial(
     extra = list(callbacks_factory(spec.name)) if callbacks_factory else []
     log.info("trial %d: %s", record.number, record.params)
     try:
-        result = run_spec(spec, out / f"trial{record.number}", [*extra, pruner], resume=True, cache_dir=cache)
+        folder = out / f"trial{record.number}"
+        result = run_spec(spec, folder, [*extra, pruner, KeepLineage(record)], resume=True, cache_dir=cache)
     except TrainingStopped as stop:
         if pruner.decision is None:
             raise

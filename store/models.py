@@ -157,6 +157,8 @@ class Job(Base):
     preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # A running job asked to checkpoint and go back to the queue for this queued job of higher priority.
     preempt_requested_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # What its last attempt ran on: code, package versions, data hashes, teacher sha256 (icd_core.lineage).
+    lineage: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     attempts: Mapped[list[Attempt]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Attempt.number"

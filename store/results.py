@@ -14,11 +14,23 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from store.downsample import downsample
-from store.models import Attempt, Checkpoint, Evaluation, Metric, utcnow
+from store.models import Attempt, Checkpoint, Evaluation, Job, Metric, utcnow
 from store.rollups import refresh_after_delete, update_rollups
 from store.upsert import dialect_insert, upsert_rows
 
 EVAL_FIELDS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
+
+
+def record_lineage(s: Session, job_id: int, attempt: int, lineage: dict[str, Any]) -> bool:
+    """Keep what this attempt runs on (icd_core.lineage) on the job; False when another attempt holds it."""
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt)
+        .values(lineage=lineage)
+        .execution_options(synchronize_session=False)
+    )
+    s.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
 
 
 def add_metrics(s: Session, job_id: int, attempt: int, rows: Sequence[tuple[str, int, float]]) -> None:

@@ -100,6 +100,7 @@ def trial_records(s: Session, sweep_id: int, metric: str) -> list[TrialRecord]:
                 reason=job.error,
                 steps=job.progress_step or None,
                 job_id=job.id,
+                lineage=job.lineage,
             )
         )
     return out

@@ -27,6 +27,7 @@ from store.results import (
     add_evaluation,
     add_metrics,
     forget_missing_checkpoints,
+    record_lineage,
     start_attempt_series,
 )
 
@@ -99,6 +100,10 @@ class DbReporter(Callback):
         if self.background and self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name=f"icd-reporter-{self.job_id}", daemon=True)
             self._writer.start()
+
+    def on_lineage(self, lineage: dict[str, Any]) -> None:
+        # Written when the run starts, not when it ends: a failed job keeps what it ran on.
+        self._retry("lineage", lambda s: record_lineage(s, self.job_id, self.attempt, lineage))
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.step = step

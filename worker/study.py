@@ -244,7 +244,9 @@ def write_study_report(
     """Leaderboard from the children's database rows, written next to the study's artifacts."""
     settings = tuned_settings(study, children)
     rows = [
-        result_from_job(c.spec, c.status, c.final_metrics, c.sec_per_step, c.peak_memory_mb, c.error, c.id, settings)
+        result_from_job(
+            c.spec, c.status, c.final_metrics, c.sec_per_step, c.peak_memory_mb, c.error, c.id, settings, c.lineage
+        )
         for c in children
         if c.kind == "distill"
     ]

@@ -43,5 +43,6 @@ def sweep_trials(
         "budget": sweep.trials,
         "space": {k: v.model_dump(mode="json") for k, v in sweep.space.items()},
         "best": best.number if best else None,
-        "trials": [{k: v for k, v in asdict(t).items() if k != "system_attrs"} for t in trials],
+        # each trial's lineage is its job's (GET /jobs/{id}); the report lists them
+        "trials": [{k: v for k, v in asdict(t).items() if k not in ("system_attrs", "lineage")} for t in trials],
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -30,6 +31,10 @@ class EvalResult:
 class Callback:
     def on_start(self, step: int, total_steps: int) -> None:
         """Called once; `step` > 0 when resuming."""
+
+    def on_lineage(self, lineage: dict[str, Any]) -> None:
+        """The run's lineage (code, package versions, data hashes, teacher sha256: icd_core.lineage), once,
+        before the first step, so a run that fails later still says what it ran on."""
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Training scalars (losses, lr, seconds/step), every `schedule.log_every` steps."""

@@ -147,7 +147,9 @@ def test_end_to_end_teacher_then_icd_student(tmp_path: Path) -> None:
         )
     )
     out = _invoke(["eval", str(eval_spec), "--output", str(tmp_path / "ev3")])
-    assert json.loads((tmp_path / "ev3" / "summary.json").read_text())["final_metrics"].keys() >= {"AP", "AP50"}
+    summary = json.loads((tmp_path / "ev3" / "summary.json").read_text())
+    assert summary["final_metrics"].keys() >= {"AP", "AP50"}
+    assert list(summary["lineage"]["data"]) == ["val"]  # an evaluation reads data.val only
 
 
 @pytest.fixture(scope="module")

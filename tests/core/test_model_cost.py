@@ -12,6 +12,7 @@ from PIL import Image
 from trainer_specs import CHEAP_DEPLOY, TINY_MODEL, distill_spec, train_spec
 
 from icd_core.detectors import build_detector
+from icd_core.hashing import sha256_file
 from icd_core.leaderboard import build_leaderboard, leaderboard_markdown, vs_teacher_text, write_report
 from icd_core.model_cost import count_gflops, measure_cost, peak_inference_mb
 from icd_core.runner import run_spec
@@ -68,6 +69,11 @@ def test_train_and_distill_summaries_carry_cost_and_predictions(tmp_path: Path) 
     assert (tmp_path / "s" / "predictions" / "teacher" / "detections.json").is_file()
     row = child_result("none", 0, summary)
     assert row["cost_gflops"] == summary["model_cost"]["gflops"] and "AP" in row["metrics"]
+    # lineage: the teacher file's sha256, the same data as the teacher's run
+    assert summary["lineage"]["teacher_sha256"] == sha256_file(teacher.final_checkpoint)
+    assert row["lineage"] == summary["lineage"]
+    teacher_lineage = json.loads((tmp_path / "t" / "summary.json").read_text())["lineage"]
+    assert teacher_lineage["data"] == summary["lineage"]["data"] and teacher_lineage["teacher_sha256"] is None
 
 
 def test_cost_off_leaves_the_summary_without_it(tmp_path: Path) -> None:

@@ -201,3 +201,19 @@ def test_the_report_names_the_best_trial_and_the_pruned_ones_with_their_reasons(
     assert "Best: trial 1 with schedule.lr=0.02, schedule.momentum=0: AP 25.00." in md
     assert "| 2 | pruned | 0.9 | 0 | 1.00 | 2 | AP 1.0 ... |" in md
     assert best_params(sweep_report(s, records[2:])) is None
+    assert report["lineage"] is None and "Lineage" not in md  # no trial recorded one
+
+
+def test_the_report_warns_when_trials_ran_on_other_code() -> None:
+    def lineage(code: str) -> dict:
+        return {"code": {"version": code}, "data": {"train": "sha256:aa"}, "teacher_sha256": None}
+
+    records = [
+        TrialRecord(0, {"schedule.lr": 0.01}, "succeeded", 20.0, job_id=5, lineage=lineage("abc")),
+        TrialRecord(1, {"schedule.lr": 0.02}, "succeeded", 25.0, job_id=6, lineage=lineage("def-dirty")),
+        TrialRecord(2, {"schedule.lr": 0.03}, "queued", job_id=7),
+    ]
+    md = report_markdown(sweep_report(sweep(), records))
+    assert md.index("**Warning: the runs did not all run on the same code.version**") < md.index("| trial |")
+    assert "| **code.version (differs)** | `def-dirty` | trial 1 (job 6) |" in md
+    assert "| data.train | `sha256:aa` | all |" in md and "trial 2 (job 7)." in md

@@ -38,6 +38,9 @@ def test_icd_sweep_prunes_reports_and_resumes(tmp_path: Path) -> None:
     pruned = report["trials"][2]
     assert pruned["steps"] == 2 and pruned["reason"].startswith("AP 0.0 at step 2, below the median")
     assert report["best"]["number"] in (0, 1) and "Best: trial" in result.output
+    # every trial, the pruned one too, kept what it ran on; one code, one data: listed once, no warning
+    assert all(t["lineage"]["data"]["train"].startswith("sha256:") for t in report["trials"])
+    assert report["lineage"]["differs"] == [] and "## Lineage" in (out / "report.md").read_text()
     trials_before = (out / "trials.json").read_text()
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output

@@ -28,11 +28,16 @@ class Recorder(Callback):
         self.evals: list[EvalResult] = []
         self.checkpoints: list[CheckpointInfo] = []
         self.ends: list[int] = []
+        self.lineages: list[dict] = []
         self.stop_at = stop_at
         self.step = 0
 
     def on_start(self, step: int, total_steps: int) -> None:
         self.starts.append((step, total_steps))
+
+    def on_lineage(self, lineage: dict) -> None:
+        assert not self.starts, "the lineage is told before training starts"
+        self.lineages.append(lineage)
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.metrics[step] = dict(metrics)
@@ -140,6 +145,13 @@ def test_train_run_events_checkpoints_and_summary(teacher_run: tuple[Path, Recor
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_checkpoint"] == str(final.path)
     assert summary["final_metrics"]["AP"] == rec.evals[-1].metrics["AP"]
+    # what it ran on: told to the callbacks once, before the first step, and kept in summary.json
+    assert len(rec.lineages) == 1 and summary["lineage"] == rec.lineages[0]
+    lineage = summary["lineage"]
+    assert lineage["code"]["version"] and len(lineage["code"]["sources_sha256"]) == 64
+    assert lineage["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert set(lineage["data"]) == {"train", "val"} and all(h.startswith("sha256:") for h in lineage["data"].values())
+    assert lineage["teacher_sha256"] is None
 
 
 @pytest.mark.parametrize("method", ["icd", "fitnet"])

@@ -53,9 +53,15 @@ def test_a_bad_validation_image_fails_the_job_by_name_after_final_pt(
     bad.write_bytes(bad.read_bytes()[:1500])  # truncated
 
     job_id = api_and_worker.post("/jobs", json=_coco_job("train", "val")).json()["id"]
+    assert api_and_worker.get(f"/jobs/{job_id}").json()["lineage"] is None  # not run yet
     assert execute_job(job_id, "w@h") == "failed"
     job = api_and_worker.get(f"/jobs/{job_id}").json()
     assert f"image 250 ({bad})" in job["error"] and "cannot be read" in job["error"], job["error"]
+    # what the failed run ran on was stored as it started (docs/usage.md#lineage)
+    failed_lineage = job["lineage"]
+    assert failed_lineage["code"]["version"] and failed_lineage["packages"]["torch"]
+    assert failed_lineage["data"]["train"] != failed_lineage["data"]["val"]  # the val copy has a truncated image
+    assert failed_lineage["teacher_sha256"] is None
     assert "Traceback" not in job["error"] and "DataLoader worker" not in job["error"]
     names = [c["name"] for c in api_and_worker.get(f"/jobs/{job_id}/checkpoints").json()]
     assert "final.pt" in names  # written before the evaluation that failed
@@ -63,7 +69,10 @@ def test_a_bad_validation_image_fails_the_job_by_name_after_final_pt(
     shutil.copy(MINI / "images" / bad.name, bad)  # fix the file, retry: evaluation only, no step re-run
     assert api_and_worker.post(f"/jobs/{job_id}/retry").status_code == 200
     assert execute_job(job_id, "w@h") == "succeeded"
-    assert api_and_worker.get(f"/jobs/{job_id}").json()["attempt"] == 2
+    job = api_and_worker.get(f"/jobs/{job_id}").json()
+    assert job["attempt"] == 2
+    # attempt 2's lineage replaced attempt 1's: the fixed image gives val the same content as train
+    assert job["lineage"]["data"]["val"] == job["lineage"]["data"]["train"] == failed_lineage["data"]["train"]
     engine = make_engine(get_settings().database_url)
     with engine.connect() as conn:  # every training point is attempt 1's: attempt 2 only evaluated
         rows = conn.execute(select(Metric.step, Metric.attempt).where(Metric.job_id == job_id)).all()

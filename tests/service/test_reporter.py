@@ -160,6 +160,18 @@ def test_evaluation_and_checkpoint_rows(env: dict[str, Any]) -> None:
         assert (ck.size_bytes, ck.sha256, ck.final, ck.attempt) == (7, sha, True, 1)
 
 
+def test_lineage_is_stored_at_once_and_only_by_the_attempt_holding_the_job(env: dict[str, Any]) -> None:
+    rep, sessions = env["reporter"], env["sessions"]
+    record = {"code": {"version": "abc"}, "data": {"train": "sha256:aa"}, "teacher_sha256": None}
+    rep.on_lineage(record)  # before on_start: a run that fails later keeps it
+    with sessions() as s:
+        assert get_job(s, env["job_id"]).lineage == record
+    other = DbReporter(sessions, env["job_id"], 2, env["artifacts"], background=False)  # the job is at attempt 1
+    other.on_lineage({"code": {"version": "other"}})
+    with sessions() as s:
+        assert get_job(s, env["job_id"]).lineage == record
+
+
 def test_writer_thread_flushes_and_sees_cancel_without_the_loop_touching_the_database(env: dict[str, Any]) -> None:
     sessions, job_id, artifacts, log = env["sessions"], env["job_id"], env["artifacts"], env["log"]
     rep = DbReporter(sessions, job_id, 1, artifacts, flush_every=1000, flush_interval_s=0.05, cancel_check_s=0.05)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from store import jobs as q
 from store.artifacts import ArtifactStore
 from store.db import make_engine, session_factory
+from store.results import record_lineage
 from store.settings import get_settings
 from tests.helpers import one_child_study_spec
 from tests.service.test_worker_task import _spec
@@ -32,6 +33,9 @@ def env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     get_settings.cache_clear()
 
 
+LINEAGE = {"code": {"version": "abc123"}, "data": {"train": "sha256:aa", "val": "sha256:bb"}, "teacher_sha256": "cc"}
+
+
 def _study_with_children_done(s: Session) -> tuple[int, int]:
     """A study (teacher + one `none` child) whose teacher's end was recorded and whose last child just
     succeeded: (study id, last child id)."""
@@ -47,6 +51,7 @@ def _study_with_children_done(s: Session) -> tuple[int, int]:
     child_ended(s, teacher.id)
     (child,) = q.list_jobs(s, parent_id=study.id, status="queued")  # finishing the teacher released it
     q.claim_job(s, child.id, "w2")
+    record_lineage(s, child.id, 1, LINEAGE)  # as its run started (worker.reporter)
     q.finish_job(s, child.id, {"AP": 20.0})
     return study.id, child.id
 
@@ -121,7 +126,14 @@ def test_two_concurrent_closers_close_a_study_once(env: Any, monkeypatch: pytest
     report_dir = artifacts.report_dir(study_id)
     report = json.loads((report_dir / "report.json").read_text())
     assert [m["method"] for m in report["methods"] if m["n"]] == ["none"]
-    assert (report_dir / "report.md").read_text().startswith("# race\n")
+    md = (report_dir / "report.md").read_text()
+    assert md.startswith("# race\n")
+    assert "## Lineage" in md and "| code.version | `abc123` | all |" in md  # the child's row carried its lineage
+    assert report["lineage"]["keys"][0] == {
+        "key": "code.version",
+        "values": [{"value": "abc123", "runs": [f"none seed 0 (job {last})"]}],
+        "differs": False,
+    }
     assert (report_dir / "report.png").read_bytes().startswith(b"\x89PNG")
     assert not [p.name for p in report_dir.iterdir() if p.name.startswith(".")]  # no temporaries left
     with env() as s:

@@ -311,6 +311,14 @@ def test_study_fans_out_children_and_serves_a_leaderboard(redis_stack: tuple[Any
     assert {m["method"] for m in report["methods"]} == {"none", "icd"}
     assert report["teacher"] is not None and "AP" in report["teacher"]
     assert "| icd" in client.get(f"/jobs/{study['id']}/report.md").text
+    # both children ran on the same code, data and teacher: listed once, no warning
+    lineage = report["lineage"]
+    assert lineage["differs"] == [] and not lineage["not_recorded"], lineage
+    teacher_sha = next(e for e in lineage["keys"] if e["key"] == "teacher_sha256")["values"][0]["value"]
+    teacher_job = next(c for c in children if c["kind"] == "train")
+    final = next(c for c in client.get(f"/jobs/{teacher_job['id']}/checkpoints").json() if c["final"])
+    assert teacher_sha == final["sha256"]
+    assert "## Lineage" in client.get(f"/jobs/{study['id']}/report.md").text
     png = client.get(f"/jobs/{study['id']}/report.png")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png.content)).size[0] > 0
