@@ -1,5 +1,6 @@
-"""Demo client: submit a teacher job, an ICD student and a `none` student (the same student trained
-without distillation, the baseline ICD must beat), watch them, print mAP.
+"""Demo client: submit a study — a teacher it trains first, then the `none` student (the same student trained
+without distillation, the baseline) and the ICD student, on two seeds — watch it, and print its leaderboard
+and its one-sentence verdict.
 
 It talks to a running service over HTTP only (what any user script would do):
     python scripts/demo.py --url http://127.0.0.1:8000
@@ -11,12 +12,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-TERMINAL = {"succeeded", "failed", "canceled"}
+TERMINAL = {"succeeded", "failed", "canceled", "pruned"}
 
 
 def wait_for_worker(client: httpx.Client, timeout_s: float = 180) -> None:
@@ -44,75 +46,74 @@ def progress_line(job: dict) -> str:
     pct = 100 * step / total if total else 0
     eta = job.get("eta_s")
     eta_txt = f" ETA {eta:4.0f}s" if eta is not None and job["status"] == "running" else ""
-    return f"#{job['id']} {job['name']:<24} {job['status']:<9} {step:>4}/{total:<4} {pct:5.1f}%{eta_txt}"
+    return f"#{job['id']} {job['name']:<28} {job['status']:<9} {step:>4}/{total:<4} {pct:5.1f}%{eta_txt}"
 
 
-def watch(client: httpx.Client, ids: list[int]) -> dict[int, dict]:
-    jobs: dict[int, dict] = {}
+def watch(client: httpx.Client, study_id: int) -> tuple[dict, list[dict]]:
+    """Poll the study and its children until the study ends; one status line for what is running now."""
     while True:
-        jobs = {i: client.get(f"/jobs/{i}").json() for i in ids}
-        line = " | ".join(progress_line(j) for j in jobs.values())
-        print("\r" + line[:200], end="", flush=True)
-        if all(j["status"] in TERMINAL for j in jobs.values()):
+        study = client.get(f"/jobs/{study_id}").json()
+        children = client.get("/jobs", params={"parent_id": study_id, "limit": 100}).json()["items"]
+        running = [c for c in children if c["status"] == "running"] or children[-1:]
+        done = sum(c["status"] in TERMINAL for c in children)
+        line = f"study #{study_id} {study['status']:<9} {done}/{len(children)} runs done | " + " | ".join(
+            progress_line(c) for c in running
+        )
+        print("\r" + line[:200].ljust(200), end="", flush=True)
+        if study["status"] in TERMINAL:
             print()
-            return jobs
+            return study, sorted(children, key=lambda c: c["id"])
         time.sleep(2)
+
+
+def _fmt(v: Any, spec: str = "5.1f") -> str:
+    return format(v, spec) if isinstance(v, int | float) else "–"
+
+
+def print_leaderboard(report: dict) -> None:
+    teacher = report.get("teacher") or {}
+    print(f"\n{'row':<16} {'seeds':>5} {'AP':>12} {'paired Δ AP vs none (95 % CI)':>32} {'ms':>6}")
+    t_ms = (teacher.get("model_cost") or {}).get("latency_ms")
+    print(f"{'teacher':<16} {'–':>5} {_fmt(teacher.get('AP')):>12} {'':>32} {_fmt(t_ms, '6.1f'):>6}")
+    for m in report["methods"]:
+        ap = f"{m['AP']['mean']:.1f} ± {m['AP']['std']:.1f}" if m["n"] else "–"
+        p = m.get("paired_delta_AP")
+        delta = "–"
+        if p and p.get("ci_low") is not None:
+            delta = f"{p['mean']:+.1f} [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]"
+        elif p:
+            delta = f"{p['mean']:+.1f} (one seed)"
+        ms = (m.get("model_cost") or {}).get("latency_ms")
+        print(f"{m['method'][:16]:<16} {m['n']:>5} {ap:>12} {delta:>32} {_fmt(ms, '6.1f'):>6}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--teacher", default=str(ROOT / "examples/teacher_shapes.yaml"))
-    ap.add_argument("--student", default=str(ROOT / "examples/distill_shapes.yaml"))
-    ap.add_argument(
-        "--no-baseline",
-        dest="baseline",
-        action="store_false",
-        help="skip the `none` student (about 2 minutes on 2 CPU cores)",
-    )
+    ap.add_argument("--study", default=str(ROOT / "examples/study_shapes.yaml"))
     args = ap.parse_args()
 
     with httpx.Client(base_url=args.url, timeout=30) as client:
         wait_for_worker(client)
-        teacher_spec = yaml.safe_load(Path(args.teacher).read_text())
-        student_spec = yaml.safe_load(Path(args.student).read_text())
-        teacher = submit(client, teacher_spec)
-        student_spec["teacher"]["checkpoint"] = f"job:{teacher['id']}"
-        student = submit(client, student_spec)
-        ids = [teacher["id"], student["id"]]
-        baseline = None
-        if args.baseline:
-            none_spec = {**student_spec, "name": student_spec["name"].split("-icd")[0] + "-none"}
-            none_spec["distill"] = {**student_spec["distill"], "method": "none"}
-            baseline = submit(client, none_spec)
-            ids.append(baseline["id"])
-        print(
-            f"submitted teacher job {teacher['id']}, ICD student job {student['id']}"
-            + (f" and the none student job {baseline['id']}" if baseline else "")
-            + " (the students wait for the teacher's checkpoint)"
-        )
-        jobs = watch(client, ids)
-
-        width = max(len(job["name"]) for job in jobs.values())
-        print(f"\n{'job':<{width}} {'status':<10} {'AP':>6} {'AP50':>6} {'AP75':>6}")
-        for job in jobs.values():
-            m = job.get("final_metrics") or {}
-            ap_ = [f"{m[k]:6.1f}" if k in m else "     -" for k in ("AP", "AP50", "AP75")]
-            print(f"{job['name']:<{width}} {job['status']:<10} {' '.join(ap_)}")
-            if job["status"] == "failed":
-                print(f"  error: {job.get('error')}")
-        if baseline is not None:
-            icd_ap = (jobs[student["id"]].get("final_metrics") or {}).get("AP")
-            none_ap = (jobs[baseline["id"]].get("final_metrics") or {}).get("AP")
-            if icd_ap is not None and none_ap is not None:
-                print(f"ICD student - none student: {icd_ap - none_ap:+.1f} AP")
-        ckpts = client.get(f"/jobs/{student['id']}/checkpoints").json()
-        final = [c["name"] for c in ckpts if c.get("final")]
-        if final:
-            print(f"\nstudent checkpoint: {args.url}/jobs/{student['id']}/checkpoints/{final[0]}")
-        print(f"docs UI: {args.url}/docs   dashboard: {args.url}/")
-        if any(j["status"] != "succeeded" for j in jobs.values()):
+        study = submit(client, yaml.safe_load(Path(args.study).read_text()))
+        print(f"submitted study job {study['id']}: it trains the teacher, then the `none` and ICD students")
+        study, children = watch(client, study["id"])
+        for child in children:
+            if child["status"] != "succeeded":
+                print(f"  #{child['id']} {child['name']} {child['status']}: {child.get('error') or ''}")
+        if study["status"] != "succeeded":
+            print(f"study {study['status']}: {study.get('error')}")
             sys.exit(1)
+        report = client.get(f"/jobs/{study['id']}/report").json()
+        print_leaderboard(report)
+        print(f"\nVerdict: {report['verdict']}")
+        icd = next((c for c in children if c["kind"] == "distill" and "/icd/" in c["name"]), None)
+        if icd is not None:
+            ckpts = client.get(f"/jobs/{icd['id']}/checkpoints").json()
+            final = [c["name"] for c in ckpts if c.get("final")]
+            if final:
+                print(f"\nICD student checkpoint: {args.url}/jobs/{icd['id']}/checkpoints/{final[0]}")
+        print(f"report: {args.url}/jobs/{study['id']}/report.md   docs UI: {args.url}/docs   dashboard: {args.url}/")
 
 
 if __name__ == "__main__":
