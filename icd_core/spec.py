@@ -669,12 +669,11 @@ class StudySpec(_JobBase):
             raise ValueError("seeds: give at least one")
         if not self.teacher.checkpoint and self.teacher_schedule is None:
             raise ValueError("teacher: give teacher.checkpoint or a teacher_schedule to train it")
-        for method in self.settings:
-            if method not in self.methods and method != "none":
-                raise ValueError(f"settings.{method}: not one of methods {self.methods}")
-        if self.tune is not None:
-            from .tuning import check_tune  # pure; imported here because it imports this module
+        from .tuning import check_settings, check_tune  # pure; imported here because they import this module
 
+        if self.settings:
+            check_settings(self)
+        if self.tune is not None:
             check_tune(self)
         return self
 

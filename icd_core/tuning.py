@@ -24,7 +24,7 @@ from .spec import (
     SubsetSpec,
     SweepSpec,
 )
-from .sweep_space import apply_params
+from .sweep_space import apply_params, check_path, check_value
 
 WEIGHT_SPAN = 8.0  # the default weight range: paper weight / 8 .. × 8 (three octaves each way)
 ADAPTER_LR_RANGE = (1.0e-4, 1.0e-2)  # the paper's ICD lr (1e-4) up to 100x: short schedules need more
@@ -130,6 +130,27 @@ def check_tune(study: StudySpec) -> None:
             tuning_sweep(study, method, child)
         except ValueError as exc:
             raise ValueError(f"tune ({method}): {_first_problem(exc)}") from None
+
+
+def check_settings(study: StudySpec) -> None:
+    """ValueError naming `settings.<method>.<field>` for a field the method's children do not have, a value
+    they refuse, or a field a setting may not change (the child's name, kind, seed, data or teacher)."""
+    from .study_plan import child_specs
+
+    children = {m: spec for m, _s, spec in child_specs(study.model_copy(update={"settings": {}}), "job:0")}
+    for method, values in study.settings.items():
+        child = children.get(method)
+        if child is None:
+            raise ValueError(f"settings.{method}: not one of methods {study.methods}")
+        for path, value in values.items():
+            where = f"settings.{method}.{path}"
+            if path.split(".")[0] in ("seed", "data", "teacher"):
+                raise ValueError(f"{where}: the study sets {path.split('.')[0]} for every child alike")
+            try:
+                check_path(child.model_dump(mode="json"), path)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {str(exc).split(': ', 1)[1]}") from None
+            check_value(child, path, value, where)
 
 
 def _first_problem(exc: ValueError) -> str:

@@ -101,6 +101,12 @@ def test_a_bad_tuning_space_is_refused_at_validation_naming_the_method() -> None
         )
     with pytest.raises(ValidationError, match="settings.fgd: not one of methods"):
         tiny_study(methods=["fitnet"], settings={"fgd": {"distill.weight": 0.5}})
+    with pytest.raises(ValidationError, match="settings.fitnet.distill.wieght: not a field of base"):
+        tiny_study(methods=["fitnet"], settings={"fitnet": {"distill.wieght": 0.5}})
+    with pytest.raises(ValidationError, match="settings.fitnet.distill.weight: -1.0 makes base invalid"):
+        tiny_study(methods=["fitnet"], settings={"fitnet": {"distill.weight": -1.0}})
+    with pytest.raises(ValidationError, match="settings.fitnet.teacher.checkpoint: the study sets teacher"):
+        tiny_study(methods=["fitnet"], settings={"fitnet": {"teacher.checkpoint": "/etc/passwd"}})
 
 
 def test_settings_reach_only_their_methods_children_and_show_in_the_row() -> None:

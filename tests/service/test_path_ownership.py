@@ -32,6 +32,8 @@ NOT_PATHS = {"_JobBase.name", "_JobBase.device", "ModelSpec.levels", "DistillSpe
 # A sweep's space and enqueued values set fields of its base spec: each trial is a child job whose spec the
 # worker confines again with the owner's rights before it opens a file (worker.run_job.confined_spec).
 NOT_PATHS |= {"SweepSpec.name", "SweepSpec.space", "SweepSpec.enqueue", "ChoiceDim.choice"}
+# A study's per-method settings and tuning spaces likewise set fields of its children (and of their sweeps).
+NOT_PATHS |= {"StudySpec.settings", "TuneSpec.space"}
 
 
 def _has_str(annotation: Any) -> bool:
