@@ -119,3 +119,49 @@ def test_a_worker_killed_mid_sweep_loses_nothing(stk: Stack, tmp_path: Path) -> 
     assert resumed["attempt"] == 2 and resumed["attempts"][0]["status"] == "lost"
     assert resumed["attempts"][-1]["resumed_from_step"] >= 2  # from its checkpoint, not from scratch
     assert stk.loss_steps(resumed["id"]) == list(range(1, 11))
+
+
+def test_a_tuned_study_runs_its_sweep_then_its_seeds_at_the_best_setting(stk: Stack, tmp_path: Path) -> None:
+    """A study with `tune:` through real workers: a sweep child per method, its trials under it, then the
+    seeds at the sweep's best weight; the report carries the setting, the tuning table and the verdict."""
+    hot = hot_checkpoint(tmp_path / "home" / "cache")
+    train = tiny_train_spec("t", iterations=2)
+    study = {
+        "kind": "study",
+        "name": "tuned",
+        "device": "cpu",
+        "data": train["data"],
+        "teacher": {**train["model"], "checkpoint": str(hot)},
+        "student": train["model"],
+        "methods": ["fitnet"],
+        "seeds": [0, 1],
+        "distill": {"inherit": True},
+        "schedule": {"iterations": 2, "batch_size": 2},
+        "teacher_min_ap": 0.0,
+        "require_teacher_better": False,
+        "tune": {"trials": 2, "pruner": {"kind": "none"}, "split": 0.5,
+                 "space": {"fitnet": {"distill.weight": {"choice": [0.5, 2.0]}}}},
+    }  # fmt: skip
+    stk.start_worker("a")
+    stk.wait_workers_alive("a")
+    study_id = stk.submit(study)
+    done = wait_for(
+        lambda: (j := stk.job(study_id))["status"] in ("succeeded", "failed", "canceled") and j, 480, "the study"
+    )
+    children = stk.client.get("/jobs", params={"parent_id": study_id}).json()["items"]
+    assert done["status"] == "succeeded", (done, children)
+    sweeps = [c for c in children if c["kind"] == "sweep"]
+    seeds = [c for c in children if c["kind"] == "distill"]
+    assert len(sweeps) == 1 and sweeps[0]["status"] == "succeeded" and len(seeds) == 4
+    assert min(c["id"] for c in seeds) > sweeps[0]["id"]  # the seeds were created after the sweep ended
+    best = stk.job(sweeps[0]["id"])["final_metrics"]["best_params"]
+    trials = stk.client.get("/jobs", params={"parent_id": sweeps[0]["id"]}).json()["items"]
+    assert len(trials) == 2 and all(t["status"] == "succeeded" for t in trials)
+    for c in seeds:
+        spec = stk.job(c["id"])["spec"]
+        assert spec["distill"]["weight"] == (best["distill.weight"] if spec["distill"]["method"] == "fitnet" else None)
+    report = stk.client.get(f"/jobs/{study_id}/report").json()
+    row = next(m for m in report["methods"] if m["method"] == "fitnet")
+    assert row["setting"] == best and row["n"] == 2 and row["paired_delta_AP"]["n"] == 2
+    assert report["tuning"]["methods"]["fitnet"]["best_params"] == best
+    assert report["verdict"]
