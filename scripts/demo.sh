@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: install into .venv/, start the embedded service (SQLite + embedded broker +
-# one local worker, all under .icd/), run a small ICD distillation demo on synthetic shapes, print teacher and
-# student mAP (ICD and the `none` baseline), and leave the server running.
+# one local worker, all under .icd/), run a small distillation study on synthetic shapes (a teacher, the `none`
+# and ICD students on two seeds), print its leaderboard and verdict, and leave the server running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${ICD_PORT:-8000}
@@ -17,7 +17,7 @@ if ! curl -sf "${URL}/version" >/dev/null 2>&1; then
   echo $! >.icd/serve.pid
 fi
 
-echo "== demo: teacher job -> ICD student and the none student (about 10 minutes on 2 CPU cores)"
+echo "== demo: a study: teacher, then the none and ICD students on two seeds, and its verdict (about 20 minutes on 2 CPU cores)"
 .venv/bin/python scripts/demo.py --url "${URL}"
 
 echo
