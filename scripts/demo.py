@@ -72,9 +72,9 @@ def _fmt(v: Any, spec: str = "5.1f") -> str:
 
 def print_leaderboard(report: dict) -> None:
     teacher = report.get("teacher") or {}
-    print(f"\n{'row':<16} {'seeds':>5} {'AP':>12} {'paired Δ AP vs none (95 % CI)':>32} {'ms':>6}")
+    print(f"\n{'row':<24} {'seeds':>5} {'AP':>12} {'paired Δ AP vs none (95 % CI)':>32} {'ms':>6}")
     t_ms = (teacher.get("model_cost") or {}).get("latency_ms")
-    print(f"{'teacher':<16} {'–':>5} {_fmt(teacher.get('AP')):>12} {'':>32} {_fmt(t_ms, '6.1f'):>6}")
+    print(f"{'teacher':<24} {'–':>5} {_fmt(teacher.get('AP')):>12} {'':>32} {_fmt(t_ms, '6.1f'):>6}")
     for m in report["methods"]:
         ap = f"{m['AP']['mean']:.1f} ± {m['AP']['std']:.1f}" if m["n"] else "–"
         p = m.get("paired_delta_AP")
@@ -84,7 +84,7 @@ def print_leaderboard(report: dict) -> None:
         elif p:
             delta = f"{p['mean']:+.1f} (one seed)"
         ms = (m.get("model_cost") or {}).get("latency_ms")
-        print(f"{m['method'][:16]:<16} {m['n']:>5} {ap:>12} {delta:>32} {_fmt(ms, '6.1f'):>6}")
+        print(f"{m['method'][:24]:<24} {m['n']:>5} {ap:>12} {delta:>32} {_fmt(ms, '6.1f'):>6}")
 
 
 def main() -> None:
