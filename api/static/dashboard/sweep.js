@@ -52,7 +52,7 @@ function paramChart(box, name, dim, trials, metric, best) {
     scales: { x, y },
     axes: [{ label: kind === "log_uniform" ? `${name} (log scale)` : name,
       values: choices ? (_, ticks) => ticks.map((t) => choices[t] ?? "") : (_, ticks) => ticks.map((t) => (t == null ? "" : fmtParam(t))),
-      splits: choices ? () => choices.map((_, i) => i) : undefined },
+      splits: choices ? () => choices.map((_, i) => i) : undefined, incrs: kind === "int" ? STEP_INCRS : undefined },
     { label: `${metric} (%)`, size: 50, values: (_, ticks) => ticks.map((t) => (t < 0 ? "" : fmtParam(t))) }],
     series: [{ label: name, value: (_, v) => (v == null ? "" : choices ? choices[v] ?? "" : fmtParam(v)) },
       { label: "finished", ...points(COLORS.succeeded, COLORS.succeeded, 9) },
