@@ -12,7 +12,7 @@ function tickLabel(v) {
   return a >= 100 ? String(Math.round(v)) : String(Number(v.toPrecision(3)));
 }
 
-const STEP_INCRS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].map((e) => m * e)).sort((a, b) => a - b);
+export const STEP_INCRS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].map((e) => m * e)).sort((a, b) => a - b);
 
 /** Registry the browser tests and the benchmark read: chart id → LineChart. */
 window.icd = window.icd || {};
