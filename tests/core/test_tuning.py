@@ -123,8 +123,10 @@ def test_settings_reach_only_their_methods_children_and_show_in_the_row() -> Non
     assert "| weight 0.25 |" in leaderboard_markdown(report)
 
 
+@pytest.mark.slow
 def test_a_tiny_tuned_study_tunes_each_method_then_runs_the_seeds_at_its_best(tmp_path: Path) -> None:
     study = tiny_study(
+        deploy={"cost": False, "prediction_images": 0},  # 7 tiny runs: no exports or renders (not tested here)
         methods=["fitnet"],
         seeds=[0, 1],
         tune={
