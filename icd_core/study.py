@@ -237,14 +237,17 @@ def split_summary(sweep: Any, cache_dir: Path) -> dict[str, Any]:
     data = sweep.base.data
     _, fit = resolve_source(data.train, cache_dir)
     _, held = resolve_source(data.val, cache_dir)
-    count = lambda path: len(json.loads(Path(path).read_text()).get("images", []))  # noqa: E731
     return {
         "of": "data.train",
         "fraction": data.val.subset.fraction,
         "seed": data.val.subset.seed,
-        "trained_on_images": count(fit),
-        "evaluated_on_images": count(held),
+        "trained_on_images": _image_count(fit),
+        "evaluated_on_images": _image_count(held),
     }
+
+
+def _image_count(annotations: Path) -> int:
+    return len(json.loads(annotations.read_text()).get("images", []))
 
 
 __all__ = ["evaluate_checkpoint", "run_study_local"]
