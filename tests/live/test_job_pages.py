@@ -240,7 +240,8 @@ def test_predictions_open_large_with_class_toggles_and_say_when_nothing_passed(
         and next(c["name"] for c in coco["categories"] if c["id"] == a["category_id"]) == name
     )
     browser.find_element(By.CSS_SELECTOR, f'#lightbox [data-class="{name}"]').click()
-    box = js(browser, "return window.icd.lightbox")
+    toggled = lambda d: (b := js(d, "return window.icd.lightbox"))["classes"][name] is False and b  # noqa: E731
+    box = until(browser, 10, "the class toggle", toggled)  # it may land after the click returns
     assert box["classes"][name] is False and box["drawn"] == box["total"] - hidden
     browser.find_element(By.ID, "lb-close").click()
     assert js(browser, "return window.icd.lightbox.open") is False
